@@ -1,0 +1,98 @@
+"""Typed wire messages of protocol v1: frozen msgspec Structs forming one tagged union.
+
+Constraints live in the types, so a message that violates them cannot be decoded (and
+``validate()`` refuses to encode one that was built by hand with bad values).
+Within major version 1 only optional fields may be added; unknown keys are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+
+WIRE_MAJOR = 1
+MAX_PAYLOAD = 256 * 1024  # bytes of one encoded message
+MAX_TEXT = 64 * 1024  # characters of one text field
+ID_LEN = 16
+
+TaskId = Annotated[bytes, msgspec.Meta(min_length=ID_LEN, max_length=ID_LEN)]
+Uid = Annotated[str, msgspec.Meta(pattern=r"^(wc|mp|dev|web)\.[A-Za-z0-9_.@-]+$", max_length=128)]
+NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$", min_length=1, max_length=64)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+Short = Annotated[str, msgspec.Meta(max_length=256)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**31)]
+Channel = Literal["wc", "mp", "dev", "web"]
+Status = Literal["ok", "error", "cancelled"]
+NodeState = Literal["online", "draining", "offline"]
+# timing: stage name -> wall-clock microseconds (bench/trace); usage: token counts
+Timing = dict[Annotated[str, msgspec.Meta(max_length=32)], int]
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="t", omit_defaults=True):
+    pass
+
+
+class Task(_Msg, tag="task"):
+    """A user's question. ``id`` (16 random bytes) is the idempotency key end to end."""
+
+    id: TaskId
+    uid: Uid
+    ch: Channel
+    text: Text
+    ts: int  # edge receive time, milliseconds since the epoch
+    conv: Short | None = None  # conversation id; None = the user's default conversation
+    opts: dict[Short, Any] | None = None
+    timing: Timing | None = None
+
+
+class Cancel(_Msg, tag="cancel"):
+    id: TaskId
+
+
+class Accept(_Msg, tag="accept"):
+    """The node has the task; ``queue`` is its position (0 = running)."""
+
+    id: TaskId
+    node: NodeId
+    queue: Count = 0
+
+
+class Delta(_Msg, tag="delta"):
+    """A chunk of answer text; ``seq`` starts at 1 and rises by one per chunk of a task."""
+
+    id: TaskId
+    seq: Annotated[int, msgspec.Meta(ge=1, le=2**53)]
+    text: Text
+    timing: Timing | None = None
+
+
+class Err(msgspec.Struct, frozen=True, kw_only=True):
+    code: Short
+    msg: Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+class Done(_Msg, tag="done"):
+    """The end of a task. ``seq`` is the last delta's seq (0 when there was none)."""
+
+    id: TaskId
+    seq: Seq
+    status: Status
+    err: Err | None = None
+    usage: dict[Short, int] | None = None
+    timing: Timing | None = None
+
+
+class Beat(_Msg, tag="beat"):
+    """Node presence, every few seconds; the node's last will is a Beat with state offline."""
+
+    node: NodeId
+    state: NodeState
+    active: Count = 0
+    capacity: Count = 0
+    models: list[Short] | None = None
+
+
+Message = Union[Task, Cancel, Accept, Delta, Done, Beat]
+MESSAGE_TYPES: tuple[type, ...] = (Task, Cancel, Accept, Delta, Done, Beat)

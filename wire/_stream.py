@@ -1,0 +1,164 @@
+"""Receiver-side state of one task's reply stream (pure).
+
+Rule: everything that affects the state machine lives in this file. ``TaskStream.feed(msg)``
+takes an ``Accept``, ``Delta`` or ``Done`` for its task and returns the events it implies:
+in-order text is released at once, early chunks are held until the gap before them is filled,
+duplicates are flagged and dropped, and a ``Done`` is only trusted (``Finished``) once every
+seq up to it has arrived.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Union
+
+from ._errors import WireError
+from ._messages import Accept, Delta, Done, Err, Timing
+
+
+class State(enum.Enum):
+    PENDING = "pending"  # recorded/published, no node has said anything
+    ACCEPTED = "accepted"  # a node has it (queued or running)
+    STREAMING = "streaming"  # text is flowing
+    FINISHED = "finished"  # a trusted Done was seen
+
+
+# (state, message type) -> next state.  A missing entry is an illegal move.
+TRANSITIONS: dict[State, dict[type, State]] = {
+    State.PENDING: {Accept: State.ACCEPTED, Delta: State.STREAMING, Done: State.PENDING},
+    State.ACCEPTED: {Accept: State.ACCEPTED, Delta: State.STREAMING, Done: State.ACCEPTED},
+    State.STREAMING: {Accept: State.STREAMING, Delta: State.STREAMING, Done: State.STREAMING},
+    State.FINISHED: {},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    node: str
+    queue: int
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    seq: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Seqs ``first..last`` (inclusive) are missing; ask the sender to replay them."""
+
+    first: int
+    last: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    status: str
+    seq: int
+    err: Err | None = None
+    usage: dict[str, int] | None = None
+    timing: Timing | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Late:
+    """A message that arrived after the stream finished (ignored)."""
+
+    kind: str
+    seq: int
+
+
+Event = Union[Accepted, Text, Duplicate, Gap, Finished, Late]
+
+
+@dataclass(slots=True)
+class TaskStream:
+    id: bytes
+    max_ahead: int = 4096  # chunks held while waiting for a gap to fill
+    state: State = State.PENDING
+    next_seq: int = 1
+    node: str | None = None
+    queue: int | None = None
+    held: dict[int, str] = field(default_factory=dict)
+    pending_done: Done | None = None
+    finished: Finished | None = None
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """All in-order text released so far."""
+        return "".join(self.parts)
+
+    def feed(self, msg: Accept | Delta | Done) -> list[Event]:
+        if getattr(msg, "id", None) != self.id:
+            raise WireError("message for another task fed to this stream", hint="wrong_task")
+        kind = type(msg)
+        if self.state is State.FINISHED:
+            if kind in (Accept, Delta, Done):
+                return [Late(kind.__name__.lower(), getattr(msg, "seq", 0))]
+        try:
+            nxt = TRANSITIONS[self.state][kind]
+        except KeyError:
+            raise WireError(
+                f"can't handle {kind.__name__} in state {self.state.value}", hint="bad_transition"
+            ) from None
+        if isinstance(msg, Accept):
+            first = self.node is None
+            self.node, self.queue = msg.node, msg.queue
+            self.state = nxt
+            return [Accepted(msg.node, msg.queue)] if first or msg.queue != self.queue else []
+        if isinstance(msg, Delta):
+            self.state = nxt
+            return self._delta(msg)
+        return self._done(msg)
+
+    def _delta(self, msg: Delta) -> list[Event]:
+        seq = msg.seq
+        if seq < self.next_seq or seq in self.held:
+            return [Duplicate(seq)]
+        if self.pending_done is not None and seq > self.pending_done.seq:
+            raise WireError(f"delta seq {seq} after done seq {self.pending_done.seq}", hint="bad_seq")
+        if seq > self.next_seq:
+            if len(self.held) >= self.max_ahead:
+                raise WireError(f"more than {self.max_ahead} chunks held behind a gap", hint="gap_overflow")
+            first_gap = self.next_seq not in self.held
+            self.held[seq] = msg.text
+            return [Gap(self.next_seq, seq - 1)] if first_gap else []
+        events: list[Event] = []
+        self._release(seq, msg.text, events)
+        while self.next_seq in self.held:
+            self._release(self.next_seq, self.held.pop(self.next_seq), events)
+        self._maybe_finish(events)
+        return events
+
+    def _release(self, seq: int, text: str, events: list[Event]) -> None:
+        self.parts.append(text)
+        self.next_seq = seq + 1
+        events.append(Text(seq, text))
+
+    def _done(self, msg: Done) -> list[Event]:
+        if self.pending_done is not None:
+            return [Duplicate(msg.seq)]
+        if msg.seq < self.next_seq - 1 or any(s > msg.seq for s in self.held):
+            raise WireError(f"done seq {msg.seq} below chunks already received", hint="bad_seq")
+        self.pending_done = msg
+        events: list[Event] = []
+        self._maybe_finish(events)
+        if not events:
+            last = min(self.held) - 1 if self.held else msg.seq
+            events.append(Gap(self.next_seq, last))
+        return events
+
+    def _maybe_finish(self, events: list[Event]) -> None:
+        done = self.pending_done
+        if done is not None and self.next_seq == done.seq + 1:
+            self.state = State.FINISHED
+            self.finished = Finished(done.status, done.seq, done.err, done.usage, done.timing)
+            events.append(self.finished)
