@@ -1,0 +1,264 @@
+"""One typed configuration for every SmartClaw process.
+
+Sources, later wins: built-in defaults < TOML file (``--config``) < environment variables
+``CLAW_SECTION__KEY`` (e.g. ``CLAW_MQTT__PORT=8883``, ``CLAW_DATA_DIR=/srv/claw``) < explicit
+overrides from the command line. Any secret may instead be read from a file named by its
+``*_file`` key (``password_file``, ``secret_file`` ...). Everything is validated once at
+start-up; a bad value stops the process with a message naming the key. Secrets never appear
+in ``repr()``/logs: use :func:`redacted`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import msgspec
+
+ENV_PREFIX = "CLAW_"
+SECRET_KEYS = frozenset(
+    {"password", "token_secret", "api_key", "secret", "token", "encoding_aes_key"}
+)
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, malformed or inconsistent (message names the key)."""
+
+
+def _check_hostport(value: str, key: str, *, allow_empty: bool = False) -> None:
+    if allow_empty and not value:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{key} must be HOST:PORT (port 0-65535), got {value!r}")
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class BrokerSettings(_Section):
+    """The amqtt broker embedded in the edge process (server A)."""
+
+    enabled: bool = True
+    listen: str = "0.0.0.0:8883"  # MQTT over TLS, for nodes and devices ("" = no public listener)
+    local_listen: str = "127.0.0.1:0"  # plain MQTT on loopback for the edge's own client (port 0 = any free)
+    cert_file: str = ""  # default: <data_dir>/pki/server.crt
+    key_file: str = ""  # default: <data_dir>/pki/server.key
+    session_expiry: int = 3600  # seconds a disconnected persistent session is kept
+    max_packet: int = 1024 * 1024  # bytes; bigger PUBLISH packets close the connection
+
+    def __post_init__(self) -> None:
+        _check_hostport(self.listen, "broker.listen", allow_empty=True)
+        _check_hostport(self.local_listen, "broker.local_listen")
+        if self.session_expiry < 0 or self.max_packet < 1024:
+            raise ValueError("broker.session_expiry must be >= 0 and broker.max_packet >= 1024")
+
+
+class MqttSettings(_Section):
+    """How this process reaches the broker (node: A's broker; edge: only with an external broker)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8883
+    tls: bool = True
+    ca_file: str = ""  # default: <data_dir>/pki/ca.crt; certificate verification is always on with tls
+    server_name: str = ""  # TLS name to verify (default: host)
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+    client_id: str = ""
+    keepalive: int = 20
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    max_queued: int = 10000  # bound on aiomqtt's incoming queue
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"mqtt.port must be 1-65535, got {self.port}")
+        if not 5 <= self.keepalive <= 3600:
+            raise ValueError("mqtt.keepalive must be 5-3600 seconds")
+        if not 0 < self.reconnect_min <= self.reconnect_max:
+            raise ValueError("mqtt.reconnect_min must be > 0 and <= mqtt.reconnect_max")
+
+
+class EdgeSettings(_Section):
+    http: str = "0.0.0.0:8080"
+    dev_login: bool = False  # POST /api/login {dev_user} without WeChat (demo/tests only)
+    token_secret: str = ""  # HMAC key for client tokens; default: generated into <data_dir>/edge.secret
+    token_secret_file: str = ""
+    token_ttl: int = 7 * 86400
+    republish_s: float = 5.0  # re-send a task not yet accepted by a node after this long
+    node_timeout_s: float = 15.0  # a node whose beats stop this long is offline
+    max_ws_per_user: int = 5
+    max_pending_per_user: int = 20
+
+    def __post_init__(self) -> None:
+        _check_hostport(self.http, "edge.http")
+        if self.republish_s <= 0 or self.node_timeout_s <= 0 or self.token_ttl <= 0:
+            raise ValueError("edge.republish_s, edge.node_timeout_s and edge.token_ttl must be > 0")
+
+
+class NodeSettings(_Section):
+    id: str = "node1"
+    llm_url: str = "http://127.0.0.1:1234/v1"
+    model: str = ""  # "" = the first model LM Studio lists
+    api_key: str = ""  # LM Studio "Require Authentication" token
+    api_key_file: str = ""
+    system_prompt: str = "你是“智控未来”智能助手。请用简体中文简洁、准确地回答。"
+    concurrency: int = 2  # answers generated at once (match LM Studio's parallel slots)
+    coalesce_ms: float = 40.0  # deltas within this window go out as one chunk
+    coalesce_bytes: int = 1024  # ... or as soon as this many bytes are waiting
+    connect_timeout_s: float = 5.0
+    first_token_timeout_s: float = 300.0  # first request may load the model
+    stall_timeout_s: float = 60.0  # no bytes for this long mid-stream = error
+    max_tokens: int = -1
+    beat_s: float = 5.0
+    history_turns: int = 10
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.id):
+            raise ValueError(f"node.id must match [A-Za-z0-9_-]{{1,64}}, got {self.id!r}")
+        if not self.llm_url.startswith(("http://", "https://")):
+            raise ValueError(f"node.llm_url must be an http(s) URL, got {self.llm_url!r}")
+        if self.concurrency < 1 or self.coalesce_ms < 0 or self.coalesce_bytes < 1:
+            raise ValueError("node.concurrency >= 1, node.coalesce_ms >= 0, node.coalesce_bytes >= 1")
+        if min(self.connect_timeout_s, self.first_token_timeout_s, self.stall_timeout_s, self.beat_s) <= 0:
+            raise ValueError("node timeouts and node.beat_s must be > 0")
+
+
+class WecomSettings(_Section):
+    corp_id: str = ""
+    agent_id: int = 0
+    secret: str = ""
+    secret_file: str = ""
+    token: str = ""
+    token_file: str = ""
+    encoding_aes_key: str = ""
+    encoding_aes_key_file: str = ""
+    api_base: str = "https://qyapi.weixin.qq.com"
+
+
+class MiniappSettings(_Section):
+    appid: str = ""
+    secret: str = ""
+    secret_file: str = ""
+    api_base: str = "https://api.weixin.qq.com"
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    data_dir: str = ".claw"
+    log: LogSettings = msgspec.field(default_factory=LogSettings)
+    broker: BrokerSettings = msgspec.field(default_factory=BrokerSettings)
+    mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
+    edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
+    node: NodeSettings = msgspec.field(default_factory=NodeSettings)
+    wecom: WecomSettings = msgspec.field(default_factory=WecomSettings)
+    miniapp: MiniappSettings = msgspec.field(default_factory=MiniappSettings)
+
+    @property
+    def data(self) -> Path:
+        return Path(self.data_dir)
+
+    def __repr__(self) -> str:  # never leak secrets through repr
+        return f"Settings({redacted(self)!r})"
+
+
+SECTIONS = tuple(f for f in Settings.__struct_fields__ if f != "data_dir")
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``CLAW_SECTION__KEY=value`` -> ``{"section": {"key": "value"}}`` (values converted later)."""
+    out: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        if "__" in rest:
+            section, _, key = rest.partition("__")
+            if section not in SECTIONS:
+                raise ConfigError(f"environment variable {name}: unknown section {section!r} "
+                                  f"(known: {', '.join(SECTIONS)})")
+            out.setdefault(section, {})[key] = value
+        elif rest == "data_dir":
+            out["data_dir"] = value
+    return out
+
+
+def _read_secret_files(raw: dict[str, Any], base: Path) -> None:
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            continue
+        for key in list(values):
+            if key.endswith("_file") and key[:-5] in SECRET_KEYS and values[key]:
+                path = Path(str(values[key]))
+                if not path.is_absolute():
+                    path = base / path
+                try:
+                    secret = path.read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise ConfigError(f"{section}.{key}: cannot read {path}: {exc.strerror}") from None
+                if not values.get(key[:-5]):
+                    values[key[:-5]] = secret
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build and validate Settings; raises ConfigError with a clear message on any problem."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        base = p.resolve().parent
+    raw = _merge(raw, env_overrides(os.environ if env is None else env))
+    if overrides:
+        raw = _merge(raw, overrides)
+    if isinstance(raw.get("data_dir"), str) and path is not None and not Path(raw["data_dir"]).is_absolute():
+        raw["data_dir"] = str(base / raw["data_dir"])
+    _read_secret_files(raw, base)
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        where = msg.rpartition(" - at `$.")[2].rstrip("`") if " - at `$." in msg else ""
+        detail = msg.partition(" - at `$.")[0]
+        src = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{src}: {where + ': ' if where else ''}{detail}") from None
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """Settings as a dict with every secret replaced by '***' (safe to log)."""
+    data = msgspec.to_builtins(settings)
+    for values in data.values():
+        if isinstance(values, dict):
+            for key in values:
+                if key in SECRET_KEYS and values[key]:
+                    values[key] = "***"
+    return data
