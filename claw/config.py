@@ -67,8 +67,7 @@ class MqttSettings(_Section):
     host: str = "127.0.0.1"
     port: int = 8883
     tls: bool = True
-    ca_file: str = ""  # default: <data_dir>/pki/ca.crt; certificate verification is always on with tls
-    server_name: str = ""  # TLS name to verify (default: host)
+    ca_file: str = ""  # default: <data_dir>/pki/ca.crt; verification (incl. host name) is always on with tls
     username: str = ""
     password: str = ""
     password_file: str = ""

@@ -1,0 +1,154 @@
+"""The ``claw`` command: demo, edge, node, chat, cred, init, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("claw")
+
+
+def _hostport(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"want HOST:PORT, got {value!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="claw", description="SmartClaw 智控未来: private LLM assistant over MQTT")
+    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="run edge + embedded broker + node on this machine")
+    d.add_argument("--http", type=_hostport, default="127.0.0.1:8080", help="edge HTTP address (default %(default)s)")
+    d.add_argument("--mqtt", type=_hostport, default="127.0.0.1:8883",
+                   help="broker MQTT-over-TLS address (default %(default)s)")
+    d.add_argument("--data", default=".claw", help="data directory (default %(default)s)")
+    d.add_argument("--llm", default="http://127.0.0.1:1234/v1",
+                   help="LM Studio base URL (default %(default)s); the demo model is used if it does not answer")
+    d.add_argument("--config", help="optional TOML (e.g. a [wecom] section) merged under the demo settings")
+
+    for name, what in (("edge", "server A: edge + embedded broker"), ("node", "server B: the worker")):
+        sp = sub.add_parser(name, help=what)
+        sp.add_argument("--config", required=False, help="TOML config file")
+
+    c = sub.add_parser("chat", help="terminal chat client (streams answers; Ctrl-C stops an answer)")
+    c.add_argument("--url", default="http://127.0.0.1:8080", help="edge base URL (default %(default)s)")
+    c.add_argument("--user", default="terminal", help="dev-login user name (default %(default)s)")
+    c.add_argument("question", nargs="*", help="ask this once and exit (default: interactive)")
+
+    cr = sub.add_parser("cred", help="broker credentials (usable while the edge runs)")
+    crs = cr.add_subparsers(dest="cred_cmd", required=True, metavar="ACTION")
+    add = crs.add_parser("add", help="create a credential and print its password once")
+    add.add_argument("role", choices=["node", "device"])
+    add.add_argument("name")
+    add.add_argument("--replace", action="store_true", help="replace an existing credential of that name")
+    crs.add_parser("list", help="list credentials")
+    rv = crs.add_parser("revoke", help="revoke a credential (next CONNECT is refused)")
+    rv.add_argument("name")
+    for sp in (add, crs.choices["list"], rv):
+        sp.add_argument("--data", help="data directory of server A (default: from --config or .claw)")
+        sp.add_argument("--config", help="a.toml of server A")
+
+    i = sub.add_parser("init", help="write commented a.toml and b.toml, the CA, the broker certificate and a node credential")
+    i.add_argument("--public-host", required=True, action="append",
+                   help="server A's public DNS name or IP as nodes will dial it (repeatable)")
+    i.add_argument("--dir", default="claw-deploy", help="output directory (default %(default)s)")
+    i.add_argument("--node", default="b1", help="node name (default %(default)s)")
+    i.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    b = sub.add_parser("bench", help="the bench suite (see bench/README.md)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .runtime import configure_logging
+
+    try:
+        if args.cmd == "demo":
+            from .demo import run_demo
+            return run_demo(args)
+        if args.cmd in ("edge", "node"):
+            settings = load_settings(args.config)
+            configure_logging(args.log_level or settings.log.level)
+            return _serve(args.cmd, settings)
+        if args.cmd == "chat":
+            configure_logging(args.log_level or "WARNING")
+            from .chat import run_chat
+            return run_chat(args.url, args.user, " ".join(args.question) or None)
+        if args.cmd == "cred":
+            configure_logging(args.log_level or "WARNING")
+            return _cred(args)
+        if args.cmd == "init":
+            configure_logging(args.log_level or "INFO")
+            from .init import run_init
+            return run_init(args)
+        if args.cmd == "bench":
+            from bench.cli import main as bench_main
+            return bench_main(args.args)
+    except ConfigError as exc:
+        print(f"配置错误 / config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _serve(which: str, settings: Settings) -> int:
+    from .runtime import run, stop_event
+
+    async def go() -> None:
+        stop = stop_event()
+        if which == "edge":
+            from edge.app import serve
+        else:
+            from node.app import serve
+        await serve(settings, stop)
+
+    try:
+        run(go)
+    except (RuntimeError, ValueError, OSError) as exc:
+        log.error("%s failed to start: %s", which, exc)
+        return 1
+    return 0
+
+
+def _cred(args: Any) -> int:
+    from broker.creds import CredentialStore
+
+    data = args.data or (load_settings(args.config).data_dir if args.config else load_settings().data_dir)
+    store = CredentialStore(data)
+    if args.cred_cmd == "add":
+        try:
+            username, password = store.add(args.role, args.name, replace=args.replace)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"role:     {args.role}\nusername: {username}\npassword: {password}")
+        print("(the password is shown only once; only its hash is stored)", file=sys.stderr)
+        return 0
+    if args.cred_cmd == "list":
+        rows = store.list()
+        if not rows:
+            print("(no credentials)")
+        for c in rows:
+            print(f"{c.username:40s} {c.role:7s} {c.created}")
+        return 0
+    if store.revoke(args.name):
+        print(f"revoked {args.name}")
+        return 0
+    print(f"no such credential: {args.name}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""aiomqtt client construction and the reconnect loop shared by the edge and the node.
+
+Facts designed around (DESIGN.md §5): aiomqtt never reconnects by itself, a ``Client`` is
+reusable but not re-entrant, Nagle's algorithm turns a QoS 1 round trip into ~88 ms unless
+``TCP_NODELAY`` is set, and every publish beyond ``pending_calls_threshold`` logs a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiomqtt
+from aiomqtt.client import ProtocolVersion
+
+from .config import MqttSettings
+
+log = logging.getLogger(__name__)
+
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+
+def tls_context(ca_file: str | Path) -> ssl.SSLContext:
+    """Client TLS context that verifies the broker against our private CA (never disabled)."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load CA file {ca_file}: {exc}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def make_client(
+    *,
+    host: str,
+    port: int,
+    username: str,
+    password: str,
+    identifier: str,
+    tls: ssl.SSLContext | None = None,
+    keepalive: int = 20,
+    will: aiomqtt.Will | None = None,
+    max_queued: int = 10000,
+    clean_session: bool = True,
+) -> aiomqtt.Client:
+    client = aiomqtt.Client(
+        hostname=host,
+        port=port,
+        username=username or None,
+        password=password or None,
+        identifier=identifier,
+        protocol=ProtocolVersion.V311,
+        clean_session=clean_session,
+        keepalive=keepalive,
+        will=will,
+        tls_context=tls,
+        tls_insecure=False,
+        socket_options=NODELAY,
+        max_queued_incoming_messages=max_queued,
+        max_inflight_messages=1000,
+        timeout=10,
+    )
+    client.pending_calls_threshold = 100000
+    return client
+
+
+def client_from_settings(m: MqttSettings, *, identifier: str, data_dir: str | Path,
+                         will: aiomqtt.Will | None = None) -> aiomqtt.Client:
+    tls = tls_context(m.ca_file or Path(data_dir) / "pki" / "ca.crt") if m.tls else None
+    return make_client(host=m.host, port=m.port, username=m.username, password=m.password,
+                       identifier=m.client_id or identifier, tls=tls, keepalive=m.keepalive, will=will,
+                       max_queued=m.max_queued)
+
+
+class Backoff:
+    """Exponential backoff with full jitter, reset after a connection that lasted."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi, self.n = lo, hi, 0
+
+    def next(self) -> float:
+        delay = min(self.hi, self.lo * (2 ** self.n))
+        self.n = min(self.n + 1, 30)
+        return random.uniform(self.lo, delay) if delay > self.lo else delay
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+async def run_forever(
+    client: aiomqtt.Client,
+    session: Callable[[aiomqtt.Client], Awaitable[None]],
+    *,
+    name: str,
+    backoff: Backoff,
+    on_disconnect: Callable[[], None] | None = None,
+) -> None:
+    """Run ``session(client)`` inside ``async with client`` forever, reconnecting with backoff."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        try:
+            async with client:
+                log.info("%s: connected to MQTT broker %s:%s", name, client._hostname, client._port)
+                await session(client)
+        except aiomqtt.MqttCodeError as exc:
+            rc = getattr(exc, "rc", None)
+            hint = " (bad username/password or not authorised)" if rc in (4, 5, 134, 135) else ""
+            log.warning("%s: MQTT connection refused or lost: %s%s", name, exc, hint)
+        except aiomqtt.MqttError as exc:
+            log.warning("%s: MQTT connection lost: %s", name, exc)
+        finally:
+            if on_disconnect is not None:
+                on_disconnect()
+        if loop.time() - started > 10:
+            backoff.reset()
+        delay = backoff.next()
+        log.info("%s: reconnecting in %.1f s", name, delay)
+        await asyncio.sleep(delay)

@@ -1,0 +1,51 @@
+"""Process plumbing: logging set-up, uvloop, signal-driven stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging.config
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.config.dictConfig({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                                 "datefmt": "%H:%M:%S"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {
+            "amqtt": {"level": "WARNING"},
+            "transitions": {"level": "WARNING"},
+            "httpx": {"level": "WARNING"},
+            "aiohttp.access": {"level": "WARNING"},
+        },
+    })
+
+
+def run(main: Callable[[], Awaitable[T]]) -> T:
+    """Run ``main()`` on uvloop where available (Linux/macOS), else the default loop (Windows)."""
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # Windows
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())  # type: ignore[arg-type]
+
+
+def stop_event() -> asyncio.Event:
+    """An event set by SIGINT/SIGTERM (Ctrl-C on Windows raises KeyboardInterrupt instead)."""
+    ev = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if sys.platform != "win32":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, ev.set)
+    return ev

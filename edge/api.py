@@ -1,0 +1,296 @@
+"""Client API: ``/api/login``, ``/api/ws`` (streaming), ``/api/tasks``, ``/healthz``, ``/metrics``, chat page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import WSCloseCode, WSMsgType, web
+
+import wire
+
+from .bridge import Bridge, LiveTask, done_frame
+from .keys import BRIDGE, SESSIONS, SETTINGS, STORE, TOKENS
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+MAX_ASK_CHARS = 8000
+WS_QUEUE = 1024  # frames buffered per WebSocket before it is judged too slow and closed
+_json = msgspec.json.Encoder()
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_DEV_USER = re.compile(r"[A-Za-z0-9_@-]{1,64}")
+
+
+def _err(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+# ---- HTTP ------------------------------------------------------------------------------------
+async def healthz(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    body = {"ok": bridge.connected, "mqtt": bridge.connected, "node_online": bridge.node_online,
+            "nodes": {k: {"state": v.state, "active": v.active, "capacity": v.capacity}
+                      for k, v in bridge.nodes.items()},
+            "live_tasks": len(bridge.live)}
+    return web.json_response(body, status=200 if bridge.connected else 503)
+
+
+async def login(request: web.Request) -> web.Response:
+    s = request.app[SETTINGS]
+    try:
+        body = await request.json()
+    except ValueError:
+        return _err(400, "bad_json", "请求体不是有效的 JSON")
+    if not isinstance(body, dict):
+        return _err(400, "bad_json", "请求体必须是 JSON 对象")
+    if "dev_user" in body:
+        if not s.edge.dev_login:
+            return _err(403, "dev_login_disabled", "未启用开发登录（edge.dev_login = false）")
+        name = body["dev_user"]
+        if not isinstance(name, str) or not _DEV_USER.fullmatch(name):
+            return _err(400, "bad_user", "用户名只能包含字母、数字、_、@、-，最多 64 个字符")
+        uid = f"web.{name}"
+    elif "code" in body:
+        return _err(501, "miniapp_login_unavailable", "小程序登录尚未配置（[miniapp] appid/secret）")
+    else:
+        return _err(400, "missing_code", "缺少 code")
+    token, expires = request.app[TOKENS].issue(uid)
+    return web.json_response({"token": token, "uid": uid, "expires": expires})
+
+
+def _auth_uid(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    token = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
+    return request.app[TOKENS].verify(token) if token else None
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    uid = _auth_uid(request)
+    if uid is None:
+        return _err(401, "unauthorized", "未登录或登录已过期")
+    try:
+        limit = min(200, max(1, int(request.query.get("limit", "50"))))
+        before = int(request.query["before"]) if "before" in request.query else None
+    except ValueError:
+        return _err(400, "bad_query", "limit/before 必须是整数")
+    recs = request.app[STORE].history(uid, limit=limit, before_ts=before)
+    return web.json_response({"tasks": [r.to_api() for r in recs]})
+
+
+async def get_task(request: web.Request) -> web.Response:
+    uid = _auth_uid(request)
+    if uid is None:
+        return _err(401, "unauthorized", "未登录或登录已过期")
+    tid_hex = request.match_info["id"]
+    if not _HEX32.fullmatch(tid_hex):
+        return _err(400, "bad_task_id", "任务 ID 应为 32 位十六进制")
+    rec = request.app[STORE].get(bytes.fromhex(tid_hex))
+    if rec is None or rec.uid != uid:
+        return _err(404, "not_found", "没有这个任务")
+    out = rec.to_api()
+    live = request.app[BRIDGE].get(rec.id)
+    if live is not None and live.finished_at is None:
+        out["answer"] = live.stream.text
+    return web.json_response(out)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    b = request.app[BRIDGE]
+    st = b.stats
+    lines = [
+        "# TYPE claw_edge_tasks_published_total counter", f"claw_edge_tasks_published_total {st.published}",
+        "# TYPE claw_edge_tasks_republished_total counter", f"claw_edge_tasks_republished_total {st.republished}",
+        "# TYPE claw_edge_replies_total counter", f"claw_edge_replies_total {st.replies}",
+        "# TYPE claw_edge_duplicates_total counter", f"claw_edge_duplicates_total {st.duplicates}",
+        "# TYPE claw_edge_gaps_total counter", f"claw_edge_gaps_total {st.gaps}",
+        "# TYPE claw_edge_bad_messages_total counter", f"claw_edge_bad_messages_total {st.bad_messages}",
+        "# TYPE claw_edge_tasks_finished_total counter",
+        *[f'claw_edge_tasks_finished_total{{status="{k}"}} {v}' for k, v in sorted(st.finished.items())],
+        "# TYPE claw_edge_live_tasks gauge", f"claw_edge_live_tasks {len(b.live)}",
+        "# TYPE claw_edge_ws_sessions gauge", f"claw_edge_ws_sessions {len(request.app[SESSIONS])}",
+        "# TYPE claw_edge_node_online gauge", f"claw_edge_node_online {int(b.node_online)}",
+        "# TYPE claw_edge_mqtt_connected gauge", f"claw_edge_mqtt_connected {int(b.connected)}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
+# ---- WebSocket -------------------------------------------------------------------------------
+class WsSession:
+    """One client socket: a bounded outbound queue drained by one writer task."""
+
+    def __init__(self, ws: web.WebSocketResponse, uid: str) -> None:
+        self.ws = ws
+        self.uid = uid
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(WS_QUEUE)
+        self.overflowed = False
+        self.writer = asyncio.create_task(self._write())
+
+    def push(self, frame: dict[str, Any]) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            # A client that cannot keep up is disconnected (it can resume), never allowed to grow memory.
+            self.overflowed = True
+            log.warning("edge: ws %s too slow (%d frames queued); closing", self.uid, WS_QUEUE)
+            asyncio.ensure_future(self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow; resume"))
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                frame = await self.queue.get()
+                if frame is None:
+                    return
+                await self.ws.send_str(_json.encode(frame).decode())
+        except (ConnectionError, RuntimeError):
+            pass
+
+    async def close(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(self.writer, 2)
+
+
+async def ws_handler(request: web.Request) -> web.StreamResponse:
+    uid = _auth_uid(request)
+    if uid is None:
+        return _err(401, "unauthorized", "未登录或登录已过期")
+    app = request.app
+    sessions = app[SESSIONS]
+    if sum(1 for s in sessions if s.uid == uid) >= app[SETTINGS].edge.max_ws_per_user:
+        return _err(429, "too_many_sockets", "同一用户的连接过多")
+    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=64 * 1024)
+    await ws.prepare(request)
+    bridge = app[BRIDGE]
+    sess = WsSession(ws, uid)
+    sessions.add(sess)
+    bridge.presence.add(sess)
+    sess.push({"type": "node", "online": bridge.node_online})
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                _on_frame(app, bridge, sess, msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                sess.push({"type": "error", "code": "bad_frame", "message": "只接受 JSON 文本帧"})
+    finally:
+        bridge.detach_all(sess)
+        sessions.discard(sess)
+        await sess.close()
+    return ws
+
+
+def _on_frame(app: web.Application, bridge: Bridge, sess: WsSession, data: str) -> None:
+    try:
+        frame = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        sess.push({"type": "error", "code": "bad_json", "message": "帧不是有效的 JSON"})
+        return
+    if not isinstance(frame, dict):
+        sess.push({"type": "error", "code": "bad_frame", "message": "帧必须是 JSON 对象"})
+        return
+    kind = frame.get("type")
+    if kind == "ask":
+        _ask(app, bridge, sess, frame)
+    elif kind == "stop":
+        tid = _task_id(sess, frame.get("task"))
+        if tid is not None and not bridge.cancel(tid, sess.uid):
+            sess.push({"type": "error", "code": "not_running", "message": "该任务不在进行中", "task": frame.get("task")})
+    elif kind == "resume":
+        _resume(app, bridge, sess, frame)
+    elif kind == "ping":
+        sess.push({"type": "pong"})
+    else:
+        sess.push({"type": "error", "code": "bad_type", "message": f"未知的帧类型: {str(kind)[:32]}"})
+
+
+def _task_id(sess: WsSession, value: Any) -> bytes | None:
+    if not isinstance(value, str) or not _HEX32.fullmatch(value):
+        sess.push({"type": "error", "code": "bad_task_id", "message": "任务 ID 应为 32 位十六进制"})
+        return None
+    return bytes.fromhex(value)
+
+
+def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[str, Any]) -> None:
+    text = frame.get("text")
+    if not isinstance(text, str) or not text.strip():
+        sess.push({"type": "error", "code": "empty", "message": "问题不能为空"})
+        return
+    if len(text) > MAX_ASK_CHARS:
+        sess.push({"type": "error", "code": "too_long", "message": f"问题过长（最多 {MAX_ASK_CHARS} 字）"})
+        return
+    conv = frame.get("conv")
+    if conv is not None and (not isinstance(conv, str) or len(conv) > 64):
+        sess.push({"type": "error", "code": "bad_conv", "message": "conv 必须是不超过 64 字符的字符串"})
+        return
+    tid = None
+    if frame.get("id") is not None:
+        tid = _task_id(sess, frame.get("id"))
+        if tid is None:
+            return
+    pending = sum(1 for t in bridge.live.values() if t.rec.uid == sess.uid and t.finished_at is None)
+    if pending >= app[SETTINGS].edge.max_pending_per_user and (tid is None or bridge.get(tid) is None):
+        sess.push({"type": "error", "code": "rate_limited",
+                   "message": f"进行中的问题过多（最多 {app[SETTINGS].edge.max_pending_per_user} 个），请稍候"})
+        return
+    try:
+        live = bridge.submit(sess.uid, sess.uid.partition(".")[0], text, conv, tid)
+    except PermissionError:
+        sess.push({"type": "error", "code": "forbidden", "message": "该任务 ID 属于其他用户"})
+        return
+    except wire.WireError as exc:
+        sess.push({"type": "error", "code": "bad_task", "message": f"任务无效: {exc}"})
+        return
+    bridge.attach(live, sess)
+    sess.push({"type": "accepted", "task": live.hex, "queue": live.stream.queue})
+    if not bridge.node_online:
+        sess.push({"type": "node", "online": False})
+    _replay(live, sess, 0)
+
+
+def _replay(live: LiveTask, sess: WsSession, after: int) -> None:
+    for seq, text in enumerate(live.stream.parts[after:], start=after + 1):
+        sess.push({"type": "delta", "task": live.hex, "seq": seq, "text": text})
+    if live.finished_at is not None:
+        sess.push(done_frame(live.rec) | {"seq": live.stream.next_seq - 1})
+
+
+def _resume(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[str, Any]) -> None:
+    tid = _task_id(sess, frame.get("task"))
+    if tid is None:
+        return
+    seq = frame.get("seq", 0)
+    if not isinstance(seq, int) or seq < 0:
+        sess.push({"type": "error", "code": "bad_seq", "message": "seq 必须是非负整数"})
+        return
+    live = bridge.get(tid)
+    if live is not None and live.rec.uid == sess.uid:
+        bridge.attach(live, sess)
+        _replay(live, sess, seq)
+        return
+    rec = app[STORE].get(tid)
+    if rec is None or rec.uid != sess.uid:
+        sess.push({"type": "error", "code": "not_found", "message": "没有这个任务", "task": frame.get("task")})
+        return
+    sess.push(done_frame(rec))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/api/login", login)
+    app.router.add_get("/api/ws", ws_handler)
+    app.router.add_get("/api/tasks", list_tasks)
+    app.router.add_get("/api/tasks/{id}", get_task)

@@ -1,0 +1,119 @@
+"""Server A's edge: aiohttp app factory (client API, MQTT bridge, embedded broker) and ``serve()``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import WSCloseCode, web
+
+from claw.config import Settings
+from claw.mqtt import client_from_settings, make_client
+
+from . import api
+from .auth import Tokens, load_or_create_secret
+from .bridge import Bridge
+from .keys import BRIDGE, SESSIONS, SETTINGS, STORE, TOKENS
+from .store import TaskStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EdgeInfo:
+    """What a running edge bound (useful when ports were 0)."""
+
+    http_port: int = 0
+    mqtt_tls_port: int | None = None
+    mqtt_local_port: int | None = None
+
+
+INFO = web.AppKey("info", EdgeInfo)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=256 * 1024)
+    app[SETTINGS] = settings
+    app[INFO] = EdgeInfo()
+    app[SESSIONS] = weakref.WeakSet()
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_mqtt_ctx)
+    app.on_shutdown.append(_close_websockets)
+    api.add_routes(app)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    app[STORE] = TaskStore(s.data_dir)
+    app[TOKENS] = Tokens(load_or_create_secret(s.edge.token_secret, s.data_dir), s.edge.token_ttl)
+    yield
+
+
+async def _mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    async with contextlib.AsyncExitStack() as stack:
+        if s.broker.enabled:
+            from broker.app import run_broker
+
+            log.info("edge: starting embedded MQTT broker")
+            handle = await stack.enter_async_context(run_broker(s))
+            app[INFO].mqtt_tls_port = handle.tls_port
+            app[INFO].mqtt_local_port = handle.local_port
+            client = make_client(host=handle.local_host, port=handle.local_port, username=handle.internal_user,
+                                 password=handle.internal_password, identifier="edge-bridge", tls=None,
+                                 keepalive=s.mqtt.keepalive, max_queued=s.mqtt.max_queued)
+        else:
+            client = client_from_settings(s.mqtt, identifier="edge-bridge", data_dir=s.data_dir)
+        bridge = Bridge(s, app[STORE], client)
+        app[BRIDGE] = bridge
+        task = asyncio.create_task(bridge.run(), name="edge-bridge")
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(bridge._connected.wait()), 10)
+            if not bridge.connected:
+                log.warning("edge: MQTT not connected yet; continuing and retrying in the background")
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _close_websockets(app: web.Application) -> None:
+    for sess in list(app[SESSIONS]):
+        await sess.ws.close(code=WSCloseCode.GOING_AWAY, message=b"Server shutdown")
+
+
+@contextlib.asynccontextmanager
+async def run_edge(settings: Settings) -> AsyncIterator[web.Application]:
+    """Start the edge (HTTP + bridge + embedded broker), yield the app, then shut down in order."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    log.info("edge: waiting for application startup")
+    await runner.setup()
+    host, _, port = settings.edge.http.rpartition(":")
+    site = web.TCPSite(runner, host, int(port), reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise RuntimeError(f"edge: cannot listen on {settings.edge.http}: {exc.strerror}") from None
+    sockets = getattr(site._server, "sockets", None) or []
+    app[INFO].http_port = sockets[0].getsockname()[1] if sockets else int(port)
+    log.info("edge: application startup complete; HTTP on %s:%d", host, app[INFO].http_port)
+    try:
+        yield app
+    finally:
+        log.info("edge: shutting down")
+        await runner.cleanup()
+        log.info("edge: stopped")
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    async with run_edge(settings):
+        await (stop or asyncio.Event()).wait()

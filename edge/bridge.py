@@ -1,0 +1,305 @@
+"""The edge's MQTT bridge: publishes tasks, routes ``claw/v1/reply/+`` to the right clients, tracks nodes.
+
+Every task is in LMDB before it is published or acknowledged; a task no node has accepted is
+republished with the same id every ``edge.republish_s`` (and at once when a node comes online),
+so a node that was offline or missed the message still gets it. Replies run through
+``wire.TaskStream`` (duplicates dropped, gaps held, ``Done`` trusted only when complete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiomqtt
+
+import wire
+from claw.config import Settings
+from claw.mqtt import Backoff, run_forever
+
+from .store import FINAL, TaskRecord, TaskStore
+
+log = logging.getLogger(__name__)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Sink(Protocol):
+    """A client connection that frames are pushed to (must not block; bounded by the sink)."""
+
+    def push(self, frame: dict[str, Any]) -> None: ...
+
+
+@dataclass(eq=False)
+class LiveTask:
+    rec: TaskRecord
+    stream: wire.TaskStream
+    sinks: set[Sink] = field(default_factory=set)
+    published_at: float = 0.0
+    finished_at: float | None = None
+
+    @property
+    def hex(self) -> str:
+        return self.rec.id.hex()
+
+
+@dataclass
+class NodeInfo:
+    state: str
+    last_seen: float
+    active: int = 0
+    capacity: int = 0
+    models: list[str] | None = None
+
+
+@dataclass
+class BridgeStats:
+    published: int = 0
+    republished: int = 0
+    replies: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    bad_messages: int = 0
+    late: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Bridge:
+    def __init__(self, settings: Settings, store: TaskStore, client: aiomqtt.Client) -> None:
+        self.s = settings
+        self.store = store
+        self.client = client
+        self.stats = BridgeStats()
+        self.live: dict[bytes, LiveTask] = {}
+        self.nodes: dict[str, NodeInfo] = {}
+        self.presence: set[Sink] = set()
+        self.on_finished: list[Callable[[LiveTask], None]] = []
+        self._connected = asyncio.Event()
+        self._online = False
+        self._loop = asyncio.get_event_loop()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> None:
+        for rec in self.store.unfinished():  # after a restart: pick up what was in flight
+            self.live[rec.id] = LiveTask(rec, wire.TaskStream(rec.id))
+        if self.live:
+            log.info("edge: %d unfinished task(s) from the store will be re-dispatched", len(self.live))
+        backoff = Backoff(self.s.mqtt.reconnect_min, self.s.mqtt.reconnect_max)
+        housekeeping = asyncio.create_task(self._housekeeping())
+        try:
+            await run_forever(self.client, self._session, name="edge bridge", backoff=backoff,
+                              on_disconnect=self._connected.clear)
+        finally:
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await client.subscribe([(wire.REPLY_FILTER, 1), (wire.NODE_FILTER, 1)])
+        self._connected.set()
+        self._republish_pending(force=True)
+        async for msg in client.messages:
+            self._on_message(str(msg.topic), msg.payload)  # type: ignore[arg-type]
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # ---- presence --------------------------------------------------------------------------
+    @property
+    def node_online(self) -> bool:
+        return self._online
+
+    def _compute_online(self) -> bool:
+        horizon = self._loop.time() - self.s.edge.node_timeout_s
+        return any(n.state == "online" and n.last_seen >= horizon for n in self.nodes.values())
+
+    def _update_presence(self) -> None:
+        online = self._compute_online()
+        if online != self._online:
+            self._online = online
+            log.info("edge: assistant node(s) %s", "online" if online else "OFFLINE")
+            frame = {"type": "node", "online": online}
+            for sink in list(self.presence):
+                sink.push(frame)
+            if online:
+                self._republish_pending(force=True)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self._update_presence()
+            self._republish_pending()
+            now = self._loop.time()
+            for tid, live in list(self.live.items()):
+                if live.finished_at is not None and now - live.finished_at > 120:
+                    del self.live[tid]
+
+    # ---- tasks out -------------------------------------------------------------------------
+    def submit(self, uid: str, ch: str, text: str, conv: str | None = None,
+               task_id: bytes | None = None, opts: dict[str, Any] | None = None) -> LiveTask:
+        """Record the task durably, then publish it (in the background). Idempotent on task_id."""
+        if task_id is not None:
+            existing = self.get(task_id)
+            if existing is not None:
+                if existing.rec.uid != uid:
+                    raise PermissionError("task id belongs to another user")
+                return existing
+        tid = task_id or os.urandom(wire.ID_LEN)
+        rec = TaskRecord(id=tid, uid=uid, ch=ch, text=text, ts=int(time.time() * 1000), conv=conv)
+        wire.validate(self._task_msg(rec, opts))  # raises WireError before anything is stored
+        self.store.add(rec)
+        live = LiveTask(rec, wire.TaskStream(tid))
+        live.opts = opts  # type: ignore[attr-defined]
+        self.live[tid] = live
+        self._publish_task(live)
+        return live
+
+    def _task_msg(self, rec: TaskRecord, opts: dict[str, Any] | None = None) -> wire.Task:
+        return wire.Task(id=rec.id, uid=rec.uid, ch=rec.ch, text=rec.text, ts=rec.ts, conv=rec.conv,  # type: ignore[arg-type]
+                         opts=opts, timing={"e_rx": rec.ts * 1000, "e_pub": now_us()})
+
+    def _publish_task(self, live: LiveTask) -> None:
+        live.published_at = self._loop.time()
+        if not self._connected.is_set():
+            return  # the housekeeping loop republishes once connected
+        payload = wire.encode(self._task_msg(live.rec, getattr(live, "opts", None)))
+        self._spawn(self.client.publish(wire.task_topic(live.rec.uid), payload, qos=1))
+        self.stats.published += 1
+
+    def _spawn(self, coro: Any) -> None:
+        async def go() -> None:
+            try:
+                await coro
+            except aiomqtt.MqttError as exc:
+                log.debug("edge: publish failed (%s); housekeeping will retry", exc)
+        asyncio.ensure_future(go())
+
+    def _republish_pending(self, force: bool = False) -> None:
+        if not self._connected.is_set():
+            return
+        now = self._loop.time()
+        for live in self.live.values():
+            if live.stream.state is wire.State.PENDING and live.finished_at is None and (
+                force or now - live.published_at >= self.s.edge.republish_s
+            ):
+                self.stats.republished += 1
+                self._publish_task(live)
+
+    def cancel(self, tid: bytes, uid: str) -> bool:
+        live = self.live.get(tid)
+        if live is None or live.rec.uid != uid or live.finished_at is not None:
+            return False
+        if self._connected.is_set():
+            self._spawn(self.client.publish(wire.task_topic(uid), wire.encode(wire.Cancel(id=tid)), qos=1))
+        if live.stream.state is wire.State.PENDING:  # no node has it: end it here
+            self._finish(live, "cancelled", None, None)
+        return True
+
+    # ---- lookup / attach -------------------------------------------------------------------
+    def get(self, tid: bytes) -> LiveTask | None:
+        return self.live.get(tid)
+
+    def attach(self, live: LiveTask, sink: Sink) -> None:
+        live.sinks.add(sink)
+
+    def detach_all(self, sink: Sink) -> None:
+        self.presence.discard(sink)
+        for live in self.live.values():
+            live.sinks.discard(sink)
+
+    # ---- replies in ------------------------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            info = wire.parse_topic(topic)
+            msg = wire.decode(payload)
+        except wire.WireError as exc:
+            self.stats.bad_messages += 1
+            log.warning("edge: dropped bad message on %s: %s", topic[:200], exc)
+            return
+        if info.kind == "node":
+            if isinstance(msg, wire.Beat) and msg.node == info.key:
+                self.nodes[msg.node] = NodeInfo(msg.state, self._loop.time(), msg.active, msg.capacity, msg.models)
+                self._update_presence()
+            else:
+                self.stats.bad_messages += 1
+            return
+        if info.kind != "reply" or not isinstance(msg, (wire.Accept, wire.Delta, wire.Done)):
+            return
+        self.stats.replies += 1
+        live = self.live.get(msg.id)
+        if live is None:
+            return  # not ours (a device's own task) or long finished
+        if live.rec.uid != info.key:
+            self.stats.bad_messages += 1
+            log.warning("edge: reply for task %s arrived on another user's topic; dropped", live.hex[:8])
+            return
+        try:
+            events = live.stream.feed(msg)
+        except wire.WireError as exc:
+            self.stats.bad_messages += 1
+            log.warning("edge: task %s: inconsistent reply stream: %s", live.hex[:8], exc)
+            return
+        for ev in events:
+            self._on_event(live, ev)
+
+    def _on_event(self, live: LiveTask, ev: wire.Event) -> None:
+        if isinstance(ev, wire.Text):
+            frame = {"type": "delta", "task": live.hex, "seq": ev.seq, "text": ev.text}
+            for sink in live.sinks:
+                sink.push(frame)
+        elif isinstance(ev, wire.Accepted):
+            if live.rec.status == "pending":
+                live.rec = self.store.update(live.rec.id, status="accepted", node=ev.node) or live.rec
+            frame = {"type": "accepted", "task": live.hex, "queue": ev.queue}
+            for sink in live.sinks:
+                sink.push(frame)
+        elif isinstance(ev, wire.Finished):
+            err = {"code": ev.err.code, "msg": ev.err.msg} if ev.err else None
+            self._finish(live, ev.status, err, ev.usage)
+        elif isinstance(ev, wire.Duplicate):
+            self.stats.duplicates += 1
+        elif isinstance(ev, wire.Gap):
+            self.stats.gaps += 1
+            log.info("edge: task %s: waiting for chunks %d..%d", live.hex[:8], ev.first, ev.last)
+        elif isinstance(ev, wire.Late):
+            self.stats.late += 1
+
+    def _finish(self, live: LiveTask, status: str, err: dict[str, str] | None,
+                usage: dict[str, int] | None) -> None:
+        if live.finished_at is not None:
+            return
+        live.finished_at = self._loop.time()
+        text = live.stream.text
+        live.rec = self.store.update(live.rec.id, status=status, answer=text, err=err, usage=usage) or live.rec
+        self.stats.finished[status] = self.stats.finished.get(status, 0) + 1
+        frame: dict[str, Any] = {"type": "done", "task": live.hex, "seq": live.stream.next_seq - 1,
+                                 "status": status, "text": text}
+        if err:
+            frame["error"] = {"code": err["code"], "message": err["msg"]}
+        if usage:
+            frame["usage"] = usage
+        for sink in live.sinks:
+            sink.push(frame)
+        for cb in self.on_finished:
+            cb(live)
+
+
+def done_frame(rec: TaskRecord) -> dict[str, Any]:
+    """The ``done`` frame for a finished task loaded from the store (resume after the fact)."""
+    frame: dict[str, Any] = {"type": "done", "task": rec.id.hex(), "seq": None, "status": rec.status,
+                             "text": rec.answer}
+    if rec.err:
+        frame["error"] = {"code": rec.err.get("code", ""), "message": rec.err.get("msg", "")}
+    if rec.usage:
+        frame["usage"] = rec.usage
+    assert rec.status in FINAL
+    return frame

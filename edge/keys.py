@@ -1,0 +1,23 @@
+"""Typed application keys for the edge's aiohttp app."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from claw.config import Settings
+
+from .auth import Tokens
+from .store import TaskStore
+
+if TYPE_CHECKING:
+    from .api import WsSession
+    from .bridge import Bridge
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", TaskStore)
+TOKENS = web.AppKey("tokens", Tokens)
+BRIDGE = web.AppKey("bridge", "Bridge")
+SESSIONS = web.AppKey("sessions", "weakref.WeakSet[WsSession]")

@@ -1,0 +1,411 @@
+"""LM Studio (OpenAI-compatible) streaming chat client.
+
+One function does the work: :func:`stream_chat` POSTs ``{base_url}/chat/completions`` with
+``stream: true`` and yields :class:`StreamEvent` objects (text deltas, reasoning deltas and a
+final usage event).  Every failure -- network, HTTP status, error chunk inside the stream, stall,
+drop, empty or malformed output -- is raised as :class:`LLMError` with a stable ``code``, a
+Simplified Chinese ``user_message`` for the end user and an English operator detail as ``str()``.
+Only ``CancelledError`` (and ``GeneratorExit`` on ``aclose``) pass through unchanged.
+
+Facts this is built on (DESIGN.md §4, platform-apis.md §5):
+
+* LM Studio streams OpenAI ``chat.completion.chunk`` objects as SSE ``data:`` lines and ends with
+  ``data: [DONE]`` -- or with just a close.  A close after a chunk with a non-null
+  ``finish_reason`` (or after ``[DONE]``) is a normal end; a close before either is a drop.
+* Errors come either as an HTTP error before the stream (404 ``model_not_found`` /
+  "No models loaded") or as ``data: {"error": {...}}`` inside a 200 stream.
+* The first request may load the model, so the first token may take long
+  (``first_token_timeout``); after that a gap of ``stall_timeout`` means the server is stuck.
+* Closing the HTTP stream makes LM Studio stop generating: closing this generator (``aclose()``
+  or cancellation) closes the HTTP response at once.
+
+Stall detection is per SSE event: the wait for the response headers plus the first event is
+bounded by ``first_token_timeout`` (one deadline from the start of the request), every later wait
+for the next event by ``stall_timeout``.  LM Studio sends no SSE comments/keep-alives, so "no
+event" and "no bytes" are the same thing in practice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import httpx
+from httpx_sse import SSEError, aconnect_sse
+
+__all__ = [
+    "LLMError",
+    "StreamEvent",
+    "stream_chat",
+    "list_models",
+    "LLM_UNREACHABLE",
+    "LLM_HTTP",
+    "LLM_NO_MODEL",
+    "LLM_STREAM_ERROR",
+    "LLM_STALL",
+    "LLM_DROPPED",
+    "LLM_EMPTY",
+    "LLM_BAD_RESPONSE",
+    "ERROR_CODES",
+]
+
+LLM_UNREACHABLE = "llm_unreachable"
+LLM_HTTP = "llm_http"
+LLM_NO_MODEL = "llm_no_model"
+LLM_STREAM_ERROR = "llm_stream_error"
+LLM_STALL = "llm_stall"
+LLM_DROPPED = "llm_dropped"
+LLM_EMPTY = "llm_empty"
+LLM_BAD_RESPONSE = "llm_bad_response"
+
+#: Default user-facing messages (Simplified Chinese), by code.
+USER_MESSAGES: dict[str, str] = {
+    LLM_UNREACHABLE: "无法连接到服务器 B 上的 LM Studio，请确认 LM Studio 已启动并开启了本地服务（默认端口 1234）。",
+    LLM_HTTP: "LM Studio 返回了错误，请稍后再试。",
+    LLM_NO_MODEL: "服务器 B 上的 LM Studio 当前没有加载模型，请先在 LM Studio 中加载一个模型后再试。",
+    LLM_STREAM_ERROR: "模型在生成回答时出错，请稍后再试。",
+    LLM_STALL: "模型长时间没有响应，请稍后再试。",
+    LLM_DROPPED: "与模型的连接意外中断，回答不完整，请重试。",
+    LLM_EMPTY: "模型没有返回任何内容，请换个问法再试。",
+    LLM_BAD_RESPONSE: "模型服务返回了无法识别的数据，请检查服务器 B 上的 LM Studio 配置。",
+}
+ERROR_CODES = frozenset(USER_MESSAGES)
+
+_USER_AUTH = "LM Studio 拒绝了请求（认证失败），请检查服务器 B 上配置的 LM Studio API 密钥。"
+_USER_FIRST_TOKEN = "模型响应超时（可能正在加载模型或服务器繁忙），请稍后再试。"
+
+_MAX_DETAIL = 300  # chars of a server-provided message kept in the operator detail
+_MAX_ERROR_BODY = 64 * 1024  # bytes of a non-2xx body read to extract the error message
+
+
+class LLMError(Exception):
+    """A failed LLM call.
+
+    ``code``: one of the ``LLM_*`` constants; ``user_message``: Simplified Chinese text for the
+    end user; ``status``: HTTP status when one was received; ``str(err)``: English detail for the
+    operator (never contains the API key).
+    """
+
+    def __init__(
+        self, code: str, detail: str, *, user_message: str | None = None, status: int | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.status = status
+        self.user_message = user_message or USER_MESSAGES.get(code, USER_MESSAGES[LLM_BAD_RESPONSE])
+
+    def __repr__(self) -> str:
+        return f"LLMError(code={self.code!r}, detail={self.detail!r}, status={self.status!r})"
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """One item of a chat stream.
+
+    ``kind``: ``"text"`` (content delta in ``text``), ``"reasoning"`` (reasoning delta in
+    ``text``) or ``"usage"`` (last event, only when the server sent usage; ``usage`` holds
+    ``{prompt_tokens, completion_tokens, total_tokens, ...}`` and ``finish_reason`` the final
+    finish reason, e.g. ``"stop"`` or ``"length"``).
+    """
+
+    kind: str
+    text: str = ""
+    usage: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _trunc(s: str, n: int = _MAX_DETAIL) -> str:
+    s = s.replace("\r", " ").replace("\n", " ")
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _error_fields(obj: Any) -> tuple[str, str]:
+    """(message, code) from an OpenAI-style error object/body; tolerant of odd shapes."""
+    err = obj.get("error", obj) if isinstance(obj, dict) else obj
+    if isinstance(err, dict):
+        msg = err.get("message") or err.get("detail") or err.get("error") or ""
+        code = err.get("code") or err.get("type") or ""
+        return (msg if isinstance(msg, str) else json.dumps(msg, ensure_ascii=False)), str(code or "")
+    if isinstance(err, str):
+        return err, ""
+    return (json.dumps(err, ensure_ascii=False) if err is not None else ""), ""
+
+
+def _status_error(status: int, body: bytes, *, what: str, no_model_on_404: bool = True) -> LLMError:
+    msg, code = "", ""
+    if body:
+        try:
+            msg, code = _error_fields(json.loads(body))
+        except ValueError:
+            msg = body[:_MAX_DETAIL].decode("utf-8", "replace")
+    detail = f"{what}: HTTP {status}"
+    if code:
+        detail += f" [{code}]"
+    if msg:
+        detail += f": {_trunc(msg)}"
+    if (
+        (status == 404 and no_model_on_404)
+        or code == "model_not_found"
+        or "no models loaded" in msg.lower()
+    ):
+        return LLMError(LLM_NO_MODEL, detail, status=status)
+    if status in (401, 403):
+        return LLMError(LLM_HTTP, detail, status=status, user_message=_USER_AUTH)
+    return LLMError(
+        LLM_HTTP, detail, status=status, user_message=f"LM Studio 返回了错误（HTTP {status}），请稍后再试。"
+    )
+
+
+def _map_httpx(exc: BaseException, what: str, *, streaming: bool) -> LLMError:
+    """Map an httpx / transport exception to an LLMError."""
+    name = type(exc).__name__
+    text = _trunc(str(exc)) or name
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol, httpx.InvalidURL)):
+        return LLMError(LLM_UNREACHABLE, f"{what}: cannot connect ({name}: {text})")
+    if isinstance(exc, httpx.PoolTimeout):
+        return LLMError(LLM_UNREACHABLE, f"{what}: no free connection in the client pool ({name})")
+    if isinstance(exc, (httpx.WriteError, httpx.WriteTimeout)) and not streaming:
+        return LLMError(LLM_UNREACHABLE, f"{what}: sending the request failed ({name}: {text})")
+    if isinstance(exc, httpx.TimeoutException):
+        return LLMError(LLM_STALL, f"{what}: timed out ({name})")
+    if isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.CloseError)):
+        where = "mid-stream" if streaming else "before the response"
+        return LLMError(LLM_DROPPED, f"{what}: connection closed {where} ({name}: {text})")
+    if isinstance(exc, (httpx.DecodingError, SSEError)):
+        return LLMError(LLM_BAD_RESPONSE, f"{what}: undecodable response ({name}: {text})")
+    if isinstance(exc, httpx.TransportError):
+        return LLMError(LLM_UNREACHABLE, f"{what}: transport error ({name}: {text})")
+    return LLMError(LLM_BAD_RESPONSE, f"{what}: unexpected error ({name}: {text})")
+
+
+async def _read_error_body(resp: httpx.Response, timeout: float) -> bytes:
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in resp.aiter_bytes():
+                buf += chunk
+                if len(buf) >= _MAX_ERROR_BODY:
+                    break
+    except (TimeoutError, httpx.HTTPError, httpx.StreamError):
+        pass
+    return bytes(buf)
+
+
+def _headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+# --------------------------------------------------------------------------- API
+
+
+async def stream_chat(
+    client: httpx.AsyncClient,
+    base_url: str,
+    *,
+    model: str,
+    messages: list[dict],
+    api_key: str = "",
+    max_tokens: int = -1,
+    first_token_timeout: float = 300,
+    stall_timeout: float = 60,
+    connect_timeout: float = 5,
+    extra: dict | None = None,
+) -> AsyncIterator[StreamEvent]:
+    """Stream a chat completion from an OpenAI-compatible server (LM Studio).
+
+    ``base_url`` is like ``http://host:1234/v1``.  ``max_tokens < 0`` means "no limit" (the field
+    is then omitted).  ``extra`` is merged into the request body last.  Yields ``StreamEvent``s;
+    raises ``LLMError``.  Close the generator (``aclose()``) to stop generation early.
+    """
+    url = base_url.rstrip("/") + "/chat/completions"
+    what = f"POST {url}"
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if max_tokens is not None and max_tokens >= 0:
+        body["max_tokens"] = max_tokens
+    if extra:
+        body.update(extra)
+    # httpx read timeout is only a backstop; the asyncio deadlines below are the real limits.
+    timeout = httpx.Timeout(
+        connect=connect_timeout,
+        read=max(first_token_timeout, stall_timeout) + 5.0,
+        write=max(stall_timeout, connect_timeout),
+        pool=first_token_timeout,
+    )
+    loop = asyncio.get_running_loop()
+    first_deadline = loop.time() + first_token_timeout
+
+    text_seen = False
+    reasoning_seen = False
+    done = False
+    finish: str | None = None
+    usage: dict[str, Any] | None = None
+    n_events = 0
+    streaming = False
+
+    try:
+        async with AsyncExitStack() as stack:
+            # ---- request + response headers, bounded by the first-token deadline
+            try:
+                async with asyncio.timeout_at(first_deadline):
+                    source = await stack.enter_async_context(
+                        aconnect_sse(client, "POST", url, json=body, headers=_headers(api_key), timeout=timeout)
+                    )
+            except TimeoutError:
+                raise LLMError(
+                    LLM_STALL,
+                    f"{what}: no response within first_token_timeout={first_token_timeout}s",
+                    user_message=_USER_FIRST_TOKEN,
+                ) from None
+            resp = source.response
+            if not 200 <= resp.status_code < 300:
+                raw = await _read_error_body(resp, min(stall_timeout, 10.0))
+                raise _status_error(resp.status_code, raw, what=what)
+            ctype = resp.headers.get("content-type", "")
+            if "text/event-stream" not in ctype:
+                raise LLMError(
+                    LLM_BAD_RESPONSE,
+                    f"{what}: expected Content-Type text/event-stream, got {_trunc(ctype, 80)!r}",
+                    status=resp.status_code,
+                )
+
+            # ---- the stream
+            streaming = True
+            events = source.aiter_sse()
+            stack.push_async_callback(events.aclose)
+            deadline = first_deadline
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        sse = await anext(events)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if done:
+                        break  # [DONE] seen; the server just did not close: fine
+                    if n_events == 0:
+                        raise LLMError(
+                            LLM_STALL,
+                            f"{what}: no first token within first_token_timeout={first_token_timeout}s",
+                            user_message=_USER_FIRST_TOKEN,
+                        ) from None
+                    raise LLMError(
+                        LLM_STALL, f"{what}: stream stalled, nothing received for {stall_timeout}s"
+                    ) from None
+                except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                    if done or finish is not None:
+                        break  # closed after the end of the answer: normal
+                    raise LLMError(
+                        LLM_DROPPED,
+                        f"{what}: connection closed mid-stream without [DONE] or finish_reason "
+                        f"({type(exc).__name__}: {_trunc(str(exc))})",
+                    ) from None
+
+                n_events += 1
+                data = sse.data
+                if done:
+                    deadline = loop.time() + min(stall_timeout, 1.0)
+                    continue
+                deadline = loop.time() + stall_timeout
+                if data == "[DONE]":
+                    done = True
+                    deadline = loop.time() + min(stall_timeout, 1.0)
+                    continue
+                try:
+                    obj = json.loads(data)
+                    err = obj.get("error")
+                    if err is not None:
+                        msg, code = _error_fields(obj)
+                        raise LLMError(
+                            LLM_STREAM_ERROR,
+                            f"{what}: error in stream" + (f" [{code}]" if code else "") + f": {_trunc(msg)}",
+                            status=resp.status_code,
+                        )
+                    content = reasoning = None
+                    choices = obj.get("choices")
+                    if choices:
+                        choice = choices[0]
+                        delta = choice.get("delta")
+                        if delta:
+                            content = delta.get("content")
+                            reasoning = delta.get("reasoning") or delta.get("reasoning_content")
+                        fr = choice.get("finish_reason")
+                        if fr:
+                            finish = fr
+                    u = obj.get("usage")
+                    if u:
+                        usage = u
+                except LLMError:
+                    raise
+                except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+                    if sse.event == "error":
+                        raise LLMError(LLM_STREAM_ERROR, f"{what}: error event in stream: {_trunc(data)}") from None
+                    raise LLMError(
+                        LLM_BAD_RESPONSE,
+                        f"{what}: unparseable stream chunk ({type(exc).__name__}): {_trunc(data, 120)!r}",
+                    ) from None
+                if reasoning:
+                    reasoning_seen = True
+                    yield StreamEvent("reasoning", reasoning)
+                if content:
+                    text_seen = True
+                    yield StreamEvent("text", content)
+
+            # ---- end of stream
+            if not done and finish is None:
+                raise LLMError(
+                    LLM_DROPPED, f"{what}: stream ended without [DONE] or finish_reason after {n_events} events"
+                )
+            if not text_seen:
+                raise LLMError(
+                    LLM_EMPTY,
+                    f"{what}: stream ended with no content (finish_reason={finish!r}, "
+                    f"reasoning={'yes' if reasoning_seen else 'no'}, events={n_events})",
+                )
+        if usage is not None:
+            yield StreamEvent("usage", usage=usage, finish_reason=finish)
+    except LLMError:
+        raise
+    except TimeoutError:  # e.g. a timeout from the body reader; never our own deadlines (handled above)
+        raise LLMError(LLM_STALL, f"{what}: timed out") from None
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, SSEError) as exc:
+        raise _map_httpx(exc, what, streaming=streaming) from None
+    except Exception as exc:  # nothing but LLMError escapes (CancelledError is a BaseException)
+        raise LLMError(LLM_BAD_RESPONSE, f"{what}: unexpected {type(exc).__name__}: {_trunc(str(exc))}") from exc
+
+
+async def list_models(
+    client: httpx.AsyncClient, base_url: str, *, api_key: str = "", timeout: float = 2.0
+) -> list[str]:
+    """``GET {base_url}/models`` → list of model ids.  Raises LLMError."""
+    url = base_url.rstrip("/") + "/models"
+    what = f"GET {url}"
+    try:
+        async with asyncio.timeout(timeout):
+            resp = await client.get(url, headers=_headers(api_key), timeout=httpx.Timeout(timeout))
+    except TimeoutError:
+        raise LLMError(LLM_STALL, f"{what}: no response within {timeout}s") from None
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+        raise _map_httpx(exc, what, streaming=False) from None
+    except Exception as exc:
+        raise LLMError(LLM_BAD_RESPONSE, f"{what}: unexpected {type(exc).__name__}: {_trunc(str(exc))}") from exc
+    if not 200 <= resp.status_code < 300:
+        raise _status_error(resp.status_code, resp.content[:_MAX_ERROR_BODY], what=what, no_model_on_404=False)
+    try:
+        data = resp.json()["data"]
+        return [m["id"] for m in data]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise LLMError(
+            LLM_BAD_RESPONSE, f"{what}: unexpected body ({type(exc).__name__}): {_trunc(resp.text, 120)!r}"
+        ) from None

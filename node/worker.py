@@ -1,0 +1,354 @@
+"""Server B's worker: MQTT client (dials out over TLS), task runner, LM Studio streaming, chunk coalescing.
+
+Per task: ``Accept`` at once (with the queue position), then the answer as ``Delta`` chunks and
+one ``Done``. Deltas from the LLM are coalesced: the first one goes out at once, later ones are
+gathered for ``coalesce_ms`` (or until ``coalesce_bytes`` wait) while the previous chunk's QoS 1
+PUBACK is awaited, so a task costs one MQTT message per window instead of one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import aiomqtt
+import httpx
+
+import wire
+from claw.config import Settings
+from claw.mqtt import Backoff, client_from_settings, run_forever
+
+from .llm import LLMError, list_models, stream_chat
+
+log = logging.getLogger(__name__)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class _Run:
+    task: wire.Task
+    topic: str
+    job: asyncio.Task[None] | None = None
+    started: bool = False
+    cancelled: bool = False
+
+
+@dataclass
+class NodeStats:
+    tasks: int = 0
+    ok: int = 0
+    errors: int = 0
+    cancelled: int = 0
+    chunks: int = 0
+    duplicates: int = 0
+    bad_messages: int = 0
+    reconnects: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+
+
+class Node:
+    """One node process. ``await node.run()`` until cancelled or ``stop()``."""
+
+    def __init__(self, settings: Settings, *, http: httpx.AsyncClient | None = None) -> None:
+        self.s = settings
+        self.cfg = settings.node
+        self.id = settings.node.id
+        self.stats = NodeStats()
+        self._http = http
+        self._own_http = http is None
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._runs: dict[bytes, _Run] = {}
+        self._recent: OrderedDict[bytes, str] = OrderedDict()  # finished task id -> status (dedup)
+        self._slots = asyncio.Semaphore(self.cfg.concurrency)
+        self._waiting: list[bytes] = []
+        self._model: str | None = None
+        self._model_at = 0.0
+        self._models: list[str] = []
+        self._history: dict[tuple[str, str], list[dict[str, str]]] = {}
+        self._stopping = False
+        self.state = "online"
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> None:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=256,
+                                                                              max_keepalive_connections=64))
+        will = aiomqtt.Will(wire.node_topic(self.id), wire.encode(self._beat("offline")), qos=1)
+        self._client = client_from_settings(self.s.mqtt, identifier=f"node-{self.id}", data_dir=self.s.data_dir,
+                                            will=will)
+        log.info("node %s: starting; LLM at %s; broker %s:%s (tls=%s)", self.id, self.cfg.llm_url,
+                 self.s.mqtt.host, self.s.mqtt.port, self.s.mqtt.tls)
+        try:
+            await run_forever(self._client, self._session, name=f"node {self.id}",
+                              backoff=Backoff(self.s.mqtt.reconnect_min, self.s.mqtt.reconnect_max),
+                              on_disconnect=self._on_disconnect)
+        finally:
+            for run in list(self._runs.values()):
+                if run.job is not None:
+                    run.job.cancel()
+            if self._own_http and self._http is not None:
+                await self._http.aclose()
+
+    def _on_disconnect(self) -> None:
+        self._connected.clear()
+        self.stats.reconnects += 1
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(wire.TASK_FILTER, qos=1)
+        self._connected.set()
+        await self._publish_beat(client)
+        beat = asyncio.create_task(self._beat_loop(client))
+        try:
+            async for msg in client.messages:
+                self._handle(msg)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+
+    def _beat(self, state: str) -> wire.Beat:
+        return wire.Beat(node=self.id, state=state, active=len(self._runs), capacity=self.cfg.concurrency,  # type: ignore[arg-type]
+                         models=self._models[:8] or None)
+
+    async def _publish_beat(self, client: aiomqtt.Client) -> None:
+        await client.publish(wire.node_topic(self.id), wire.encode(self._beat(self.state)), qos=0)
+
+    async def _beat_loop(self, client: aiomqtt.Client) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.beat_s)
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._publish_beat(client)
+
+    # ---- inbound ---------------------------------------------------------------------------
+    def _handle(self, msg: aiomqtt.Message) -> None:
+        try:
+            info = wire.parse_topic(str(msg.topic))
+            m = wire.decode(msg.payload)  # type: ignore[arg-type]
+        except wire.WireError as exc:
+            self.stats.bad_messages += 1
+            log.warning("node %s: dropped bad message on %s: %s", self.id, msg.topic, exc)
+            return
+        if isinstance(m, wire.Task):
+            if info.kind != "task" or m.uid != info.key:
+                self.stats.bad_messages += 1
+                log.warning("node %s: task uid %s does not match topic %s; dropped", self.id, m.uid, msg.topic)
+                return
+            self._on_task(m)
+        elif isinstance(m, wire.Cancel):
+            run = self._runs.get(m.id)
+            if run is not None and run.job is not None and not run.cancelled:
+                run.cancelled = True
+                run.job.cancel()
+        else:
+            self.stats.bad_messages += 1
+
+    def _on_task(self, task: wire.Task) -> None:
+        topic = wire.reply_topic(task.uid)
+        if task.id in self._runs:  # republished while we have it: re-confirm
+            self.stats.duplicates += 1
+            run = self._runs[task.id]
+            queue = 0 if run.started else self._position(task.id)
+            self._spawn_publish(topic, wire.Accept(id=task.id, node=self.id, queue=queue))
+            return
+        if task.id in self._recent:  # already answered (issue: reply log + replay)
+            self.stats.duplicates += 1
+            return
+        self.stats.tasks += 1
+        run = _Run(task, topic)
+        self._runs[task.id] = run
+        self._waiting.append(task.id)
+        run.job = asyncio.create_task(self._run_task(run), name=f"task-{task.id.hex()[:8]}")
+
+    def _position(self, task_id: bytes) -> int:
+        try:
+            return self._waiting.index(task_id) + 1
+        except ValueError:
+            return 0
+
+    def _spawn_publish(self, topic: str, msg: wire.Message) -> None:
+        async def go() -> None:
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                await self._publish(topic, msg)
+        asyncio.create_task(go())
+
+    async def _publish(self, topic: str, msg: wire.Message) -> None:
+        """Publish QoS 1, waiting for the connection and retrying across reconnects (seq dedups)."""
+        payload = wire.encode(msg)
+        while True:
+            await self._connected.wait()
+            assert self._client is not None
+            try:
+                await self._client.publish(topic, payload, qos=1)
+                return
+            except aiomqtt.MqttError as exc:
+                log.debug("node %s: publish failed (%s); will retry after reconnect", self.id, exc)
+                self._connected.clear()
+                await asyncio.sleep(0.05)
+
+    # ---- one task --------------------------------------------------------------------------
+    async def _run_task(self, run: _Run) -> None:
+        task = run.task
+        t_rx = now_us()
+        status, err, seq, usage = "ok", None, 0, None
+        timing: dict[str, int] = {"n_rx": t_rx}
+        try:
+            queued = self._position(task.id) if self._slots.locked() else 0
+            await self._publish(run.topic, wire.Accept(id=task.id, node=self.id, queue=queued))
+            async with self._slots:
+                self._waiting.remove(task.id)
+                run.started = True
+                if queued:
+                    self._spawn_publish(run.topic, wire.Accept(id=task.id, node=self.id, queue=0))
+                seq, usage = await self._generate(run, timing)
+        except asyncio.CancelledError:
+            status = "cancelled"
+            seq = getattr(run, "last_seq", 0)
+            if not run.cancelled:  # node shutting down
+                status, err = "error", wire.Err(code="node_stopped", msg="服务器 B 正在停止，本次回答已中断，请稍后重试。")
+        except LLMError as exc:
+            status, seq = "error", getattr(run, "last_seq", 0)
+            err = wire.Err(code=exc.code, msg=exc.user_message)
+            self.stats.by_code[exc.code] = self.stats.by_code.get(exc.code, 0) + 1
+            log.warning("node %s: task %s failed: %s", self.id, task.id.hex()[:8], exc)
+        except Exception as exc:  # a bug must still end the task with a clear error, never silence
+            status, seq = "error", getattr(run, "last_seq", 0)
+            err = wire.Err(code="node_internal", msg="服务器 B 内部错误，请稍后重试。")
+            log.exception("node %s: task %s crashed: %s", self.id, task.id.hex()[:8], exc)
+        finally:
+            if task.id in self._waiting:
+                self._waiting.remove(task.id)
+        timing["n_done"] = now_us()
+        done = wire.Done(id=task.id, seq=seq, status=status, err=err, usage=usage, timing=timing)  # type: ignore[arg-type]
+        try:
+            await self._publish(run.topic, done)
+        finally:
+            self._runs.pop(task.id, None)
+            self._recent[task.id] = status
+            while len(self._recent) > 10000:
+                self._recent.popitem(last=False)
+            setattr(self.stats, status if status != "error" else "errors",
+                    getattr(self.stats, status if status != "error" else "errors") + 1)
+
+    async def _resolve_model(self) -> str:
+        if self.cfg.model:
+            return self.cfg.model
+        loop = asyncio.get_running_loop()
+        if self._model is None or loop.time() - self._model_at > 60:
+            assert self._http is not None
+            models = await list_models(self._http, self.cfg.llm_url, api_key=self.cfg.api_key,
+                                       timeout=self.cfg.connect_timeout_s)
+            self._models = models
+            self._model = models[0] if models else ""
+            self._model_at = loop.time()
+        return self._model
+
+    def _messages(self, task: wire.Task) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+        msgs += self._history.get((task.uid, task.conv or ""), [])
+        msgs.append({"role": "user", "content": task.text})
+        return msgs
+
+    def _remember(self, task: wire.Task, answer: str) -> None:
+        key = (task.uid, task.conv or "")
+        hist = self._history.setdefault(key, [])
+        hist += [{"role": "user", "content": task.text}, {"role": "assistant", "content": answer}]
+        del hist[: max(0, len(hist) - 2 * self.cfg.history_turns)]
+        if len(self._history) > 10000:
+            self._history.pop(next(iter(self._history)))
+
+    async def _generate(self, run: _Run, timing: dict[str, int]) -> tuple[int, dict[str, int] | None]:
+        """Stream the LLM answer as coalesced Delta chunks; return (last seq, usage)."""
+        task, topic = run.task, run.topic
+        model = await self._resolve_model()
+        window = self.cfg.coalesce_ms / 1000.0
+        max_bytes = self.cfg.coalesce_bytes
+        buf: list[str] = []
+        size = 0
+        wake = asyncio.Event()
+        full = asyncio.Event()
+        llm_done = False
+        answer: list[str] = []
+        usage: dict[str, int] | None = None
+        loop = asyncio.get_running_loop()
+        run.last_seq = 0  # type: ignore[attr-defined]
+
+        async def sender() -> None:
+            nonlocal size
+            seq = 0
+            while True:
+                await wake.wait()
+                wake.clear()
+                if buf:
+                    text = "".join(buf)
+                    buf.clear()
+                    size = 0
+                    full.clear()
+                    seq += 1
+                    t0 = loop.time()
+                    extra = None
+                    if seq == 1:
+                        timing["n_pub1"] = now_us()
+                        extra = dict(timing)
+                    await self._publish(topic, wire.Delta(id=task.id, seq=seq, text=text, timing=extra))
+                    run.last_seq = seq  # type: ignore[attr-defined]
+                    self.stats.chunks += 1
+                    rest = window - (loop.time() - t0)
+                    if rest > 0 and not llm_done:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(rest):
+                                await full.wait()
+                    if buf:
+                        wake.set()
+                if llm_done and not buf:
+                    return
+
+        send_task = asyncio.create_task(sender())
+        assert self._http is not None
+        try:
+            first = True
+            events = stream_chat(self._http, self.cfg.llm_url, model=model, messages=self._messages(task),
+                                 api_key=self.cfg.api_key, max_tokens=self.cfg.max_tokens,
+                                 first_token_timeout=self.cfg.first_token_timeout_s,
+                                 stall_timeout=self.cfg.stall_timeout_s,
+                                 connect_timeout=self.cfg.connect_timeout_s)
+            # aclosing: leaving the loop (cancel, error) closes the HTTP stream at once, which
+            # makes LM Studio stop generating and frees its slot.
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    if send_task.done():
+                        send_task.result()  # surface a publish failure
+                    if ev.kind == "text" and ev.text:
+                        if first:
+                            timing["n_ft"] = now_us()
+                            first = False
+                        buf.append(ev.text)
+                        answer.append(ev.text)
+                        size += len(ev.text.encode())
+                        if size >= max_bytes:
+                            full.set()
+                        wake.set()
+                    elif ev.kind == "usage":
+                        usage = {k: int(v) for k, v in (getattr(ev, "usage", None) or {}).items()
+                                 if isinstance(v, int)}
+        finally:
+            # Let the sender finish the chunk it may be publishing (so Done.seq is exact); on
+            # cancellation the text not yet sent is dropped, on an LLM error it is still flushed.
+            if run.cancelled:
+                buf.clear()
+            llm_done = True
+            wake.set()
+            full.set()
+            if not send_task.done():
+                await asyncio.shield(send_task)
+            elif not send_task.cancelled() and send_task.exception() is not None:
+                raise send_task.exception()  # type: ignore[misc]
+        self._remember(task, "".join(answer))
+        return run.last_seq, usage  # type: ignore[attr-defined]
