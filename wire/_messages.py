@@ -17,17 +17,19 @@ MAX_TEXT = 64 * 1024  # characters of one text field
 ID_LEN = 16
 
 TaskId = Annotated[bytes, msgspec.Meta(min_length=ID_LEN, max_length=ID_LEN)]
-Uid = Annotated[str, msgspec.Meta(pattern=r"^(wc|mp|dev|web)\.[A-Za-z0-9_.@-]+$", max_length=128)]
-NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$", min_length=1, max_length=64)]
+# patterns end in \Z, not $: "$" also matches before a trailing newline
+Uid = Annotated[str, msgspec.Meta(pattern=r"^(wc|mp|dev|web)\.[A-Za-z0-9_.@-]+\Z", max_length=128)]
+NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+\Z", min_length=1, max_length=64)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 Short = Annotated[str, msgspec.Meta(max_length=256)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**31)]
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # CBOR native ints, no bignum tags
 Channel = Literal["wc", "mp", "dev", "web"]
 Status = Literal["ok", "error", "cancelled"]
 NodeState = Literal["online", "draining", "offline"]
 # timing: stage name -> wall-clock microseconds (bench/trace); usage: token counts
-Timing = dict[Annotated[str, msgspec.Meta(max_length=32)], int]
+Timing = dict[Annotated[str, msgspec.Meta(max_length=32)], Int64]
 
 
 class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="t", omit_defaults=True):
@@ -41,7 +43,7 @@ class Task(_Msg, tag="task"):
     uid: Uid
     ch: Channel
     text: Text
-    ts: int  # edge receive time, milliseconds since the epoch
+    ts: Int64  # edge receive time, milliseconds since the epoch
     conv: Short | None = None  # conversation id; None = the user's default conversation
     opts: dict[Short, Any] | None = None
     timing: Timing | None = None
@@ -80,7 +82,7 @@ class Done(_Msg, tag="done"):
     seq: Seq
     status: Status
     err: Err | None = None
-    usage: dict[Short, int] | None = None
+    usage: dict[Short, Int64] | None = None
     timing: Timing | None = None
 
 

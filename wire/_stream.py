@@ -52,7 +52,12 @@ class Duplicate:
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """Seqs ``first..last`` (inclusive) are missing; ask the sender to replay them."""
+    """Seqs ``first..last`` (inclusive) are missing; ask the sender to replay them.
+
+    Each missing seq is announced once, by the message that reveals it: a chunk held ahead of
+    the stream reveals the seqs between the highest seq seen so far and itself, a ``Done``
+    reveals those after the highest seq seen up to its own.
+    """
 
     first: int
     last: int
@@ -90,6 +95,7 @@ class TaskStream:
     pending_done: Done | None = None
     finished: Finished | None = None
     parts: list[str] = field(default_factory=list)
+    high: int = 0  # highest seq held or named by a Done; a Gap only announces seqs above it and next_seq - 1
 
     @property
     def text(self) -> str:
@@ -110,10 +116,10 @@ class TaskStream:
                 f"can't handle {kind.__name__} in state {self.state.value}", hint="bad_transition"
             ) from None
         if isinstance(msg, Accept):
-            first = self.node is None
+            changed = (msg.node, msg.queue) != (self.node, self.queue)  # first Accept, or news
             self.node, self.queue = msg.node, msg.queue
             self.state = nxt
-            return [Accepted(msg.node, msg.queue)] if first or msg.queue != self.queue else []
+            return [Accepted(msg.node, msg.queue)] if changed else []
         if isinstance(msg, Delta):
             self.state = nxt
             return self._delta(msg)
@@ -128,9 +134,8 @@ class TaskStream:
         if seq > self.next_seq:
             if len(self.held) >= self.max_ahead:
                 raise WireError(f"more than {self.max_ahead} chunks held behind a gap", hint="gap_overflow")
-            first_gap = self.next_seq not in self.held
             self.held[seq] = msg.text
-            return [Gap(self.next_seq, seq - 1)] if first_gap else []
+            return self._reveal(seq - 1, seq)
         events: list[Event] = []
         self._release(seq, msg.text, events)
         while self.next_seq in self.held:
@@ -143,17 +148,22 @@ class TaskStream:
         self.next_seq = seq + 1
         events.append(Text(seq, text))
 
+    def _reveal(self, last: int, seen: int) -> list[Event]:
+        """Announce the missing seqs up to ``last`` that no earlier Gap covered; ``seen`` just arrived."""
+        first = max(self.high, self.next_seq - 1) + 1
+        self.high = max(self.high, seen)
+        return [Gap(first, last)] if first <= last else []
+
     def _done(self, msg: Done) -> list[Event]:
         if self.pending_done is not None:
             return [Duplicate(msg.seq)]
-        if msg.seq < self.next_seq - 1 or any(s > msg.seq for s in self.held):
+        if msg.seq < max(self.high, self.next_seq - 1):  # high >= every held seq
             raise WireError(f"done seq {msg.seq} below chunks already received", hint="bad_seq")
         self.pending_done = msg
         events: list[Event] = []
         self._maybe_finish(events)
         if not events:
-            last = min(self.held) - 1 if self.held else msg.seq
-            events.append(Gap(self.next_seq, last))
+            events = self._reveal(msg.seq, msg.seq)
         return events
 
     def _maybe_finish(self, events: list[Event]) -> None:
