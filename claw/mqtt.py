@@ -59,7 +59,7 @@ def make_client(
         keepalive=keepalive,
         will=will,
         tls_context=tls,
-        tls_insecure=False,
+        tls_insecure=False if tls is not None else None,
         socket_options=NODELAY,
         max_queued_incoming_messages=max_queued,
         max_inflight_messages=1000,

@@ -114,4 +114,4 @@ async def test_stop_cancels_end_to_end(tmp_path: Path, pki_dir: Path) -> None:
         assert done["status"] == "cancelled"
         assert len(done["text"]) < 400 * 4
         await asyncio.sleep(0.3)
-        assert sys_.fake.stats.closed_early >= 1  # the LM Studio stream was closed (GPU freed)
+        assert sys_.fake.stats.client_closed >= 1  # the LM Studio stream was closed (GPU freed)

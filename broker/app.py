@@ -1,0 +1,571 @@
+"""The embedded MQTT broker (amqtt 0.12.1, pinned ``>=0.12,<0.13``) with SmartClaw's hardening.
+
+:func:`run_broker` builds the config from :class:`claw.config.Settings`, starts :class:`ClawBroker` and yields a
+:class:`BrokerHandle` with the actual bound ports (port 0 works for both listeners: amqtt passes it straight to
+``asyncio.start_server`` and we read the port back from ``Server.instance.sockets``).
+
+Listeners: ``default`` is an unbound template (amqtt copies its fields into every other listener);
+``local`` is plain MQTT on ``broker.local_listen`` (loopback) for the edge's own client; ``tls`` is MQTT over
+TLS on ``broker.listen`` (if non-empty) for nodes and devices. Plugins: only ours (auth + topic ACL); no
+loggers, no ``$SYS``.
+
+amqtt traps (DESIGN §5) and what :class:`ClawBroker` does about them, each pinned by a test in
+``tests/integration/test_broker.py``:
+
+(a) Retained messages leak to every connecting client without an ACL check -> retained messages are disabled:
+    :meth:`ClawBroker.retain_message` drops them (logged once) and the retained-on-subscribe/connect replay is
+    a no-op. A retained publish is still delivered live, with RETAIN=0. Offline-queued messages (persistent
+    sessions) are sent with RETAIN=0 instead of amqtt's RETAIN=1.
+(b) A PUBLISH to a ``$…``/wildcard/empty topic left a half-dead zombie connection -> the connection is closed
+    (through the normal disconnect path, so the will fires and the session is marked disconnected).
+(c) Takeover: amqtt ran the session logic *before* authentication, so an unauthenticated CONNECT reusing a
+    client id deleted (clean session) or hijacked (persistent session) the victim's session, and a clean-session
+    takeover left the old connection open as a zombie. -> ``_initialize_client_session`` authenticates first;
+    refuses a client id held by a different username; on takeover it closes the old connection and waits until
+    its session is disconnected (will sent) before the new session is set up.
+(d) No maximum packet size on TCP (256 MB) -> every read from a client socket is capped at
+    ``broker.max_packet`` bytes; the PUBLISH payload (and any CONNECT field) is read in one piece, so a bigger
+    packet closes the connection before its body is buffered. Precisely: a PUBLISH whose *payload* exceeds
+    ``max_packet`` is refused (topic and header bytes are not counted).
+(e) A bare TCP connect-and-close (health check) was logged at ERROR -> logged at DEBUG by our own
+    ``_client_connected``; a :class:`logging.Filter` on the ``amqtt.broker`` logger demotes amqtt's own line
+    should it still be emitted. A client that sends no CONNECT within ``CONNECT_TIMEOUT`` s is dropped (an
+    MQTT 5 CONNECT, which amqtt misparses and never answers, ends this way too).
+(f) Keepalive was not enforced (half-open clients stayed forever, their will never fired) -> a client silent
+    for 1.5 x its keepalive is disconnected and its will published (:class:`_ClawHandler`).
+
+Not fixed here (documented; see DESIGN §5): QoS1 in-flight messages are not redelivered after reconnect and are
+dropped after a 5 s PUBACK timeout, delivery uses the subscription's QoS, offline queues are unbounded and in
+memory, ``max_connections`` makes extra clients hang (we do not set it), MQTT 5 / ``$share`` are unsupported.
+
+Performance: the topic ACL is evaluated inline (no amqtt task per plugin call), memoised in
+:func:`broker.acl.allowed`; a publish looks up exact-topic subscriptions by dict and scans only wildcard
+filters, instead of every filter of every client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import secrets
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BrokerConfig, ListenerType
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseTopicPlugin
+from amqtt.session import OutgoingApplicationMessage, Session
+from amqtt.utils import gen_client_id
+
+from broker import acl
+from broker.plugins import ROLE_KEY
+from broker.plugins.acl import ClawTopicPlugin
+from claw.config import Settings
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0  # seconds a new connection may take to send its CONNECT
+TAKEOVER_TIMEOUT = 2.0  # seconds to wait for a taken-over connection to finish its disconnect
+_PREAUTH_KEY = "claw.preauth"  # session.attributes: result of the early authentication
+AUTH_PLUGIN = "broker.plugins.auth.ClawAuthPlugin"
+TOPIC_PLUGIN = "broker.plugins.acl.ClawTopicPlugin"
+
+
+class BrokerStartError(ValueError):
+    """The broker could not start (a listener cannot bind, a certificate is missing ...); names the cause."""
+
+
+class PacketTooLargeError(Exception):
+    """A client sent a packet bigger than ``broker.max_packet`` (not an MQTTError: amqtt must close, not skip)."""
+
+
+class _ConnectRefused(Exception):
+    """CONNECT refused and already answered/logged."""
+
+
+class _NoConnect(Exception):
+    """The peer never sent a usable CONNECT (health check, port scan, garbage, timeout)."""
+
+
+class _LimitedReader(StreamReaderAdapter):
+    """Stream reader adapter that refuses any single read over ``limit`` bytes (max packet size).
+
+    amqtt reads a PUBLISH payload with one ``read(n)`` of the remaining length, so the check runs once per
+    packet body, before the bytes are buffered.
+    """
+
+    __slots__ = ("_limit", "_peer")
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int, peer: object) -> None:
+        super().__init__(reader)
+        self._limit = limit
+        self._peer = peer
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._limit:
+            raise PacketTooLargeError(f"client {self._peer}: packet body of {n} bytes exceeds "
+                                      f"broker.max_packet={self._limit}; closing the connection")
+        return await self._reader.readexactly(n)
+
+
+class _ClawHandler(BrokerProtocolHandler):
+    """amqtt's broker protocol handler, but a client silent for 1.5 x its keepalive is disconnected.
+
+    amqtt's reader loop already waits for each packet with ``timeout=session.keep_alive`` and then calls
+    ``handle_read_timeout()``, which amqtt leaves empty; we set ``keep_alive`` to 1.5 x the client's value
+    [MQTT-3.1.2-24] and close the connection here, through the normal disconnect path (the will fires).
+    """
+
+    _expiry_task: asyncio.Task[None] | None = None
+
+    def handle_read_timeout(self) -> None:
+        if self._expiry_task is None:
+            session = self.session
+            log.info("client %r (user %r) silent for longer than 1.5 x keepalive: closing its connection",
+                     session.client_id if session else None, session.username if session else None)
+            self._expiry_task = asyncio.get_running_loop().create_task(self.handle_connection_closed())
+
+
+class _Subscriptions(dict[str, list[tuple[Session, int]]]):
+    """amqtt's filter -> subscribers dict, with a version bumped whenever the set of filters changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+
+    def __setitem__(self, key: str, value: list[tuple[Session, int]]) -> None:
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.version += 1
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+    def pop(self, *args: Any) -> Any:
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, list[tuple[Session, int]]]:
+        self.version += 1
+        return super().popitem()
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self.version += 1
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.version += 1
+        super().update(*args, **kwargs)
+
+
+class _HealthCheckNoise(logging.Filter):
+    """Demote amqtt's ERROR/WARNING lines for connections that never sent a CONNECT to DEBUG."""
+
+    _PREFIXES = ("No data from", "Failed to initialize client session: No more data",
+                 "Failed to initialize client session: No data")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and isinstance(record.msg, str) and \
+                record.msg.startswith(self._PREFIXES):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def install_log_filter() -> None:
+    """Demote health-check noise on ``amqtt.broker``; quiet ``transitions`` (INFO lines on every CONNECT) unless
+    the application configured that logger itself."""
+    amqtt_log = logging.getLogger("amqtt.broker")
+    if not any(isinstance(f, _HealthCheckNoise) for f in amqtt_log.filters):
+        amqtt_log.addFilter(_HealthCheckNoise())
+    transitions_log = logging.getLogger("transitions")
+    if transitions_log.level == logging.NOTSET:
+        transitions_log.setLevel(logging.WARNING)
+
+
+class ClawBroker(Broker):
+    """amqtt Broker with the traps listed in the module docstring fixed. Build it inside a running loop."""
+
+    def __init__(self, config: BrokerConfig | dict[str, Any], *, max_packet: int = 1024 * 1024) -> None:
+        super().__init__(config)
+        self.max_packet = max_packet
+        self._subscriptions = _Subscriptions()
+        self._wild: list[str] = []
+        self._wild_version = -1
+        self._retain_warned = False
+        topic_plugins = [p for p in self.plugins_manager.plugins if isinstance(p, BaseTopicPlugin)]
+        # evaluate the ACL inline when ours is the only topic plugin (amqtt makes a task per plugin per check)
+        self._fast_acl = bool(topic_plugins) and all(isinstance(p, ClawTopicPlugin) for p in topic_plugins)
+
+    # -- listeners -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def _split_bindaddr_port(cls, port_str: str, default_port: int) -> tuple[str | None, int]:
+        address, port = super()._split_bindaddr_port(port_str, default_port)
+        if address and address.startswith("[") and address.endswith("]"):
+            address = address[1:-1]  # "[::1]:0" -> "::1" for asyncio.start_server
+        return address, port
+
+    async def _create_server_instance(self, listener_name: str, listener_type: ListenerType, address: str | None,
+                                      port: int, ssl_context: ssl.SSLContext | None) -> Any:
+        try:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        except OSError as exc:
+            msg = f"listener {listener_name!r} cannot listen on {address}:{port}: {exc.strerror or exc}"
+            raise BrokerError(msg) from exc
+
+    async def _start_listeners(self) -> None:
+        try:
+            await super()._start_listeners()
+        except BaseException:
+            # amqtt leaves the listeners that did start open when a later one fails
+            for server in self._servers.values():
+                with contextlib.suppress(Exception):
+                    await server.close_instance()
+            self._servers.clear()
+            raise
+
+    def bound_address(self, listener_name: str) -> tuple[str, int] | None:
+        """(host, port) the listener actually bound (port 0 resolved), or None if it is not listening."""
+        server = self._servers.get(listener_name)
+        sockets = getattr(getattr(server, "instance", None), "sockets", None)
+        if not sockets:
+            return None
+        host, port = sockets[0].getsockname()[:2]
+        return host, port
+
+    # -- connections -----------------------------------------------------------------------------------------
+
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        peer = writer.get_extra_info("peername")
+        peer_str = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        await self._client_connected(listener_name, _LimitedReader(reader, self.max_packet, peer_str),
+                                     StreamWriterAdapter(writer))
+
+    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        server = self._servers.get(listener_name)
+        if not server:
+            msg = f"Invalid listener name '{listener_name}'"
+            raise BrokerError(msg)
+        await server.acquire_connection()
+        try:
+            remote_info = writer.get_peer_info()
+            if remote_info is None:
+                await writer.close()
+                return
+            remote_address, remote_port = remote_info
+            try:
+                handler, client_session = await self._initialize_client_session(
+                    reader, writer, remote_address, remote_port)
+            except _ConnectRefused:
+                return
+            except _NoConnect as exc:
+                log.debug("connection from %s:%s on %r closed without a CONNECT: %s",
+                          remote_address, remote_port, listener_name, exc)
+                return
+            try:
+                await self._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+            except (AMQTTError, MQTTError, NoDataError) as exc:
+                log.warning("error while handling client %r: %s", client_session.client_id, exc)
+        finally:
+            server.release_connection()
+
+    async def _initialize_client_session(self, reader: ReaderAdapter, writer: WriterAdapter,
+                                         remote_address: str, remote_port: int,
+                                         ) -> tuple[BrokerProtocolHandler, Session]:
+        """Read CONNECT, authenticate, *then* resolve the session (amqtt resolved it before authenticating)."""
+        try:
+            handler, incoming = await asyncio.wait_for(
+                _ClawHandler.init_from_connect(reader, writer, self.plugins_manager), CONNECT_TIMEOUT)
+        except Exception as exc:  # EOF, timeout, garbage, wrong protocol level (already answered), too large
+            with contextlib.suppress(Exception):
+                await writer.close()
+            if isinstance(exc, (NoDataError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError)):
+                reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else "closed"
+                raise _NoConnect(reason) from None
+            log.info("bad CONNECT from %s:%s: %s: %s", remote_address, remote_port, type(exc).__name__, exc)
+            raise _NoConnect(str(exc)) from None
+
+        client_id = incoming.client_id
+        ok = await self._authenticate(incoming, None)  # type: ignore[arg-type]
+        existing = self._sessions.get(client_id) if client_id else None
+        if ok and existing is not None and existing[0].username != incoming.username:
+            log.warning("MQTT CONNECT refused: user %r, client id %r from %s:%s: client id in use by another user",
+                        (incoming.username or "")[:100], client_id[:100], remote_address, remote_port)
+            ok = False
+        if not ok:
+            with contextlib.suppress(Exception):
+                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            with contextlib.suppress(Exception):
+                await writer.close()
+            raise _ConnectRefused
+        incoming.password = None  # verified; do not keep it around
+        incoming.attributes[_PREAUTH_KEY] = True
+
+        if existing is not None and existing[0].transitions.is_connected():
+            await self._take_over(existing[0], existing[1])
+        if incoming.keep_alive > 0:
+            incoming.keep_alive = (incoming.keep_alive * 3 + 1) // 2  # 1.5 x, see _ClawHandler
+
+        # -- from here on as amqtt's _initialize_client_session --
+        if incoming.clean_session:
+            if client_id:
+                await self._delete_session(client_id)
+            else:
+                incoming.client_id = gen_client_id()
+            incoming.parent = 0
+            client_session = incoming
+        elif client_id in self._sessions:
+            client_session = self._sessions[client_id][0]
+            client_session.will_flag = incoming.will_flag
+            client_session.will_message = incoming.will_message
+            client_session.will_topic = incoming.will_topic
+            client_session.will_qos = incoming.will_qos
+            client_session.will_retain = incoming.will_retain
+            client_session.keep_alive = incoming.keep_alive
+            client_session.username = incoming.username
+            client_session.password = None
+            client_session.remote_address = incoming.remote_address
+            client_session.remote_port = incoming.remote_port
+            client_session.ssl_object = incoming.ssl_object
+            client_session.attributes.update(incoming.attributes)
+            client_session.parent = 1
+        else:
+            incoming.parent = 0
+            client_session = incoming
+        return handler, client_session
+
+    async def _take_over(self, old_session: Session, old_handler: BrokerProtocolHandler) -> None:
+        """Close the connection currently holding a session and wait until it has fully disconnected."""
+        log.info("client id %r connects again: closing its previous connection", old_session.client_id)
+        await old_handler.handle_connection_closed()  # wakes its message loop: will, stop handler, disconnect
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TAKEOVER_TIMEOUT
+        while old_session.transitions.is_connected() and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        if old_session.transitions.is_connected():  # its loop was not running yet: force it
+            with contextlib.suppress(Exception):
+                await self._stop_handler(old_handler)
+            old_session.transitions.disconnect()
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        pre = session.attributes.pop(_PREAUTH_KEY, None)
+        if pre is not None:
+            return bool(pre)
+        return await super()._authenticate(session, listener)
+
+    # -- messages --------------------------------------------------------------------------------------------
+
+    async def _handle_message_delivery(self, client_session: Session, handler: BrokerProtocolHandler,
+                                       wait_deliver: asyncio.Future[Any]) -> bool:
+        if await super()._handle_message_delivery(client_session, handler, wait_deliver):
+            return True
+        # amqtt refused the topic ($…, wildcard, empty) and would stop reading but leave the socket open.
+        # Close it through the normal disconnect path instead (will, handler stop, session disconnected).
+        log.warning("closing connection of client %r (user %r): PUBLISH to an invalid topic",
+                    client_session.client_id, client_session.username)
+        await handler.handle_connection_closed()
+        return True
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        if self._fast_acl:
+            role = session.attributes.get(ROLE_KEY) if session is not None else None
+            return role is not None and acl.allowed(role, session.username or "", topic, str(action))
+        return await super()._topic_filtering(session, topic, action)
+
+    def _wild_filters(self) -> list[str]:
+        subs = self._subscriptions
+        version = subs.version if isinstance(subs, _Subscriptions) else -2
+        if version != self._wild_version or version == -2:
+            self._wild = [f for f in subs if "+" in f or "#" in f]
+            self._wild_version = version
+        return self._wild
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        """amqtt's broadcast step with an exact-topic dict lookup, inline ACL and no per-filter log formatting."""
+        broadcast = await self._broadcast_queue.get()
+        topic: str = broadcast["topic"]
+        data = broadcast["data"]
+        subs = self._subscriptions
+
+        targets: list[tuple[Session, int]] = []
+        exact = subs.get(topic)
+        if exact:
+            targets.extend(exact)
+        for a_filter in self._wild_filters():
+            if self._matches(topic, a_filter):
+                matched = subs.get(a_filter)
+                if matched:
+                    targets.extend(matched)
+        if not targets:
+            return
+
+        fast = self._fast_acl
+        for target_session, sub_qos in targets:
+            qos = broadcast.get("qos", sub_qos)
+            if fast:
+                role = target_session.attributes.get(ROLE_KEY)
+                sendable = role is not None and acl.allowed(role, target_session.username or "", topic, "receive")
+            else:
+                sendable = await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE)
+            if not sendable:
+                continue
+            state = target_session.transitions.state
+            if state != "connected":
+                # queue for a disconnected persistent session (MQTT 3.1.2.4), as amqtt does
+                if not target_session.clean_session and qos in (QOS_1, QOS_2) and not target_session.is_anonymous:
+                    await self._retain_broadcast_message(broadcast, qos, target_session)
+                continue
+            handler = self._get_handler(target_session)
+            if handler:
+                running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
+
+    async def retain_message(self, source_session: Session | None, topic_name: str | None,
+                             data: bytes | bytearray | None, qos: int | None = None) -> None:
+        """Retained messages are disabled (amqtt replays them to every client without an ACL check)."""
+        if not self._retain_warned and data:
+            self._retain_warned = True
+            who = source_session.client_id if source_session is not None else "the broker"
+            log.warning("retained messages are disabled: dropped the RETAIN flag of a message on %r from %r "
+                        "(logged once)", topic_name, who)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        return  # nothing is ever retained
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Send messages queued while a persistent session was offline, with RETAIN=0 (amqtt set RETAIN=1)."""
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        while not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos,
+                                                                    retain=False)))
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+@dataclass(frozen=True)
+class BrokerHandle:
+    broker: ClawBroker
+    local_host: str
+    local_port: int  # plain loopback listener for the edge's own client
+    tls_host: str | None
+    tls_port: int | None  # actual bound port of the TLS listener
+    internal_user: str
+    internal_password: str  # edge's in-process credential (never logged)
+
+    def __repr__(self) -> str:
+        return (f"BrokerHandle(local={self.local_host}:{self.local_port}, tls={self.tls_host}:{self.tls_port}, "
+                f"internal_user={self.internal_user!r}, internal_password='***')")
+
+
+INTERNAL_USER = "edge"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def build_config(settings: Settings, *, internal_user: str, internal_hash: str) -> BrokerConfig:
+    """The amqtt BrokerConfig for ``settings`` (checks the TLS files; raises BrokerStartError)."""
+    b = settings.broker
+    data_dir = Path(settings.data_dir)
+    listeners: dict[str, dict[str, Any]] = {
+        "default": {"type": "tcp", "bind": None},  # unbound template: other listeners inherit unset fields
+        "local": {"type": "tcp", "bind": b.local_listen},
+    }
+    host = b.local_listen.rpartition(":")[0]
+    if not _is_loopback(host):
+        log.warning("broker.local_listen %s is not a loopback address: plain MQTT (passwords in clear) is "
+                    "reachable from the network", b.local_listen)
+    if b.listen:
+        cert = Path(b.cert_file) if b.cert_file else data_dir / "pki" / "server.crt"
+        key = Path(b.key_file) if b.key_file else data_dir / "pki" / "server.key"
+        for what, path in (("certificate", cert), ("key", key)):
+            if not path.is_file():
+                raise BrokerStartError(f"TLS listener 'tls' ({b.listen}): {what} file {path} not found "
+                                       f"(set broker.cert_file/broker.key_file or create the PKI)")
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerStartError(f"TLS listener 'tls' ({b.listen}): cannot load certificate {cert} "
+                                   f"with key {key}: {exc}") from None
+        listeners["tls"] = {"type": "tcp", "bind": b.listen, "ssl": True, "certfile": str(cert),
+                            "keyfile": str(key)}
+    cfg = BrokerConfig.from_dict({
+        "listeners": listeners,
+        "session_expiry_interval": b.session_expiry,
+        "plugins": {
+            AUTH_PLUGIN: {"data_dir": str(data_dir), "internal_user": internal_user,
+                          "internal_hash": internal_hash},
+            TOPIC_PLUGIN: {},
+        },
+    })
+    # ListenerConfig.apply() replaces any field equal to its dataclass default with the template's value, so
+    # a bind of exactly "0.0.0.0:1883" would become None (unbound): set the binds again explicitly.
+    for name, spec in listeners.items():
+        if name != "default":
+            cfg.listeners[name].bind = spec["bind"]
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def run_broker(settings: Settings) -> AsyncIterator[BrokerHandle]:
+    """Start the broker for ``settings``, yield its handle, shut it down on exit.
+
+    Raises BrokerStartError (a ValueError) naming the listener and the cause when it cannot start.
+    """
+    install_log_filter()
+    internal_password = secrets.token_urlsafe(32)
+    internal_hash = hashlib.sha256(internal_password.encode()).hexdigest()
+    cfg = build_config(settings, internal_user=INTERNAL_USER, internal_hash=internal_hash)
+    try:
+        broker = ClawBroker(cfg, max_packet=settings.broker.max_packet)
+    except Exception as exc:  # plugin load (e.g. LMDB cannot be opened)
+        raise BrokerStartError(f"broker cannot be created: {exc}") from exc
+    try:
+        await broker.start()
+    except BrokerError as exc:
+        with contextlib.suppress(Exception):
+            await broker.plugins_manager.close()
+        raise BrokerStartError(f"broker failed to start: {exc.__cause__ or exc}") from exc
+
+    try:
+        local = broker.bound_address("local")
+        tls = broker.bound_address("tls") if settings.broker.listen else None
+        if local is None or (settings.broker.listen and tls is None):
+            raise BrokerStartError("broker started but a listener has no bound socket")
+        handle = BrokerHandle(broker=broker, local_host=local[0], local_port=local[1],
+                              tls_host=tls[0] if tls else None, tls_port=tls[1] if tls else None,
+                              internal_user=INTERNAL_USER, internal_password=internal_password)
+        log.info("MQTT broker listening: local %s:%s%s", local[0], local[1],
+                 f", TLS {tls[0]}:{tls[1]}" if tls else " (no TLS listener)")
+        yield handle
+    finally:
+        await broker.shutdown()
+        log.info("MQTT broker stopped")

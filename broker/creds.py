@@ -1,0 +1,251 @@
+"""Broker credentials for nodes and devices, kept in LMDB (``<data_dir>/broker.lmdb``, db ``creds``).
+
+Roles and usernames:
+
+- ``node``   NAME -> username ``node.NAME`` (NAME is the node id in ``claw/v1/node/NAME``)
+- ``device`` NAME -> username ``dev.NAME`` (which is also the device's uid)
+
+NAME = ``[A-Za-z0-9_-]{1,60}``. Only a salted scrypt hash of each password is stored; the password itself is
+returned once by :meth:`CredentialStore.add` and never logged. The store may be changed by another process
+(``claw cred add/revoke`` while the edge runs): every :meth:`CredentialStore.verify` reads the current LMDB
+record, so a revoke or a replaced password takes effect at the next CONNECT. Successful *and* failed scrypt
+checks are cached in memory per (username, keyed digest of the password, stored record), so a reconnect costs
+one LMDB read and no scrypt, and a client hammering the same wrong password costs scrypt once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+from claw.store import open_env
+
+Role = Literal["node", "device"]
+ROLES: tuple[Role, ...] = ("node", "device")
+PREFIXES: dict[str, str] = {"node": "node.", "device": "dev."}
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,60}")
+DB_NAME = b"creds"
+ENV_DIR = "broker.lmdb"
+
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+_DKLEN = 32
+_SALT_LEN = 16
+_MAX_PASSWORD = 256  # longer passwords are refused without hashing
+_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class CredInfo:
+    username: str
+    role: Role
+    created: float  # unix time
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it is a valid credential NAME, else raise ValueError."""
+    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+        raise ValueError(f"invalid credential name {name!r}: use 1-60 characters of A-Z a-z 0-9 _ -")
+    return name
+
+
+def username_for(role: str, name: str) -> str:
+    """``node``/NAME -> ``node.NAME``, ``device``/NAME -> ``dev.NAME``; ValueError on a bad role or name."""
+    prefix = PREFIXES.get(role)
+    if prefix is None:
+        raise ValueError(f"invalid role {role!r}: want one of {', '.join(ROLES)}")
+    return prefix + check_name(name)
+
+
+def role_of(username: str) -> Role | None:
+    """The role a well-formed store username implies, else None."""
+    for role, prefix in PREFIXES.items():
+        if username.startswith(prefix) and NAME_RE.fullmatch(username[len(prefix):]):
+            return role  # type: ignore[return-value]
+    return None
+
+
+def _hash(password: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P,
+          dklen: int = _DKLEN) -> bytes:
+    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=dklen,
+                          maxmem=256 * n * r + (1 << 20))
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    role: Role
+    salt: bytes
+    hash: bytes
+    n: int
+    r: int
+    p: int
+    created: float
+
+    def encode(self) -> bytes:
+        return json.dumps({
+            "v": 1, "role": self.role, "kdf": "scrypt", "n": self.n, "r": self.r, "p": self.p,
+            "salt": base64.b64encode(self.salt).decode(), "hash": base64.b64encode(self.hash).decode(),
+            "created": self.created,
+        }, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> _Record | None:
+        try:
+            d = json.loads(raw)
+            role = d["role"]
+            if role not in ROLES or d.get("kdf") != "scrypt":
+                return None
+            return cls(role=role, salt=base64.b64decode(d["salt"]), hash=base64.b64decode(d["hash"]),
+                       n=int(d["n"]), r=int(d["r"]), p=int(d["p"]), created=float(d["created"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    key: tuple[str, bytes]
+    raw: bytes
+    rec: _Record
+
+
+class CredentialStore:
+    """Node and device credentials. Safe to use from several processes at once (LMDB)."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(data_dir) / ENV_DIR
+        self._env = open_env(self.path)
+        self._db = self._env.open_db(DB_NAME)
+        self._cache_key = secrets.token_bytes(32)
+        # (username, keyed digest of password) -> (raw LMDB record it was checked against, role or None)
+        self._cache: dict[tuple[str, bytes], tuple[bytes, Role | None]] = {}
+        self._scrypt_slots: asyncio.Semaphore | None = None
+
+    # -- admin ---------------------------------------------------------------------------------------------
+
+    def add(self, role: str, name: str, *, replace: bool = False) -> tuple[str, str]:
+        """Create a credential and return ``(username, password)``; the password is not stored.
+
+        Raises ValueError for a bad role/name, or if the name exists and ``replace`` is false.
+        """
+        username = username_for(role, name)
+        key = username.encode()
+        if not replace and self._get_raw(username) is not None:
+            raise ValueError(f"credential {username!r} already exists (replace it to issue a new password)")
+        password = secrets.token_urlsafe(24)
+        salt = secrets.token_bytes(_SALT_LEN)
+        rec = _Record(role=cast(Role, role), salt=salt, hash=_hash(password, salt),
+                      n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, created=time.time())
+        with self._env.begin(write=True, db=self._db) as txn:
+            if not replace and txn.get(key) is not None:
+                raise ValueError(f"credential {username!r} already exists (replace it to issue a new password)")
+            txn.put(key, rec.encode())
+        return username, password
+
+    def list(self) -> list[CredInfo]:
+        out: list[CredInfo] = []
+        with self._env.begin(db=self._db) as txn:
+            for key, raw in txn.cursor():
+                rec = _Record.decode(bytes(raw))
+                if rec is not None:
+                    out.append(CredInfo(bytes(key).decode(), rec.role, rec.created))
+        return out
+
+    def get(self, username: str) -> CredInfo | None:
+        raw = self._get_raw(username)
+        rec = _Record.decode(raw) if raw is not None else None
+        return CredInfo(username, rec.role, rec.created) if rec else None
+
+    def revoke(self, name_or_username: str) -> bool:
+        """Delete ``node.NAME``/``dev.NAME`` (or a plain NAME if only one of them exists); True if deleted.
+
+        A plain NAME that exists as both a node and a device raises ValueError: pass the full username.
+        """
+        if not isinstance(name_or_username, str):
+            raise ValueError(f"invalid credential name {name_or_username!r}")
+        if role_of(name_or_username) is not None:
+            candidates = [name_or_username]
+        else:
+            name = check_name(name_or_username)
+            candidates = [prefix + name for prefix in PREFIXES.values()]
+        with self._env.begin(write=True, db=self._db) as txn:
+            found = [c for c in candidates if txn.get(c.encode()) is not None]
+            if len(found) > 1:
+                raise ValueError(f"{name_or_username!r} is ambiguous: both {' and '.join(found)} exist; "
+                                 "revoke by full username")
+            for c in found:
+                txn.delete(c.encode())
+        return bool(found)
+
+    # -- verification --------------------------------------------------------------------------------------
+
+    def _get_raw(self, username: str) -> bytes | None:
+        try:
+            key = username.encode()
+        except UnicodeEncodeError:
+            return None
+        if not key or len(key) > 511:  # LMDB max key size
+            return None
+        with self._env.begin(db=self._db) as txn:
+            raw = txn.get(key)
+        return bytes(raw) if raw is not None else None
+
+    def _mac(self, password: str) -> bytes:
+        return hmac.new(self._cache_key, password.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+
+    def _lookup(self, username: object, password: object) -> Role | None | _Job:
+        """The answer if no hash is needed (cache hit, unknown user, malformed input), else a job for scrypt."""
+        if not isinstance(username, str) or not isinstance(password, str) or not username or not password:
+            return None
+        if len(password) > _MAX_PASSWORD or role_of(username) is None:
+            return None
+        raw = self._get_raw(username)
+        if raw is None:
+            return None
+        ck = (username, self._mac(password))
+        hit = self._cache.get(ck)
+        if hit is not None and hit[0] == raw:
+            return hit[1]
+        rec = _Record.decode(raw)
+        if rec is None:
+            return None
+        return _Job(ck, raw, rec)
+
+    def _check(self, password: str, job: _Job) -> Role | None:
+        ck, raw, rec = job.key, job.raw, job.rec
+        try:
+            dk = _hash(password, rec.salt, rec.n, rec.r, rec.p, len(rec.hash))
+        except (ValueError, MemoryError):
+            return None
+        role = rec.role if hmac.compare_digest(dk, rec.hash) else None
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+        self._cache[ck] = (raw, role)
+        return role
+
+    def verify(self, username: str, password: str) -> Role | None:
+        """The role of a valid ``username``/``password`` pair, else None (never raises for bad input)."""
+        job = self._lookup(username, password)
+        if not isinstance(job, _Job):
+            return job
+        return self._check(password, job)
+
+    async def averify(self, username: str, password: str) -> Role | None:
+        """Like :meth:`verify`, but runs scrypt (~50 ms) in a worker thread, at most two at a time."""
+        job = self._lookup(username, password)
+        if not isinstance(job, _Job):
+            return job
+        if self._scrypt_slots is None:
+            self._scrypt_slots = asyncio.Semaphore(2)
+        async with self._scrypt_slots:
+            return await asyncio.to_thread(self._check, password, job)
