@@ -7,6 +7,7 @@ STAMP   := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 .PHONY: demo test install system-deps bench-smoke clean
 
 $(STAMP): pyproject.toml
+	@PY=$(PY) scripts/system-deps.sh venv
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
@@ -18,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/claw demo $(ARGS)
 
 system-deps:
-	@scripts/system-deps.sh
+	@PY=$(PY) scripts/system-deps.sh
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -6,6 +6,10 @@ overrides from the command line. Any secret may instead be read from a file name
 ``*_file`` key (``password_file``, ``secret_file`` ...). Everything is validated once at
 start-up; a bad value stops the process with a message naming the key. Secrets never appear
 in ``repr()``/logs: use :func:`redacted`.
+
+Relative paths (``data_dir``, every secret ``*_file``, ``mqtt.ca_file``, ``broker.cert_file``,
+``broker.key_file``) are relative to the directory of the config file when one is given, else to the
+current directory; this holds for values from the environment too.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ ENV_PREFIX = "CLAW_"
 SECRET_KEYS = frozenset(
     {"password", "token_secret", "api_key", "secret", "token", "encoding_aes_key"}
 )
+# non-secret file paths that, like data_dir and the secret *_file keys, are relative to the config file
+PATH_KEYS = (("mqtt", "ca_file"), ("broker", "cert_file"), ("broker", "key_file"))
 
 
 class ConfigError(Exception):
@@ -218,6 +224,15 @@ def _read_secret_files(raw: dict[str, Any], base: Path) -> None:
                     values[key[:-5]] = secret
 
 
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative file paths in a config file (see PATH_KEYS) are relative to the file's directory."""
+    for section, key in PATH_KEYS:
+        values = raw.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str) and values[key] \
+                and not Path(values[key]).is_absolute():
+            values[key] = str(base / values[key])
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -241,6 +256,8 @@ def load_settings(
         raw = _merge(raw, overrides)
     if isinstance(raw.get("data_dir"), str) and path is not None and not Path(raw["data_dir"]).is_absolute():
         raw["data_dir"] = str(base / raw["data_dir"])
+    if path is not None:
+        _resolve_paths(raw, base)
     _read_secret_files(raw, base)
     try:
         return msgspec.convert(raw, Settings, strict=False)

@@ -252,7 +252,8 @@ def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[str,
     except wire.WireError as exc:
         sess.push({"type": "error", "code": "bad_task", "message": f"任务无效: {exc}"})
         return
-    bridge.attach(live, sess)
+    # "trace": true (bench/diagnostics) adds a "timing" map to this task's live delta frames.
+    bridge.attach(live, sess, trace=frame.get("trace") is True)
     sess.push({"type": "accepted", "task": live.hex, "queue": live.stream.queue})
     if not bridge.node_online:
         sess.push({"type": "node", "online": False})

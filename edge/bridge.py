@@ -43,6 +43,7 @@ class LiveTask:
     rec: TaskRecord
     stream: wire.TaskStream
     sinks: set[Sink] = field(default_factory=set)
+    trace: set[Sink] = field(default_factory=set)  # sinks that asked for timing on delta frames (ask "trace")
     published_at: float = 0.0
     finished_at: float | None = None
 
@@ -208,13 +209,16 @@ class Bridge:
     def get(self, tid: bytes) -> LiveTask | None:
         return self.live.get(tid)
 
-    def attach(self, live: LiveTask, sink: Sink) -> None:
+    def attach(self, live: LiveTask, sink: Sink, trace: bool = False) -> None:
         live.sinks.add(sink)
+        if trace:
+            live.trace.add(sink)
 
     def detach_all(self, sink: Sink) -> None:
         self.presence.discard(sink)
         for live in self.live.values():
             live.sinks.discard(sink)
+            live.trace.discard(sink)
 
     # ---- replies in ------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -254,8 +258,14 @@ class Bridge:
     def _on_event(self, live: LiveTask, ev: wire.Event) -> None:
         if isinstance(ev, wire.Text):
             frame = {"type": "delta", "task": live.hex, "seq": ev.seq, "text": ev.text}
+            traced = frame
+            if live.trace and ev.timing is not None:
+                # Tracing (``claw bench tunnel``): only sinks whose ask had "trace": true get the Delta's
+                # timing (node publish time n_pub, ...) plus e_fwd, when the edge forwarded it; others
+                # see the unchanged frame.
+                traced = {**frame, "timing": {**ev.timing, "e_fwd": now_us()}}
             for sink in live.sinks:
-                sink.push(frame)
+                sink.push(traced if sink in live.trace else frame)
         elif isinstance(ev, wire.Accepted):
             if live.rec.status == "pending":
                 live.rec = self.store.update(live.rec.id, status="accepted", node=ev.node) or live.rec

@@ -43,6 +43,9 @@ class Accepted:
 class Text:
     seq: int
     text: str
+    # The Delta's ``timing`` (e.g. the node's publish time ``n_pub``), passed through untouched so a
+    # receiver can trace per-chunk latency (``claw bench tunnel``); None when the Delta had none.
+    timing: Timing | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,7 @@ class TaskStream:
     node: str | None = None
     queue: int | None = None
     held: dict[int, str] = field(default_factory=dict)
+    held_timing: dict[int, Timing] = field(default_factory=dict)  # timing of held chunks that carried one
     pending_done: Done | None = None
     finished: Finished | None = None
     parts: list[str] = field(default_factory=list)
@@ -135,18 +139,21 @@ class TaskStream:
             if len(self.held) >= self.max_ahead:
                 raise WireError(f"more than {self.max_ahead} chunks held behind a gap", hint="gap_overflow")
             self.held[seq] = msg.text
+            if msg.timing is not None:
+                self.held_timing[seq] = msg.timing
             return self._reveal(seq - 1, seq)
         events: list[Event] = []
-        self._release(seq, msg.text, events)
+        self._release(seq, msg.text, events, msg.timing)
         while self.next_seq in self.held:
-            self._release(self.next_seq, self.held.pop(self.next_seq), events)
+            nxt = self.next_seq
+            self._release(nxt, self.held.pop(nxt), events, self.held_timing.pop(nxt, None))
         self._maybe_finish(events)
         return events
 
-    def _release(self, seq: int, text: str, events: list[Event]) -> None:
+    def _release(self, seq: int, text: str, events: list[Event], timing: Timing | None = None) -> None:
         self.parts.append(text)
         self.next_seq = seq + 1
-        events.append(Text(seq, text))
+        events.append(Text(seq, text, timing))
 
     def _reveal(self, last: int, seen: int) -> list[Event]:
         """Announce the missing seqs up to ``last`` that no earlier Gap covered; ``seen`` just arrived."""

@@ -35,6 +35,9 @@ from tests.conftest import free_port, system_settings, wait_until
 from tests.integration.test_e2e import collect
 
 MOSQUITTO = find_mosquitto()
+if MOSQUITTO is None and os.environ.get("CLAW_REQUIRE_MOSQUITTO"):
+    # CI (.ci/run) installs mosquitto and sets this: there a missing binary is a failure, not a skip.
+    raise RuntimeError("CLAW_REQUIRE_MOSQUITTO is set but the mosquitto binary was not found")
 
 pytestmark = [pytest.mark.timeout(60)]
 _NEEDS_MOSQUITTO = (
