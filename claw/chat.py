@@ -57,6 +57,8 @@ async def chat(url: str, user: str, question: str | None, out: Any = sys.stdout)
                     out.flush()
                 else:
                     interrupted.set()
+                    if current["done"] is not None and not current["done"].done():
+                        current["done"].set_result("interrupted")  # Ctrl-C before the edge accepted the ask
 
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGINT, on_sigint)
@@ -121,6 +123,8 @@ async def chat(url: str, user: str, question: str | None, out: Any = sys.stdout)
                 rd.cancel()
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signal.SIGINT)
+            if status == "interrupted":
+                return 130
             return 0 if status in ("ok", "cancelled") else 1
 
 
