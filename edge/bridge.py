@@ -274,7 +274,7 @@ class Bridge:
                 sink.push(frame)
         elif isinstance(ev, wire.Finished):
             err = {"code": ev.err.code, "msg": ev.err.msg} if ev.err else None
-            self._finish(live, ev.status, err, ev.usage)
+            self._finish(live, ev.status, err, ev.usage, ev.timing)
         elif isinstance(ev, wire.Duplicate):
             self.stats.duplicates += 1
         elif isinstance(ev, wire.Gap):
@@ -284,7 +284,7 @@ class Bridge:
             self.stats.late += 1
 
     def _finish(self, live: LiveTask, status: str, err: dict[str, str] | None,
-                usage: dict[str, int] | None) -> None:
+                usage: dict[str, int] | None, timing: dict[str, int] | None = None) -> None:
         if live.finished_at is not None:
             return
         live.finished_at = self._loop.time()
@@ -297,8 +297,11 @@ class Bridge:
             frame["error"] = {"code": err["code"], "message": err["msg"]}
         if usage:
             frame["usage"] = usage
+        traced = frame
+        if live.trace and timing is not None:  # tracing, as for delta frames: the Done's timing + e_fwd
+            traced = {**frame, "timing": {**timing, "e_fwd": now_us()}}
         for sink in live.sinks:
-            sink.push(frame)
+            sink.push(traced if sink in live.trace else frame)
         for cb in self.on_finished:
             cb(live)
 
