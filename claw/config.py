@@ -125,6 +125,7 @@ class NodeSettings(_Section):
     max_tokens: int = -1
     beat_s: float = 5.0
     history_turns: int = 10
+    stop_grace_s: float = 20.0  # on stop, running answers get this long to finish
 
     def __post_init__(self) -> None:
         import re
@@ -137,6 +138,8 @@ class NodeSettings(_Section):
             raise ValueError("node.concurrency >= 1, node.coalesce_ms >= 0, node.coalesce_bytes >= 1")
         if min(self.connect_timeout_s, self.first_token_timeout_s, self.stall_timeout_s, self.beat_s) <= 0:
             raise ValueError("node timeouts and node.beat_s must be > 0")
+        if self.stop_grace_s < 0:
+            raise ValueError("node.stop_grace_s must be >= 0")
 
 
 class WecomSettings(_Section):

@@ -259,6 +259,9 @@ max_tokens = {n.max_tokens}
 beat_s = {n.beat_s}
 # Conversation turns sent as context.
 history_turns = {n.history_turns}
+# On stop (systemctl stop, service stop, Ctrl-C) running answers get this many seconds to
+# finish; the rest end with a clear "server B is stopping" error. New questions wait at A.
+stop_grace_s = {n.stop_grace_s}
 """
 
 

@@ -22,8 +22,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         if task.done():
             task.result()
     finally:
+        # Also reached when the main task is cancelled (Ctrl-C on Windows): still drain.
         log.info("node %s: stopping", settings.node.id)
         waiter.cancel()
+        if not task.done():
+            try:
+                await node.shutdown()
+            except Exception:  # a failed goodbye must not keep the process up
+                log.exception("node %s: graceful stop failed", settings.node.id)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

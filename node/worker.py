@@ -97,6 +97,39 @@ class Node:
             if self._own_http and self._http is not None:
                 await self._http.aclose()
 
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop gracefully: announce ``draining``, take no new tasks, let running answers finish
+        for up to ``grace`` seconds (``node.stop_grace_s``), end the rest with ``done`` error
+        ``node_stopped`` (published, so users see why), then announce ``offline``.
+
+        Tasks not yet accepted stay with the edge, which re-sends them when a node is back.
+        Call before cancelling ``run()``; safe to call when not connected.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        self.state = "draining"
+        grace = self.cfg.stop_grace_s if grace is None else grace
+        client = self._client if self._connected.is_set() else None
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                async with asyncio.timeout(2):
+                    await client.unsubscribe(wire.TASK_FILTER)
+                    await self._publish_beat(client)
+        jobs = [r.job for r in self._runs.values() if r.job is not None]
+        if jobs:
+            log.info("node %s: draining %d running task(s) for up to %.0f s", self.id, len(jobs), grace)
+            _, late = await asyncio.wait(jobs, timeout=grace) if grace > 0 else (set(), set(jobs))
+            for job in late:
+                job.cancel()
+            if late:  # their Done(node_stopped) is published while the connection is still up
+                await asyncio.wait(late, timeout=3)
+        self.state = "offline"
+        if self._connected.is_set() and self._client is not None:
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                async with asyncio.timeout(2):
+                    await self._client.publish(wire.node_topic(self.id), wire.encode(self._beat("offline")), qos=1)
+
     def _on_disconnect(self) -> None:
         self._connected.clear()
         self.stats.reconnects += 1
@@ -122,7 +155,7 @@ class Node:
         await client.publish(wire.node_topic(self.id), wire.encode(self._beat(self.state)), qos=0)
 
     async def _beat_loop(self, client: aiomqtt.Client) -> None:
-        while True:
+        while self.state != "offline":
             await asyncio.sleep(self.cfg.beat_s)
             with contextlib.suppress(aiomqtt.MqttError):
                 await self._publish_beat(client)
@@ -152,6 +185,8 @@ class Node:
 
     def _on_task(self, task: wire.Task) -> None:
         topic = wire.reply_topic(task.uid)
+        if self._stopping and task.id not in self._runs:
+            return  # not accepted: the edge re-sends it to a node that is up
         if task.id in self._runs:  # republished while we have it: re-confirm
             self.stats.duplicates += 1
             run = self._runs[task.id]
@@ -228,7 +263,12 @@ class Node:
         timing["n_done"] = now_us()
         done = wire.Done(id=task.id, seq=seq, status=status, err=err, usage=usage, timing=timing)  # type: ignore[arg-type]
         try:
-            await self._publish(run.topic, done)
+            if self._stopping:  # never hang a shutdown on a broker that is gone
+                with contextlib.suppress(asyncio.TimeoutError):
+                    async with asyncio.timeout(3):
+                        await self._publish(run.topic, done)
+            else:
+                await self._publish(run.topic, done)
         finally:
             self._runs.pop(task.id, None)
             self._recent[task.id] = status

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from node.fakellm import FakeLLMConfig
-from tests.conftest import run_system
+from tests.conftest import run_system, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +115,70 @@ async def test_stop_cancels_end_to_end(tmp_path: Path, pki_dir: Path) -> None:
         assert len(done["text"]) < 400 * 4
         await asyncio.sleep(0.3)
         assert sys_.fake.stats.client_closed >= 1  # the LM Studio stream was closed (GPU freed)
+
+
+async def _first_delta(ws: aiohttp.ClientWebSocketResponse) -> tuple[str, list[dict[str, Any]]]:
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(10):
+        while True:
+            f = await ws.receive_json()
+            frames.append(f)
+            if f["type"] == "delta":
+                return f["task"], frames
+
+
+async def test_node_stop_cuts_long_answer_with_clear_error(tmp_path: Path, pki_dir: Path) -> None:
+    """Stopping B mid-answer: the user gets what was streamed plus done error node_stopped, then the
+    edge sees the node offline at once (explicit offline beat, not the keepalive-late last will)."""
+    cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=50)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"stop_grace_s": 0.3}) as sys_, \
+            aiohttp.ClientSession() as s:
+        from edge.keys import BRIDGE
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "ask", "text": "long"})
+            task, _ = await _first_delta(ws)
+            t0 = time.monotonic()
+            await sys_.node.shutdown()
+            assert time.monotonic() - t0 < 3
+            frames, done = await collect(ws, task, timeout=10)
+            assert done["status"] == "error" and done["error"]["code"] == "node_stopped"
+            assert "停止" in done["error"]["message"]
+            assert 0 < len(done["text"]) < 400 * 4  # what was streamed is kept, the rest was not made
+            assert not sys_.app[BRIDGE].node_online
+            await asyncio.sleep(0.3)
+        assert sys_.fake.stats.client_closed >= 1  # LM Studio's stream closed: its slot is free
+
+
+async def test_node_stop_drains_then_new_node_takes_queued_task(tmp_path: Path, pki_dir: Path) -> None:
+    """A running answer that ends within stop_grace_s ends ok; a question asked while B is down is
+    not lost: it waits at the edge and the next node answers it."""
+    from node.worker import Node
+    cfg = FakeLLMConfig(n_tokens=20, tokens_per_s=40)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"stop_grace_s": 10}) as sys_, \
+            aiohttp.ClientSession() as s:
+        from edge.keys import BRIDGE
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "ask", "text": "short"})
+            task, _ = await _first_delta(ws)
+            await sys_.node.shutdown()
+            _, done = await collect(ws, task, timeout=10)
+            assert done["status"] == "ok"  # drained, not cut
+            assert sys_.node.stats.ok == 1
+            assert sys_.node_task is not None
+            sys_.node_task.cancel()
+            await asyncio.gather(sys_.node_task, return_exceptions=True)
+            await wait_until(lambda: not sys_.app[BRIDGE].node_online, 5)
+            await ws.send_json({"type": "ask", "text": "while B is down"})
+            async with asyncio.timeout(5):
+                while (f := await ws.receive_json())["type"] != "accepted":
+                    pass
+            queued = f["task"]
+            await asyncio.sleep(0.5)
+            node2 = Node(sys_.node.s)
+            sys_.node, sys_.node_task = node2, asyncio.create_task(node2.run())
+            _, done2 = await collect(ws, queued, timeout=15)
+            assert done2["status"] == "ok" and len(done2["text"]) > 0
