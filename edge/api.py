@@ -181,7 +181,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                _on_frame(app, bridge, sess, msg.data)
+                await _on_frame(app, bridge, sess, msg.data)
             elif msg.type == WSMsgType.BINARY:
                 sess.push({"type": "error", "code": "bad_frame", "message": "只接受 JSON 文本帧"})
     finally:
@@ -191,7 +191,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def _on_frame(app: web.Application, bridge: Bridge, sess: WsSession, data: str) -> None:
+async def _on_frame(app: web.Application, bridge: Bridge, sess: WsSession, data: str) -> None:
     try:
         frame = msgspec.json.decode(data)
     except msgspec.DecodeError:
@@ -202,7 +202,7 @@ def _on_frame(app: web.Application, bridge: Bridge, sess: WsSession, data: str) 
         return
     kind = frame.get("type")
     if kind == "ask":
-        _ask(app, bridge, sess, frame)
+        await _ask(app, bridge, sess, frame)
     elif kind == "stop":
         tid = _task_id(sess, frame.get("task"))
         if tid is not None and not bridge.cancel(tid, sess.uid):
@@ -222,7 +222,7 @@ def _task_id(sess: WsSession, value: Any) -> bytes | None:
     return bytes.fromhex(value)
 
 
-def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[str, Any]) -> None:
+async def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[str, Any]) -> None:
     text = frame.get("text")
     if not isinstance(text, str) or not text.strip():
         sess.push({"type": "error", "code": "empty", "message": "问题不能为空"})
@@ -245,7 +245,7 @@ def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[str,
                    "message": f"进行中的问题过多（最多 {app[SETTINGS].edge.max_pending_per_user} 个），请稍候"})
         return
     try:
-        live = bridge.submit(sess.uid, sess.uid.partition(".")[0], text, conv, tid)
+        live = await bridge.submit(sess.uid, sess.uid.partition(".")[0], text, conv, tid)
     except PermissionError:
         sess.push({"type": "error", "code": "forbidden", "message": "该任务 ID 属于其他用户"})
         return

@@ -51,7 +51,11 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     app[STORE] = TaskStore(s.data_dir)
     app[TOKENS] = Tokens(load_or_create_secret(s.edge.token_secret, s.data_dir), s.edge.token_ttl)
-    yield
+    try:
+        yield
+    finally:
+        await app[STORE].flush()
+        app[STORE].close()
 
 
 async def _mqtt_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -46,10 +46,19 @@ class LiveTask:
     trace: set[Sink] = field(default_factory=set)  # sinks that asked for timing on delta frames (ask "trace")
     published_at: float = 0.0
     finished_at: float | None = None
+    opts: dict[str, Any] | None = None
+    created: bool = True  # False when submit() found this task already recorded (a retry)
+    stored: asyncio.Future[None] = field(default_factory=lambda: _done_future())
 
     @property
     def hex(self) -> str:
         return self.rec.id.hex()
+
+
+def _done_future() -> asyncio.Future[None]:
+    fut: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+    fut.set_result(None)
+    return fut
 
 
 @dataclass
@@ -145,23 +154,61 @@ class Bridge:
                     del self.live[tid]
 
     # ---- tasks out -------------------------------------------------------------------------
-    def submit(self, uid: str, ch: str, text: str, conv: str | None = None,
-               task_id: bytes | None = None, opts: dict[str, Any] | None = None) -> LiveTask:
-        """Record the task durably, then publish it (in the background). Idempotent on task_id."""
+    async def submit(self, uid: str, ch: str, text: str, conv: str | None = None,
+                     task_id: bytes | None = None, opts: dict[str, Any] | None = None,
+                     dedup: bytes | None = None) -> LiveTask:
+        """Record the task durably (awaited: LMDB group commit), then publish it in the background.
+
+        Idempotent on ``task_id`` and on ``dedup`` (an inbound message key such as WeCom's MsgId,
+        checked in the same transaction as the insert, so it holds across restarts): a repeat
+        returns the task already recorded, with ``live.created`` False.
+        """
         if task_id is not None:
             existing = self.get(task_id)
-            if existing is not None:
+            if existing is None:
+                rec = self.store.get(task_id)
+                if rec is not None:  # finished and evicted from memory: answer from the store
+                    if rec.uid != uid:
+                        raise PermissionError("task id belongs to another user")
+                    return self._revive(rec)
+            else:
                 if existing.rec.uid != uid:
                     raise PermissionError("task id belongs to another user")
+                await asyncio.shield(existing.stored)
+                existing.created = False
                 return existing
         tid = task_id or os.urandom(wire.ID_LEN)
         rec = TaskRecord(id=tid, uid=uid, ch=ch, text=text, ts=int(time.time() * 1000), conv=conv)
         wire.validate(self._task_msg(rec, opts))  # raises WireError before anything is stored
-        self.store.add(rec)
-        live = LiveTask(rec, wire.TaskStream(tid))
-        live.opts = opts  # type: ignore[attr-defined]
-        self.live[tid] = live
+        live = LiveTask(rec, wire.TaskStream(tid), opts=opts)
+        live.stored = self._loop.create_future()
+        self.live[tid] = live  # visible at once: a concurrent submit of the same id waits for `stored`
+        try:
+            stored = await self.store.add(rec, dedup=dedup)
+        except BaseException as exc:
+            self.live.pop(tid, None)
+            if not live.stored.done():
+                live.stored.set_exception(exc)
+                live.stored.exception()  # retrieved: no "never retrieved" warning
+            raise
+        live.stored.set_result(None)
+        if stored.id != tid:  # dedup hit: this message was recorded before (maybe before a restart)
+            self.live.pop(tid, None)
+            old = self.get(stored.id) or self._revive(stored)
+            old.created = False
+            return old
         self._publish_task(live)
+        return live
+
+    def _revive(self, rec: TaskRecord) -> LiveTask:
+        live = LiveTask(rec, wire.TaskStream(rec.id))
+        live.stored = self._loop.create_future()
+        live.stored.set_result(None)
+        live.created = False
+        if rec.status in FINAL:
+            live.finished_at = self._loop.time()
+            live.stream = wire.TaskStream(rec.id)
+        self.live[rec.id] = live
         return live
 
     def _task_msg(self, rec: TaskRecord, opts: dict[str, Any] | None = None) -> wire.Task:
@@ -172,7 +219,7 @@ class Bridge:
         live.published_at = self._loop.time()
         if not self._connected.is_set():
             return  # the housekeeping loop republishes once connected
-        payload = wire.encode(self._task_msg(live.rec, getattr(live, "opts", None)))
+        payload = wire.encode(self._task_msg(live.rec, live.opts))
         self._spawn(self.client.publish(wire.task_topic(live.rec.uid), payload, qos=1))
         self.stats.published += 1
 

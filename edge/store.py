@@ -1,12 +1,19 @@
 """The edge's durable task store (LMDB at ``<data_dir>/edge.lmdb``).
 
 ``tasks``: task id (16 bytes) -> CBOR record. ``by_user``: ``uid \\0 ts(8, big endian) id`` -> b"",
-for per-user history in time order. A task is written here *before* anything acknowledges it.
+for per-user history in time order. ``seen``: an inbound message's dedup key (e.g. WeCom
+``MsgId``) -> ``ts(8) + task id``, written in the same transaction as the task.
+
+Writes go through one :class:`claw.store.Writer` thread (group commit, never on the event loop).
+``add`` is awaited: a task is durable *before* anything acknowledges it. ``update`` (status
+changes, final answers) returns at once with the new record; the write follows in order, and
+until it is committed reads see it through an in-memory overlay.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +21,7 @@ from typing import Any
 
 import cbor2
 
-from claw.store import open_env
+from claw.store import Writer, open_env
 
 FINAL = frozenset({"ok", "error", "cancelled"})
 
@@ -65,34 +72,83 @@ class TaskStore:
         self.env = open_env(Path(data_dir) / "edge.lmdb")
         self.tasks = self.env.open_db(b"tasks")
         self.by_user = self.env.open_db(b"by_user")
+        self.seen = self.env.open_db(b"seen")
+        self.writer = Writer(self.env, name="edge-lmdb-writer")
+        self._overlay: dict[bytes, tuple[TaskRecord, int]] = {}  # updates not yet committed
+        self._gen = 0
+        self._olock = threading.Lock()
+
+    def close(self) -> None:
+        self.writer.close()
 
     @staticmethod
     def _ukey(uid: str, ts: int, tid: bytes) -> bytes:
         return uid.encode() + b"\0" + struct.pack(">Q", ts) + tid
 
-    def add(self, rec: TaskRecord) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.put(rec.id, _pack(rec), db=self.tasks)
-            txn.put(self._ukey(rec.uid, rec.ts, rec.id), b"", db=self.by_user)
+    async def add(self, rec: TaskRecord, dedup: bytes | None = None) -> TaskRecord:
+        """Store a new task durably. With ``dedup``: if that key was seen before, store nothing and
+        return the task recorded under it (check and insert are one transaction)."""
+        tasks, by_user, seen = self.tasks, self.by_user, self.seen
+
+        def op(txn: Any) -> bytes | None:
+            if dedup is not None:
+                old = txn.get(dedup, db=seen)
+                if old is not None:
+                    return bytes(old[8:])
+                txn.put(dedup, struct.pack(">Q", rec.ts) + rec.id, db=seen)
+            txn.put(rec.id, _pack(rec), db=tasks)
+            txn.put(self._ukey(rec.uid, rec.ts, rec.id), b"", db=by_user)
+            return None
+
+        old_id = await self.writer.write(op)
+        if old_id is None:
+            return rec
+        return self.get(old_id) or TaskRecord(id=old_id, uid=rec.uid, ch=rec.ch, text="", ts=0)
+
+    async def mark_seen(self, key: bytes, ts: int) -> bool:
+        """Record an inbound dedup key with no task (e.g. an event); False if it was already seen."""
+        seen = self.seen
+
+        def op(txn: Any) -> bool:
+            return bool(txn.put(key, struct.pack(">Q", ts), db=seen, overwrite=False))
+
+        return await self.writer.write(op)
 
     def get(self, tid: bytes) -> TaskRecord | None:
+        pending = self._overlay.get(tid)
+        if pending is not None:
+            return pending[0]
         with self.env.begin() as txn:
             raw = txn.get(tid, db=self.tasks)
         return None if raw is None else _unpack(tid, raw)
 
     def update(self, tid: bytes, **changes: Any) -> TaskRecord | None:
-        with self.env.begin(write=True) as txn:
-            raw = txn.get(tid, db=self.tasks)
-            if raw is None:
-                return None
-            rec = _unpack(tid, raw)
-            d = {k: getattr(rec, k) for k in _FIELDS}
-            d.update(changes)
-            if d.get("status") in FINAL and not d.get("done_ts"):
-                d["done_ts"] = int(time.time() * 1000)
-            new = TaskRecord(**d)
-            txn.put(tid, _pack(new), db=self.tasks)
+        rec = self.get(tid)
+        if rec is None:
+            return None
+        d = {k: getattr(rec, k) for k in _FIELDS}
+        d.update(changes)
+        if d.get("status") in FINAL and not d.get("done_ts"):
+            d["done_ts"] = int(time.time() * 1000)
+        new = TaskRecord(**d)
+        with self._olock:
+            self._gen += 1
+            gen = self._gen
+            self._overlay[tid] = (new, gen)
+        packed, tasks = _pack(new), self.tasks
+        fut = self.writer.submit(lambda txn: txn.put(tid, packed, db=tasks))
+
+        def committed(_: Any) -> None:  # runs in the writer thread
+            with self._olock:
+                cur = self._overlay.get(tid)
+                if cur is not None and cur[1] == gen:
+                    del self._overlay[tid]
+
+        fut.add_done_callback(committed)
         return new
+
+    async def flush(self) -> None:
+        await self.writer.flush()
 
     def history(self, uid: str, limit: int = 50, before_ts: int | None = None) -> list[TaskRecord]:
         """The user's tasks, newest first."""
@@ -112,8 +168,11 @@ class TaskStore:
                 if not key.startswith(prefix):
                     break
                 tid = key[-16:]
-                raw = txn.get(tid, db=self.tasks)
-                if raw is not None:
+                pending = self._overlay.get(tid)
+                raw = txn.get(tid, db=self.tasks) if pending is None else None
+                if pending is not None:
+                    out.append(pending[0])
+                elif raw is not None:
                     out.append(_unpack(tid, raw))
                 if not cur.prev():
                     break
@@ -123,7 +182,7 @@ class TaskStore:
         out = []
         with self.env.begin() as txn:
             for tid, raw in txn.cursor(db=self.tasks):
-                rec = _unpack(tid, raw)
+                rec = self._overlay.get(tid, (None,))[0] or _unpack(tid, raw)
                 if rec.status not in FINAL:
                     out.append(rec)
         return out
