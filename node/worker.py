@@ -91,9 +91,14 @@ class Node:
                               backoff=Backoff(self.s.mqtt.reconnect_min, self.s.mqtt.reconnect_max),
                               on_disconnect=self._on_disconnect)
         finally:
-            for run in list(self._runs.values()):
-                if run.job is not None:
-                    run.job.cancel()
+            # The connection is gone for good: running tasks end now (their Done cannot be published,
+            # the edge re-dispatches them) and nothing may wait for a reconnect that never comes.
+            self._stopping = True
+            jobs = [r.job for r in self._runs.values() if r.job is not None]
+            for job in jobs:
+                job.cancel()
+            if jobs:
+                await asyncio.wait(jobs, timeout=5)
             if self._own_http and self._http is not None:
                 await self._http.aclose()
 
@@ -218,7 +223,10 @@ class Node:
         """Publish QoS 1, waiting for the connection and retrying across reconnects (seq dedups)."""
         payload = wire.encode(msg)
         while True:
-            await self._connected.wait()
+            if not self._connected.is_set():
+                if self._stopping:
+                    raise aiomqtt.MqttError("not connected and the node is stopping")
+                await self._connected.wait()
             assert self._client is not None
             try:
                 await self._client.publish(topic, payload, qos=1)
@@ -264,7 +272,7 @@ class Node:
         done = wire.Done(id=task.id, seq=seq, status=status, err=err, usage=usage, timing=timing)  # type: ignore[arg-type]
         try:
             if self._stopping:  # never hang a shutdown on a broker that is gone
-                with contextlib.suppress(asyncio.TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError, aiomqtt.MqttError):
                     async with asyncio.timeout(3):
                         await self._publish(run.topic, done)
             else:
@@ -389,7 +397,11 @@ class Node:
             llm_done = True
             wake.set()
             full.set()
-            if not send_task.done():
+            if not send_task.done() and self._stopping and not self._connected.is_set():
+                send_task.cancel()  # stopping without a broker: nothing can be published any more
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await send_task
+            elif not send_task.done():
                 await asyncio.shield(send_task)
             elif not send_task.cancelled() and send_task.exception() is not None:
                 raise send_task.exception()  # type: ignore[misc]

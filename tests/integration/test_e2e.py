@@ -182,3 +182,27 @@ async def test_node_stop_drains_then_new_node_takes_queued_task(tmp_path: Path, 
             sys_.node, sys_.node_task = node2, asyncio.create_task(node2.run())
             _, done2 = await collect(ws, queued, timeout=15)
             assert done2["status"] == "ok" and len(done2["text"]) > 0
+
+
+async def test_node_cancelled_mid_answer_ends_promptly_and_leaves_nothing_running(tmp_path: Path,
+                                                                                  pki_dir: Path) -> None:
+    """B's process is torn down without a graceful stop (``run()`` cancelled, the connection gone):
+    its running task must not wait forever for a broker that will not come back (it used to hang
+    the event loop's shutdown)."""
+    from node.worker import Node
+    cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=50)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "ask", "text": "long"})
+            await _first_delta(ws)
+            assert sys_.node_task is not None
+            sys_.node_task.cancel()
+            t0 = time.monotonic()
+            done, _ = await asyncio.wait([sys_.node_task], timeout=8)
+            assert done and time.monotonic() - t0 < 8
+            await asyncio.sleep(0.1)
+            assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("task-")]
+            assert sys_.fake.stats.active_streams == 0  # LM Studio's stream was closed
+            sys_.node_task = None
