@@ -6,6 +6,8 @@ Scenarios:
   many asks; prints a table, optionally writes JSON.
 * ``smoke`` -- the same with a handful of asks: a quick check that the bench (and the system) works;
   exits non-zero only if an ask fails.
+* ``wecom`` -- WeCom callbacks at a fixed rate (open loop) into the edge: acknowledgement latency,
+  and exactly one delivered answer per message despite retries (``bench/wecom.py``).
 
 ``main(argv) -> int``: 0 = every ask answered correctly, 1 = some failed (or the run timed out or
 could not start), 2 = bad usage.
@@ -19,7 +21,7 @@ import logging
 import sys
 from typing import Any
 
-SCENARIOS = ("tunnel", "smoke")
+SCENARIOS = ("tunnel", "smoke", "wecom")
 
 # per-scenario defaults (the options are the same)
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -76,7 +78,29 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
         sp.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level of the system under test (default %(default)s)")
+    w = sub.add_parser("wecom", help="WeCom callbacks/s into the edge: ack latency and exactly-once answers",
+                       description="WeCom callbacks/s into the edge: ack latency and exactly-once answers")
+    w.add_argument("--rate", type=_non_negative, default=200.0, help="messages per second (default %(default)s)")
+    w.add_argument("--seconds", type=_non_negative, default=10.0, help="duration (default %(default)s)")
+    w.add_argument("--users", type=_positive_int, default=200, help="distinct WeCom users (default %(default)s)")
+    w.add_argument("--retry-share", type=_non_negative, default=0.1,
+                   help="share of messages WeCom re-sends (default %(default)s)")
+    w.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    w.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON ('-' = stdout)")
+    w.add_argument("--quiet", action="store_true")
+    w.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def _write_json(report: dict[str, Any], path: str | None) -> None:
+    if not path:
+        return
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    if path == "-":
+        print(text)
+    else:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         from claw.runtime import configure_logging
         configure_logging(args.log_level)
 
+    if args.scenario == "wecom":
+        from .wecom import WeComBenchConfig, format_wecom, run_wecom
+
+        wcfg = WeComBenchConfig(rate=args.rate, seconds=args.seconds, users=args.users,
+                                retry_share=min(1.0, args.retry_share), loop=args.loop, progress=not args.quiet)
+        try:
+            wreport = run_wecom(wcfg)
+        except (RuntimeError, OSError, EOFError) as exc:
+            print(f"claw bench wecom: could not run: {exc}", file=sys.stderr)
+            return 1
+        print(format_wecom(wreport), flush=True)
+        _write_json(wreport, args.json)
+        return 0 if wreport["failures_total"] == 0 else 1
+
     from .tunnel import TunnelConfig, format_table, run_tunnel
 
     cfg = TunnelConfig(asks=args.asks, concurrency=args.concurrency, tokens=args.tokens, tps=args.tps,
@@ -105,13 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report["scenario"] = args.scenario
     print(format_table(report), flush=True)
-    if args.json:
-        text = json.dumps(report, indent=2, ensure_ascii=False)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
+    _write_json(report, args.json)
     return 0 if report["failures_total"] == 0 else 1
 
 

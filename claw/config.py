@@ -143,6 +143,8 @@ class NodeSettings(_Section):
 
 
 class WecomSettings(_Section):
+    """The WeCom self-built app (智控未来). Enabled when corp_id, token and encoding_aes_key are set."""
+
     corp_id: str = ""
     agent_id: int = 0
     secret: str = ""
@@ -152,6 +154,38 @@ class WecomSettings(_Section):
     encoding_aes_key: str = ""
     encoding_aes_key_file: str = ""
     api_base: str = "https://qyapi.weixin.qq.com"
+    progressive: bool = False  # send finished paragraphs while the answer is generated
+    progressive_min_bytes: int = 600  # ... gathered into messages of at least this size
+    per_user_per_min: int = 20  # our pace per user (WeCom silently drops beyond 30/min)
+    per_user_per_hour: int = 600  # (WeCom: 1000/hour)
+    welcome: str = "您好，我是“智控未来”智能助手。直接发送问题即可，我会尽快回答。发送 /help 查看用法。"
+    offline_notice: str = "助手暂时离线，您的消息已排队，恢复后会自动回答。"
+    token_refresh_margin_s: int = 600  # refresh the access_token this long before it expires
+    send_max_age_s: int = 86400  # a message that could not be delivered for this long is given up
+    replay_window_s: int = 86400  # a callback whose (signed) timestamp is older than this is refused; 0 = off
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.corp_id and self.token and self.encoding_aes_key)
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not self.corp_id and not self.token and not self.encoding_aes_key:
+            return
+        if not (self.corp_id and self.token and self.encoding_aes_key):
+            raise ValueError("wecom: corp_id, token and encoding_aes_key must be set together")
+        if not re.fullmatch(r"[A-Za-z0-9]{43}", self.encoding_aes_key):
+            raise ValueError("wecom.encoding_aes_key must be the 43 letters/digits from the WeCom console")
+        if not re.fullmatch(r"[A-Za-z0-9]{1,32}", self.token):
+            raise ValueError("wecom.token must be 1-32 letters/digits (the Token from the WeCom console)")
+        if not self.api_base.startswith(("http://", "https://")):
+            raise ValueError(f"wecom.api_base must be an http(s) URL, got {self.api_base!r}")
+        if self.agent_id < 0:
+            raise ValueError("wecom.agent_id must be the app's AgentId (a positive number)")
+        if not (1 <= self.per_user_per_min <= 30 and 1 <= self.per_user_per_hour <= 1000):
+            raise ValueError("wecom.per_user_per_min must be 1-30 and wecom.per_user_per_hour 1-1000 "
+                             "(WeCom drops messages beyond 30/min and 1000/hour per user)")
 
 
 class MiniappSettings(_Section):

@@ -183,6 +183,18 @@ secret = ""             # the app's Secret -- better: secret_file = "wecom.secre
 token = ""              # callback Token -- or token_file = "wecom.token"
 encoding_aes_key = ""   # callback EncodingAESKey (43 chars) -- or encoding_aes_key_file = "wecom.aeskey"
 api_base = {_q(wc.api_base)}
+# Answers are sent whole (split into numbered parts of <= 2048 bytes) once complete. progressive = true
+# sends finished paragraphs while the answer is generated, in messages of at least progressive_min_bytes.
+progressive = {str(wc.progressive).lower()}
+progressive_min_bytes = {wc.progressive_min_bytes}
+# Our pace per user; WeCom silently drops app messages beyond 30/min and 1000/hour per user.
+per_user_per_min = {wc.per_user_per_min}
+per_user_per_hour = {wc.per_user_per_hour}
+welcome = {_q(wc.welcome)}          # on entering the app, once per user per day; "" = off
+offline_notice = {_q(wc.offline_notice)}
+token_refresh_margin_s = {wc.token_refresh_margin_s}   # refresh the access_token this early
+send_max_age_s = {wc.send_max_age_s}   # give up a message not delivered for this long
+replay_window_s = {wc.replay_window_s}   # refuse callbacks whose signed timestamp is older (0 = off)
 
 [miniapp]
 # WeChat mini-program login (POST /api/login {{code}} -> jscode2session). Leave empty if unused.

@@ -17,7 +17,7 @@ from claw.mqtt import client_from_settings, make_client
 from . import api
 from .auth import Tokens, load_or_create_secret
 from .bridge import Bridge
-from .keys import BRIDGE, SESSIONS, SETTINGS, STORE, TOKENS
+from .keys import BRIDGE, SESSIONS, SETTINGS, STORE, TOKENS, WECOM
 from .store import TaskStore
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,46 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_mqtt_ctx)
     app.on_shutdown.append(_close_websockets)
     api.add_routes(app)
+    if settings.wecom.enabled:
+        app.cleanup_ctx.append(_wecom_ctx)
+        app.router.add_get("/wecom/callback", _wecom_get)
+        app.router.add_post("/wecom/callback", _wecom_post)
     return app
+
+
+async def _wecom_ctx(app: web.Application) -> AsyncIterator[None]:
+    """WeCom channel: API client (token cache in LMDB), durable paced outbox, callback handling."""
+    import aiohttp
+
+    from .wecom.channel import WeComChannel
+    from .wecom.client import WeComApi
+    from .wecom.outbox import Outbox
+
+    s = app[SETTINGS]
+    store = app[STORE]
+    async with aiohttp.ClientSession(headers={"User-Agent": "SmartClaw"}) as session:
+        outbox = Outbox(s.wecom, None, store)  # type: ignore[arg-type]
+        outbox.api = WeComApi(s.wecom, session, store.writer, outbox.db_kv)
+        channel = WeComChannel(s, store, app[BRIDGE], outbox)
+        app[WECOM] = channel
+        outbox.load()
+        channel.recover()
+        channel.start()
+        log.info("edge: WeCom app %s (AgentId %s) enabled at /wecom/callback; API %s", s.wecom.corp_id,
+                 s.wecom.agent_id, s.wecom.api_base)
+        try:
+            yield
+        finally:
+            await channel.close()
+            await outbox.close()
+
+
+async def _wecom_get(request: web.Request) -> web.StreamResponse:
+    return await request.app[WECOM].handle_get(request)
+
+
+async def _wecom_post(request: web.Request) -> web.StreamResponse:
+    return await request.app[WECOM].handle_post(request)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

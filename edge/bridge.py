@@ -95,6 +95,7 @@ class Bridge:
         self._connected = asyncio.Event()
         self._online = False
         self._loop = asyncio.get_event_loop()
+        self.started_at = self._loop.time()  # presence is unknown until nodes had time to beat
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:

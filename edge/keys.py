@@ -15,9 +15,11 @@ from .store import TaskStore
 if TYPE_CHECKING:
     from .api import WsSession
     from .bridge import Bridge
+    from .wecom.channel import WeComChannel
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", TaskStore)
 TOKENS = web.AppKey("tokens", Tokens)
 BRIDGE = web.AppKey("bridge", "Bridge")
 SESSIONS = web.AppKey("sessions", "weakref.WeakSet[WsSession]")
+WECOM = web.AppKey("wecom", "WeComChannel")

@@ -12,9 +12,11 @@ until it is committed reads see it through an in-memory overlay.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ class TaskRecord:
     node: str | None = None
     usage: dict[str, int] | None = None
     done_ts: int | None = None
+    delivery: dict[str, Any] | None = None  # channel delivery state (WeCom: queued/sent/failed, parts, error)
 
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": self.id.hex(), "text": self.text, "status": self.status,
@@ -52,6 +55,8 @@ class TaskRecord:
             out["usage"] = self.usage
         if self.done_ts:
             out["done_ts"] = self.done_ts
+        if self.delivery:
+            out["delivery"] = self.delivery
         return out
 
 
@@ -106,11 +111,25 @@ class TaskStore:
         return self.get(old_id) or TaskRecord(id=old_id, uid=rec.uid, ch=rec.ch, text="", ts=0)
 
     async def mark_seen(self, key: bytes, ts: int) -> bool:
-        """Record an inbound dedup key with no task (e.g. an event); False if it was already seen."""
+        """Record an inbound dedup key with no task (e.g. an event; ``ts`` in ms, as a task's);
+        False if it was already seen."""
         seen = self.seen
 
         def op(txn: Any) -> bool:
             return bool(txn.put(key, struct.pack(">Q", ts), db=seen, overwrite=False))
+
+        return await self.writer.write(op)
+
+    async def prune_seen(self, before_ms: int, limit: int = 50_000) -> int:
+        """Forget inbound dedup keys recorded before ``before_ms`` (their senders no longer retry);
+        at most ``limit`` per call so one write transaction stays short. Returns how many went."""
+        seen = self.seen
+
+        def op(txn: Any) -> int:
+            old = [bytes(k) for k, v in txn.cursor(db=seen) if struct.unpack_from(">Q", v)[0] < before_ms]
+            for k in old[:limit]:
+                txn.delete(k, db=seen)
+            return min(len(old), limit)
 
         return await self.writer.write(op)
 
@@ -123,6 +142,21 @@ class TaskStore:
         return None if raw is None else _unpack(tid, raw)
 
     def update(self, tid: bytes, **changes: Any) -> TaskRecord | None:
+        """Change a task; the new record is returned (and readable) at once, the write follows."""
+        res = self._update(tid, None, changes)
+        return None if res is None else res[0]
+
+    async def update_durable(self, tid: bytes, also: Callable[[Any], Any] | None = None,
+                             **changes: Any) -> TaskRecord | None:
+        """Change a task and run ``also(txn)`` in the same transaction; return once committed."""
+        res = self._update(tid, also, changes)
+        if res is None:
+            return None
+        await asyncio.wrap_future(res[1])
+        return res[0]
+
+    def _update(self, tid: bytes, also: Callable[[Any], Any] | None,
+                changes: dict[str, Any]) -> tuple[TaskRecord, Any] | None:
         rec = self.get(tid)
         if rec is None:
             return None
@@ -136,7 +170,13 @@ class TaskStore:
             gen = self._gen
             self._overlay[tid] = (new, gen)
         packed, tasks = _pack(new), self.tasks
-        fut = self.writer.submit(lambda txn: txn.put(tid, packed, db=tasks))
+
+        def op(txn: Any) -> None:
+            txn.put(tid, packed, db=tasks)
+            if also is not None:
+                also(txn)
+
+        fut = self.writer.submit(op)
 
         def committed(_: Any) -> None:  # runs in the writer thread
             with self._olock:
@@ -145,7 +185,13 @@ class TaskStore:
                     del self._overlay[tid]
 
         fut.add_done_callback(committed)
-        return new
+        return new, fut
+
+    def scan(self) -> list[TaskRecord]:
+        """Every task (start-up recovery scans)."""
+        with self.env.begin() as txn:
+            return [self._overlay.get(tid, (None,))[0] or _unpack(tid, raw)
+                    for tid, raw in txn.cursor(db=self.tasks)]
 
     async def flush(self) -> None:
         await self.writer.flush()

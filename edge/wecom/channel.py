@@ -1,0 +1,383 @@
+"""The WeCom callback endpoint and what happens to each message.
+
+``GET /wecom/callback``: URL verification (signature check + decrypt echostr; answered in < 1 ms).
+``POST /wecom/callback``: an encrypted message. Order of checks, each with nothing processed on
+failure: body over 64 KiB → 413; envelope not XML / no ``Encrypt`` → 400; bad signature → 403;
+stale timestamp (signed, so not forgeable) → 403; not decryptable / wrong CorpID / bad inner XML
+→ 400. A valid message is recorded in LMDB (deduplicated on ``MsgId``, events on
+``FromUserName + CreateTime``, in the same transaction) and only then answered ``200`` with an
+empty body; the answer goes out later through the outbox (``message/send``), so WeCom's 5 s
+window and its 3 retries never produce a second answer, also across an edge restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import unquote
+
+import xmltodict
+from aiohttp import web
+from wechatpy.enterprise import parse_message
+from wechatpy.enterprise.crypto import WeChatCrypto
+from wechatpy.exceptions import InvalidSignatureException
+
+from claw.config import Settings
+from edge.bridge import Bridge, LiveTask
+from edge.store import FINAL, TaskStore
+
+from .outbox import Outbox
+from .shape import LIMIT, Progressive, shape_answer
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+OFFLINE_GRACE_S = 6.0  # after an edge start, how long nodes get to report before "offline" is said
+SEEN_KEEP_S = 7 * 86400  # dedup keys are kept this long when wecom.replay_window_s = 0
+CN = timezone(timedelta(hours=8))
+CH = "wc"
+
+HELP = (
+    "“智控未来”智能助手用法：\n"
+    "• 直接发送文字问题，我会尽快回答；较长的回答会分成几条按顺序发送，标有 (1/3) 这样的序号。\n"
+    "• /new 开始新的对话（不再参考之前的上下文）\n"
+    "• /stop 停止正在生成的回答\n"
+    "• /help 显示本说明\n"
+    "目前只支持文字消息。"
+)
+UNSUPPORTED = {
+    "image": "图片", "voice": "语音", "video": "视频", "file": "文件", "location": "位置", "link": "链接",
+}
+
+
+def _uid(user: str) -> str:
+    return f"{CH}.{user}"
+
+
+class WeComChannel:
+    def __init__(self, settings: Settings, store: TaskStore, bridge: Bridge, outbox: Outbox) -> None:
+        self.s = settings
+        self.cfg = settings.wecom
+        self.store = store
+        self.bridge = bridge
+        self.outbox = outbox
+        self.crypto = WeChatCrypto(self.cfg.token, self.cfg.encoding_aes_key, self.cfg.corp_id)
+        self.db_kv = outbox.db_kv
+        self.progressive: dict[bytes, _ProgressiveSink] = {}
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._housekeeper: asyncio.Task[None] | None = None
+        self.stats: dict[str, int] = {}
+        bridge.on_finished.append(self._on_finished)
+
+    def _count(self, what: str) -> None:
+        self.stats[what] = self.stats.get(what, 0) + 1
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        task.add_done_callback(_log_failure)
+
+    def start(self) -> None:
+        self._housekeeper = asyncio.create_task(self._housekeeping(), name="wecom-housekeeping")
+
+    async def _housekeeping(self) -> None:
+        """Hourly: forget dedup keys older than the replay window (a replay that old is refused on its
+        signed timestamp anyway; with the window off, keys are kept for SEEN_KEEP_S)."""
+        while True:
+            keep = max(self.cfg.replay_window_s, 3600) + 3600 if self.cfg.replay_window_s else SEEN_KEEP_S
+            try:
+                n = await self.store.prune_seen(int((time.time() - keep) * 1000))
+                if n:
+                    log.info("wecom: forgot %d message dedup key(s) older than %d s", n, keep)
+            except Exception as exc:  # noqa: BLE001 - housekeeping must not die
+                log.warning("wecom: pruning dedup keys failed: %r", exc)
+            await asyncio.sleep(3600)
+
+    async def close(self) -> None:
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeper
+        if self._bg:
+            await asyncio.wait(list(self._bg), timeout=5)
+
+    # ---- HTTP ------------------------------------------------------------------------------
+    @staticmethod
+    def _query(request: web.Request) -> dict[str, str]:
+        # yarl decodes a literal "+" as a space; WeCom sends %2B, but parse the raw query to be safe.
+        out: dict[str, str] = {}
+        for pair in request.query_string.split("&"):
+            k, _, v = pair.partition("=")
+            if k:
+                out[unquote(k)] = unquote(v)
+        return out
+
+    def _reject(self, status: int, why: str, request: web.Request) -> web.Response:
+        self._count(f"http_{status}")
+        log.warning("wecom: callback rejected (%d): %s [from %s]", status, why, request.remote)
+        return web.Response(status=status, text=why)
+
+    async def handle_get(self, request: web.Request) -> web.Response:
+        q = self._query(request)
+        sig, ts, nonce, echo = (q.get(k, "") for k in ("msg_signature", "timestamp", "nonce", "echostr"))
+        if not (sig and ts and nonce and echo):
+            return self._reject(400, "missing msg_signature/timestamp/nonce/echostr", request)
+        try:
+            plain = self.crypto.check_signature(sig, ts, nonce, echo)
+        except InvalidSignatureException:
+            return self._reject(403, "bad signature (check wecom.token)", request)
+        except Exception as exc:  # noqa: BLE001 - undecryptable echostr
+            return self._reject(400, f"cannot decrypt echostr ({type(exc).__name__}; check encoding_aes_key "
+                                     "and corp_id)", request)
+        self._count("url_verified")
+        log.info("wecom: callback URL verified")
+        return web.Response(text=plain if isinstance(plain, str) else plain.decode())
+
+    async def handle_post(self, request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return self._reject(413, f"body over {MAX_BODY} bytes", request)
+        body = await request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            return self._reject(413, f"body over {MAX_BODY} bytes", request)
+        q = self._query(request)
+        sig, ts, nonce = (q.get(k, "") for k in ("msg_signature", "timestamp", "nonce"))
+        if not (sig and ts and nonce):
+            return self._reject(400, "missing msg_signature/timestamp/nonce", request)
+        try:
+            env = xmltodict.parse(body, disable_entities=True)["xml"]
+            encrypt = env["Encrypt"]
+            if not isinstance(encrypt, str) or not encrypt:
+                raise ValueError("empty Encrypt")
+        except Exception as exc:  # noqa: BLE001 - anything that is not the envelope
+            return self._reject(400, f"body is not a WeCom envelope ({type(exc).__name__})", request)
+        expected = _signature(self.cfg.token, ts, nonce, encrypt)
+        if not hmac.compare_digest(expected, sig.lower()):
+            return self._reject(403, "bad signature (check wecom.token)", request)
+        window = self.cfg.replay_window_s
+        if not ts.isdigit() or (window and abs(time.time() - int(ts)) > window):
+            return self._reject(403, "stale or bad timestamp (replayed callback?)", request)
+        try:
+            xml = self.crypto.decrypt_message({"Encrypt": encrypt}, sig, ts, nonce)
+            msg = parse_message(xml)
+        except InvalidSignatureException:
+            return self._reject(403, "bad signature (check wecom.token)", request)
+        except Exception as exc:  # noqa: BLE001 - bad AES, wrong CorpID, broken inner XML
+            return self._reject(400, f"cannot decrypt or parse the message ({type(exc).__name__}; check "
+                                     "encoding_aes_key and corp_id)", request)
+        try:
+            await self._on_message(msg)
+        except _Bad as exc:
+            return self._reject(400, str(exc), request)
+        return web.Response(text="")
+
+    # ---- messages --------------------------------------------------------------------------
+    async def _on_message(self, msg: Any) -> None:
+        user = str(getattr(msg, "source", "") or "")
+        if not user or len(user) > 64:
+            raise _Bad("message without a valid FromUserName")
+        try:
+            uid = _uid(user)
+            import wire
+
+            wire.check_uid(uid)
+        except Exception:  # noqa: BLE001
+            raise _Bad("FromUserName has characters WeCom UserIDs do not have") from None
+        agent = getattr(msg, "agent", None)
+        if self.cfg.agent_id and agent not in (None, "") and str(agent) != str(self.cfg.agent_id):
+            raise _Bad(f"message for another app (AgentID {str(agent)[:12]})")
+        mtype = msg.type
+        if mtype == "unknown":  # wechatpy has no class for some types (file, ...): use the raw MsgType
+            mtype = str((getattr(msg, "_data", None) or {}).get("MsgType") or "unknown").lower()
+        if mtype == "event":
+            await self._on_event(user, msg)
+            return
+        msg_id = int(getattr(msg, "id", 0) or 0)
+        key = f"wc:m:{msg_id}".encode() if msg_id else f"wc:m:{user}:{msg.time}".encode()
+        if mtype == "text":
+            text = (msg.content or "").strip()
+            cmd = text.replace("／", "/").split(maxsplit=1)[0].lower() if text.startswith(("/", "／")) else ""
+            if cmd in ("/help", "/new", "/stop", "/帮助"):
+                if await self.store.mark_seen(key, int(msg.time) * 1000):
+                    await self._command(user, cmd)
+                else:
+                    self._count("duplicates")
+                return
+            if not text:
+                return
+            await self._ask(user, text, key)
+            return
+        kind = UNSUPPORTED.get(mtype)
+        if kind is None:
+            self._count("ignored")
+            return
+        if await self.store.mark_seen(key, int(msg.time) * 1000):
+            self._count("unsupported")
+            await self.outbox.put(user, [f"抱歉，目前还不支持{kind}消息。请直接用文字描述您的问题，我会尽快回答。"])
+        else:
+            self._count("duplicates")
+
+    async def _ask(self, user: str, text: str, key: bytes) -> None:
+        uid = _uid(user)
+        conv = self._conv(user)
+        live = await self.bridge.submit(uid, CH, text, conv or None, dedup=key)
+        if not live.created:
+            self._count("duplicates")
+            return
+        self._count("tasks")
+        if self.cfg.progressive:
+            sink = _ProgressiveSink(self, live, user)
+            self.progressive[live.rec.id] = sink
+            self.bridge.attach(live, sink)
+        if not self.bridge.node_online and self.cfg.offline_notice:
+            self._spawn(self._offline_notice(live, user))
+
+    async def _offline_notice(self, live: LiveTask, user: str) -> None:
+        """Tell the user at once that no node is online (the task stays queued). Just after the edge
+        started, presence is not known yet: give nodes up to ``OFFLINE_GRACE_S`` to report first."""
+        loop = asyncio.get_running_loop()
+        grace = min(OFFLINE_GRACE_S, self.s.edge.node_timeout_s)
+        while not self.bridge.node_online and loop.time() - self.bridge.started_at < grace:
+            await asyncio.sleep(0.1)
+        if self.bridge.node_online or live.finished_at is not None or live.rec.status != "pending":
+            return
+        self._count("offline_notices")
+        await self.outbox.put(user, [self.cfg.offline_notice])
+
+    async def _on_event(self, user: str, msg: Any) -> None:
+        event = str(getattr(msg, "event", "") or "").lower()
+        key = f"wc:e:{user}:{msg.time}".encode()
+        if not await self.store.mark_seen(key, int(msg.time) * 1000):
+            self._count("duplicates")
+            return
+        self._count(f"event_{event}"[:40])
+        if event in ("enter_agent", "subscribe") and self.cfg.welcome:
+            today = datetime.now(CN).strftime("%Y-%m-%d").encode()
+            wkey, db = b"welcome:" + user.encode(), self.db_kv
+            msgs, put_op = self.outbox.prepare(user, [self.cfg.welcome])
+
+            def op(txn: Any) -> bool:
+                if txn.get(wkey, db=db) == today:
+                    return False
+                txn.put(wkey, today, db=db)
+                put_op(txn)
+                return True
+
+            if await self.store.writer.write(op):
+                self.outbox.commit(msgs)
+
+    async def _command(self, user: str, cmd: str) -> None:
+        uid = _uid(user)
+        self._count(f"cmd_{cmd[1:]}")
+        if cmd in ("/help", "/帮助"):
+            await self.outbox.put(user, [HELP])
+        elif cmd == "/new":
+            conv, db = os.urandom(6).hex().encode(), self.db_kv
+            ckey = b"conv:" + user.encode()
+            await self.store.writer.write(lambda txn: txn.put(ckey, conv, db=db))
+            await self.outbox.put(user, ["已开始新的对话，之前的内容不再作为上下文。"])
+        elif cmd == "/stop":
+            running = [t for t in self.bridge.live.values() if t.rec.uid == uid and t.finished_at is None]
+            for live in running:
+                self.bridge.cancel(live.rec.id, uid)
+            await self.outbox.put(user, ["已停止当前的回答。" if running else "当前没有正在进行的回答。"])
+
+    def _conv(self, user: str) -> str:
+        with self.store.env.begin() as txn:
+            raw = txn.get(b"conv:" + user.encode(), db=self.db_kv)
+        return bytes(raw).decode() if raw else ""
+
+    # ---- answers out -----------------------------------------------------------------------
+    def _on_finished(self, live: LiveTask) -> None:
+        if live.rec.ch != CH:
+            return
+        self._spawn(self.deliver(live.rec.id))
+
+    async def deliver(self, tid: bytes) -> None:
+        """Queue a finished task's answer for its user (once: the task's delivery state says so)."""
+        rec = self.store.get(tid)
+        if rec is None or rec.status not in FINAL or rec.ch != CH:
+            return
+        if (rec.delivery or {}).get("final"):
+            return  # already queued (or sent) by an earlier run
+        user = rec.uid.partition(".")[2]
+        sink = self.progressive.pop(tid, None)
+        sent_before = sink.sent if sink is not None else 0
+        if rec.status == "cancelled":
+            texts: list[str] = []
+        elif sink is not None:
+            texts = sink.prog.finish()
+        else:  # normal case; or progressive mode interrupted by an edge restart: the whole answer again
+            texts = shape_answer(rec.answer) if rec.answer.strip() else []
+        if rec.status == "error":
+            msg = (rec.err or {}).get("msg") or "处理失败"
+            texts.append(f"抱歉，这次没能完成回答：{msg}"[:600])
+        elif rec.status == "ok" and not texts and sent_before == 0:
+            texts = ["（助手没有给出内容）"]
+        first = sent_before + 1
+        msgs, op = self.outbox.prepare(user, texts, tid, first_part=first)
+        parts = first - 1 + len(texts)
+        old = rec.delivery or {}
+        status = "failed" if old.get("status") == "failed" else "queued" if texts else "sent"
+        await self.store.update_durable(tid, also=op, delivery={**old, "status": status, "parts": parts,
+                                                                "final": True})
+        self.outbox.commit(msgs)
+
+    async def _progressive_out(self, live: LiveTask, user: str, texts: list[str], sent: int) -> None:
+        # parts=0: the total is not known yet (the outbox marks the task sent only after its last part)
+        msgs, op = self.outbox.prepare(user, texts, live.rec.id, first_part=sent - len(texts) + 1, parts=0)
+        old = (self.store.get(live.rec.id) or live.rec).delivery or {}
+        await self.store.update_durable(live.rec.id, also=op,
+                                        delivery={**old, "status": old.get("status", "progressive"), "sent": sent})
+        self.outbox.commit(msgs)
+
+    def recover(self) -> int:
+        """After a restart: answers that finished but never reached the outbox are queued now."""
+        n = 0
+        horizon = (time.time() - self.cfg.send_max_age_s) * 1000
+        for rec in self.store.scan():
+            if rec.ch == CH and rec.status in FINAL and (rec.done_ts or 0) >= horizon and (
+                    not (rec.delivery or {}).get("final")):
+                self._spawn(self.deliver(rec.id))
+                n += 1
+        if n:
+            log.info("wecom: %d finished answer(s) from the last run queued for delivery", n)
+        return n
+
+
+class _ProgressiveSink:
+    """Receives a task's delta frames; sends finished paragraphs while the answer is generated."""
+
+    def __init__(self, ch: WeComChannel, live: LiveTask, user: str) -> None:
+        self.ch, self.live, self.user = ch, live, user
+        self.prog = Progressive(LIMIT, min_bytes=ch.cfg.progressive_min_bytes)
+        self.sent = 0
+
+    def push(self, frame: dict[str, Any]) -> None:
+        if frame.get("type") != "delta":
+            return
+        ready = self.prog.feed(frame["text"])
+        if ready:
+            self.sent += len(ready)
+            self.ch._spawn(self.ch._progressive_out(self.live, self.user, ready, self.sent))
+
+
+class _Bad(Exception):
+    pass
+
+
+def _signature(token: str, ts: str, nonce: str, encrypt: str) -> str:
+    import hashlib
+
+    return hashlib.sha1("".join(sorted([token, ts, nonce, encrypt])).encode()).hexdigest()
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("wecom: background step failed: %r", task.exception())
