@@ -120,18 +120,26 @@ class TaskStore:
 
         return await self.writer.write(op)
 
-    async def prune_seen(self, before_ms: int, limit: int = 50_000) -> int:
-        """Forget inbound dedup keys recorded before ``before_ms`` (their senders no longer retry);
-        at most ``limit`` per call so one write transaction stays short. Returns how many went."""
-        seen = self.seen
+    async def prune_seen(self, before_ms: int, batch: int = 5000) -> int:
+        """Forget inbound dedup keys recorded before ``before_ms`` (their senders no longer retry).
+        The scan runs in a read transaction off the event loop; deletes go in small write batches so
+        callbacks never wait long behind them. Returns how many went."""
+        seen, env = self.seen, self.env
 
-        def op(txn: Any) -> int:
-            old = [bytes(k) for k, v in txn.cursor(db=seen) if struct.unpack_from(">Q", v)[0] < before_ms]
-            for k in old[:limit]:
-                txn.delete(k, db=seen)
-            return min(len(old), limit)
+        def scan() -> list[bytes]:
+            with env.begin() as txn:
+                return [bytes(k) for k, v in txn.cursor(db=seen) if struct.unpack_from(">Q", v)[0] < before_ms]
 
-        return await self.writer.write(op)
+        old = await asyncio.to_thread(scan)
+        for i in range(0, len(old), batch):
+            chunk = old[i:i + batch]
+
+            def op(txn: Any, chunk: list[bytes] = chunk) -> None:
+                for k in chunk:
+                    txn.delete(k, db=seen)
+
+            await self.writer.write(op)
+        return len(old)
 
     def get(self, tid: bytes) -> TaskRecord | None:
         pending = self._overlay.get(tid)

@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import logging
 import os
+import struct
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -33,7 +34,7 @@ from edge.bridge import Bridge, LiveTask
 from edge.store import FINAL, TaskStore
 
 from .outbox import Outbox
-from .shape import LIMIT, Progressive, shape_answer
+from .shape import LIMIT, Progressive, hard_cut, number_parts, shape_answer
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class WeComChannel:
         self.progressive: dict[bytes, _ProgressiveSink] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self._housekeeper: asyncio.Task[None] | None = None
+        self._delivering: set[bytes] = set()
         self.stats: dict[str, int] = {}
         bridge.on_finished.append(self._on_finished)
 
@@ -143,9 +145,17 @@ class WeComChannel:
     async def handle_post(self, request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_BODY:
             return self._reject(413, f"body over {MAX_BODY} bytes", request)
-        body = await request.content.read(MAX_BODY + 1)
-        if len(body) > MAX_BODY:
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_BODY:  # read() returns what has arrived so far: loop until EOF (or too much)
+            chunk = await request.content.read(MAX_BODY + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_BODY:
             return self._reject(413, f"body over {MAX_BODY} bytes", request)
+        body = b"".join(chunks)
         q = self._query(request)
         sig, ts, nonce = (q.get(k, "") for k in ("msg_signature", "timestamp", "nonce"))
         if not (sig and ts and nonce):
@@ -158,7 +168,7 @@ class WeComChannel:
         except Exception as exc:  # noqa: BLE001 - anything that is not the envelope
             return self._reject(400, f"body is not a WeCom envelope ({type(exc).__name__})", request)
         expected = _signature(self.cfg.token, ts, nonce, encrypt)
-        if not hmac.compare_digest(expected, sig.lower()):
+        if not hmac.compare_digest(expected.encode(), sig.lower().encode("utf-8", "replace")):
             return self._reject(403, "bad signature (check wecom.token)", request)
         window = self.cfg.replay_window_s
         if not ts.isdigit() or (window and abs(time.time() - int(ts)) > window):
@@ -198,16 +208,17 @@ class WeComChannel:
         if mtype == "event":
             await self._on_event(user, msg)
             return
-        msg_id = int(getattr(msg, "id", 0) or 0)
-        key = f"wc:m:{msg_id}".encode() if msg_id else f"wc:m:{user}:{msg.time}".encode()
+        try:
+            msg_id = int(getattr(msg, "id", 0) or 0)
+            ts_ms = int(msg.time) * 1000
+        except (TypeError, ValueError):
+            raise _Bad("message with a non-numeric MsgId or CreateTime") from None
+        key = f"wc:m:{msg_id}".encode() if msg_id else f"wc:m:{user}:{ts_ms}".encode()
         if mtype == "text":
             text = (msg.content or "").strip()
             cmd = text.replace("／", "/").split(maxsplit=1)[0].lower() if text.startswith(("/", "／")) else ""
             if cmd in ("/help", "/new", "/stop", "/帮助"):
-                if await self.store.mark_seen(key, int(msg.time) * 1000):
-                    await self._command(user, cmd)
-                else:
-                    self._count("duplicates")
+                await self._command(user, cmd, key, ts_ms)
                 return
             if not text:
                 return
@@ -217,11 +228,29 @@ class WeComChannel:
         if kind is None:
             self._count("ignored")
             return
-        if await self.store.mark_seen(key, int(msg.time) * 1000):
+        if await self._reply_once(key, ts_ms, user, [f"抱歉，目前还不支持{kind}消息。请直接用文字描述您的问题，我会尽快回答。"]):
             self._count("unsupported")
-            await self.outbox.put(user, [f"抱歉，目前还不支持{kind}消息。请直接用文字描述您的问题，我会尽快回答。"])
-        else:
-            self._count("duplicates")
+
+    async def _reply_once(self, key: bytes, ts_ms: int, user: str, texts: list[str],
+                          also: Any = None) -> bool:
+        """Record the inbound key and queue the reply (and ``also(txn)``) in one transaction: a crash
+        cannot lose the reply while keeping the key, and a retry gets nothing. False = a duplicate."""
+        msgs, put_op = self.outbox.prepare(user, texts)
+        seen, stamp = self.store.seen, struct.pack(">Q", ts_ms)
+
+        def op(txn: Any) -> bool:
+            if not txn.put(key, stamp, db=seen, overwrite=False):
+                return False
+            put_op(txn)
+            if also is not None:
+                also(txn)
+            return True
+
+        if await self.store.writer.write(op):
+            self.outbox.commit(msgs)
+            return True
+        self._count("duplicates")
+        return False
 
     async def _ask(self, user: str, text: str, key: bytes) -> None:
         uid = _uid(user)
@@ -252,41 +281,55 @@ class WeComChannel:
 
     async def _on_event(self, user: str, msg: Any) -> None:
         event = str(getattr(msg, "event", "") or "").lower()
-        key = f"wc:e:{user}:{msg.time}".encode()
-        if not await self.store.mark_seen(key, int(msg.time) * 1000):
-            self._count("duplicates")
+        try:
+            ts_ms = int(msg.time) * 1000
+        except (TypeError, ValueError):
+            raise _Bad("event without a numeric CreateTime") from None
+        key = f"wc:e:{user}:{ts_ms}".encode()
+        welcome = event in ("enter_agent", "subscribe") and bool(self.cfg.welcome)
+        if not welcome:
+            if await self.store.mark_seen(key, ts_ms):
+                self._count(f"event_{event}"[:40])
+            else:
+                self._count("duplicates")
             return
-        self._count(f"event_{event}"[:40])
-        if event in ("enter_agent", "subscribe") and self.cfg.welcome:
-            today = datetime.now(CN).strftime("%Y-%m-%d").encode()
-            wkey, db = b"welcome:" + user.encode(), self.db_kv
-            msgs, put_op = self.outbox.prepare(user, [self.cfg.welcome])
+        # the welcome: at most once per user per day (China time), recorded with the event key
+        today = datetime.now(CN).strftime("%Y-%m-%d").encode()
+        wkey, db, seen, stamp = b"welcome:" + user.encode(), self.db_kv, self.store.seen, struct.pack(">Q", ts_ms)
+        msgs, put_op = self.outbox.prepare(user, [self.cfg.welcome])
 
-            def op(txn: Any) -> bool:
-                if txn.get(wkey, db=db) == today:
-                    return False
-                txn.put(wkey, today, db=db)
-                put_op(txn)
-                return True
+        def op(txn: Any) -> str:
+            if not txn.put(key, stamp, db=seen, overwrite=False):
+                return "duplicate"
+            if txn.get(wkey, db=db) == today:
+                return "welcomed"
+            txn.put(wkey, today, db=db)
+            put_op(txn)
+            return "sent"
 
-            if await self.store.writer.write(op):
-                self.outbox.commit(msgs)
+        outcome = await self.store.writer.write(op)
+        if outcome == "sent":
+            self.outbox.commit(msgs)
+        self._count("duplicates" if outcome == "duplicate" else f"event_{event}"[:40])
 
-    async def _command(self, user: str, cmd: str) -> None:
+    async def _command(self, user: str, cmd: str, key: bytes, ts_ms: int) -> None:
         uid = _uid(user)
-        self._count(f"cmd_{cmd[1:]}")
         if cmd in ("/help", "/帮助"):
-            await self.outbox.put(user, [HELP])
+            done = await self._reply_once(key, ts_ms, user, [HELP])
         elif cmd == "/new":
             conv, db = os.urandom(6).hex().encode(), self.db_kv
             ckey = b"conv:" + user.encode()
-            await self.store.writer.write(lambda txn: txn.put(ckey, conv, db=db))
-            await self.outbox.put(user, ["已开始新的对话，之前的内容不再作为上下文。"])
-        elif cmd == "/stop":
+            done = await self._reply_once(key, ts_ms, user, ["已开始新的对话，之前的内容不再作为上下文。"],
+                                          also=lambda txn: txn.put(ckey, conv, db=db))
+        else:  # /stop
             running = [t for t in self.bridge.live.values() if t.rec.uid == uid and t.finished_at is None]
-            for live in running:
-                self.bridge.cancel(live.rec.id, uid)
-            await self.outbox.put(user, ["已停止当前的回答。" if running else "当前没有正在进行的回答。"])
+            done = await self._reply_once(key, ts_ms, user,
+                                          ["已停止当前的回答。" if running else "当前没有正在进行的回答。"])
+            if done:
+                for live in running:
+                    self.bridge.cancel(live.rec.id, uid)
+        if done:
+            self._count(f"cmd_{cmd[1:]}")
 
     def _conv(self, user: str) -> str:
         with self.store.env.begin() as txn:
@@ -304,8 +347,16 @@ class WeComChannel:
         rec = self.store.get(tid)
         if rec is None or rec.status not in FINAL or rec.ch != CH:
             return
-        if (rec.delivery or {}).get("final"):
-            return  # already queued (or sent) by an earlier run
+        if (rec.delivery or {}).get("final") or tid in self._delivering:
+            return  # already queued (or sent) by an earlier run, or being queued now
+        self._delivering.add(tid)
+        try:
+            await self._deliver(rec)
+        finally:
+            self._delivering.discard(tid)
+
+    async def _deliver(self, rec: Any) -> None:
+        tid = rec.id
         user = rec.uid.partition(".")[2]
         sink = self.progressive.pop(tid, None)
         sent_before = sink.sent if sink is not None else 0
@@ -313,8 +364,14 @@ class WeComChannel:
             texts: list[str] = []
         elif sink is not None:
             texts = sink.prog.finish()
-        else:  # normal case; or progressive mode interrupted by an edge restart: the whole answer again
-            texts = shape_answer(rec.answer) if rec.answer.strip() else []
+        elif rec.answer.strip():  # normal case; or progressive mode interrupted by a restart: all again
+            try:  # off the event loop: shaping a long answer takes milliseconds
+                texts = await asyncio.to_thread(shape_answer, rec.answer)
+            except Exception:  # noqa: BLE001 - a shaping bug must not cost the user the answer
+                log.exception("wecom: shaping the answer of task %s failed; sending it unshaped", tid.hex()[:8])
+                texts = number_parts(hard_cut(rec.answer, LIMIT - 16))
+        else:
+            texts = []
         if rec.status == "error":
             msg = (rec.err or {}).get("msg") or "处理失败"
             texts.append(f"抱歉，这次没能完成回答：{msg}"[:600])
@@ -323,7 +380,7 @@ class WeComChannel:
         first = sent_before + 1
         msgs, op = self.outbox.prepare(user, texts, tid, first_part=first)
         parts = first - 1 + len(texts)
-        old = rec.delivery or {}
+        old = (self.store.get(tid) or rec).delivery or {}  # re-read: progressive parts may have changed it
         status = "failed" if old.get("status") == "failed" else "queued" if texts else "sent"
         await self.store.update_durable(tid, also=op, delivery={**old, "status": status, "parts": parts,
                                                                 "final": True})

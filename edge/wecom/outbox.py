@@ -5,7 +5,9 @@ member, so every message to a user goes through this outbox:
 
 - ``put`` writes the messages to LMDB (``wc_out``, key ``user \\0 seq``) before anything is sent,
   optionally in the same transaction as the task's ``delivery`` state, so a restart loses nothing
-  and re-sends nothing that was confirmed;
+  and re-sends nothing whose send was recorded. Delivery is *at least once*: a crash between WeCom's
+  answer and that record, or a timeout on a send WeCom did accept, sends that one message again
+  (the ``(i/n)`` numbers let the user see it is a repeat);
 - one worker per user sends that user's messages in order, waiting for a slot in a sliding window
   of ``wecom.per_user_per_min`` / ``per_user_per_hour`` (the send log is persisted with each send,
   so a restart does not reset the pace);
@@ -64,6 +66,7 @@ class Outbox:
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.sent_log: dict[str, deque[float]] = {}
         self._counter = 0
+        self._last_ns = 0  # the newest key's time, at least the newest stored one's (see load)
         self._closing = False
         self._sending: set[str] = set()
         self._hint_at: dict[int, float] = {}
@@ -80,6 +83,7 @@ class Outbox:
             for key, raw in txn.cursor(db=self.db_out):
                 msg = self._unpack(bytes(key), bytes(raw))
                 self.queues.setdefault(msg.user, deque()).append(msg)
+                self._last_ns = max(self._last_ns, struct.unpack_from(">Q", key, len(key) - 12)[0])
                 n += 1
         for user in self.queues:
             self._ensure_worker(user)
@@ -100,8 +104,10 @@ class Outbox:
 
     # ---- enqueue ---------------------------------------------------------------------------
     def _keyfor(self, user: str) -> bytes:
+        # strictly increasing even if the wall clock steps back (a user's order must survive restarts)
+        self._last_ns = max(time.time_ns(), self._last_ns + 1)
         self._counter = (self._counter + 1) & 0xFFFFFFFF
-        return user.encode() + b"\0" + struct.pack(">QI", time.time_ns(), self._counter)
+        return user.encode() + b"\0" + struct.pack(">QI", self._last_ns, self._counter)
 
     def prepare(self, user: str, texts: list[str], task: bytes | None = None,
                 first_part: int = 1, parts: int | None = None) -> tuple[list[OutMsg], Callable[[Any], None]]:
@@ -148,6 +154,7 @@ class Outbox:
         q = self.queues.setdefault(user, deque())
         backoff = 1.0
         unknown_tries = 0
+        crashed = False
         try:
             while q and not self._closing:
                 msg = q[0]
@@ -180,6 +187,13 @@ class Outbox:
                         delay, backoff = backoff * random.uniform(0.8, 1.2), min(60.0, backoff * 2)
                     await asyncio.sleep(delay)
                     continue
+                except Exception as exc:  # noqa: BLE001 - a bug or odd failure: retry slowly, never spin
+                    self._sending.discard(user)
+                    self.retries += 1
+                    log.warning("wecom: send to %s failed unexpectedly (%r); retrying in %.0f s", user, exc, backoff)
+                    await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                    backoff = min(60.0, backoff * 2)
+                    continue
                 unknown_tries = 0
                 # Sent: forget the message and log the send time in one commit (pace survives restarts).
                 backoff = 1.0
@@ -196,6 +210,9 @@ class Outbox:
 
                 try:
                     await asyncio.shield(self.store.writer.write(op))
+                except Exception as exc:  # noqa: BLE001 - it was sent: never send it again from memory
+                    log.error("wecom: message to %s was sent but recording that failed (%r); it may be sent "
+                              "again after a restart", user, exc)
                 finally:
                     self._sending.discard(user)
                 q.popleft()
@@ -204,11 +221,17 @@ class Outbox:
                     self._set_delivery(msg.task, sent_ok=True)
                 for cb in self.on_sent:
                     cb(msg)
+        except Exception:  # noqa: BLE001 - e.g. LMDB full while giving a message up: log, restart later
+            log.exception("wecom: outbox worker for %s failed; restarting it in 5 s", user)
+            crashed = True
         finally:
             if self.workers.get(user) is asyncio.current_task():
                 del self.workers[user]
-            if q and not self._closing:  # raced with a put: keep going
-                self._ensure_worker(user)
+            if q and not self._closing:  # raced with a put (or crashed): keep going
+                if crashed:
+                    asyncio.get_running_loop().call_later(5.0, self._ensure_worker, user)
+                else:
+                    self._ensure_worker(user)
 
     def _trim(self, times: deque[float], now: float) -> None:
         while times and now - times[0] > 3600:

@@ -31,15 +31,18 @@ _LIST = re.compile(r"^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$")
 _TASK = re.compile(r"^\[([ xX])\]\s+")
 _QUOTE = re.compile(r"^\s{0,3}>\s?(.*)$")
 _TABLE_SEP = re.compile(r"^\s*\|?\s*:?-{1,}:?\s*(\|\s*:?-{1,}:?\s*)*\|?\s*$")
-_IMAGE = re.compile(r"!\[([^\]]*)\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
-_LINK = re.compile(r"\[([^\]]+)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
-_AUTOLINK = re.compile(r"<((?:https?|mailto):[^>\s]+)>")
-_BOLD = re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1")
-_STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
+# Every variable-length part is bounded, so a hostile or broken line costs O(length x bound), not O(length^2).
+_IMAGE = re.compile(r"!\[([^\]]{0,300})\]\(\s{0,3}<?([^)\s>]{0,500})>?(?:\s{1,3}\"[^\"]{0,300}\")?\s{0,3}\)")
+_LINK = re.compile(r"\[([^\]]{1,300})\]\(\s{0,3}<?([^)\s>]{1,500})>?(?:\s{1,3}\"[^\"]{0,300}\")?\s{0,3}\)")
+_AUTOLINK = re.compile(r"<((?:https?|mailto):[^>\s]{1,1000})>")
+_BOLD = re.compile(r"(\*\*|__)(?=\S)(.{1,300}?)(?<=\S)\1")
+_STRIKE = re.compile(r"~~(?=\S)(.{1,300}?)(?<=\S)~~")
 # emphasis next to CJK text is common ("和*斜体*"), so only ASCII letters/digits block it (snake_case, 2*3*4)
-_ITALIC_STAR = re.compile(r"(?<![*A-Za-z0-9])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![*A-Za-z0-9])")
-_ITALIC_UND = re.compile(r"(?<![_A-Za-z0-9])_(?=[^\s_])(.+?)(?<=[^\s_])_(?![_A-Za-z0-9])")
-_CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
+_ITALIC_STAR = re.compile(r"(?<![*A-Za-z0-9])\*(?=[^\s*])(.{1,300}?)(?<=[^\s*])\*(?![*A-Za-z0-9])")
+_ITALIC_UND = re.compile(r"(?<![_A-Za-z0-9])_(?=[^\s_])(.{1,300}?)(?<=[^\s_])_(?![_A-Za-z0-9])")
+_CODE_SPAN = re.compile(r"(`{1,10})(.{1,500}?)\1", re.S)
+INLINE_MAX = 4000  # a longer line is kept as it is (no inline markdown): bounded work per answer
+_PLACEHOLDER = re.compile(r"[\x00\x01]")
 _ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|>~])")
 _BR = re.compile(r"<br\s*/?>", re.I)
 _SENTENCE = re.compile(r"(?<=[。！？；!?;…])|(?<=[.])(?=\s)")
@@ -63,6 +66,9 @@ class Block:
 
 def _inline(text: str) -> str:
     """Inline markdown → plain text; the contents of code spans are kept verbatim."""
+    if len(text) > INLINE_MAX:
+        return text
+    text = _PLACEHOLDER.sub("", text)  # the placeholders below must not occur in the input
     spans: list[str] = []
 
     def keep(m: re.Match[str]) -> str:
@@ -216,7 +222,7 @@ def to_plain(md: str) -> str:
 
 # ---- splitting ------------------------------------------------------------------------------
 
-def _hard_cut(text: str, budget: int) -> list[str]:
+def hard_cut(text: str, budget: int) -> list[str]:
     """Cut at UTF-8 character boundaries into pieces of at most ``budget`` bytes."""
     out, cur, size = [], [], 0
     for ch in text:
@@ -245,7 +251,7 @@ def _units(text: str, budget: int) -> list[tuple[str, str]]:
             if nbytes(sentence) <= budget:
                 out.append((ssep, sentence))
             else:
-                out.extend((ssep if k == 0 else "", piece) for k, piece in enumerate(_hard_cut(sentence, budget)))
+                out.extend((ssep if k == 0 else "", piece) for k, piece in enumerate(hard_cut(sentence, budget)))
     return out
 
 
@@ -255,7 +261,7 @@ def _code_units(text: str, budget: int) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for ln, line in enumerate(text.split("\n")):
         sep = "\n" if ln else ""
-        pieces = [line] if nbytes(line) <= room else _hard_cut(line, room)
+        pieces = [line] if nbytes(line) <= room else hard_cut(line, room)
         out.extend((sep if k == 0 else "\n", piece) for k, piece in enumerate(pieces))
     return out
 
@@ -285,9 +291,15 @@ def split_blocks(blocks: list[Block], budget: int) -> list[str]:
     parts: list[str] = []
     cur: list[str] = []
     sticky: list[bool] = []
+    used = [0]  # bytes of the texts in cur (without separators)
 
     def size() -> int:
-        return sum(nbytes(t) for t in cur) + 2 * max(0, len(cur) - 1)
+        return used[0] + 2 * max(0, len(cur) - 1)
+
+    def add(text: str, is_sticky: bool) -> None:
+        cur.append(text)
+        sticky.append(is_sticky)
+        used[0] += nbytes(text)
 
     def emit() -> None:
         text = "\n\n".join(t for t in cur if t)
@@ -295,25 +307,24 @@ def split_blocks(blocks: list[Block], budget: int) -> list[str]:
             parts.append(text)
         cur.clear()
         sticky.clear()
+        used[0] = 0
 
     for block in blocks:
         need = nbytes(block.text) + (2 if cur else 0)
         if size() + need <= budget:
-            cur.append(block.text)
-            sticky.append(block.sticky)
+            add(block.text, block.sticky)
             continue
         if nbytes(block.text) <= budget:  # fits in a part of its own: start the next part with it
             carry = []
             while cur and sticky[-1]:  # a heading goes with what follows it
-                carry.insert(0, cur.pop())
                 sticky.pop()
+                carry.insert(0, cur.pop())
             emit()
-            cur.extend(carry)
-            sticky.extend([True] * len(carry))
+            for text in carry:
+                add(text, True)
             if size() + nbytes(block.text) + (2 if cur else 0) > budget:
                 emit()
-            cur.append(block.text)
-            sticky.append(block.sticky)
+            add(block.text, block.sticky)
             continue
         room = budget - size() - 2 if cur else budget
         if block.code:
@@ -322,12 +333,10 @@ def split_blocks(blocks: list[Block], budget: int) -> list[str]:
             pieces = _pack_units(_units(block.text, budget), budget, room)
         first, *rest = pieces
         if first:
-            cur.append(first)
-            sticky.append(False)
+            add(first, False)
         for piece in rest:
             emit()
-            cur.append(piece)
-            sticky.append(False)
+            add(piece, False)
     emit()
     return parts
 
@@ -356,19 +365,6 @@ def shape_answer(md: str, limit: int = LIMIT) -> list[str]:
 
 # ---- progressive delivery -------------------------------------------------------------------
 
-def _open_fence(text: str) -> bool:
-    """True when ``text`` ends inside an unclosed fenced code block."""
-    mark: str | None = None
-    for line in text.split("\n"):
-        m = _FENCE.match(line)
-        if mark is None:
-            if m:
-                mark = m.group(2)
-        elif line.strip().startswith(mark[0] * len(mark)) and set(line.strip()) <= {mark[0]}:
-            mark = None
-    return mark is not None
-
-
 class Progressive:
     """Incremental shaping: ``feed`` deltas, get finished paragraphs once ``min_bytes`` are ready.
 
@@ -384,30 +380,54 @@ class Progressive:
         self.min_bytes = max(1, min(min_bytes, limit - self._RESERVE))
         self.buf = ""
         self.sent = 0
-        self.whole = ""  # the full answer (for the unreleased case)
+        self.whole: list[str] = []  # the full answer (for the unreleased case)
+        # incremental scan of ``buf`` (each line is looked at once: streaming stays linear)
+        self._scan = 0  # buf[:_scan] has been scanned, line by line
+        self._fence: str | None = None  # the open code fence's marker, if inside one
+        self._para_lines = 0  # lines of the paragraph being scanned
+        self._para_heading = False  # ... and whether it is a lone heading line
+        self._cut = -1  # end of the last complete paragraph outside a code block (not a lone heading)
+        self._checked = -1  # the cut whose text was found smaller than min_bytes
 
-    def _ready_cut(self) -> int:
-        """End of the last complete paragraph outside a code block, or -1."""
-        pos = len(self.buf)
-        while True:
-            cut = self.buf.rfind("\n\n", 0, pos)
-            if cut <= 0:
-                return -1
-            if not _open_fence(self.buf[:cut]):
-                return cut
-            pos = cut
+    def _advance(self) -> None:
+        end = self.buf.rfind("\n")
+        while self._scan <= end:
+            nl = self.buf.index("\n", self._scan)
+            line = self.buf[self._scan:nl]
+            start, self._scan = self._scan, nl + 1
+            if self._fence is not None:
+                stripped = line.strip()
+                if stripped.startswith(self._fence[0] * len(self._fence)) and set(stripped) <= {self._fence[0]}:
+                    self._fence = None
+                    self._cut = nl  # a closed code block is a finished block
+                continue
+            m = _FENCE.match(line)
+            if m:
+                self._fence = m.group(2)
+                self._para_lines, self._para_heading = 0, False
+                continue
+            if line.strip():
+                self._para_lines += 1
+                self._para_heading = self._para_lines == 1 and bool(_HEADING.match(line))
+                continue
+            if self._para_lines and not self._para_heading:  # a blank line ends a paragraph
+                self._cut = start
+            self._para_lines, self._para_heading = 0, False
 
     def feed(self, delta: str) -> list[str]:
         self.buf += delta
-        self.whole += delta
-        cut = self._ready_cut()
-        if cut < 0:
-            return []
-        ready = self.buf[:cut]
-        blocks = markdown_blocks(ready)
+        self.whole.append(delta)
+        self._advance()
+        cut = self._cut
+        if cut <= 0 or cut == self._checked or not self.buf[cut:].strip():
+            return []  # nothing finished yet, too little, or nothing after it (finish() numbers the last)
+        blocks = markdown_blocks(self.buf[:cut])
         if sum(nbytes(b.text) for b in blocks) < self.min_bytes:
+            self._checked = cut
             return []
-        self.buf = self.buf[cut:].lstrip("\n")
+        rest = self.buf[cut:].lstrip("\n")
+        self._scan -= len(self.buf) - len(rest)
+        self.buf, self._cut, self._checked = rest, -1, -1
         parts = split_blocks(blocks, self.limit - self._RESERVE)
         out = []
         for p in parts:
@@ -418,7 +438,7 @@ class Progressive:
     def finish(self) -> list[str]:
         if self.sent == 0:
             self.buf = ""
-            return shape_answer(self.whole, self.limit)
+            return shape_answer("".join(self.whole), self.limit)
         parts = split_blocks(markdown_blocks(self.buf), self.limit - self._RESERVE)
         self.buf = ""
         out = []

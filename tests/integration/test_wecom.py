@@ -336,3 +336,55 @@ async def test_progressive_mode_sends_finished_paragraphs_while_generating(tmp_p
     body = "".join(m.split(" ", 1)[1] for m in msgs)
     got, want = "".join(body.split()), "".join(to_plain(answer).split())
     assert got == want, f"{len(got)} vs {len(want)} chars; parts: {[m[:30] for m in msgs]}"  # once, in order
+
+
+# ---- regressions from review: slow bodies, odd signatures, malformed fields ---------------------
+
+async def _raw_post(port: int, path: str, head_extra: str, pieces: list[bytes]) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\n{head_extra}"
+                 "Connection: close\r\n\r\n".encode())
+    for piece in pieces:  # each piece in its own TCP segment, a moment apart
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    resp = await reader.read()
+    writer.close()
+    return resp.split(b"\r\n", 1)[0]
+
+
+async def test_body_in_several_segments_and_chunked_oversize(tmp_path: Path, pki_dir: Path) -> None:
+    from urllib.parse import urlencode
+    async with wecom_system(tmp_path, pki_dir, fake_cfg=FakeLLMConfig(reply="分段收到")) as (sys_, fw, url):
+        port = int(sys_.http.rsplit(":", 1)[1])
+        cb = sim().text("slowpoke", "慢慢发")
+        path = f"/wecom/callback?{urlencode(cb.query)}"
+        status = await _raw_post(port, path, f"Content-Length: {len(cb.body)}\r\n", [cb.body[:100], cb.body[100:]])
+        assert b" 200 " in status + b" "  # the whole body was read, not just the first segment
+        await fw.wait_sends(1, user="slowpoke")
+        big = b"<xml><Encrypt>" + b"A" * 70000 + b"</Encrypt></xml>"
+        chunks = [b"%x\r\n%s\r\n" % (len(c), c) for c in (big[:1000], big[1000:])] + [b"0\r\n\r\n"]
+        status = await _raw_post(port, path, "Transfer-Encoding: chunked\r\n", chunks)
+        assert b"413" in status
+        assert len(tasks_of(sys_, "slowpoke")) == 1
+
+
+async def test_non_ascii_signature_and_malformed_fields_are_refused(tmp_path: Path, pki_dir: Path) -> None:
+    async with wecom_system(tmp_path, pki_dir) as (sys_, fw, url), aiohttp.ClientSession() as s:
+        good = sim().text("odd", "hi")
+        async with s.post(url, params={**good.query, "msg_signature": "é" * 40}, data=good.body) as r:
+            assert r.status == 403
+        w = sim()
+        mid = _msg_id(good.inner)
+        bad_id = w.wrap(good.inner.replace(mid, "abc"))
+        assert "abc" in bad_id.inner
+        async with s.post(url, params=bad_id.query, data=bad_id.body) as r:
+            assert r.status == 400
+        assert tasks_of(sys_, "odd") == []
+
+
+def _msg_id(inner: str) -> str:
+    import re
+    m = re.search(r"<MsgId>(?:<!\[CDATA\[)?(\d+)", inner)
+    assert m
+    return m.group(1)

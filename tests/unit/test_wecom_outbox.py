@@ -79,3 +79,42 @@ async def test_send_log_persists_across_restart(tmp_path: Path) -> None:
     finally:
         store2.close()
         close_env(tmp_path / "edge.lmdb")
+
+
+class _FlakyApi:
+    """Stands in for the HTTP client only to raise a non-WeCom error (a bug) on the first send."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def send_text(self, user: str, text: str) -> str:
+        self.calls.append(text)
+        if len(self.calls) == 1:
+            raise RuntimeError("unexpected")
+        return "msgid"
+
+
+async def test_unexpected_send_error_backs_off_instead_of_spinning(tmp_path: Path) -> None:
+    import asyncio
+
+    store = TaskStore(tmp_path)
+    cfg = WecomSettings(corp_id="ww1", token="t", encoding_aes_key=AES)
+    api = _FlakyApi()
+    ob = Outbox(cfg, api, store)  # type: ignore[arg-type]
+    try:
+        await ob.put("u", ["答案"])
+        for _ in range(300):
+            if ob.sent:
+                break
+            await asyncio.sleep(0.01)
+        assert ob.sent == 1 and api.calls == ["答案", "答案"] and ob.retries == 1
+    finally:
+        await ob.close()
+        store.close()
+        close_env(tmp_path / "edge.lmdb")
+
+
+def test_queue_keys_stay_ordered_when_the_clock_steps_back(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = outbox._keyfor("u")
+    monkeypatch.setattr(time, "time_ns", lambda: 1)  # wall clock far in the past
+    assert outbox._keyfor("u") > first

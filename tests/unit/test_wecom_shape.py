@@ -164,3 +164,32 @@ def test_progressive_never_releases_an_open_code_block() -> None:
 def test_progressive_short_answer_equals_whole_mode() -> None:
     md = "简短的回答。\n\n第二段。"
     assert [m for b in _stream(md, 3, Progressive(min_bytes=600)) for m in b] == shape_answer(md)
+
+
+def test_hostile_inline_markdown_is_bounded_and_loses_nothing() -> None:
+    """Unclosed brackets/emphasis used to make the inline regexes quadratic (seconds per answer)."""
+    for unit in ("[a](", "![a](", "**a ", "_a ", "~~a ", "[", "`"):
+        md = "\n".join([unit * (3990 // len(unit))] * 3) + "\n\n" + unit * 20000
+        parts = shape_answer(md)
+        assert all(nbytes(p) <= LIMIT for p in parts)
+        assert squash("".join(strip_numbers(parts))) == squash(to_plain(md))
+
+
+def test_placeholder_bytes_in_llm_output_are_harmless() -> None:
+    assert to_plain("a \x000\x00 b `x` \x019\x01 c") == "a 0 b x 9 c"
+
+
+def test_progressive_keeps_a_heading_with_its_paragraph_and_numbers_the_last() -> None:
+    prog = Progressive(min_bytes=100)
+    out = prog.feed("正文。" * 80 + "\n\n## 小结\n\n") + prog.feed("小结的内容。" * 5 + "\n\n") + prog.finish()
+    assert len(out) == 2 and out[0].startswith("(1) ") and out[1].startswith("(2/2) 【小结】\n\n小结的内容")
+
+
+def test_progressive_streaming_stays_linear_in_a_long_code_block() -> None:
+    """Each line is scanned once (it used to rescan the buffer per blank line on every delta: minutes
+    for this input, now milliseconds; the suite's timeout guards it, no timing assertion here)."""
+    code = "```python\n" + "\n\n".join(f"x{i} = {i}" for i in range(2000)) + "\n```\n\n结束。"
+    prog = Progressive(min_bytes=100)
+    msgs = [m for i in range(0, len(code), 4) for m in prog.feed(code[i:i + 4])] + prog.finish()
+    assert prog._scan <= len(prog.buf) + 1
+    assert squash("".join(strip_numbers(msgs))) == squash(to_plain(code))
