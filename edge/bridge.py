@@ -48,6 +48,7 @@ class LiveTask:
     finished_at: float | None = None
     opts: dict[str, Any] | None = None
     created: bool = True  # False when submit() found this task already recorded (a retry)
+    cancel_requested: bool = False  # a stop was asked: (re)published until the task ends
     stored: asyncio.Future[None] = field(default_factory=lambda: _done_future())
 
     @property
@@ -237,6 +238,9 @@ class Bridge:
             return
         now = self._loop.time()
         for live in self.live.values():
+            if force and live.cancel_requested and live.finished_at is None:
+                self._publish_cancel(live)  # a stop asked while the broker link was down
+                continue
             if live.stream.state is wire.State.PENDING and live.finished_at is None and (
                 force or now - live.published_at >= self.s.edge.republish_s
             ):
@@ -247,11 +251,17 @@ class Bridge:
         live = self.live.get(tid)
         if live is None or live.rec.uid != uid or live.finished_at is not None:
             return False
-        if self._connected.is_set():
-            self._spawn(self.client.publish(wire.task_topic(uid), wire.encode(wire.Cancel(id=tid)), qos=1))
+        live.cancel_requested = True
+        self._publish_cancel(live)
         if live.stream.state is wire.State.PENDING:  # no node has it: end it here
             self._finish(live, "cancelled", None, None)
         return True
+
+    def _publish_cancel(self, live: LiveTask) -> None:
+        """Best effort now; if the broker link is down, ``_republish_pending`` sends it on reconnect."""
+        if self._connected.is_set():
+            self._spawn(self.client.publish(wire.task_topic(live.rec.uid), wire.encode(wire.Cancel(id=live.rec.id)),
+                                            qos=1))
 
     # ---- lookup / attach -------------------------------------------------------------------
     def get(self, tid: bytes) -> LiveTask | None:

@@ -206,3 +206,26 @@ async def test_node_cancelled_mid_answer_ends_promptly_and_leaves_nothing_runnin
             assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("task-")]
             assert sys_.fake.stats.active_streams == 0  # LM Studio's stream was closed
             sys_.node_task = None
+
+
+async def test_stop_while_broker_link_is_down_is_sent_on_reconnect(tmp_path: Path, pki_dir: Path) -> None:
+    """A stop asked while the edge's broker link is down is not lost: it goes out when the link is back
+    (the edge's reconnect republishes pending work), and the answer ends cancelled."""
+    from edge.keys import BRIDGE
+    cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=50)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
+        bridge = sys_.app[BRIDGE]
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "ask", "text": "long"})
+            task, _ = await _first_delta(ws)
+            bridge._connected.clear()  # the edge sees its broker link as down: nothing can be published
+            await ws.send_json({"type": "stop", "task": task})
+            await asyncio.sleep(0.5)
+            assert sys_.fake.stats.client_closed == 0  # the stop could not reach the node yet
+            bridge._connected.set()  # link back: what the session start does
+            bridge._republish_pending(force=True)
+            frames, done = await collect(ws, task, timeout=10)
+        assert done["status"] == "cancelled"
+        await wait_until(lambda: sys_.fake.stats.client_closed >= 1, 5)
