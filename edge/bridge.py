@@ -27,6 +27,8 @@ from .store import FINAL, TaskRecord, TaskStore
 
 log = logging.getLogger(__name__)
 
+NODE_LOST_MSG = "与服务器 B 的连接中断，本次回答未能完成，请重新提问。"
+
 
 def now_us() -> int:
     return time.time_ns() // 1000
@@ -80,6 +82,7 @@ class BridgeStats:
     gaps: int = 0
     bad_messages: int = 0
     late: int = 0
+    redispatched: int = 0  # tasks sent again because their node was lost before any text
     finished: dict[str, int] = field(default_factory=dict)
 
 
@@ -97,6 +100,7 @@ class Bridge:
         self._online = False
         self._loop = asyncio.get_event_loop()
         self.started_at = self._loop.time()  # presence is unknown until nodes had time to beat
+        self._lost: set[str] = set()  # nodes already handled as gone (until they beat online again)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -135,6 +139,7 @@ class Bridge:
         return any(n.state == "online" and n.last_seen >= horizon for n in self.nodes.values())
 
     def _update_presence(self) -> None:
+        self._check_lost_nodes()
         online = self._compute_online()
         if online != self._online:
             self._online = online
@@ -144,6 +149,36 @@ class Bridge:
                 sink.push(frame)
             if online:
                 self._republish_pending(force=True)
+
+    def _check_lost_nodes(self) -> None:
+        """A node is gone when it said so (offline beat, or its last will) or its beats stopped for
+        ``edge.node_timeout_s`` (this also catches a half-open connection). Its unfinished tasks then
+        end here instead of waiting forever (see ``_node_lost``)."""
+        horizon = self._loop.time() - self.s.edge.node_timeout_s
+        for nid, info in self.nodes.items():
+            gone = info.state == "offline" or info.last_seen < horizon
+            if gone and nid not in self._lost:
+                self._lost.add(nid)
+                self._node_lost(nid)
+            elif not gone:
+                self._lost.discard(nid)
+
+    def _node_lost(self, nid: str) -> None:
+        """Tasks the lost node had accepted: one that has shown no text yet goes back to pending and is
+        re-dispatched (the user sees nothing twice); one that has streamed text ends with a clear
+        ``node_lost`` error, keeping what was shown (re-running it would repeat that text)."""
+        for live in list(self.live.values()):
+            if live.finished_at is not None or live.rec.node != nid or live.stream.state is wire.State.PENDING:
+                continue
+            if live.stream.next_seq == 1 and live.stream.high == 0:
+                log.info("edge: node %s lost before task %s produced text; re-dispatching it", nid, live.hex[:8])
+                live.stream = wire.TaskStream(live.rec.id)
+                live.rec = self.store.update(live.rec.id, status="pending", node=None) or live.rec
+                self.stats.redispatched += 1
+                self._publish_task(live)
+            else:
+                log.warning("edge: node %s lost in the middle of task %s; ending it with an error", nid, live.hex[:8])
+                self._finish(live, "error", {"code": "node_lost", "msg": NODE_LOST_MSG}, None)
 
     async def _housekeeping(self) -> None:
         while True:

@@ -1,0 +1,136 @@
+"""Faults with real processes: server B's node runs as its own OS process (``claw node``) and is killed
+with SIGKILL mid-answer. Loopback only, bounded in time; each test asserts exactly one complete answer
+or one clear error, and no duplicated text."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from broker.creds import CredentialStore
+from edge.keys import BRIDGE
+from node.fakellm import FakeLLMConfig
+from tests.conftest import System, run_system, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")]
+
+
+@contextlib.contextmanager
+def node_process(sys_: System, pki: Path, data: Path, name: str = "k1") -> Iterator[subprocess.Popen[bytes]]:
+    """``claw node`` in its own process, configured through the environment (CLAW_SECTION__KEY)."""
+    user, password = CredentialStore(sys_.settings.data_dir).add("node", name, replace=True)
+    data.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CLAW_DATA_DIR": str(data), "CLAW_MQTT__HOST": "localhost",
+           "CLAW_MQTT__PORT": str(sys_.settings.mqtt.port), "CLAW_MQTT__TLS": "true",
+           "CLAW_MQTT__CA_FILE": str(pki / "ca.crt"), "CLAW_MQTT__USERNAME": user, "CLAW_MQTT__PASSWORD": password,
+           "CLAW_MQTT__RECONNECT_MIN": "0.1", "CLAW_MQTT__RECONNECT_MAX": "1", "CLAW_NODE__ID": name,
+           "CLAW_NODE__LLM_URL": sys_.fake.url, "CLAW_NODE__MODEL": "fake-model", "CLAW_NODE__BEAT_S": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from claw.cli import main; sys.exit(main())",
+                             "--log-level", "WARNING", "node"], env=env, cwd=str(data),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def ask(ws: aiohttp.ClientWebSocketResponse, text: str, *, until: str = "done",
+              timeout: float = 20) -> tuple[str, list[dict[str, Any]]]:
+    """Send an ask; return (task id, frames of that task) up to the first ``until`` frame."""
+    await ws.send_json({"type": "ask", "text": text})
+    task: str | None = None
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            f = await ws.receive_json()
+            if f["type"] == "accepted" and task is None:
+                task = f["task"]
+            if task is not None and f.get("task") == task:
+                frames.append(f)
+                if f["type"] == until or f["type"] == "done":
+                    return task, frames
+
+
+async def rest_of(ws: aiohttp.ClientWebSocketResponse, task: str, timeout: float = 20) -> list[dict[str, Any]]:
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            f = await ws.receive_json()
+            if f.get("task") == task:
+                frames.append(f)
+                if f["type"] == "done":
+                    return frames
+
+
+async def test_node_killed_mid_answer_gives_one_clear_error_and_the_restarted_node_answers(
+        tmp_path: Path, pki_dir: Path) -> None:
+    cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=40)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, start_node=False) as sys_, aiohttp.ClientSession() as s:
+        bridge = sys_.app[BRIDGE]
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
+            await ws.receive_json()  # node presence
+            with node_process(sys_, pki_dir, tmp_path / "b1") as proc:
+                await wait_until(lambda: bridge.node_online, 30)
+                task, frames = await ask(ws, "写一篇长文", until="delta")
+                os.kill(proc.pid, signal.SIGKILL)  # server B dies: no DISCONNECT, no done
+                t0 = asyncio.get_running_loop().time()
+                frames += await rest_of(ws, task, timeout=15)
+                lost_after = asyncio.get_running_loop().time() - t0
+            deltas = [f for f in frames if f["type"] == "delta"]
+            done = frames[-1]
+            assert done["status"] == "error" and done["error"]["code"] == "node_lost"
+            assert "服务器 B" in done["error"]["message"]
+            assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))  # no duplicate, no gap
+            assert done["text"] == "".join(d["text"] for d in deltas) and 0 < len(done["text"]) < 400 * 4
+            assert lost_after < sys_.settings.edge.node_timeout_s + 3
+            # B comes back (a new process on the same credentials' role): the next question is answered
+            with node_process(sys_, pki_dir, tmp_path / "b1", name="k2"):
+                await wait_until(lambda: bridge.node_online, 30)
+                cfg.n_tokens = 20
+                task2, frames2 = await ask(ws, "再问一次")
+            done2 = frames2[-1]
+            assert done2["status"] == "ok"
+            assert done2["text"] == "".join(f["text"] for f in frames2 if f["type"] == "delta")
+
+
+async def test_node_killed_before_any_text_the_task_is_re_run_by_the_next_node(tmp_path: Path,
+                                                                               pki_dir: Path) -> None:
+    cfg = FakeLLMConfig(ttft=30.0, n_tokens=10)  # accepted, but the first token never comes before the kill
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, start_node=False) as sys_, aiohttp.ClientSession() as s:
+        bridge = sys_.app[BRIDGE]
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
+            await ws.receive_json()
+            with node_process(sys_, pki_dir, tmp_path / "b1") as proc:
+                await wait_until(lambda: bridge.node_online, 30)
+                await ws.send_json({"type": "ask", "text": "你好"})
+                task = None
+                async with asyncio.timeout(15):
+                    while True:  # wait for the node's accept (queue 0 = running)
+                        f = await ws.receive_json()
+                        task = f.get("task", task)
+                        if f["type"] == "accepted" and bridge.get(bytes.fromhex(f["task"])).rec.node == "k1":
+                            break
+                os.kill(proc.pid, signal.SIGKILL)
+                await wait_until(lambda: bridge.get(bytes.fromhex(task)).rec.status == "pending", 15)
+            cfg.ttft = 0.0
+            with node_process(sys_, pki_dir, tmp_path / "b2", name="k2"):
+                frames = await rest_of(ws, task, timeout=30)
+        done = frames[-1]
+        deltas = [f for f in frames if f["type"] == "delta"]
+        assert done["status"] == "ok" and done["text"] == "".join(d["text"] for d in deltas)
+        assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+        assert bridge.stats.redispatched == 1
