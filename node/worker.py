@@ -26,6 +26,9 @@ from .llm import LLMError, list_models, stream_chat
 
 log = logging.getLogger(__name__)
 
+REPLY_LOG_MAX = 10_000  # finished answers kept for replay ...
+REPLY_LOG_BYTES = 32 * 1024 * 1024  # ... and at most this much of their text (characters)
+
 
 def now_us() -> int:
     return time.time_ns() // 1000
@@ -38,6 +41,7 @@ class _Run:
     job: asyncio.Task[None] | None = None
     started: bool = False
     cancelled: bool = False
+    chunks: list[str] = field(default_factory=list)  # text of every Delta published, seq = index + 1
 
 
 @dataclass
@@ -48,6 +52,7 @@ class NodeStats:
     cancelled: int = 0
     chunks: int = 0
     duplicates: int = 0
+    replays: int = 0  # tasks whose answer (so far) was sent again because the edge asked again
     bad_messages: int = 0
     reconnects: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
@@ -66,7 +71,10 @@ class Node:
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._runs: dict[bytes, _Run] = {}
-        self._recent: OrderedDict[bytes, str] = OrderedDict()  # finished task id -> status (dedup)
+        # finished tasks: id -> (chunks, Done), replayed when the edge sends the task again (it lost the
+        # stream, e.g. restarted); bounded by REPLY_LOG_MAX entries and REPLY_LOG_BYTES of text
+        self._recent: OrderedDict[bytes, tuple[list[str], wire.Done]] = OrderedDict()
+        self._recent_bytes = 0
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
         self._waiting: list[bytes] = []
         self._model: str | None = None
@@ -192,20 +200,37 @@ class Node:
         topic = wire.reply_topic(task.uid)
         if self._stopping and task.id not in self._runs:
             return  # not accepted: the edge re-sends it to a node that is up
-        if task.id in self._runs:  # republished while we have it: re-confirm
+        if task.id in self._runs:  # republished while we have it: re-confirm, replay what was sent
             self.stats.duplicates += 1
             run = self._runs[task.id]
             queue = 0 if run.started else self._position(task.id)
-            self._spawn_publish(topic, wire.Accept(id=task.id, node=self.id, queue=queue))
+            self._spawn_replay(topic, task.id, queue, list(run.chunks), None)
             return
-        if task.id in self._recent:  # already answered (issue: reply log + replay)
+        if task.id in self._recent:  # already answered: replay the whole answer (never run it twice)
             self.stats.duplicates += 1
+            chunks, done = self._recent[task.id]
+            self._spawn_replay(topic, task.id, 0, chunks, done)
             return
         self.stats.tasks += 1
         run = _Run(task, topic)
         self._runs[task.id] = run
         self._waiting.append(task.id)
         run.job = asyncio.create_task(self._run_task(run), name=f"task-{task.id.hex()[:8]}")
+
+    def _spawn_replay(self, topic: str, tid: bytes, queue: int, chunks: list[str], done: wire.Done | None) -> None:
+        """Accept, then every chunk sent so far (and the Done if finished): the edge's stream drops what
+        it has and fills its gaps (an edge that restarted mid-answer starts from seq 1 again)."""
+        if chunks or done is not None:
+            self.stats.replays += 1
+
+        async def go() -> None:
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                await self._publish(topic, wire.Accept(id=tid, node=self.id, queue=queue))
+                for seq, text in enumerate(chunks, 1):
+                    await self._publish(topic, wire.Delta(id=tid, seq=seq, text=text))
+                if done is not None:
+                    await self._publish(topic, done)
+        asyncio.create_task(go())
 
     def _position(self, task_id: bytes) -> int:
         try:
@@ -279,11 +304,16 @@ class Node:
                 await self._publish(run.topic, done)
         finally:
             self._runs.pop(task.id, None)
-            self._recent[task.id] = status
-            while len(self._recent) > 10000:
-                self._recent.popitem(last=False)
+            self._remember_reply(task.id, run.chunks[:seq], done)
             setattr(self.stats, status if status != "error" else "errors",
                     getattr(self.stats, status if status != "error" else "errors") + 1)
+
+    def _remember_reply(self, tid: bytes, chunks: list[str], done: wire.Done) -> None:
+        self._recent[tid] = (chunks, done)
+        self._recent_bytes += sum(len(c) for c in chunks)
+        while len(self._recent) > REPLY_LOG_MAX or self._recent_bytes > REPLY_LOG_BYTES:
+            _, (old, _) = self._recent.popitem(last=False)
+            self._recent_bytes -= sum(len(c) for c in old)
 
     async def _resolve_model(self) -> str:
         if self.cfg.model:
@@ -348,6 +378,7 @@ class Node:
                     if seq == 1:
                         timing["n_pub1"] = extra["n_pub"]
                         extra = {**timing, **extra}
+                    run.chunks.append(text)  # before the publish: a replay racing it must include it
                     await self._publish(topic, wire.Delta(id=task.id, seq=seq, text=text, timing=extra))
                     run.last_seq = seq  # type: ignore[attr-defined]
                     self.stats.chunks += 1

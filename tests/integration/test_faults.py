@@ -134,3 +134,100 @@ async def test_node_killed_before_any_text_the_task_is_re_run_by_the_next_node(t
         assert done["status"] == "ok" and done["text"] == "".join(d["text"] for d in deltas)
         assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
         assert bridge.stats.redispatched == 1
+
+
+@contextlib.contextmanager
+def edge_process(env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``claw edge`` (with its embedded broker) in its own process, configured through the environment."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from claw.cli import main; sys.exit(main())",
+                             "--log-level", "WARNING", "edge"], env={**os.environ, **env}, cwd=str(cwd),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def _health(s: aiohttp.ClientSession, http: str) -> dict[str, Any]:
+    try:
+        async with s.get(f"{http}/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r:
+            return await r.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return {}
+
+
+async def _wait_health(s: aiohttp.ClientSession, http: str, key: str, timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not (await _health(s, http)).get(key):
+        assert loop.time() < end, f"edge never reported {key}"
+        await asyncio.sleep(0.1)
+
+
+async def test_edge_killed_mid_answer_then_restarted_the_answer_completes_once(tmp_path: Path,
+                                                                               pki_dir: Path) -> None:
+    """kill -9 of server A (edge + embedded broker) mid-answer. The task is in LMDB; after the restart the
+    edge republishes it, the node (still generating) re-confirms and replays the chunks sent so far, and the
+    client resumes: one complete answer, every seq once."""
+    from claw.config import load_settings
+    from node.fakellm import run_fake_llm
+    from node.worker import Node
+    from tests.conftest import free_port, system_settings
+
+    cfg = FakeLLMConfig(n_tokens=240, tokens_per_s=40)  # ~6 s of generation
+    async with run_fake_llm(cfg) as fake, aiohttp.ClientSession() as s:
+        a_settings, tls_port = system_settings(tmp_path / "a", pki_dir, fake.url)
+        http_port = free_port()
+        user, password = CredentialStore(a_settings.data_dir).add("node", "t1", replace=True)
+        env = {"CLAW_DATA_DIR": str(tmp_path / "a"), "CLAW_BROKER__LISTEN": f"127.0.0.1:{tls_port}",
+               "CLAW_BROKER__LOCAL_LISTEN": "127.0.0.1:0", "CLAW_EDGE__HTTP": f"127.0.0.1:{http_port}",
+               "CLAW_EDGE__DEV_LOGIN": "true", "CLAW_EDGE__REPUBLISH_S": "1", "CLAW_EDGE__NODE_TIMEOUT_S": "3"}
+        http = f"http://127.0.0.1:{http_port}"
+        node_settings, _ = system_settings(tmp_path / "b", pki_dir, fake.url, mqtt={
+            "port": tls_port, "username": user, "password": password})
+        node = Node(load_settings(env={}, overrides={**_builtins(node_settings)}))
+        node_task: asyncio.Task[None] | None = None
+        try:
+            with edge_process(env, tmp_path) as edge:
+                await _wait_health(s, http, "mqtt")
+                node_task = asyncio.create_task(node.run())
+                await _wait_health(s, http, "node_online")
+                async with s.post(f"{http}/api/login", json={"dev_user": "alice"}) as r:
+                    token = (await r.json())["token"]
+                async with s.ws_connect(f"{http}/api/ws", params={"token": token}) as ws:
+                    await ws.receive_json()
+                    await ws.send_json({"type": "ask", "text": "长一点的回答"})
+                    task, before = None, []
+                    async with asyncio.timeout(15):
+                        while len([f for f in before if f["type"] == "delta"]) < 3:
+                            f = await ws.receive_json()
+                            task = f.get("task", task)
+                            if f.get("task") == task:
+                                before.append(f)
+                    edge.kill()  # SIGKILL: no shutdown, the broker dies with it
+                    edge.wait(10)
+            seen = [f for f in before if f["type"] == "delta"]
+            with edge_process(env, tmp_path):
+                await _wait_health(s, http, "node_online")
+                async with s.ws_connect(f"{http}/api/ws", params={"token": token}) as ws:
+                    await ws.receive_json()
+                    await ws.send_json({"type": "resume", "task": task, "seq": seen[-1]["seq"]})
+                    after = await rest_of(ws, task, timeout=30)
+        finally:
+            if node_task is not None:
+                node_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await node_task
+    deltas = seen + [f for f in after if f["type"] == "delta"]
+    done = after[-1]
+    assert done["status"] == "ok", done
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))  # every chunk once, in order
+    assert done["text"] == "".join(d["text"] for d in deltas) and len(done["text"]) == 240 * 4
+    assert node.stats.replays >= 1
+
+
+def _builtins(settings: Any) -> dict[str, Any]:
+    import msgspec
+    return msgspec.to_builtins(settings)
