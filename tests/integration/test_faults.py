@@ -231,3 +231,94 @@ async def test_edge_killed_mid_answer_then_restarted_the_answer_completes_once(t
 def _builtins(settings: Any) -> dict[str, Any]:
     import msgspec
     return msgspec.to_builtins(settings)
+
+
+class BlackholeProxy:
+    """A TCP proxy on 127.0.0.1 between node and broker. ``blackhole()`` silently stops forwarding on the
+    open connections (no FIN, no RST: a half-open link, as when a NAT drops its mapping); new
+    connections made after it are forwarded normally ("restored")."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+        self.holes: list[asyncio.Event] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def blackhole(self) -> None:
+        for ev in self.holes:
+            ev.set()
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hole = asyncio.Event()
+        self.holes.append(hole)
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    if hole.is_set():
+                        continue  # swallowed: the peer never hears of it
+                    dst.write(data)
+                    await dst.drain()
+            if not hole.is_set():
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_link_blackholed_mid_answer_gives_one_clear_error_then_recovers(tmp_path: Path, pki_dir: Path) -> None:
+    """The A↔B link goes silent mid-answer without a close: within edge.node_timeout_s the user gets the
+    text so far and one `node_lost` error (nothing hangs); the node notices by its keepalive, reconnects
+    over a fresh connection, and the next question is answered."""
+    from node.worker import Node
+    from tests.conftest import system_settings
+
+    cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=40)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, start_node=False) as sys_, aiohttp.ClientSession() as s:
+        bridge = sys_.app[BRIDGE]
+        proxy = BlackholeProxy(sys_.settings.mqtt.port)
+        await proxy.start()
+        user, password = CredentialStore(sys_.settings.data_dir).add("node", "p1", replace=True)
+        node_settings, _ = system_settings(tmp_path / "bp", pki_dir, sys_.fake.url, mqtt={
+            "port": proxy.port, "username": user, "password": password, "keepalive": 5},
+            node={"id": "p1"})
+        node = Node(node_settings)
+        node_task = asyncio.create_task(node.run())
+        try:
+            await wait_until(lambda: bridge.node_online, 15)
+            token = await sys_.login(s)
+            async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
+                await ws.receive_json()
+                task, frames = await ask(ws, "写一篇长文", until="delta")
+                proxy.blackhole()
+                t0 = asyncio.get_running_loop().time()
+                frames += await rest_of(ws, task, timeout=20)
+                lost_after = asyncio.get_running_loop().time() - t0
+                deltas = [f for f in frames if f["type"] == "delta"]
+                done = frames[-1]
+                assert done["status"] == "error" and done["error"]["code"] == "node_lost"
+                assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+                assert done["text"] == "".join(d["text"] for d in deltas)
+                assert lost_after < sys_.settings.edge.node_timeout_s + 2
+                await wait_until(lambda: node.stats.reconnects >= 1 and bridge.node_online, 30)
+                cfg.n_tokens = 20
+                task2, frames2 = await ask(ws, "恢复了吗")
+                assert frames2[-1]["status"] == "ok"
+                assert frames2[-1]["text"] == "".join(f["text"] for f in frames2 if f["type"] == "delta")
+        finally:
+            node_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await node_task
+            await proxy.close()
