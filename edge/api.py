@@ -133,11 +133,14 @@ class WsSession:
         self.uid = uid
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(WS_QUEUE)
         self.overflowed = False
+        self.floor: dict[str, int] = {}  # task -> the seq this client resumed from (it has everything up to it)
         self.writer = asyncio.create_task(self._write())
 
     def push(self, frame: dict[str, Any]) -> None:
         if self.overflowed:
             return
+        if self.floor and frame["type"] == "delta" and frame["seq"] <= self.floor.get(frame["task"], 0):
+            return  # replayed by the node after an edge restart: this client has it already
         try:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
@@ -277,6 +280,7 @@ def _resume(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[s
         return
     live = bridge.get(tid)
     if live is not None and live.rec.uid == sess.uid:
+        sess.floor[live.hex] = seq
         bridge.attach(live, sess)
         _replay(live, sess, seq)
         return

@@ -51,6 +51,7 @@ class LiveTask:
     opts: dict[str, Any] | None = None
     created: bool = True  # False when submit() found this task already recorded (a retry)
     cancel_requested: bool = False  # a stop was asked: (re)published until the task ends
+    shown: list[str] | None = None  # after an edge restart: the chunks users may have seen before it
     stored: asyncio.Future[None] = field(default_factory=lambda: _done_future())
 
     @property
@@ -105,7 +106,7 @@ class Bridge:
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         for rec in self.store.unfinished():  # after a restart: pick up what was in flight
-            self.live[rec.id] = LiveTask(rec, wire.TaskStream(rec.id))
+            self.live[rec.id] = LiveTask(rec, wire.TaskStream(rec.id), shown=self.store.chunk_texts(rec.id) or None)
         if self.live:
             log.info("edge: %d unfinished task(s) from the store will be re-dispatched", len(self.live))
         backoff = Backoff(self.s.mqtt.reconnect_min, self.s.mqtt.reconnect_max)
@@ -350,6 +351,18 @@ class Bridge:
 
     def _on_event(self, live: LiveTask, ev: wire.Event) -> None:
         if isinstance(ev, wire.Text):
+            if live.shown is not None and ev.seq <= len(live.shown):
+                if ev.text != live.shown[ev.seq - 1]:
+                    # Not a replay: another run of the task (its node restarted too). Its text differs from
+                    # what users saw before the edge restarted; splicing the two would garble the answer.
+                    log.warning("edge: task %s was run again after a restart; ending it with an error", live.hex[:8])
+                    self._finish(live, "error", {"code": "node_lost", "msg": NODE_LOST_MSG}, None,
+                                 text="".join(live.shown))
+                    return
+                if ev.seq == len(live.shown):
+                    live.shown = None  # the replay caught up: from here on it is one stream again
+            else:
+                self.store.add_chunk(live.rec.id, ev.seq, ev.text)
             frame = {"type": "delta", "task": live.hex, "seq": ev.seq, "text": ev.text}
             traced = frame
             if live.trace and ev.timing is not None:
@@ -377,11 +390,14 @@ class Bridge:
             self.stats.late += 1
 
     def _finish(self, live: LiveTask, status: str, err: dict[str, str] | None,
-                usage: dict[str, int] | None, timing: dict[str, int] | None = None) -> None:
+                usage: dict[str, int] | None, timing: dict[str, int] | None = None,
+                text: str | None = None) -> None:
         if live.finished_at is not None:
             return
         live.finished_at = self._loop.time()
-        text = live.stream.text
+        if text is None:
+            text = live.stream.text
+        self.store.drop_chunks(live.rec.id)
         live.rec = self.store.update(live.rec.id, status=status, answer=text, err=err, usage=usage) or live.rec
         self.stats.finished[status] = self.stats.finished.get(status, 0) + 1
         frame: dict[str, Any] = {"type": "done", "task": live.hex, "seq": live.stream.next_seq - 1,

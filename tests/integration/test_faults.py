@@ -322,3 +322,55 @@ async def test_link_blackholed_mid_answer_gives_one_clear_error_then_recovers(tm
             with contextlib.suppress(asyncio.CancelledError):
                 await node_task
             await proxy.close()
+
+
+async def test_edge_and_node_both_killed_mid_answer_never_splice_two_runs(tmp_path: Path, pki_dir: Path) -> None:
+    """kill -9 of A and B together mid-answer, both restarted. The new node has no memory of the task and
+    runs it again; its text differs from what the user saw. The edge kept the chunks shown (LMDB), sees
+    the difference on the first re-sent chunk and ends the task with one `node_lost` error carrying the
+    text the user already has: never a garbled answer, never text twice."""
+    import types
+
+    from claw.config import load_settings
+    from node.fakellm import run_fake_llm
+    from tests.conftest import free_port, system_settings
+
+    cfg = FakeLLMConfig(n_tokens=240, tokens_per_s=40, reply="第一次运行的回答。" * 60)
+    async with run_fake_llm(cfg) as fake, aiohttp.ClientSession() as s:
+        a_settings, tls_port = system_settings(tmp_path / "a", pki_dir, fake.url)
+        http_port = free_port()
+        env = {"CLAW_DATA_DIR": str(tmp_path / "a"), "CLAW_BROKER__LISTEN": f"127.0.0.1:{tls_port}",
+               "CLAW_BROKER__LOCAL_LISTEN": "127.0.0.1:0", "CLAW_EDGE__HTTP": f"127.0.0.1:{http_port}",
+               "CLAW_EDGE__DEV_LOGIN": "true", "CLAW_EDGE__REPUBLISH_S": "1", "CLAW_EDGE__NODE_TIMEOUT_S": "3"}
+        http = f"http://127.0.0.1:{http_port}"
+        fake_sys: Any = types.SimpleNamespace(settings=load_settings(env={}, overrides={
+            "data_dir": str(tmp_path / "a"), "mqtt": {"port": tls_port}}), fake=fake)
+        with edge_process(env, tmp_path) as edge, node_process(fake_sys, pki_dir, tmp_path / "b") as node:
+            await _wait_health(s, http, "node_online")
+            async with s.post(f"{http}/api/login", json={"dev_user": "bob"}) as r:
+                token = (await r.json())["token"]
+            async with s.ws_connect(f"{http}/api/ws", params={"token": token}) as ws:
+                await ws.receive_json()
+                task, before = await ask(ws, "长一点的回答", until="delta")
+                async with asyncio.timeout(10):
+                    while len([f for f in before if f["type"] == "delta"]) < 3:
+                        f = await ws.receive_json()
+                        if f.get("task") == task:
+                            before.append(f)
+                node.kill()
+                edge.kill()
+                node.wait(10)
+                edge.wait(10)
+        seen = [f for f in before if f["type"] == "delta"]
+        cfg.reply = "第二次运行的不同回答。" * 60  # a real model never says the same thing twice
+        with edge_process(env, tmp_path), node_process(fake_sys, pki_dir, tmp_path / "b", name="k2"):
+            await _wait_health(s, http, "node_online")
+            async with s.ws_connect(f"{http}/api/ws", params={"token": token}) as ws:
+                await ws.receive_json()
+                await ws.send_json({"type": "resume", "task": task, "seq": seen[-1]["seq"]})
+                after = await rest_of(ws, task, timeout=30)
+    done = after[-1]
+    shown = "".join(d["text"] for d in seen)
+    assert done["status"] == "error" and done["error"]["code"] == "node_lost", done
+    assert done["text"] == shown  # what the user saw, and nothing of the second run spliced in
+    assert not [f for f in after if f["type"] == "delta" and "第二次" in f["text"]]
