@@ -21,6 +21,7 @@ from broker.creds import CredentialStore
 from edge.keys import BRIDGE
 from node.fakellm import FakeLLMConfig
 from tests.conftest import System, run_system, wait_until
+from tests.integration.test_e2e import collect
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")]
 
@@ -30,13 +31,20 @@ def node_process(sys_: System, pki: Path, data: Path, name: str = "k1") -> Itera
     """``claw node`` in its own process, configured through the environment (CLAW_SECTION__KEY)."""
     user, password = CredentialStore(sys_.settings.data_dir).add("node", name, replace=True)
     data.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "CLAW_DATA_DIR": str(data), "CLAW_MQTT__HOST": "localhost",
+    env = {"CLAW_DATA_DIR": str(data), "CLAW_MQTT__HOST": "localhost",
            "CLAW_MQTT__PORT": str(sys_.settings.mqtt.port), "CLAW_MQTT__TLS": "true",
            "CLAW_MQTT__CA_FILE": str(pki / "ca.crt"), "CLAW_MQTT__USERNAME": user, "CLAW_MQTT__PASSWORD": password,
            "CLAW_MQTT__RECONNECT_MIN": "0.1", "CLAW_MQTT__RECONNECT_MAX": "1", "CLAW_NODE__ID": name,
            "CLAW_NODE__LLM_URL": sys_.fake.url, "CLAW_NODE__MODEL": "fake-model", "CLAW_NODE__BEAT_S": "0.5"}
+    with claw_process("node", env, data) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def claw_process(command: str, env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``claw <command>`` in its own OS process (killed on exit if still running)."""
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from claw.cli import main; sys.exit(main())",
-                             "--log-level", "WARNING", "node"], env=env, cwd=str(data),
+                             "--log-level", "WARNING", command], env={**os.environ, **env}, cwd=str(cwd),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         yield proc
@@ -64,14 +72,7 @@ async def ask(ws: aiohttp.ClientWebSocketResponse, text: str, *, until: str = "d
 
 
 async def rest_of(ws: aiohttp.ClientWebSocketResponse, task: str, timeout: float = 20) -> list[dict[str, Any]]:
-    frames: list[dict[str, Any]] = []
-    async with asyncio.timeout(timeout):
-        while True:
-            f = await ws.receive_json()
-            if f.get("task") == task:
-                frames.append(f)
-                if f["type"] == "done":
-                    return frames
+    return (await collect(ws, task, timeout=timeout))[0]
 
 
 async def test_node_killed_mid_answer_gives_one_clear_error_and_the_restarted_node_answers(
@@ -139,15 +140,8 @@ async def test_node_killed_before_any_text_the_task_is_re_run_by_the_next_node(t
 @contextlib.contextmanager
 def edge_process(env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``claw edge`` (with its embedded broker) in its own process, configured through the environment."""
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from claw.cli import main; sys.exit(main())",
-                             "--log-level", "WARNING", "edge"], env={**os.environ, **env}, cwd=str(cwd),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with claw_process("edge", env, cwd) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
 
 
 async def _health(s: aiohttp.ClientSession, http: str) -> dict[str, Any]:
