@@ -14,20 +14,25 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import aiomqtt
+import cbor2
 import httpx
 
 import wire
 from claw.config import Settings
 from claw.mqtt import Backoff, client_from_settings, run_forever
+from claw.store import Writer, open_env
 
 from .llm import LLMError, list_models, stream_chat
 
 log = logging.getLogger(__name__)
 
-REPLY_LOG_MAX = 10_000  # finished answers kept for replay ...
-REPLY_LOG_BYTES = 32 * 1024 * 1024  # ... and at most this much of their text (characters)
+REPLY_LOG_MAX = 10_000  # finished answers kept for replay (in memory and in node.lmdb) ...
+REPLY_LOG_BYTES = 32 * 1024 * 1024  # ... in memory at most this much of their text (characters) ...
+REPLY_LOG_AGE_S = 86_400  # ... and in node.lmdb for at most this long
 
 
 def now_us() -> int:
@@ -83,6 +88,9 @@ class Node:
         self._history: dict[tuple[str, str], list[dict[str, str]]] = {}
         self._stopping = False
         self.state = "online"
+        self._log_env: Any = None  # node.lmdb: the reply log, so a restarted node replays instead of re-running
+        self._log_db: Any = None
+        self._writer: Writer | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -94,6 +102,8 @@ class Node:
                                             will=will)
         log.info("node %s: starting; LLM at %s; broker %s:%s (tls=%s)", self.id, self.cfg.llm_url,
                  self.s.mqtt.host, self.s.mqtt.port, self.s.mqtt.tls)
+        self._open_reply_log()
+        pruner = asyncio.create_task(self._prune_loop())
         try:
             await run_forever(self._client, self._session, name=f"node {self.id}",
                               backoff=Backoff(self.s.mqtt.reconnect_min, self.s.mqtt.reconnect_max),
@@ -107,6 +117,10 @@ class Node:
                 job.cancel()
             if jobs:
                 await asyncio.wait(jobs, timeout=5)
+            pruner.cancel()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
             if self._own_http and self._http is not None:
                 await self._http.aclose()
 
@@ -206,9 +220,10 @@ class Node:
             queue = 0 if run.started else self._position(task.id)
             self._spawn_replay(topic, task.id, queue, list(run.chunks), None)
             return
-        if task.id in self._recent:  # already answered: replay the whole answer (never run it twice)
+        stored = self._recent.get(task.id) or self._stored_reply(task.id)
+        if stored is not None:  # already answered (maybe before a restart): replay it, never run it twice
             self.stats.duplicates += 1
-            chunks, done = self._recent[task.id]
+            chunks, done = stored
             self._spawn_replay(topic, task.id, 0, chunks, done)
             return
         self.stats.tasks += 1
@@ -308,7 +323,62 @@ class Node:
             setattr(self.stats, status if status != "error" else "errors",
                     getattr(self.stats, status if status != "error" else "errors") + 1)
 
+    # ---- reply log (memory + node.lmdb) -----------------------------------------------------
+    def _open_reply_log(self) -> None:
+        if self._writer is not None:
+            return
+        self._log_env = open_env(Path(self.s.data_dir) / "node.lmdb", max_dbs=2)
+        self._log_db = self._log_env.open_db(b"replies")
+        self._writer = Writer(self._log_env, name="node-lmdb-writer")
+
+    def _stored_reply(self, tid: bytes) -> tuple[list[str], wire.Done] | None:
+        if self._log_env is None:
+            return None
+        with self._log_env.begin(db=self._log_db) as txn:
+            raw = txn.get(tid)
+        if raw is None:
+            return None
+        try:
+            d = cbor2.loads(raw)
+            done = wire.decode(d["d"])
+            assert isinstance(done, wire.Done)
+            return [str(c) for c in d["c"]], done
+        except Exception:  # noqa: BLE001 - a damaged entry is a miss (the task then runs again)
+            return None
+
+    async def _prune_loop(self) -> None:
+        """At start and hourly: forget replies older than REPLY_LOG_AGE_S, and the oldest beyond
+        REPLY_LOG_MAX (the edge gives up re-sending long before)."""
+        while True:
+            with contextlib.suppress(Exception):
+                old = await asyncio.to_thread(self._prune_scan)
+                if old and self._writer is not None:
+                    db = self._log_db
+
+                    def op(txn: Any) -> None:
+                        for k in old:
+                            txn.delete(k, db=db)
+
+                    await self._writer.write(op)
+            await asyncio.sleep(3600)
+
+    def _prune_scan(self) -> list[bytes]:
+        horizon = time.time() - REPLY_LOG_AGE_S
+        entries: list[tuple[float, bytes]] = []
+        with self._log_env.begin(db=self._log_db) as txn:
+            for k, raw in txn.cursor():
+                try:
+                    entries.append((float(cbor2.loads(raw)["t"]), bytes(k)))
+                except Exception:  # noqa: BLE001
+                    entries.append((0.0, bytes(k)))
+        entries.sort()
+        excess = max(0, len(entries) - REPLY_LOG_MAX)
+        return [k for i, (t, k) in enumerate(entries) if i < excess or t < horizon]
+
     def _remember_reply(self, tid: bytes, chunks: list[str], done: wire.Done) -> None:
+        if self._writer is not None:
+            raw, db = cbor2.dumps({"c": chunks, "d": wire.encode(done), "t": time.time()}), self._log_db
+            self._writer.submit(lambda txn: txn.put(tid, raw, db=db))
         self._recent[tid] = (chunks, done)
         self._recent_bytes += sum(len(c) for c in chunks)
         while len(self._recent) > REPLY_LOG_MAX or self._recent_bytes > REPLY_LOG_BYTES:

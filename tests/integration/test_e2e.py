@@ -229,3 +229,31 @@ async def test_stop_while_broker_link_is_down_is_sent_on_reconnect(tmp_path: Pat
             frames, done = await collect(ws, task, timeout=10)
         assert done["status"] == "cancelled"
         await wait_until(lambda: sys_.fake.stats.client_closed >= 1, 5)
+
+
+async def test_restarted_node_replays_a_finished_answer_from_its_lmdb_log(tmp_path: Path, pki_dir: Path) -> None:
+    """The reply log survives a node restart: a task sent again after the node restarted is answered from
+    node.lmdb (accept, every delta, done), not generated a second time."""
+    from edge.keys import BRIDGE
+    from node.worker import Node
+    cfg = FakeLLMConfig(n_tokens=30, tokens_per_s=300)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
+        bridge = sys_.app[BRIDGE]
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "ask", "text": "记住我"})
+            frames, done = await collect(ws)
+        assert done["status"] == "ok"
+        assert sys_.node_task is not None
+        sys_.node_task.cancel()
+        await asyncio.wait([sys_.node_task], timeout=8)
+        requests = sys_.fake.stats.chat_requests
+        sys_.node = Node(sys_.node.s)  # server B restarted: a new process on the same data dir
+        sys_.node_task = asyncio.create_task(sys_.node.run())
+        await wait_until(lambda: sys_.node._connected.is_set(), 10)
+        live = bridge.get(bytes.fromhex(done["task"]))
+        assert live is not None
+        bridge._publish_task(live)  # the edge sends the finished task again (as after losing its stream)
+        await wait_until(lambda: sys_.node.stats.replays == 1, 10)
+        assert sys_.fake.stats.chat_requests == requests  # replayed, not generated again
