@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -102,11 +103,17 @@ class Bridge:
         self._loop = asyncio.get_event_loop()
         self.started_at = self._loop.time()  # presence is unknown until nodes had time to beat
         self._lost: set[str] = set()  # nodes already handled as gone (until they beat online again)
+        # Per user, the tasks not yet accepted, oldest first. Only the oldest is sent to the nodes, the next
+        # once a node has accepted it: a user's tasks reach the node in the order asked whatever the broker
+        # does with a burst (with amqtt, a 1000-task burst arrived partly rotated).
+        self._queues: dict[str, deque[LiveTask]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
-        for rec in self.store.unfinished():  # after a restart: pick up what was in flight
-            self.live[rec.id] = LiveTask(rec, wire.TaskStream(rec.id), shown=self.store.chunk_texts(rec.id) or None)
+        for rec in sorted(self.store.unfinished(), key=lambda r: r.ts):  # after a restart: what was in flight
+            live = LiveTask(rec, wire.TaskStream(rec.id), shown=self.store.chunk_texts(rec.id) or None)
+            self.live[rec.id] = live
+            self._queues.setdefault(rec.uid, deque()).append(live)
         if self.live:
             log.info("edge: %d unfinished task(s) from the store will be re-dispatched", len(self.live))
         backoff = Backoff(self.s.mqtt.reconnect_min, self.s.mqtt.reconnect_max)
@@ -176,6 +183,7 @@ class Bridge:
                 live.stream = wire.TaskStream(live.rec.id)
                 live.rec = self.store.update(live.rec.id, status="pending", node=None) or live.rec
                 self.stats.redispatched += 1
+                self._queues.setdefault(live.rec.uid, deque()).appendleft(live)
                 self._publish_task(live)
             else:
                 log.warning("edge: node %s lost in the middle of task %s; ending it with an error", nid, live.hex[:8])
@@ -235,8 +243,26 @@ class Bridge:
             old = self.get(stored.id) or self._revive(stored)
             old.created = False
             return old
-        self._publish_task(live)
+        self._queues.setdefault(uid, deque()).append(live)
+        if self._head(uid) is live:
+            self._publish_task(live)
         return live
+
+    def _head(self, uid: str) -> LiveTask | None:
+        """The user's oldest task no node has accepted yet (the only one of theirs being sent)."""
+        q = self._queues.get(uid)
+        while q and (q[0].finished_at is not None or q[0].stream.state is not wire.State.PENDING):
+            q.popleft()
+        if not q:
+            self._queues.pop(uid, None)
+            return None
+        return q[0]
+
+    def _next(self, uid: str) -> None:
+        """A task of ``uid`` left pending (accepted or finished): send the user's next one."""
+        head = self._head(uid)
+        if head is not None and head.published_at == 0.0:
+            self._publish_task(head)
 
     def _revive(self, rec: TaskRecord) -> LiveTask:
         live = LiveTask(rec, wire.TaskStream(rec.id))
@@ -270,16 +296,16 @@ class Bridge:
         asyncio.ensure_future(go())
 
     def _republish_pending(self, force: bool = False) -> None:
-        if not self._connected.is_set():
-            return
+        if not self._connected.is_set() or (not force and not self._online):
+            return  # while no node is online, re-sending is pointless load; a node coming online forces it
         now = self._loop.time()
-        for live in self.live.values():
-            if force and live.cancel_requested and live.finished_at is None:
-                self._publish_cancel(live)  # a stop asked while the broker link was down
-                continue
-            if live.stream.state is wire.State.PENDING and live.finished_at is None and (
-                force or now - live.published_at >= self.s.edge.republish_s
-            ):
+        if force:
+            for live in self.live.values():
+                if live.cancel_requested and live.finished_at is None:
+                    self._publish_cancel(live)  # a stop asked while the broker link was down
+        for uid in list(self._queues):
+            live = self._head(uid)
+            if live is not None and (force or now - live.published_at >= self.s.edge.republish_s):
                 self.stats.republished += 1
                 self._publish_task(live)
 
@@ -375,6 +401,7 @@ class Bridge:
         elif isinstance(ev, wire.Accepted):
             if live.rec.status == "pending":
                 live.rec = self.store.update(live.rec.id, status="accepted", node=ev.node) or live.rec
+            self._next(live.rec.uid)
             frame = {"type": "accepted", "task": live.hex, "queue": ev.queue}
             for sink in live.sinks:
                 sink.push(frame)
@@ -399,6 +426,7 @@ class Bridge:
             text = live.stream.text
         self.store.drop_chunks(live.rec.id)
         live.rec = self.store.update(live.rec.id, status=status, answer=text, err=err, usage=usage) or live.rec
+        self._next(live.rec.uid)
         self.stats.finished[status] = self.stats.finished.get(status, 0) + 1
         frame: dict[str, Any] = {"type": "done", "task": live.hex, "seq": live.stream.next_seq - 1,
                                  "status": status, "text": text}

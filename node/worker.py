@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ class _Run:
     started: bool = False
     cancelled: bool = False
     chunks: list[str] = field(default_factory=list)  # text of every Delta published, seq = index + 1
+    turn: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is this user's turn
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Node:
         self._recent: OrderedDict[bytes, tuple[list[str], wire.Done]] = OrderedDict()
         self._recent_bytes = 0
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
+        self._turns: dict[str, deque[_Run]] = {}  # uid -> its tasks in arrival order; the first one runs
         self._waiting: list[bytes] = []
         self._model: str | None = None
         self._model_at = 0.0
@@ -230,6 +232,10 @@ class Node:
         run = _Run(task, topic)
         self._runs[task.id] = run
         self._waiting.append(task.id)
+        turns = self._turns.setdefault(task.uid, deque())
+        turns.append(run)
+        if len(turns) == 1:
+            run.turn.set()
         run.job = asyncio.create_task(self._run_task(run), name=f"task-{task.id.hex()[:8]}")
 
     def _spawn_replay(self, topic: str, tid: bytes, queue: int, chunks: list[str], done: wire.Done | None) -> None:
@@ -246,6 +252,18 @@ class Node:
                 if done is not None:
                     await self._publish(topic, done)
         asyncio.create_task(go())
+
+    def _next_turn(self, run: _Run) -> None:
+        """``run`` is over (done, failed or cancelled while waiting): the user's next task may start."""
+        turns = self._turns.get(run.task.uid)
+        if turns is None:
+            return
+        with contextlib.suppress(ValueError):
+            turns.remove(run)
+        if turns:
+            turns[0].turn.set()
+        else:
+            del self._turns[run.task.uid]
 
     def _position(self, task_id: bytes) -> int:
         try:
@@ -283,8 +301,11 @@ class Node:
         status, err, seq, usage = "ok", None, 0, None
         timing: dict[str, int] = {"n_rx": t_rx}
         try:
-            queued = self._position(task.id) if self._slots.locked() else 0
+            queued = self._position(task.id) if self._slots.locked() or not run.turn.is_set() else 0
             await self._publish(run.topic, wire.Accept(id=task.id, node=self.id, queue=queued))
+            # One answer at a time per user, in the order the tasks arrived (a user's answers never
+            # overtake each other, and one user cannot take every slot); then a free slot.
+            await run.turn.wait()
             async with self._slots:
                 self._waiting.remove(task.id)
                 run.started = True
@@ -308,6 +329,7 @@ class Node:
         finally:
             if task.id in self._waiting:
                 self._waiting.remove(task.id)
+            self._next_turn(run)
         timing["n_done"] = now_us()
         done = wire.Done(id=task.id, seq=seq, status=status, err=err, usage=usage, timing=timing)  # type: ignore[arg-type]
         try:

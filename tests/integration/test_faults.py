@@ -368,3 +368,53 @@ async def test_edge_and_node_both_killed_mid_answer_never_splice_two_runs(tmp_pa
     assert done["status"] == "error" and done["error"]["code"] == "node_lost", done
     assert done["text"] == shown  # what the user saw, and nothing of the second run spliced in
     assert not [f for f in after if f["type"] == "delta" and "第二次" in f["text"]]
+
+
+async def test_1000_tasks_from_50_users_queued_while_node_offline_all_answered_in_order(
+        tmp_path: Path, pki_dir: Path) -> None:
+    """1000 questions (50 users x 20, the per-user limit) asked while B is down wait at the edge; B comes
+    back; every one is answered, completely, and each user's answers come in the order asked."""
+    import time as _time
+    users, per_user = 50, 20
+    cfg = FakeLLMConfig(n_tokens=6, tokens_per_s=0)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, start_node=False,
+                          node={"concurrency": 8}) as sys_, aiohttp.ClientSession() as s:
+        bridge = sys_.app[BRIDGE]
+        sockets = []
+        for u in range(users):
+            token = await sys_.login(s, f"drill{u:02d}")
+            ws = await s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0)
+            assert (await ws.receive_json()) == {"type": "node", "online": False}
+            sockets.append(ws)
+        asked: list[list[str]] = [[] for _ in range(users)]
+        for q in range(per_user):
+            for u, ws in enumerate(sockets):
+                await ws.send_json({"type": "ask", "text": f"用户{u}的第{q}个问题"})
+        for u, ws in enumerate(sockets):  # every ask is acknowledged (stored) before B is back
+            while len(asked[u]) < per_user:
+                f = await ws.receive_json()
+                if f["type"] == "node":
+                    continue
+                assert f["type"] == "accepted", f
+                asked[u].append(f["task"])
+        assert len(bridge.live) == users * per_user
+        t0 = _time.monotonic()
+        sys_.node_task = asyncio.create_task(sys_.node.run())  # server B comes back
+
+        async def answers(u: int, ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+            done: list[dict[str, Any]] = []
+            async with asyncio.timeout(120):
+                while len(done) < per_user:
+                    f = await ws.receive_json()
+                    if f["type"] == "done":
+                        done.append(f)
+            return done
+
+        results = await asyncio.gather(*(answers(u, ws) for u, ws in enumerate(sockets)))
+        drained = _time.monotonic() - t0
+        for u, done in enumerate(results):
+            assert [d["task"] for d in done] == asked[u]  # this user's answers, in the order asked
+            assert all(d["status"] == "ok" and len(d["text"]) == 6 * 4 for d in done)
+        for ws in sockets:
+            await ws.close()
+        print(f"\n1000 queued tasks answered {drained:.1f} s after the node came back")
