@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 MAX_ASK_CHARS = 8000
-WS_QUEUE = 1024  # frames buffered per WebSocket before it is judged too slow and closed
+WS_QUEUE = 1024  # frames buffered per WebSocket before it is judged too slow and closed ...
+WS_QUEUE_CHARS = 2 * 1024 * 1024  # ... or this many characters of text (≤ 6 MB of UTF-8) in them
 _json = msgspec.json.Encoder()
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _DEV_USER = re.compile(r"[A-Za-z0-9_@-]{1,64}")
@@ -133,6 +134,7 @@ class WsSession:
         self.uid = uid
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(WS_QUEUE)
         self.overflowed = False
+        self.queued_chars = 0  # text waiting in ``queue`` (chunks can be up to 64 KiB each)
         self.floor: dict[str, int] = {}  # task -> the seq this client resumed from (it has everything up to it)
         self.writer = asyncio.create_task(self._write())
 
@@ -141,12 +143,17 @@ class WsSession:
             return
         if self.floor and frame["type"] == "delta" and frame["seq"] <= self.floor.get(frame["task"], 0):
             return  # replayed by the node after an edge restart: this client has it already
+        size = len(frame.get("text") or "")
         try:
+            if self.queued_chars + size > WS_QUEUE_CHARS and self.queued_chars:
+                raise asyncio.QueueFull
             self.queue.put_nowait(frame)
+            self.queued_chars += size
         except asyncio.QueueFull:
             # A client that cannot keep up is disconnected (it can resume), never allowed to grow memory.
             self.overflowed = True
-            log.warning("edge: ws %s too slow (%d frames queued); closing", self.uid, WS_QUEUE)
+            log.warning("edge: ws %s too slow (%d frames, %d characters queued); closing", self.uid,
+                        self.queue.qsize(), self.queued_chars)
             asyncio.ensure_future(self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow; resume"))
 
     async def _write(self) -> None:
@@ -155,6 +162,7 @@ class WsSession:
                 frame = await self.queue.get()
                 if frame is None:
                     return
+                self.queued_chars -= len(frame.get("text") or "")
                 await self.ws.send_str(_json.encode(frame).decode())
         except (ConnectionError, RuntimeError):
             pass

@@ -30,6 +30,7 @@ from .llm import LLMError, list_models, stream_chat
 
 log = logging.getLogger(__name__)
 
+MAX_CHUNK_BYTES = 64 * 1024  # one Delta's text at most (wire.MAX_PAYLOAD is 256 KiB for the whole message)
 REPLY_LOG_MAX = 10_000  # finished answers kept for replay (in memory and in node.lmdb) ...
 REPLY_LOG_BYTES = 32 * 1024 * 1024  # ... in memory at most this much of their text (characters) ...
 REPLY_LOG_AGE_S = 86_400  # ... and in node.lmdb for at most this long
@@ -461,6 +462,12 @@ class Node:
                     buf.clear()
                     size = 0
                     full.clear()
+                    raw = text.encode()
+                    if len(raw) > MAX_CHUNK_BYTES:  # a fast LLM outran the publisher: never exceed the wire limit
+                        head = raw[:MAX_CHUNK_BYTES].decode("utf-8", "ignore")  # cut at a character boundary
+                        buf.append(text[len(head):])
+                        size = len(raw) - len(head.encode())
+                        text = head
                     seq += 1
                     t0 = loop.time()
                     # Every chunk carries its publish time (wall-clock µs) so a receiver can measure

@@ -257,3 +257,51 @@ async def test_restarted_node_replays_a_finished_answer_from_its_lmdb_log(tmp_pa
         bridge._publish_task(live)  # the edge sends the finished task again (as after losing its stream)
         await wait_until(lambda: sys_.node.stats.replays == 1, 10)
         assert sys_.fake.stats.chat_requests == requests  # replayed, not generated again
+
+
+async def test_llm_faster_than_the_publisher_never_makes_an_oversize_chunk(tmp_path: Path, pki_dir: Path) -> None:
+    """Tokens of 500 characters as fast as possible: the coalescer used to join everything waiting into one
+    Delta of ~400 KB, over the wire limit (256 KiB), and the answer died with an internal error."""
+    cfg = FakeLLMConfig(n_tokens=4000, tokens_per_s=0, token_chars=500)  # 2 MB of text
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "ask", "text": "很长很长"})
+            frames, done = await collect(ws, timeout=60)
+        deltas = [f for f in frames if f["type"] == "delta"]
+        assert done["status"] == "ok", done
+        assert len(done["text"]) == 4000 * 500 and done["text"] == "".join(d["text"] for d in deltas)
+        assert max(len(d["text"].encode()) for d in deltas) <= 64 * 1024
+
+
+async def test_slow_websocket_client_is_cut_off_instead_of_growing_the_edge(tmp_path: Path, pki_dir: Path) -> None:
+    """A client that stops reading while 10 M characters stream at it: the edge queues at most
+    edge.api.WS_QUEUE frames / WS_QUEUE_CHARS characters for it, then closes it with 1013 ("try again
+    later", resume) instead of buffering the answer; what it did receive is in order, with no gap."""
+    from edge.api import WS_QUEUE_CHARS
+    cfg = FakeLLMConfig(n_tokens=20000, tokens_per_s=0, token_chars=500)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"coalesce_ms": 1}) as sys_, \
+            aiohttp.ClientSession() as s:
+        token = await sys_.login(s)
+        ws = await s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0)
+        await ws.receive_json()
+        await ws.send_json({"type": "ask", "text": "很长很长的回答"})
+        from edge.keys import STORE
+        store = sys_.app[STORE]
+        await wait_until(lambda: bool(store.history("web.alice")) and store.history("web.alice")[0].status == "ok",
+                         60)  # the whole answer went through the edge while we read nothing
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(20):
+            while True:
+                m = await ws.receive()
+                if m.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                if m.json()["type"] == "delta":
+                    seen.append(m.json())
+        assert ws.close_code == 1013
+        got = sum(len(f["text"]) for f in seen)
+        assert 0 < got < 20000 * 500 - WS_QUEUE_CHARS  # cut off: far from the whole answer was buffered
+        assert [d["seq"] for d in seen] == list(range(1, len(seen) + 1))
+        task = store.history("web.alice")[0]
+        assert task.status == "ok" and len(task.answer) == 20000 * 500  # the answer itself is complete
