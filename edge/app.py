@@ -62,8 +62,8 @@ async def _wecom_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     store = app[STORE]
     async with aiohttp.ClientSession(headers={"User-Agent": "SmartClaw"}) as session:
-        outbox = Outbox(s.wecom, None, store)  # type: ignore[arg-type]
-        outbox.api = WeComApi(s.wecom, session, store.writer, outbox.db_kv)
+        api = WeComApi(s.wecom, session, store.writer, store.env.open_db(b"wc_kv"))  # token cache in wc_kv
+        outbox = Outbox(s.wecom, api, store)
         channel = WeComChannel(s, store, app[BRIDGE], outbox)
         app[WECOM] = channel
         outbox.load()

@@ -116,15 +116,15 @@ class TaskStore:
             return rec
         return self.get(old_id) or TaskRecord(id=old_id, uid=rec.uid, ch=rec.ch, text="", ts=0)
 
+    def seen_op(self, key: bytes, ts: int) -> Callable[[Any], bool]:
+        """An op recording an inbound dedup key (``ts`` in ms, as a task's) inside a bigger write
+        transaction; it returns False if the key was already seen (and writes nothing)."""
+        seen, stamp = self.seen, struct.pack(">Q", ts)
+        return lambda txn: bool(txn.put(key, stamp, db=seen, overwrite=False))
+
     async def mark_seen(self, key: bytes, ts: int) -> bool:
-        """Record an inbound dedup key with no task (e.g. an event; ``ts`` in ms, as a task's);
-        False if it was already seen."""
-        seen = self.seen
-
-        def op(txn: Any) -> bool:
-            return bool(txn.put(key, struct.pack(">Q", ts), db=seen, overwrite=False))
-
-        return await self.writer.write(op)
+        """Record an inbound dedup key with no task (e.g. an event); False if it was already seen."""
+        return await self.writer.write(self.seen_op(key, ts))
 
     async def prune_seen(self, before_ms: int, batch: int = 5000) -> int:
         """Forget inbound dedup keys recorded before ``before_ms`` (their senders no longer retry).

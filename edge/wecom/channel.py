@@ -17,7 +17,6 @@ import contextlib
 import hmac
 import logging
 import os
-import struct
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -236,10 +235,10 @@ class WeComChannel:
         """Record the inbound key and queue the reply (and ``also(txn)``) in one transaction: a crash
         cannot lose the reply while keeping the key, and a retry gets nothing. False = a duplicate."""
         msgs, put_op = self.outbox.prepare(user, texts)
-        seen, stamp = self.store.seen, struct.pack(">Q", ts_ms)
+        first_time = self.store.seen_op(key, ts_ms)
 
         def op(txn: Any) -> bool:
-            if not txn.put(key, stamp, db=seen, overwrite=False):
+            if not first_time(txn):
                 return False
             put_op(txn)
             if also is not None:
@@ -295,11 +294,11 @@ class WeComChannel:
             return
         # the welcome: at most once per user per day (China time), recorded with the event key
         today = datetime.now(CN).strftime("%Y-%m-%d").encode()
-        wkey, db, seen, stamp = b"welcome:" + user.encode(), self.db_kv, self.store.seen, struct.pack(">Q", ts_ms)
+        wkey, db, first_time = b"welcome:" + user.encode(), self.db_kv, self.store.seen_op(key, ts_ms)
         msgs, put_op = self.outbox.prepare(user, [self.cfg.welcome])
 
         def op(txn: Any) -> str:
-            if not txn.put(key, stamp, db=seen, overwrite=False):
+            if not first_time(txn):
                 return "duplicate"
             if txn.get(wkey, db=db) == today:
                 return "welcomed"
