@@ -110,6 +110,8 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE claw_edge_replies_total counter", f"claw_edge_replies_total {st.replies}",
         "# TYPE claw_edge_duplicates_total counter", f"claw_edge_duplicates_total {st.duplicates}",
         "# TYPE claw_edge_gaps_total counter", f"claw_edge_gaps_total {st.gaps}",
+        "# TYPE claw_edge_replay_asks_total counter", f"claw_edge_replay_asks_total {st.replay_asks}",
+        "# TYPE claw_edge_redispatched_total counter", f"claw_edge_redispatched_total {st.redispatched}",
         "# TYPE claw_edge_bad_messages_total counter", f"claw_edge_bad_messages_total {st.bad_messages}",
         "# TYPE claw_edge_tasks_finished_total counter",
         *[f'claw_edge_tasks_finished_total{{status="{k}"}} {v}' for k, v in sorted(st.finished.items())],

@@ -29,6 +29,9 @@ from .store import FINAL, TaskRecord, TaskStore
 log = logging.getLogger(__name__)
 
 NODE_LOST_MSG = "与服务器 B 的连接中断，本次回答未能完成，请重新提问。"
+GAP_WAIT_S = 1.0  # a gap in a reply stream held this long is asked to be replayed (then again, this often)
+IDLE_ASK_S = 10.0  # a running task silent this long is asked to replay from its next seq (a lost tail or Done)
+REPAIR_ASKS = 5  # unanswered replay requests before the task ends with node_lost (the node no longer has it)
 
 
 def now_us() -> int:
@@ -54,6 +57,10 @@ class LiveTask:
     cancel_requested: bool = False  # a stop was asked: (re)published until the task ends
     shown: list[str] | None = None  # after an edge restart: the chunks users may have seen before it
     stored: asyncio.Future[None] = field(default_factory=lambda: _done_future())
+    heard_at: float = 0.0  # when a node last sent anything for this task
+    gap_at: float = 0.0  # when the current gap in its stream was seen (0: no gap)
+    asked_at: float = 0.0  # when a replay was last asked
+    asks: int = 0  # replay requests since the node last answered one (see Bridge._repair)
 
     @property
     def hex(self) -> str:
@@ -84,6 +91,7 @@ class BridgeStats:
     gaps: int = 0
     bad_messages: int = 0
     late: int = 0
+    replay_asks: int = 0  # replay requests sent for gaps in reply streams
     redispatched: int = 0  # tasks sent again because their node was lost before any text
     finished: dict[str, int] = field(default_factory=dict)
 
@@ -194,6 +202,7 @@ class Bridge:
             await asyncio.sleep(0.5)
             self._update_presence()
             self._republish_pending()
+            self._repair()
             now = self._loop.time()
             for tid, live in list(self.live.items()):
                 if live.finished_at is not None and now - live.finished_at > 120:
@@ -309,6 +318,48 @@ class Bridge:
                 self.stats.republished += 1
                 self._publish_task(live)
 
+    def _repair(self) -> None:
+        """Repair reply streams the broker broke (amqtt drops QoS 1 messages unacknowledged for 5 s, a
+        broker may restart): ask the node to replay from the first missing seq (``Task.replay``)
+
+        - when a gap (a later chunk, or a Done naming more chunks, arrived) is ``GAP_WAIT_S`` old, and
+        - when a running task has been silent for ``IDLE_ASK_S`` (its last chunk or its Done was lost).
+
+        A node that has the task re-sends Accept + the missing chunks (+ Done); one that no longer has it
+        ignores the request: after ``REPAIR_ASKS`` unanswered requests the task ends with ``node_lost`` and
+        the in-order text already shown, never with a hole in the middle. Queued tasks (Accept with
+        queue > 0) are not asked: they have not started."""
+        if not self._connected.is_set() or not self._online:
+            return  # nobody to ask; a lost node is handled by _node_lost
+        now = self._loop.time()
+        for live in list(self.live.values()):
+            st = live.stream
+            if live.finished_at is not None or st.state is wire.State.PENDING:
+                continue
+            gap = bool(st.held) or st.pending_done is not None  # pending_done + unfinished: chunks missing
+            if gap:
+                if not live.gap_at:
+                    live.gap_at = now
+                due = now - max(live.gap_at, live.asked_at) >= GAP_WAIT_S
+            else:
+                live.gap_at = 0.0
+                due = st.queue == 0 and now - max(live.heard_at, live.asked_at) >= IDLE_ASK_S
+            if not due:
+                continue
+            if live.asks >= REPAIR_ASKS:
+                log.warning("edge: task %s: the node never replayed from seq %d; ending it", live.hex[:8],
+                            st.next_seq)
+                self._finish(live, "error", {"code": "node_lost", "msg": NODE_LOST_MSG}, None)
+                continue
+            live.asked_at = now
+            live.asks += 1
+            self.stats.replay_asks += 1
+            log.info("edge: task %s: asking the node to replay from seq %d", live.hex[:8], st.next_seq)
+            msg = self._task_msg(live.rec, live.opts)
+            payload = wire.encode(wire.Task(id=msg.id, uid=msg.uid, ch=msg.ch, text=msg.text, ts=msg.ts,
+                                            conv=msg.conv, opts=msg.opts, replay=st.next_seq))
+            self._spawn(self.client.publish(wire.task_topic(live.rec.uid), payload, qos=1))
+
     def cancel(self, tid: bytes, uid: str) -> bool:
         live = self.live.get(tid)
         if live is None or live.rec.uid != uid or live.finished_at is not None:
@@ -366,12 +417,17 @@ class Bridge:
             self.stats.bad_messages += 1
             log.warning("edge: reply for task %s arrived on another user's topic; dropped", live.hex[:8])
             return
+        before = live.stream.next_seq
         try:
             events = live.stream.feed(msg)
         except wire.WireError as exc:
             self.stats.bad_messages += 1
             log.warning("edge: task %s: inconsistent reply stream: %s", live.hex[:8], exc)
             return
+        live.heard_at = self._loop.time()
+        if live.stream.next_seq != before or (isinstance(msg, wire.Accept) and not live.stream.held
+                                              and live.stream.pending_done is None):
+            live.asks = 0  # the stream moved, or the node confirmed it still runs the task
         for ev in events:
             self._on_event(live, ev)
 
@@ -412,6 +468,8 @@ class Bridge:
             self.stats.duplicates += 1
         elif isinstance(ev, wire.Gap):
             self.stats.gaps += 1
+            if not live.gap_at:
+                live.gap_at = self._loop.time()
             log.info("edge: task %s: waiting for chunks %d..%d", live.hex[:8], ev.first, ev.last)
         elif isinstance(ev, wire.Late):
             self.stats.late += 1

@@ -59,6 +59,7 @@ class NodeStats:
     cancelled: int = 0
     chunks: int = 0
     duplicates: int = 0
+    unknown_replays: int = 0  # replay requests for tasks this node does not have (ignored)
     replays: int = 0  # tasks whose answer (so far) was sent again because the edge asked again
     bad_messages: int = 0
     reconnects: int = 0
@@ -217,17 +218,22 @@ class Node:
         topic = wire.reply_topic(task.uid)
         if self._stopping and task.id not in self._runs:
             return  # not accepted: the edge re-sends it to a node that is up
+        first = task.replay or 1
         if task.id in self._runs:  # republished while we have it: re-confirm, replay what was sent
             self.stats.duplicates += 1
             run = self._runs[task.id]
             queue = 0 if run.started else self._position(task.id)
-            self._spawn_replay(topic, task.id, queue, list(run.chunks), None)
+            self._spawn_replay(topic, task.id, queue, list(run.chunks), None, first)
             return
         stored = self._recent.get(task.id) or self._stored_reply(task.id)
         if stored is not None:  # already answered (maybe before a restart): replay it, never run it twice
             self.stats.duplicates += 1
             chunks, done = stored
-            self._spawn_replay(topic, task.id, 0, chunks, done)
+            self._spawn_replay(topic, task.id, 0, chunks, done, first)
+            return
+        if task.replay is not None:  # a replay request for a task we do not have (we restarted): not a dispatch
+            self.stats.unknown_replays += 1
+            log.info("node %s: replay of unknown task %s asked; ignored", self.id, task.id.hex()[:8])
             return
         self.stats.tasks += 1
         run = _Run(task, topic)
@@ -239,17 +245,19 @@ class Node:
             run.turn.set()
         run.job = asyncio.create_task(self._run_task(run), name=f"task-{task.id.hex()[:8]}")
 
-    def _spawn_replay(self, topic: str, tid: bytes, queue: int, chunks: list[str], done: wire.Done | None) -> None:
-        """Accept, then every chunk sent so far (and the Done if finished): the edge's stream drops what
-        it has and fills its gaps (an edge that restarted mid-answer starts from seq 1 again)."""
+    def _spawn_replay(self, topic: str, tid: bytes, queue: int, chunks: list[str], done: wire.Done | None,
+                      first: int = 1) -> None:
+        """Accept, then every chunk sent so far from seq ``first`` (and the Done if finished): the edge's
+        stream drops what it has and fills its gaps (an edge that restarted mid-answer starts from seq 1
+        again; one that saw a gap asks from the first missing seq)."""
         if chunks or done is not None:
             self.stats.replays += 1
 
         async def go() -> None:
             with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                 await self._publish(topic, wire.Accept(id=tid, node=self.id, queue=queue))
-                for seq, text in enumerate(chunks, 1):
-                    await self._publish(topic, wire.Delta(id=tid, seq=seq, text=text))
+                for seq in range(first, len(chunks) + 1):
+                    await self._publish(topic, wire.Delta(id=tid, seq=seq, text=chunks[seq - 1]))
                 if done is not None:
                     await self._publish(topic, done)
         asyncio.create_task(go())
@@ -341,8 +349,8 @@ class Node:
             else:
                 await self._publish(run.topic, done)
         finally:
+            self._remember_reply(task.id, run.chunks[:seq], done)  # first: a replay request never finds neither
             self._runs.pop(task.id, None)
-            self._remember_reply(task.id, run.chunks[:seq], done)
             setattr(self.stats, status if status != "error" else "errors",
                     getattr(self.stats, status if status != "error" else "errors") + 1)
 

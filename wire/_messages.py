@@ -47,6 +47,10 @@ class Task(_Msg, tag="task"):
     conv: Short | None = None  # conversation id; None = the user's default conversation
     opts: dict[Short, Any] | None = None
     timing: Timing | None = None
+    # A replay request, not a dispatch: the sender has every chunk below this seq and misses the rest.
+    # A node that has the task (running or in its reply log) re-sends its chunks from this seq (and the
+    # Done if finished); a node that does not have it ignores the message and never runs the task for it.
+    replay: Annotated[int, msgspec.Meta(ge=1, le=2**53)] | None = None
 
 
 class Cancel(_Msg, tag="cancel"):

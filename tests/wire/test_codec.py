@@ -244,6 +244,10 @@ BAD_FIELDS: list[tuple[str, str, Any]] = [
     ("accept-min", "node", "node.1"),
     ("accept-min", "node", "n" * 65),
     ("accept-min", "node", "node\n"),
+    ("task-min", "replay", 0),  # seqs start at 1
+    ("task-min", "replay", -1),
+    ("task-min", "replay", "2"),
+    ("task-min", "replay", 2**53 + 1),
     ("beat-min", "state", "busy"),
     ("beat-min", "state", None),
     ("beat-min", "active", -1),
@@ -276,6 +280,8 @@ def test_bad_field(name: str, key: str, value: Any) -> None:
     ("task-min", "opts", {"max": 2**64 - 1, "min": -(2**64), "nan": 1e308, "b": b"", "n": None, "t": True}),
     ("accept-min", "queue", 2**31),
     ("accept-min", "node", "n" * 64),
+    ("task-min", "replay", 1),
+    ("task-min", "replay", 2**53),
 ])
 def test_boundary_values_accepted(name: str, key: str, value: Any) -> None:
     body = as_map(SAMPLES[name])

@@ -175,6 +175,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "active": st.integers(0, 2**31),
     "capacity": st.integers(0, 2**31),
     "seq": st.integers(0, 2**53),
+    "replay": st.integers(1, 2**53),
     "status": st.sampled_from(["ok", "error", "cancelled"]),
     "err": st.fixed_dictionaries({"code": st.text(max_size=8), "msg": st.text(max_size=8)}),
     "usage": st.dictionaries(st.text(max_size=6), INT64, max_size=3),

@@ -35,6 +35,7 @@ GOLDEN: dict[str, wire.Message] = {
     ),
     "task-dev": wire.Task(id=I1, uid="dev.kitchen-1", ch="dev", text="", ts=0),
     "task-web": wire.Task(id=I1, uid="web.s_1", ch="web", text="x", ts=-1, conv=""),
+    "task-replay": wire.Task(id=I0, uid="wc.zhangsan", ch="wc", text="你好, claw", ts=1_700_000_000_000, replay=2),
     "cancel": wire.Cancel(id=I0),
     "accept-min": wire.Accept(id=I0, node="node-1"),
     "accept-queued": wire.Accept(id=I0, node="gpu_box-2", queue=3),

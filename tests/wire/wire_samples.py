@@ -47,7 +47,7 @@ def full_messages() -> dict[str, wire.Message]:
             id=ID, uid="mp.oABC-123_x@y.z", ch="mp", text="Explain MQTT QoS 1.", ts=1_700_000_000_123,
             conv="c-42", opts={"model": "qwen2.5-7b", "temperature": 0.5, "max_tokens": 512, "stream": True,
                                "stop": ["\n\n"], "extra": {"seed": None, "raw": b"\x00\xff"}},
-            timing={"edge_rx": 1_700_000_000_123_000},
+            timing={"edge_rx": 1_700_000_000_123_000}, replay=5,
         ),
         "cancel": wire.Cancel(id=ID2),
         "accept": wire.Accept(id=ID, node="gpu_box-2", queue=3),
