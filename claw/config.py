@@ -102,11 +102,17 @@ class EdgeSettings(_Section):
     node_timeout_s: float = 15.0  # a node whose beats stop this long is offline
     max_ws_per_user: int = 5
     max_pending_per_user: int = 20
+    history_days: float = 90.0  # finished tasks older than this are deleted from edge.lmdb; 0 = keep for ever
+    store_map_mb: int = 1024  # the largest edge.lmdb may grow (address space reserved; the file grows as used)
 
     def __post_init__(self) -> None:
         _check_hostport(self.http, "edge.http")
         if self.republish_s <= 0 or self.node_timeout_s <= 0 or self.token_ttl <= 0:
             raise ValueError("edge.republish_s, edge.node_timeout_s and edge.token_ttl must be > 0")
+        if self.history_days < 0:
+            raise ValueError("edge.history_days must be >= 0 (0 = keep for ever)")
+        if not 1 <= self.store_map_mb <= 1 << 20:
+            raise ValueError("edge.store_map_mb must be 1 .. 1048576 (MiB)")
 
 
 class NodeSettings(_Section):

@@ -172,6 +172,10 @@ node_timeout_s = {ed.node_timeout_s}
 # WebSockets per user, and tasks waiting per user.
 max_ws_per_user = {ed.max_ws_per_user}
 max_pending_per_user = {ed.max_pending_per_user}
+# Finished tasks older than this many days are deleted from edge.lmdb (0 = keep for ever).
+history_days = {ed.history_days}
+# The most edge.lmdb may grow to, in MiB; at 90 % new questions are refused until retention frees room.
+store_map_mb = {ed.store_map_mb}
 
 [wecom]
 # WeCom (企业微信) self-built app 智控未来, read by the WeCom channel. Leave empty until the app is set up;

@@ -16,11 +16,13 @@ import wire
 
 from .bridge import Bridge, LiveTask, done_frame
 from .keys import BRIDGE, SESSIONS, SETTINGS, STORE, TOKENS
+from .store import StoreFull
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 MAX_ASK_CHARS = 8000
+STORE_FULL_MSG = "服务器 A 存储已满，暂时无法接收新问题，请联系管理员。"
 WS_QUEUE = 1024  # frames buffered per WebSocket before it is judged too slow and closed ...
 WS_QUEUE_CHARS = 2 * 1024 * 1024  # ... or this many characters of text (≤ 6 MB of UTF-8) in them
 _json = msgspec.json.Encoder()
@@ -264,6 +266,9 @@ async def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dic
         return
     except wire.WireError as exc:
         sess.push({"type": "error", "code": "bad_task", "message": f"任务无效: {exc}"})
+        return
+    except StoreFull:  # not recorded, so not acknowledged: nothing is lost silently
+        sess.push({"type": "error", "code": "store_full", "message": STORE_FULL_MSG})
         return
     # "trace": true (bench/diagnostics) adds a "timing" map to this task's live delta frames.
     bridge.attach(live, sess, trace=frame.get("trace") is True)

@@ -13,6 +13,7 @@ until it is committed reads see it through an in-memory overlay.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import threading
 import time
@@ -22,10 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+import lmdb
 
-from claw.store import Writer, open_env
+from claw.store import DEFAULT_MAP_SIZE, Writer, open_env
+
+log = logging.getLogger(__name__)
 
 FINAL = frozenset({"ok", "error", "cancelled"})
+STORE_FULL_HINT = "raise edge.store_map_mb or lower edge.history_days"
+FULL_AT = 0.9  # new tasks are refused once edge.lmdb's pages fill this share of the map: the rest is headroom
+               # for what must still be written (answers of tasks in flight, deliveries, acknowledgements)
+
+
+class StoreFull(RuntimeError):
+    """edge.lmdb reached its map size: nothing new can be recorded (so nothing new is acknowledged)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"edge.lmdb is full ({STORE_FULL_HINT})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +87,14 @@ def _unpack(tid: bytes, raw: bytes) -> TaskRecord:
 
 
 class TaskStore:
-    def __init__(self, data_dir: str | Path) -> None:
-        self.env = open_env(Path(data_dir) / "edge.lmdb")
+    def __init__(self, data_dir: str | Path, map_size: int = DEFAULT_MAP_SIZE) -> None:
+        self.env = open_env(Path(data_dir) / "edge.lmdb", map_size=map_size)
         self.tasks = self.env.open_db(b"tasks")
         self.by_user = self.env.open_db(b"by_user")
         self.seen = self.env.open_db(b"seen")
+        self._dbs: dict[bytes, Any] = {}
+        self._psize = self.env.stat()["psize"]
+        self._map_size = self.env.info()["map_size"]
         # Chunks of unfinished tasks (id + seq -> text), written synchronously before a chunk is forwarded,
         # in an environment of their own without fsync: a write is ~10 µs, survives a crash or kill -9 of
         # the process (the OS has the pages), not a power loss. Never contends with the writer thread.
@@ -102,6 +119,8 @@ class TaskStore:
         tasks, by_user, seen = self.tasks, self.by_user, self.seen
 
         def op(txn: Any) -> bytes | None:
+            if self._fill(txn) >= FULL_AT:
+                raise StoreFull()
             if dedup is not None:
                 old = txn.get(dedup, db=seen)
                 if old is not None:
@@ -111,10 +130,30 @@ class TaskStore:
             txn.put(self._ukey(rec.uid, rec.ts, rec.id), b"", db=by_user)
             return None
 
-        old_id = await self.writer.write(op)
+        try:
+            old_id = await self.writer.write(op)
+        except (StoreFull, lmdb.MapFullError):
+            log.error("edge: new task refused: edge.lmdb is %.0f%% full (%s)", 100 * self.fill(), STORE_FULL_HINT)
+            raise StoreFull() from None
         if old_id is None:
             return rec
         return self.get(old_id) or TaskRecord(id=old_id, uid=rec.uid, ch=rec.ch, text="", ts=0)
+
+    def _fill(self, txn: Any) -> float:
+        """Share of the map the B-trees use (pages of every named database; freed pages are not counted,
+        LMDB reuses them). A few µs: it reads each database's header only."""
+        pages = 0
+        for name, _ in txn.cursor():
+            db = self._dbs.get(bytes(name))
+            if db is None:
+                db = self._dbs[bytes(name)] = self.env.open_db(bytes(name), txn=txn, create=False)
+            st = txn.stat(db)
+            pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return (pages + 4) * self._psize / self._map_size
+
+    def fill(self) -> float:
+        with self.env.begin() as txn:
+            return self._fill(txn)
 
     def seen_op(self, key: bytes, ts: int) -> Callable[[Any], bool]:
         """An op recording an inbound dedup key (``ts`` in ms, as a task's) inside a bigger write
@@ -143,6 +182,34 @@ class TaskStore:
             def op(txn: Any, chunk: list[bytes] = chunk) -> None:
                 for k in chunk:
                     txn.delete(k, db=seen)
+
+            await self.writer.write(op)
+        return len(old)
+
+    async def prune_history(self, before_ms: int, batch: int = 2000) -> int:
+        """Delete finished tasks that ended before ``before_ms`` (the ``edge.history_days`` retention): the
+        record, its per-user index entry and any chunks. Scanned off the event loop; deleted in small write
+        batches (each a group commit) so new tasks never wait long behind them. Freed pages are reused by
+        LMDB (the file does not shrink). Returns how many went."""
+        env, tasks, by_user = self.env, self.tasks, self.by_user
+
+        def scan() -> list[tuple[bytes, bytes]]:
+            out = []
+            with env.begin() as txn:
+                for tid, raw in txn.cursor(db=tasks):
+                    d = cbor2.loads(raw)
+                    if d.get("status") in FINAL and (d.get("done_ts") or d.get("ts", 0)) < before_ms:
+                        out.append((bytes(tid), self._ukey(d["uid"], d["ts"], bytes(tid))))
+            return out
+
+        old = await asyncio.to_thread(scan)
+        for i in range(0, len(old), batch):
+            part = old[i:i + batch]
+
+            def op(txn: Any, part: list[tuple[bytes, bytes]] = part) -> None:
+                for tid, ukey in part:
+                    txn.delete(tid, db=tasks)
+                    txn.delete(ukey, db=by_user)
 
             await self.writer.write(op)
         return len(old)
@@ -192,7 +259,10 @@ class TaskStore:
 
         fut = self.writer.submit(op)
 
-        def committed(_: Any) -> None:  # runs in the writer thread
+        def committed(f: Any) -> None:  # runs in the writer thread
+            if not f.cancelled() and f.exception() is not None:
+                log.error("edge: task %s: an update could not be stored (%r; %s)", tid.hex()[:8], f.exception(),
+                          STORE_FULL_HINT)
             with self._olock:
                 cur = self._overlay.get(tid)
                 if cur is not None and cur[1] == gen:
@@ -240,9 +310,13 @@ class TaskStore:
 
     def add_chunk(self, tid: bytes, seq: int, text: str) -> None:
         """Keep a chunk before users see it; after a restart it tells a replay (same text) from a re-run
-        (other text). Dropped when the task finishes."""
-        with self.chunk_env.begin(write=True, db=self.chunks) as txn:
-            txn.put(tid + struct.pack(">I", seq), text.encode())
+        (other text). Dropped when the task finishes. A failed write (edge-chunks.lmdb full: 1 GiB of
+        unfinished answers) is logged and the chunk still forwarded: only the restart check loses it."""
+        try:
+            with self.chunk_env.begin(write=True, db=self.chunks) as txn:
+                txn.put(tid + struct.pack(">I", seq), text.encode())
+        except lmdb.Error as exc:
+            log.error("edge: chunk %d of task %s not kept in edge-chunks.lmdb: %s", seq, tid.hex()[:8], exc)
 
     def drop_chunks(self, tid: bytes) -> None:
         with self.chunk_env.begin(write=True, db=self.chunks) as txn:

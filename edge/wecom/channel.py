@@ -22,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote
 
+import lmdb
 import xmltodict
 from aiohttp import web
 from wechatpy.enterprise import parse_message
@@ -30,7 +31,7 @@ from wechatpy.exceptions import InvalidSignatureException
 
 from claw.config import Settings
 from edge.bridge import Bridge, LiveTask
-from edge.store import FINAL, TaskStore
+from edge.store import FINAL, STORE_FULL_HINT, StoreFull, TaskStore
 
 from .outbox import Outbox
 from .shape import LIMIT, Progressive, hard_cut, number_parts, shape_answer
@@ -184,6 +185,10 @@ class WeComChannel:
             await self._on_message(msg)
         except _Bad as exc:
             return self._reject(400, str(exc), request)
+        except (StoreFull, lmdb.MapFullError):
+            # Not recorded, so not acknowledged: WeCom retries (3 times over ~15 s) and the operator is told.
+            log.error("wecom: callback refused with 503: edge.lmdb is full (%s)", STORE_FULL_HINT)
+            return web.Response(status=503, text="")
         return web.Response(text="")
 
     # ---- messages --------------------------------------------------------------------------

@@ -102,3 +102,46 @@ async def test_store_update_visible_at_once_and_durable_after_flush(tmp_path: Pa
     finally:
         st2.close()
         close_env(tmp_path / "edge.lmdb")
+
+
+async def test_prune_history_deletes_only_finished_tasks_older_than_the_cutoff(tmp_path: Path) -> None:
+    st = TaskStore(tmp_path)
+    try:
+        old_done, old_open, new_done = _rec(ts=1000), _rec(ts=1000), _rec(ts=5000)
+        for r in (old_done, old_open, new_done):
+            await st.add(r)
+        st.update(old_done.id, status="ok", answer="a", done_ts=2000)
+        st.update(new_done.id, status="error", answer="", done_ts=6000)
+        st.update(old_open.id, status="accepted")  # unfinished: kept whatever its age
+        await st.flush()
+        assert await st.prune_history(3000) == 1
+        assert st.get(old_done.id) is None
+        assert {r.id for r in st.history("dev.alice")} == {old_open.id, new_done.id}  # index entry gone too
+        assert await st.prune_history(3000) == 0
+    finally:
+        st.close()
+        close_env(tmp_path / "edge.lmdb")
+
+
+async def test_full_store_refuses_new_tasks_clearly_and_pruning_makes_room(tmp_path: Path) -> None:
+    """edge.lmdb at its map size: add() raises StoreFull (nothing half-written, earlier tasks intact);
+    after retention deleted old tasks, new ones fit again (LMDB reuses the freed pages)."""
+    from edge.store import StoreFull
+    st = TaskStore(tmp_path, map_size=1 << 20)
+    try:
+        kept: list[TaskRecord] = []
+        with pytest.raises(StoreFull, match="edge.store_map_mb"):
+            for i in range(10_000):
+                r = TaskRecord(id=os.urandom(16), uid="dev.alice", ch="dev", text="字" * 3000, ts=i)
+                await st.add(r)
+                kept.append(r)
+        assert 50 < len(kept) < 10_000
+        assert all(st.get(r.id) is not None for r in kept)
+        for r in kept[: len(kept) // 2]:  # the headroom: tasks in flight still get their answers stored
+            got = await st.update_durable(r.id, status="ok", answer="答" * 500, done_ts=1)
+            assert got is not None and st.get(r.id) == got
+        assert await st.prune_history(2) == len(kept) // 2
+        await st.add(_rec())  # room again
+    finally:
+        st.close()
+        close_env(tmp_path / "edge.lmdb")
