@@ -140,7 +140,20 @@ class WsSession:
         self.overflowed = False
         self.queued_chars = 0  # text waiting in ``queue`` (chunks can be up to 64 KiB each)
         self.floor: dict[str, int] = {}  # task -> the seq this client resumed from (it has everything up to it)
+        self.replaying: dict[str, asyncio.Task[None]] = {}  # task -> its paced replay to this client (_follow)
+        self._drained = asyncio.Event()
         self.writer = asyncio.create_task(self._write())
+
+    async def room(self, chars: int) -> bool:
+        """Wait until the queue is at most half full and ``chars`` more fit under half the character bound
+        (an empty queue always has room); False once the socket is gone."""
+        while self.queued_chars and (self.queue.qsize() > WS_QUEUE // 2
+                                     or self.queued_chars + chars > WS_QUEUE_CHARS // 2):
+            if self.overflowed or self.writer.done():
+                return False
+            self._drained.clear()
+            await self._drained.wait()
+        return not (self.overflowed or self.writer.done())
 
     def push(self, frame: dict[str, Any]) -> None:
         if self.overflowed:
@@ -168,10 +181,15 @@ class WsSession:
                     return
                 self.queued_chars -= len(frame.get("text") or "")
                 await self.ws.send_str(_json.encode(frame).decode())
+                self._drained.set()
         except (ConnectionError, RuntimeError):
             pass
+        finally:
+            self._drained.set()  # a paced replay waiting for room sees the socket is gone
 
     async def close(self) -> None:
+        for job in list(self.replaying.values()):
+            job.cancel()
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(None)
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -270,19 +288,60 @@ async def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dic
     except StoreFull:  # not recorded, so not acknowledged: nothing is lost silently
         sess.push({"type": "error", "code": "store_full", "message": STORE_FULL_MSG})
         return
-    # "trace": true (bench/diagnostics) adds a "timing" map to this task's live delta frames.
-    bridge.attach(live, sess, trace=frame.get("trace") is True)
     sess.push({"type": "accepted", "task": live.hex, "queue": live.stream.queue})
     if not bridge.node_online:
         sess.push({"type": "node", "online": False})
-    _replay(live, sess, 0)
+    # "trace": true (bench/diagnostics) adds a "timing" map to this task's live delta frames.
+    _follow(bridge, live, sess, 0, trace=frame.get("trace") is True)
 
 
-def _replay(live: LiveTask, sess: WsSession, after: int) -> None:
+REPLAY_AT_ONCE = WS_QUEUE_CHARS // 4  # text a replay may queue in one go; more is paced by the client's reading
+
+
+def _follow(bridge: Bridge, live: LiveTask, sess: WsSession, after: int, trace: bool = False) -> None:
+    """Send ``sess`` the task's chunks after seq ``after`` (and its done if finished), then attach it for
+    the live ones. A small backlog goes out at once; a big one (a resume of a long answer) is paced by how
+    fast the client reads, and the socket is attached only once the replay has caught up, so live chunks
+    never overtake it. A slow reader therefore slows its own replay instead of being cut off."""
+    parts = live.stream.parts
+    if sum(len(p) for p in parts[after:]) + (len(live.rec.answer) if live.finished_at else 0) <= REPLAY_AT_ONCE:
+        _replay_now(live, sess, after)
+        if live.finished_at is None:
+            bridge.attach(live, sess, trace=trace)
+        return
+    old = sess.replaying.pop(live.hex, None)
+    if old is not None:
+        old.cancel()
+    sess.replaying[live.hex] = asyncio.create_task(_replay_paced(bridge, live, sess, after, trace))
+
+
+def _replay_now(live: LiveTask, sess: WsSession, after: int) -> None:
     for seq, text in enumerate(live.stream.parts[after:], start=after + 1):
         sess.push({"type": "delta", "task": live.hex, "seq": seq, "text": text})
     if live.finished_at is not None:
         sess.push(done_frame(live.rec) | {"seq": live.stream.next_seq - 1})
+
+
+async def _replay_paced(bridge: Bridge, live: LiveTask, sess: WsSession, after: int, trace: bool) -> None:
+    try:
+        sent = after
+        while True:
+            parts = live.stream.parts  # grows while the node streams; read again each time
+            if sent >= len(parts):
+                break
+            if not await sess.room(len(parts[sent])):
+                return
+            sent += 1
+            sess.push({"type": "delta", "task": live.hex, "seq": sent, "text": parts[sent - 1]})
+        if live.finished_at is not None:
+            if await sess.room(len(live.rec.answer) * 2):  # the done carries the whole answer: queue it alone
+                sess.push(done_frame(live.rec) | {"seq": live.stream.next_seq - 1})
+        else:
+            bridge.attach(live, sess, trace=trace)  # caught up, same tick: no live chunk can slip between
+            sess.floor[live.hex] = max(sess.floor.get(live.hex, 0), sent)
+    finally:
+        if sess.replaying.get(live.hex) is asyncio.current_task():
+            del sess.replaying[live.hex]
 
 
 def _resume(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[str, Any]) -> None:
@@ -296,8 +355,7 @@ def _resume(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[s
     live = bridge.get(tid)
     if live is not None and live.rec.uid == sess.uid:
         sess.floor[live.hex] = seq
-        bridge.attach(live, sess)
-        _replay(live, sess, seq)
+        _follow(bridge, live, sess, seq)
         return
     rec = app[STORE].get(tid)
     if rec is None or rec.uid != sess.uid:

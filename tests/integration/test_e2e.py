@@ -305,3 +305,45 @@ async def test_slow_websocket_client_is_cut_off_instead_of_growing_the_edge(tmp_
         assert [d["seq"] for d in seen] == list(range(1, len(seen) + 1))
         task = store.history("web.alice")[0]
         assert task.status == "ok" and len(task.answer) == 20000 * 500  # the answer itself is complete
+
+
+@pytest.mark.parametrize("when", ["mid_answer", "finished"])
+async def test_resuming_a_huge_answer_is_paced_not_cut_off(tmp_path: Path, pki_dir: Path, when: str) -> None:
+    """A resume of more text than the per-socket bound (2 M characters) used to overflow the queue and cut
+    the client off with 1013. The replay is now paced by the client's reading, and the live chunks wait
+    until it caught up: a slow reader gets every chunk once, in order, then the done."""
+    from edge.api import WS_QUEUE_CHARS
+    from edge.keys import BRIDGE
+    n, size = 5000, 1000  # 5 M characters
+    cfg = FakeLLMConfig(n_tokens=n, tokens_per_s=2500 if when == "mid_answer" else 0, token_chars=size)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"coalesce_ms": 5}) as sys_, \
+            aiohttp.ClientSession() as s:
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "ask", "text": "很长的回答"})
+            task, _ = await _first_delta(ws)
+        live = sys_.app[BRIDGE].get(bytes.fromhex(task))
+        assert live is not None
+        await wait_until(lambda: sum(map(len, live.stream.parts)) > WS_QUEUE_CHARS, 30)
+        if when == "finished":
+            await wait_until(lambda: live.finished_at is not None, 30)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "resume", "task": task, "seq": 0})
+            seqs: list[int] = []
+            text: list[str] = []
+            async with asyncio.timeout(60):
+                while True:
+                    m = await ws.receive()
+                    assert m.type is aiohttp.WSMsgType.TEXT, (m, ws.close_code)
+                    f = m.json()
+                    if f["type"] == "delta":
+                        seqs.append(f["seq"])
+                        text.append(f["text"])
+                        if len(seqs) % 50 == 0:
+                            await asyncio.sleep(0.01)  # a slow reader
+                    elif f["type"] == "done":
+                        break
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert f["status"] == "ok" and f["text"] == "".join(text) and len(f["text"]) == n * size
