@@ -363,12 +363,15 @@ class WeComChannel:
         tid = rec.id
         user = rec.uid.partition(".")[2]
         sink = self.progressive.pop(tid, None)
-        sent_before = sink.sent if sink is not None else 0
+        done = (rec.delivery or {})
+        if sink is None and done.get("sent"):  # progressive parts went out before an edge restart: the rest
+            sink = _ProgressiveSink(self, None, user, sent=done["sent"], skip=done.get("chars", 0))
+        sent_before = sink.prog.sent if sink is not None else 0
         if rec.status == "cancelled":
             texts: list[str] = []
         elif sink is not None:
-            texts = sink.prog.finish()
-        elif rec.answer.strip():  # normal case; or progressive mode interrupted by a restart: all again
+            texts = sink.rest(rec.answer)
+        elif rec.answer.strip():  # normal case
             try:  # off the event loop: shaping a long answer takes milliseconds
                 texts = await asyncio.to_thread(shape_answer, rec.answer)
             except Exception:  # noqa: BLE001 - a shaping bug must not cost the user the answer
@@ -390,12 +393,14 @@ class WeComChannel:
                                                                 "final": True})
         self.outbox.commit(msgs)
 
-    async def _progressive_out(self, live: LiveTask, user: str, texts: list[str], sent: int) -> None:
-        # parts=0: the total is not known yet (the outbox marks the task sent only after its last part)
-        msgs, op = self.outbox.prepare(user, texts, live.rec.id, first_part=sent - len(texts) + 1, parts=0)
-        old = (self.store.get(live.rec.id) or live.rec).delivery or {}
-        await self.store.update_durable(live.rec.id, also=op,
-                                        delivery={**old, "status": old.get("status", "progressive"), "sent": sent})
+    async def _progressive_out(self, tid: bytes, user: str, texts: list[str], sent: int, chars: int) -> None:
+        # parts=0: the total is not known yet (the outbox marks the task sent only after its last part).
+        # chars: how much of the answer these parts cover, so a restarted edge goes on from there.
+        msgs, op = self.outbox.prepare(user, texts, tid, first_part=sent - len(texts) + 1, parts=0)
+        rec = self.store.get(tid)
+        old = (rec.delivery if rec is not None else None) or {}
+        await self.store.update_durable(tid, also=op, delivery={**old, "status": old.get("status", "progressive"),
+                                                                "sent": sent, "chars": chars})
         self.outbox.commit(msgs)
 
     def recover(self) -> int:
@@ -407,26 +412,52 @@ class WeComChannel:
                     not (rec.delivery or {}).get("final")):
                 self._spawn(self.deliver(rec.id))
                 n += 1
+            elif self.cfg.progressive and rec.ch == CH and rec.status not in FINAL and rec.id not in self.progressive:
+                live = self.bridge.get(rec.id)  # still being answered: go on sending its paragraphs
+                if live is not None:
+                    d = rec.delivery or {}
+                    sink = _ProgressiveSink(self, live, rec.uid.partition(".")[2], sent=d.get("sent", 0),
+                                            skip=d.get("chars", 0))
+                    self.progressive[rec.id] = sink
+                    self.bridge.attach(live, sink)
         if n:
             log.info("wecom: %d finished answer(s) from the last run queued for delivery", n)
         return n
 
 
 class _ProgressiveSink:
-    """Receives a task's delta frames; sends finished paragraphs while the answer is generated."""
+    """Receives a task's delta frames; sends finished paragraphs while the answer is generated.
 
-    def __init__(self, ch: WeComChannel, live: LiveTask, user: str) -> None:
+    After an edge restart it resumes: ``sent`` parts covering the first ``skip`` characters went out
+    before, and the node's replay starts from the first chunk again, so those characters are skipped."""
+
+    def __init__(self, ch: WeComChannel, live: LiveTask | None, user: str, sent: int = 0, skip: int = 0) -> None:
         self.ch, self.live, self.user = ch, live, user
-        self.prog = Progressive(LIMIT, min_bytes=ch.cfg.progressive_min_bytes)
-        self.sent = 0
+        self.prog = Progressive(LIMIT, min_bytes=ch.cfg.progressive_min_bytes, sent=sent)
+        self.base = skip  # answer characters covered before this sink: consumed counts from here
+        self.skip = skip
+        self.seen = 0  # answer characters received (skipped ones included)
+
+    def _feed(self, text: str) -> list[str]:
+        self.seen += len(text)
+        if self.skip:
+            drop = min(self.skip, len(text))
+            text, self.skip = text[drop:], self.skip - drop
+        return self.prog.feed(text) if text else []
 
     def push(self, frame: dict[str, Any]) -> None:
-        if frame.get("type") != "delta":
+        if frame.get("type") != "delta" or self.live is None:
             return
-        ready = self.prog.feed(frame["text"])
+        ready = self._feed(frame["text"])
         if ready:
-            self.sent += len(ready)
-            self.ch._spawn(self.ch._progressive_out(self.live, self.user, ready, self.sent))
+            self.ch._spawn(self.ch._progressive_out(self.live.rec.id, self.user, ready, self.prog.sent,
+                                                    self.base + self.prog.consumed))
+
+    def rest(self, answer: str) -> list[str]:
+        """The parts still to send once the answer is final (``answer`` may hold text this sink never
+        got as deltas: the edge restarted, or the task ended with the text shown before a restart)."""
+        ready = self._feed(answer[self.seen:]) if len(answer) > self.seen else []
+        return ready + self.prog.finish()
 
 
 class _Bad(Exception):

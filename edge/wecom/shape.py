@@ -375,11 +375,12 @@ class Progressive:
 
     _RESERVE = nbytes("(9999/9999) ")
 
-    def __init__(self, limit: int = LIMIT, min_bytes: int = 600) -> None:
+    def __init__(self, limit: int = LIMIT, min_bytes: int = 600, sent: int = 0) -> None:
         self.limit = limit
         self.min_bytes = max(1, min(min_bytes, limit - self._RESERVE))
         self.buf = ""
-        self.sent = 0
+        self.sent = sent  # parts released so far (> 0: resuming an answer whose first parts went out before)
+        self.fed = 0  # characters fed
         self.whole: list[str] = []  # the full answer (for the unreleased case)
         # incremental scan of ``buf`` (each line is looked at once: streaming stays linear)
         self._scan = 0  # buf[:_scan] has been scanned, line by line
@@ -414,7 +415,14 @@ class Progressive:
                 self._cut = start
             self._para_lines, self._para_heading = 0, False
 
+    @property
+    def consumed(self) -> int:
+        """Characters of the answer (as fed) that released parts cover: resuming after a restart feeds a new
+        ``Progressive(sent=...)`` the answer from here on, so no part goes out twice."""
+        return self.fed - len(self.buf)
+
     def feed(self, delta: str) -> list[str]:
+        self.fed += len(delta)
         self.buf += delta
         self.whole.append(delta)
         self._advance()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -193,3 +194,29 @@ def test_progressive_streaming_stays_linear_in_a_long_code_block() -> None:
     msgs = [m for i in range(0, len(code), 4) for m in prog.feed(code[i:i + 4])] + prog.finish()
     assert prog._scan <= len(prog.buf) + 1
     assert squash("".join(strip_numbers(msgs))) == squash(to_plain(code))
+
+
+@pytest.mark.parametrize("chunk", [7, 50, 333])
+def test_progressive_resumed_from_consumed_sends_the_rest_once(chunk: int) -> None:
+    """An edge restart mid-answer: a new Progressive(sent=k) fed the answer from ``consumed`` on continues
+    the numbering and, with the parts already sent, covers the answer exactly once."""
+    answer = "\n\n".join(f"第{i}段：" + "要点与解释。" * 40 for i in range(1, 9))
+    pieces = [answer[i:i + chunk] for i in range(0, len(answer), chunk)]
+    first = Progressive(min_bytes=400)
+    sent: list[str] = []
+    for p in pieces:
+        sent += first.feed(p)
+        if len(sent) >= 2:
+            break
+    assert len(sent) >= 2
+    again = Progressive(min_bytes=400, sent=first.sent)
+    rest = answer[first.consumed:]
+    out: list[str] = []
+    for i in range(0, len(rest), chunk):
+        out += again.feed(rest[i:i + chunk])
+    out += again.finish()
+    msgs = sent + out
+    n = len(msgs)
+    assert [m.split(" ", 1)[0] for m in msgs] == [f"({i})" for i in range(1, n)] + [f"({n}/{n})"]
+    body = "".join(m.split(" ", 1)[1] for m in msgs)
+    assert "".join(body.split()) == "".join(to_plain(answer).split())
