@@ -272,8 +272,7 @@ async def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dic
         tid = _task_id(sess, frame.get("id"))
         if tid is None:
             return
-    pending = sum(1 for t in bridge.live.values() if t.rec.uid == sess.uid and t.finished_at is None)
-    if pending >= app[SETTINGS].edge.max_pending_per_user and (tid is None or bridge.get(tid) is None):
+    if bridge.pending(sess.uid) >= app[SETTINGS].edge.max_pending_per_user and (tid is None or bridge.get(tid) is None):
         sess.push({"type": "error", "code": "rate_limited",
                    "message": f"进行中的问题过多（最多 {app[SETTINGS].edge.max_pending_per_user} 个），请稍候"})
         return

@@ -377,6 +377,10 @@ class Bridge:
                                             qos=1))
 
     # ---- lookup / attach -------------------------------------------------------------------
+    def pending(self, uid: str) -> int:
+        """The user's unfinished tasks (``edge.max_pending_per_user`` bounds them)."""
+        return sum(1 for t in self.live.values() if t.rec.uid == uid and t.finished_at is None)
+
     def get(self, tid: bytes) -> LiveTask | None:
         return self.live.get(tid)
 

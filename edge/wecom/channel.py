@@ -226,7 +226,7 @@ class WeComChannel:
                 return
             if not text:
                 return
-            await self._ask(user, text, key)
+            await self._ask(user, text, key, ts_ms)
             return
         kind = UNSUPPORTED.get(mtype)
         if kind is None:
@@ -256,9 +256,15 @@ class WeComChannel:
         self._count("duplicates")
         return False
 
-    async def _ask(self, user: str, text: str, key: bytes) -> None:
+    async def _ask(self, user: str, text: str, key: bytes, ts_ms: int) -> None:
         uid = _uid(user)
         conv = self._conv(user)
+        limit = self.s.edge.max_pending_per_user
+        if self.bridge.pending(uid) >= limit:  # bounded per user: a clear answer instead of an endless queue
+            if await self._reply_once(key, ts_ms, user, [f"您进行中的问题过多（最多 {limit} 个），这条消息未处理。"
+                                                         "请等前面的回答完成后再发送。"]):
+                self._count("rate_limited")
+            return
         live = await self.bridge.submit(uid, CH, text, conv or None, dedup=key)
         if not live.created:
             self._count("duplicates")

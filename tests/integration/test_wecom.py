@@ -273,6 +273,27 @@ async def test_node_offline_user_told_at_once_then_answered(tmp_path: Path, pki_
         assert fw.delivered("sunba")[1].content == "离线后的回答"
 
 
+async def test_pending_questions_per_user_are_bounded_with_a_clear_reply(tmp_path: Path, pki_dir: Path) -> None:
+    """edge.max_pending_per_user holds for WeCom too: over it, a message gets one clear reply (and its retry
+    nothing), no task; the queued ones are answered when the node is back."""
+    async with wecom_system(tmp_path, pki_dir, fake_cfg=FakeLLMConfig(reply="答"), start_node=False,
+                            edge={"max_pending_per_user": 2}, wecom={"offline_notice": ""}) as (sys_, fw, url), \
+            aiohttp.ClientSession() as s:
+        w = sim()
+        for q in ("一", "二"):
+            assert (await w.text("zhouqi", q).post(s, url))[0] == 200
+        third = w.text("zhouqi", "三")
+        for attempt in (third, third.again(fresh_signature=True)):
+            assert (await attempt.post(s, url))[0] == 200
+        await fw.wait_sends(1, user="zhouqi")
+        assert "过多" in fw.delivered("zhouqi")[0].content
+        assert [t.text for t in tasks_of(sys_, "zhouqi")] == ["二", "一"]
+        sys_.node_task = asyncio.create_task(sys_.node.run())
+        await fw.wait_sends(3, user="zhouqi", timeout=15)
+        await asyncio.sleep(0.3)
+        assert [m.content for m in fw.delivered("zhouqi")][1:] == ["答", "答"]
+
+
 async def test_events_media_and_commands(tmp_path: Path, pki_dir: Path) -> None:
     cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=40)
     async with wecom_system(tmp_path, pki_dir, fake_cfg=cfg) as (sys_, fw, url), aiohttp.ClientSession() as s:
