@@ -6,10 +6,10 @@
 ========  =====================================================  ===========================================
 role      publish                                                subscribe / receive
 ========  =====================================================  ===========================================
-edge      ``claw/v1/task/<uid>``                                 ``claw/v1/{task,reply,node}/+`` and concrete
-                                                                 topics under them
-node      ``claw/v1/reply/<uid>``, ``claw/v1/node/<own id>``     ``claw/v1/task/+``, ``$share/claw/claw/v1/task/+``
-          (username ``node.<id>``)                               and concrete task topics
+edge      ``claw/v1/task/<uid>``                                 ``claw/v1/{task,reply,node,batch}/+`` and
+                                                                 concrete topics under them
+node      ``claw/v1/reply/<uid>``, ``claw/v1/node/<own id>``,    ``claw/v1/task/+``, ``$share/claw/claw/v1/task/+``
+          ``claw/v1/batch/<own id>`` (username ``node.<id>``)    and concrete task topics
 device    ``claw/v1/task/<own uid>`` (username = uid ``dev.X``)  ``claw/v1/reply/<own uid>`` only
 ========  =====================================================  ===========================================
 
@@ -30,7 +30,8 @@ ACTIONS = frozenset({"subscribe", "publish", "receive"})
 NODE_USER_PREFIX = "node."
 DEVICE_USER_PREFIX = "dev."
 
-_KINDS = frozenset({"task", "reply", "node"})
+_KINDS = frozenset({"task", "reply", "node", "batch"})
+_NODE_KINDS = frozenset({"node", "batch"})
 _ROOT, _VERSION = PREFIX.split("/")
 # the longest valid topic: "$share/claw/" + "claw/v1/reply/" + 128-char uid; anything longer is denied uncached
 _MAX_TOPIC = len(SHARED_TASK_FILTER) + 140
@@ -44,7 +45,7 @@ def _parse(topic: str, wildcard: bool) -> tuple[str, str] | None:
     kind, key = parts[2], parts[3]
     if key == "+":
         return (kind, key) if wildcard else None
-    ok = is_node_id(key) if kind == "node" else is_uid(key)
+    ok = is_node_id(key) if kind in _NODE_KINDS else is_uid(key)
     return (kind, key) if ok else None
 
 
@@ -66,14 +67,14 @@ def _decide(role: str, username: str, topic: str, action: str) -> bool:
     if role == "edge":
         if action == "publish":
             return kind == "task"
-        return True  # task/reply/node, "+" or concrete
+        return True  # task/reply/node/batch, "+" or concrete
 
     if role == "node":
         node_id = _node_id(username)
         if node_id is None:
             return False
         if action == "publish":
-            return kind == "reply" or (kind == "node" and key == node_id)
+            return kind == "reply" or (kind in _NODE_KINDS and key == node_id)
         return kind == "task"
 
     if role == "device":

@@ -15,9 +15,11 @@ Roles (same as the embedded broker):
 role      username                                     acl_file lines
 ========  ===========================================  =================================================
 edge      any name that is not a uid / node./dev. name ``user NAME`` + ``topic readwrite claw/v1/task/+``,
-                                                       ``topic read claw/v1/reply/+``, ``topic read claw/v1/node/+``
+                                                       ``topic read claw/v1/reply/+``, ``topic read claw/v1/node/+``,
+                                                       ``topic read claw/v1/batch/+``
 node      ``node.<id>``                                ``user node.<id>`` + ``topic read claw/v1/task/+``,
-                                                       ``topic write claw/v1/reply/+``, ``topic write claw/v1/node/<id>``
+                                                       ``topic write claw/v1/reply/+``, ``topic write claw/v1/node/<id>``,
+                                                       ``topic write claw/v1/batch/<id>``
 device    ``dev.<name>`` (= the device's uid)          no ``user`` block: only the two ``pattern`` lines
                                                        ``pattern write claw/v1/task/%u``, ``pattern read claw/v1/reply/%u``
 ========  ===========================================  =================================================
@@ -52,7 +54,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from wire import NODE_FILTER, PREFIX, REPLY_FILTER, TASK_FILTER, is_node_id, is_uid
+from wire import BATCH_FILTER, NODE_FILTER, PREFIX, REPLY_FILTER, TASK_FILTER, is_node_id, is_uid
 
 ROLES = ("edge", "node", "device")
 NODE_USER_PREFIX = "node."
@@ -172,12 +174,13 @@ def acl_text(users: Iterable[User]) -> str:
             continue
         own = [f"topic deny {PREFIX}/task/{username}", f"topic deny {PREFIX}/reply/{username}"]
         if role == "edge":
-            grants = [f"topic readwrite {TASK_FILTER}", f"topic read {REPLY_FILTER}", f"topic read {NODE_FILTER}"]
+            grants = [f"topic readwrite {TASK_FILTER}", f"topic read {REPLY_FILTER}", f"topic read {NODE_FILTER}",
+                      f"topic read {BATCH_FILTER}"]
             what = "edge: publishes tasks for any uid; reads replies and node beats"
         else:
             node_id = username[len(NODE_USER_PREFIX):]
             grants = [f"topic read {TASK_FILTER}", f"topic write {REPLY_FILTER}",
-                      f"topic write {PREFIX}/node/{node_id}"]
+                      f"topic write {PREFIX}/node/{node_id}", f"topic write {PREFIX}/batch/{node_id}"]
             what = f"node {node_id}: reads tasks (also via $share/claw/...), writes replies and its own beats/will"
         lines += ["", f"# {what}", f"user {username}", *own, *grants]
     return "\n".join(lines) + "\n"

@@ -8,11 +8,13 @@ from ._codec import decode, encode, validate
 from ._errors import WireError
 from ._messages import (
     ID_LEN,
+    MAX_BATCH,
     MAX_PAYLOAD,
     MAX_TEXT,
     MESSAGE_TYPES,
     WIRE_MAJOR,
     Accept,
+    Batch,
     Beat,
     Cancel,
     Delta,
@@ -23,6 +25,7 @@ from ._messages import (
 )
 from ._stream import Accepted, Duplicate, Event, Finished, Gap, Late, State, TaskStream, Text
 from ._topics import (
+    BATCH_FILTER,
     CHANNELS,
     NODE_FILTER,
     PREFIX,
@@ -30,6 +33,7 @@ from ._topics import (
     SHARED_TASK_FILTER,
     TASK_FILTER,
     TopicInfo,
+    batch_topic,
     check_node_id,
     check_uid,
     is_node_id,
@@ -41,10 +45,10 @@ from ._topics import (
 )
 
 __all__ = [
-    "CHANNELS", "ID_LEN", "MAX_PAYLOAD", "MAX_TEXT", "MESSAGE_TYPES", "NODE_FILTER", "PREFIX", "REPLY_FILTER",
+    "BATCH_FILTER", "CHANNELS", "ID_LEN", "MAX_BATCH", "MAX_PAYLOAD", "MAX_TEXT", "MESSAGE_TYPES", "NODE_FILTER", "PREFIX", "REPLY_FILTER",
     "SHARED_TASK_FILTER", "TASK_FILTER", "WIRE_MAJOR",
-    "Accept", "Accepted", "Beat", "Cancel", "Delta", "Done", "Duplicate", "Err", "Event", "Finished", "Gap",
+    "Accept", "Accepted", "Batch", "Beat", "Cancel", "Delta", "Done", "Duplicate", "Err", "Event", "Finished", "Gap",
     "Late", "Message", "State", "Task", "TaskStream", "Text", "TopicInfo", "WireError",
-    "check_node_id", "check_uid", "decode", "encode", "is_node_id", "is_uid", "node_topic", "parse_topic",
+    "batch_topic", "check_node_id", "check_uid", "decode", "encode", "is_node_id", "is_uid", "node_topic", "parse_topic",
     "reply_topic", "task_topic", "validate",
 ]

@@ -100,5 +100,17 @@ class Beat(_Msg, tag="beat"):
     models: list[Short] | None = None
 
 
-Message = Union[Task, Cancel, Accept, Delta, Done, Beat]
-MESSAGE_TYPES: tuple[type, ...] = (Task, Cancel, Accept, Delta, Done, Beat)
+MAX_BATCH = 4096  # replies in one Batch
+
+
+class Batch(_Msg, tag="batch"):
+    """Replies (``accept``/``delta``/``done``) of many tasks in one MQTT message, node → edge only, on
+    ``claw/v1/batch/{node}``; in order (per task, the order they were produced). Devices never see batches:
+    a device's replies stay on its own ``claw/v1/reply/{uid}``."""
+
+    node: NodeId
+    items: Annotated[list[Union[Accept, Delta, Done]], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+Message = Union[Task, Cancel, Accept, Delta, Done, Beat, Batch]
+MESSAGE_TYPES: tuple[type, ...] = (Task, Cancel, Accept, Delta, Done, Beat, Batch)

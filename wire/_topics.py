@@ -12,6 +12,7 @@ PREFIX = "claw/v1"
 TASK_FILTER = f"{PREFIX}/task/+"
 REPLY_FILTER = f"{PREFIX}/reply/+"
 NODE_FILTER = f"{PREFIX}/node/+"
+BATCH_FILTER = f"{PREFIX}/batch/+"
 SHARED_TASK_FILTER = f"$share/claw/{TASK_FILTER}"
 
 CHANNELS = frozenset({"wc", "mp", "dev", "web"})
@@ -21,8 +22,9 @@ MAX_NODE_ID = 64
 _UID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 _NODE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
-TopicKind = Literal["task", "reply", "node"]
-_KINDS: frozenset[str] = frozenset({"task", "reply", "node"})
+TopicKind = Literal["task", "reply", "node", "batch"]
+_KINDS: frozenset[str] = frozenset({"task", "reply", "node", "batch"})
+_NODE_KINDS = frozenset({"node", "batch"})  # topics keyed by a node id (the others by a uid)
 
 
 def is_uid(uid: object) -> bool:
@@ -62,10 +64,15 @@ def node_topic(node_id: str) -> str:
     return f"{PREFIX}/node/{check_node_id(node_id)}"
 
 
+def batch_topic(node_id: str) -> str:
+    """Where a node publishes :class:`Batch` messages of replies for the edge."""
+    return f"{PREFIX}/batch/{check_node_id(node_id)}"
+
+
 @dataclass(frozen=True, slots=True)
 class TopicInfo:
     kind: TopicKind
-    key: str  # the uid for task/reply, the node id for node
+    key: str  # the uid for task/reply, the node id for node/batch
 
 
 def parse_topic(topic: str) -> TopicInfo:
@@ -76,7 +83,7 @@ def parse_topic(topic: str) -> TopicInfo:
     if len(parts) != 4 or parts[0] != "claw" or parts[1] != "v1" or parts[2] not in _KINDS:
         raise WireError(f"not a claw/v1 topic: {topic[:200]!r}", hint="bad_topic")
     kind, key = parts[2], parts[3]
-    if kind == "node":
+    if kind in _NODE_KINDS:
         check_node_id(key)
     else:
         check_uid(key)

@@ -453,10 +453,12 @@ def test_acl_text_devices_only_get_patterns() -> None:
     assert lines[:2] == ["pattern write claw/v1/task/%u", "pattern read claw/v1/reply/%u"]
     edge = lines[lines.index("user edge") + 1:lines.index("user node.b1")]
     assert edge == ["topic deny claw/v1/task/edge", "topic deny claw/v1/reply/edge",
-                    "topic readwrite claw/v1/task/+", "topic read claw/v1/reply/+", "topic read claw/v1/node/+"]
+                    "topic readwrite claw/v1/task/+", "topic read claw/v1/reply/+", "topic read claw/v1/node/+",
+                    "topic read claw/v1/batch/+"]
     node = lines[lines.index("user node.b1") + 1:]
     assert node == ["topic deny claw/v1/task/node.b1", "topic deny claw/v1/reply/node.b1",
-                    "topic read claw/v1/task/+", "topic write claw/v1/reply/+", "topic write claw/v1/node/b1"]
+                    "topic read claw/v1/task/+", "topic write claw/v1/reply/+", "topic write claw/v1/node/b1",
+                    "topic write claw/v1/batch/b1"]
 
 
 @pytest.mark.parametrize("users, message", [

@@ -36,6 +36,9 @@ ALLOWED = [
     (NODE, PUB, "claw/v1/reply/wc.bob"),
     (NODE, PUB, "claw/v1/reply/dev.alice"),
     (NODE, PUB, "claw/v1/node/n1"),
+    (NODE, PUB, "claw/v1/batch/n1"),
+    (EDGE, SUB, "claw/v1/batch/+"),
+    (EDGE, RECV, "claw/v1/batch/n1"),
     # device
     (DEV, PUB, "claw/v1/task/dev.alice"),
     (DEV, SUB, "claw/v1/reply/dev.alice"),
@@ -90,6 +93,13 @@ DENIED = [
     (NODE, PUB, "claw/v1/task/wc.bob"),
     (NODE, PUB, "claw/v1/node/n2"),
     (NODE, PUB, "claw/v1/node/+"),
+    (NODE, PUB, "claw/v1/batch/n2"),  # only its own batch topic
+    (NODE, PUB, "claw/v1/batch/+"),
+    (NODE, SUB, "claw/v1/batch/+"),
+    (EDGE, PUB, "claw/v1/batch/n1"),
+    (DEV, SUB, "claw/v1/batch/+"),
+    (DEV, RECV, "claw/v1/batch/n1"),
+    (DEV, PUB, "claw/v1/batch/n1"),
     (NODE, PUB, "claw/v1/reply/+"),
     (NODE, PUB, "claw/v1/reply/bad"),
     (NODE, PUB, "claw/v2/reply/wc.bob"),

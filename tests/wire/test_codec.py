@@ -16,7 +16,7 @@ from wire_samples import ID, all_samples, full_messages, minimal_messages
 
 SAMPLES = all_samples()
 TAGS = {wire.Task: "task", wire.Cancel: "cancel", wire.Accept: "accept", wire.Delta: "delta",
-        wire.Done: "done", wire.Beat: "beat"}
+        wire.Done: "done", wire.Beat: "beat", wire.Batch: "batch"}
 REQUIRED = {
     "task": ["id", "uid", "ch", "text", "ts"],
     "cancel": ["id"],
@@ -24,6 +24,7 @@ REQUIRED = {
     "delta": ["id", "seq", "text"],
     "done": ["id", "seq", "status"],
     "beat": ["node", "state"],
+    "batch": ["node", "items"],
 }
 
 

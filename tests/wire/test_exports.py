@@ -29,10 +29,10 @@ def test_all_matches_public_names() -> None:
 def test_expected_names_exported() -> None:
     expected = {
         "WIRE_MAJOR", "MAX_PAYLOAD", "MAX_TEXT", "ID_LEN", "MESSAGE_TYPES", "PREFIX", "CHANNELS",
-        "TASK_FILTER", "REPLY_FILTER", "NODE_FILTER", "SHARED_TASK_FILTER",
-        "Message", "Task", "Cancel", "Accept", "Delta", "Done", "Beat", "Err", "WireError",
+        "TASK_FILTER", "REPLY_FILTER", "NODE_FILTER", "BATCH_FILTER", "SHARED_TASK_FILTER", "MAX_BATCH",
+        "Message", "Task", "Cancel", "Accept", "Delta", "Done", "Beat", "Batch", "Err", "WireError",
         "encode", "decode", "validate",
-        "TopicInfo", "task_topic", "reply_topic", "node_topic", "parse_topic", "check_uid", "check_node_id",
+        "TopicInfo", "task_topic", "reply_topic", "node_topic", "batch_topic", "parse_topic", "check_uid", "check_node_id",
         "is_uid", "is_node_id",
         "TaskStream", "State", "Event", "Accepted", "Text", "Duplicate", "Gap", "Finished", "Late",
     }

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,7 +23,7 @@ from wire_samples import all_samples, budget
 
 GOLDEN = sorted((Path(__file__).parent / "golden").glob("*.cbor"))
 SEEDS = [p.read_bytes() for p in GOLDEN] + [encode(m) for m in all_samples().values()]
-TAGS = ["task", "cancel", "accept", "delta", "done", "beat"]
+TAGS = ["task", "cancel", "accept", "delta", "done", "beat", "batch"]
 
 
 def _has_nan(value: Any) -> bool:
@@ -181,6 +182,13 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "usage": st.dictionaries(st.text(max_size=6), INT64, max_size=3),
     "state": st.sampled_from(["online", "draining", "offline"]),
     "models": st.lists(st.text(max_size=8), max_size=3),
+    "items": st.lists(st.sampled_from([
+        {"t": "delta", "id": bytes(16), "seq": 1, "text": "x"},
+        {"t": "accept", "id": bytes(16), "node": "n1"},
+        {"t": "done", "id": bytes(16), "seq": 0, "status": "ok"},
+        {"t": "beat", "node": "n1", "state": "online"},  # not a reply: the batch is refused
+        {"t": "delta", "id": bytes(3), "seq": 1, "text": "x"},
+    ]), max_size=3),
 }
 REQUIRED = {cls.__struct_config__.tag: cls.__struct_fields__[:len(cls.__struct_fields__) - len(cls.__struct_defaults__)]
             for cls in wire.MESSAGE_TYPES}  # type: ignore[attr-defined]
@@ -217,6 +225,8 @@ def test_near_valid_maps(body: dict[str, Any]) -> None:
 def msg_value_matches(value: Any, raw: Any) -> bool:
     if isinstance(value, wire.Err):
         return {"code": value.code, "msg": value.msg} == raw
+    if isinstance(value, list) and value and isinstance(value[0], msgspec.Struct):  # Batch.items
+        return [msgspec.to_builtins(v, builtin_types=(bytes,)) for v in value] == raw
     return bool(value == raw)
 
 

@@ -51,6 +51,9 @@ GOLDEN: dict[str, wire.Message] = {
     "beat-min": wire.Beat(node="node-1", state="online"),
     "beat-full": wire.Beat(node="node-1", state="draining", active=2, capacity=4, models=["qwen2.5-7b", "demo"]),
     "beat-last-will": wire.Beat(node="node-1", state="offline"),
+    "batch": wire.Batch(node="node-1", items=[
+        wire.Accept(id=I1, node="node-1", queue=0), wire.Delta(id=I0, seq=2, text="Hello", timing={"n_pub": 7}),
+        wire.Done(id=I0, seq=2, status="ok")]),
 }
 
 

@@ -37,6 +37,7 @@ def minimal_messages() -> dict[str, wire.Message]:
         "delta": wire.Delta(id=ID, seq=1, text="Hello"),
         "done": wire.Done(id=ID, seq=3, status="ok"),
         "beat": wire.Beat(node="node-1", state="online"),
+        "batch": wire.Batch(node="node-1", items=[wire.Delta(id=ID, seq=1, text="Hello")]),
     }
 
 
@@ -57,6 +58,9 @@ def full_messages() -> dict[str, wire.Message]:
             usage={"prompt_tokens": 12, "completion_tokens": 0}, timing={"total": 1234567},
         ),
         "beat": wire.Beat(node="node-1", state="draining", active=2, capacity=4, models=["qwen2.5-7b", "demo"]),
+        "batch": wire.Batch(node="gpu_box-2", items=[
+            wire.Accept(id=ID2, node="gpu_box-2", queue=1), wire.Delta(id=ID, seq=7, text="你好", timing={"n_pub": 1}),
+            wire.Done(id=ID, seq=7, status="error", err=wire.Err(code="x", msg="y"))]),
     }
 
 
