@@ -132,6 +132,7 @@ class NodeSettings(_Section):
     beat_s: float = 5.0
     history_turns: int = 10
     stop_grace_s: float = 20.0  # on stop, running answers get this long to finish
+    metrics_listen: str = ""  # HOST:PORT of the node's Prometheus GET /metrics ("" = off)
 
     def __post_init__(self) -> None:
         import re
@@ -146,6 +147,7 @@ class NodeSettings(_Section):
             raise ValueError("node timeouts and node.beat_s must be > 0")
         if self.stop_grace_s < 0:
             raise ValueError("node.stop_grace_s must be >= 0")
+        _check_hostport(self.metrics_listen, "node.metrics_listen", allow_empty=True)
 
 
 class WecomSettings(_Section):

@@ -121,6 +121,8 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE claw_edge_ws_sessions gauge", f"claw_edge_ws_sessions {len(request.app[SESSIONS])}",
         "# TYPE claw_edge_node_online gauge", f"claw_edge_node_online {int(b.node_online)}",
         "# TYPE claw_edge_mqtt_connected gauge", f"claw_edge_mqtt_connected {int(b.connected)}",
+        *b.stages.prometheus("claw_edge_stage_seconds",
+                             "Stage latency of answers seen by the edge, from the wire timing stamps (seconds)"),
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

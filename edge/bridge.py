@@ -22,6 +22,7 @@ import aiomqtt
 
 import wire
 from claw.config import Settings
+from claw.metrics import Stages
 from claw.mqtt import Backoff, run_forever
 
 from .store import FINAL, TaskRecord, TaskStore
@@ -32,6 +33,11 @@ NODE_LOST_MSG = "与服务器 B 的连接中断，本次回答未能完成，请
 GAP_WAIT_S = 1.0  # a gap in a reply stream held this long is asked to be replayed (then again, this often)
 IDLE_ASK_S = 10.0  # a running task silent this long is asked to replay from its next seq (a lost tail or Done)
 REPAIR_ASKS = 5  # unanswered replay requests before the task ends with node_lost (the node no longer has it)
+# Stage latencies observed from the replies' timing maps (wall-clock µs; stages that span both servers
+# include their clock offset, and negative values are counted as skew): ``/metrics``
+# ``claw_edge_stage_seconds{stage=...}``.
+EDGE_STAGES = ("edge_to_node", "llm_first_token", "first_token_to_publish", "chunk_node_to_edge",
+               "ask_to_first_chunk", "done_node_to_edge")
 
 
 def now_us() -> int:
@@ -51,6 +57,7 @@ class LiveTask:
     sinks: set[Sink] = field(default_factory=set)
     trace: set[Sink] = field(default_factory=set)  # sinks that asked for timing on delta frames (ask "trace")
     published_at: float = 0.0
+    pub_us: int = 0  # wall-clock µs of the last dispatch actually published (its Task.timing e_pub)
     finished_at: float | None = None
     opts: dict[str, Any] | None = None
     created: bool = True  # False when submit() found this task already recorded (a retry)
@@ -102,6 +109,7 @@ class Bridge:
         self.store = store
         self.client = client
         self.stats = BridgeStats()
+        self.stages = Stages(EDGE_STAGES)
         self.live: dict[bytes, LiveTask] = {}
         self.nodes: dict[str, NodeInfo] = {}
         self.presence: set[Sink] = set()
@@ -292,7 +300,9 @@ class Bridge:
         live.published_at = self._loop.time()
         if not self._connected.is_set():
             return  # the housekeeping loop republishes once connected
-        payload = wire.encode(self._task_msg(live.rec, live.opts))
+        msg = self._task_msg(live.rec, live.opts)
+        live.pub_us = msg.timing["e_pub"]  # type: ignore[index]
+        payload = wire.encode(msg)
         self._spawn(self.client.publish(wire.task_topic(live.rec.uid), payload, qos=1))
         self.stats.published += 1
 
@@ -449,6 +459,8 @@ class Bridge:
                     live.shown = None  # the replay caught up: from here on it is one stream again
             else:
                 self.store.add_chunk(live.rec.id, ev.seq, ev.text)
+            if ev.timing is not None:
+                self._observe_chunk(live, ev.seq, ev.timing)
             frame = {"type": "delta", "task": live.hex, "seq": ev.seq, "text": ev.text}
             traced = frame
             if live.trace and ev.timing is not None:
@@ -466,6 +478,12 @@ class Bridge:
             for sink in live.sinks:
                 sink.push(frame)
         elif isinstance(ev, wire.Finished):
+            if ev.timing is not None:
+                n_done = ev.timing.get("n_done")
+                # A Done generated before this edge's last dispatch of the task is a replay from the
+                # node's reply log (e.g. after an edge restart): its latency would be the downtime.
+                if n_done is not None and n_done >= live.pub_us:
+                    self.stages.observe("done_node_to_edge", now_us() - n_done)
             err = {"code": ev.err.code, "msg": ev.err.msg} if ev.err else None
             self._finish(live, ev.status, err, ev.usage, ev.timing)
         elif isinstance(ev, wire.Duplicate):
@@ -477,6 +495,28 @@ class Bridge:
             log.info("edge: task %s: waiting for chunks %d..%d", live.hex[:8], ev.first, ev.last)
         elif isinstance(ev, wire.Late):
             self.stats.late += 1
+
+    def _observe_chunk(self, live: LiveTask, seq: int, timing: dict[str, int]) -> None:
+        """Stage latencies of one in-order chunk (called once per seq: duplicates are dropped before, and
+        replayed chunks carry no timing). The hot path: a dict lookup and one histogram record per chunk.
+        A chunk held behind a gap is observed when released, so its ``chunk_node_to_edge`` includes the
+        wait for the gap, which is the delay its reader saw."""
+        now = now_us()
+        n_pub = timing.get("n_pub")
+        stages = self.stages
+        if n_pub is not None:
+            stages.observe("chunk_node_to_edge", now - n_pub)
+        if seq != 1:
+            return
+        stages.observe("ask_to_first_chunk", now - live.rec.ts * 1000)
+        n_rx, n_ft, n_pub1 = timing.get("n_rx"), timing.get("n_ft"), timing.get("n_pub1")
+        if n_rx is not None and live.pub_us:
+            stages.observe("edge_to_node", n_rx - live.pub_us)
+        if n_ft is not None:
+            if n_rx is not None:
+                stages.observe("llm_first_token", n_ft - n_rx)
+            if n_pub1 is not None:
+                stages.observe("first_token_to_publish", n_pub1 - n_ft)
 
     def _finish(self, live: LiveTask, status: str, err: dict[str, str] | None,
                 usage: dict[str, int] | None, timing: dict[str, int] | None = None,

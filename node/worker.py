@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import OrderedDict, deque
@@ -20,9 +21,11 @@ from typing import Any
 import aiomqtt
 import cbor2
 import httpx
+from aiohttp import web
 
 import wire
 from claw.config import Settings
+from claw.metrics import Stages, escape_label
 from claw.mqtt import Backoff, client_from_settings, run_forever
 from claw.store import Writer, open_env
 
@@ -34,6 +37,10 @@ MAX_CHUNK_BYTES = 64 * 1024  # one Delta's text at most (wire.MAX_PAYLOAD is 256
 REPLY_LOG_MAX = 10_000  # finished answers kept for replay (in memory and in node.lmdb) ...
 REPLY_LOG_BYTES = 32 * 1024 * 1024  # ... in memory at most this much of their text (characters) ...
 REPLY_LOG_AGE_S = 86_400  # ... and in node.lmdb for at most this long
+# Stage latencies on the node's GET /metrics (node.metrics_listen), claw_node_stage_seconds{stage=...}:
+# llm_first_token = n_ft - n_rx (task received -> first LLM token, queueing included), publish = one
+# Delta's QoS 1 publish until its PUBACK, answer_total = n_done - n_rx (every task, whatever its status).
+NODE_STAGES = ("llm_first_token", "publish", "answer_total")
 
 
 def now_us() -> int:
@@ -74,6 +81,9 @@ class Node:
         self.cfg = settings.node
         self.id = settings.node.id
         self.stats = NodeStats()
+        self.stages = Stages(NODE_STAGES)
+        self.metrics_port: int | None = None  # bound port of node.metrics_listen while run() runs
+        self._metrics: web.AppRunner | None = None
         self._http = http
         self._own_http = http is None
         self._client: aiomqtt.Client | None = None
@@ -109,6 +119,8 @@ class Node:
         self._open_reply_log()
         pruner = asyncio.create_task(self._prune_loop())
         try:
+            if self.cfg.metrics_listen:
+                await self._start_metrics(self.cfg.metrics_listen)
             await run_forever(self._client, self._session, name=f"node {self.id}",
                               backoff=Backoff(self.s.mqtt.reconnect_min, self.s.mqtt.reconnect_max),
                               on_disconnect=self._on_disconnect)
@@ -127,6 +139,51 @@ class Node:
                 self._writer = None
             if self._own_http and self._http is not None:
                 await self._http.aclose()
+            if self._metrics is not None:
+                await self._metrics.cleanup()
+                self._metrics, self.metrics_port = None, None
+
+    # ---- GET /metrics (node.metrics_listen) -------------------------------------------------
+    async def _start_metrics(self, listen: str) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        host, _, port = listen.rpartition(":")
+        site = web.TCPSite(runner, host, int(port), reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise RuntimeError(f"node: cannot listen on node.metrics_listen {listen}: {exc.strerror}") from None
+        self._metrics = runner
+        sockets = getattr(site._server, "sockets", None) or []
+        self.metrics_port = sockets[0].getsockname()[1] if sockets else int(port)
+        log.info("node %s: Prometheus metrics on http://%s:%d/metrics", self.id, host, self.metrics_port)
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(text="\n".join(self.metrics_lines()) + "\n", content_type="text/plain")
+
+    def metrics_lines(self) -> list[str]:
+        """Prometheus text: every int field of ``NodeStats`` as ``claw_node_<field>_total``, LLM errors
+        by code, gauges, and the stage histograms ``claw_node_stage_seconds{stage=...}``."""
+        st = self.stats
+        lines: list[str] = []
+        for f in dataclasses.fields(st):
+            value = getattr(st, f.name)
+            if isinstance(value, int):
+                lines += [f"# TYPE claw_node_{f.name}_total counter", f"claw_node_{f.name}_total {value}"]
+        lines.append("# TYPE claw_node_llm_errors_total counter")
+        lines += [f'claw_node_llm_errors_total{{code="{escape_label(k)}"}} {v}' for k, v in sorted(st.by_code.items())]
+        lines += [
+            "# TYPE claw_node_active_tasks gauge", f"claw_node_active_tasks {len(self._runs)}",
+            "# TYPE claw_node_queued_tasks gauge", f"claw_node_queued_tasks {len(self._waiting)}",
+            "# TYPE claw_node_capacity gauge", f"claw_node_capacity {self.cfg.concurrency}",
+            "# TYPE claw_node_connected gauge", f"claw_node_connected {int(self._connected.is_set())}",
+            "# TYPE claw_node_draining gauge", f"claw_node_draining {int(self.state != 'online')}",
+        ]
+        lines += self.stages.prometheus("claw_node_stage_seconds", "Stage latency of answers on the node (seconds)")
+        return lines
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully: announce ``draining``, take no new tasks, let running answers finish
@@ -340,6 +397,7 @@ class Node:
                 self._waiting.remove(task.id)
             self._next_turn(run)
         timing["n_done"] = now_us()
+        self.stages.observe("answer_total", timing["n_done"] - t_rx)
         done = wire.Done(id=task.id, seq=seq, status=status, err=err, usage=usage, timing=timing)  # type: ignore[arg-type]
         try:
             if self._stopping:  # never hang a shutdown on a broker that is gone
@@ -486,7 +544,10 @@ class Node:
                         timing["n_pub1"] = extra["n_pub"]
                         extra = {**timing, **extra}
                     run.chunks.append(text)  # before the publish: a replay racing it must include it
-                    await self._publish(topic, wire.Delta(id=task.id, seq=seq, text=text, timing=extra))
+                    delta = wire.Delta(id=task.id, seq=seq, text=text, timing=extra)
+                    p0 = time.perf_counter_ns()
+                    await self._publish(topic, delta)
+                    self.stages.observe("publish", (time.perf_counter_ns() - p0) // 1000)
                     run.last_seq = seq  # type: ignore[attr-defined]
                     self.stats.chunks += 1
                     rest = window - (loop.time() - t0)
@@ -517,6 +578,7 @@ class Node:
                     if ev.kind == "text" and ev.text:
                         if first:
                             timing["n_ft"] = now_us()
+                            self.stages.observe("llm_first_token", timing["n_ft"] - timing["n_rx"])
                             first = False
                         buf.append(ev.text)
                         answer.append(ev.text)

@@ -1,0 +1,86 @@
+"""Stage-latency histograms on the edge's GET /metrics and the node's (node.metrics_listen), end to end."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from node.fakellm import FakeLLMConfig
+from tests.conftest import free_port, run_system
+from tests.integration.test_e2e import collect
+
+pytestmark = pytest.mark.integration
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$')
+
+
+def parse(text: str) -> dict[str, dict[str, dict[str, float]]]:
+    """family sample name -> stage -> le (or "") -> value, for every sample line; asserts each line parses."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = SAMPLE.match(line)
+        assert m, f"not a Prometheus sample: {line!r}"
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        out.setdefault(m.group(1), {}).setdefault(labels.get("stage", ""), {})[labels.get("le", "")] = \
+            float(m.group(3))
+    return out
+
+
+def check_family(samples: dict[str, dict[str, dict[str, float]]], name: str, stages: list[str]) -> None:
+    for stage in stages:
+        count = samples[f"{name}_count"][stage][""]
+        assert count >= 1, (name, stage)
+        buckets = samples[f"{name}_bucket"][stage]
+        values = list(buckets.values())  # in exposition order: ascending le, +Inf last
+        assert list(buckets)[-1] == "+Inf" and values[-1] == count
+        assert values == sorted(values), f"{name}{{stage={stage}}} buckets are not cumulative"
+        assert samples[f"{name}_sum"][stage][""] >= 0
+
+
+async def test_stage_histograms_on_edge_and_node(tmp_path: Path, pki_dir: Path) -> None:
+    port = free_port()
+    cfg = FakeLLMConfig(n_tokens=40, tokens_per_s=400, token_chars=3)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"metrics_listen": f"127.0.0.1:{port}"}) as sys_, \
+            aiohttp.ClientSession() as s:
+        assert sys_.node.metrics_port == port
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "ask", "text": "你好"})
+            frames, done = await collect(ws)
+        assert done["status"] == "ok"
+        n_chunks = sum(1 for f in frames if f["type"] == "delta")
+
+        async with s.get(f"{sys_.http}/metrics") as r:
+            assert r.status == 200
+            edge_text = await r.text()
+        edge = parse(edge_text)
+        assert edge["claw_edge_tasks_finished_total"][""] == {"": 1}  # the existing lines are still there
+        check_family(edge, "claw_edge_stage_seconds",
+                     ["chunk_node_to_edge", "ask_to_first_chunk", "llm_first_token", "edge_to_node",
+                      "first_token_to_publish", "done_node_to_edge"])
+        assert edge["claw_edge_stage_seconds_count"]["chunk_node_to_edge"][""] == n_chunks
+        assert edge["claw_edge_stage_seconds_count"]["ask_to_first_chunk"][""] == 1
+        assert "claw_edge_stage_p99_seconds" in edge and "claw_edge_stage_skew_total" in edge
+
+        async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+            assert r.status == 200
+            node = parse(await r.text())
+        assert node["claw_node_tasks_total"][""][""] == 1
+        assert node["claw_node_ok_total"][""][""] == 1
+        assert node["claw_node_chunks_total"][""][""] == n_chunks
+        assert node["claw_node_connected"][""][""] == 1
+        assert node["claw_node_active_tasks"][""][""] == 0
+        check_family(node, "claw_node_stage_seconds", ["llm_first_token", "publish", "answer_total"])
+        assert node["claw_node_stage_seconds_count"]["publish"][""] == n_chunks
+    # the node's metrics server is closed with the node
+    assert sys_.node.metrics_port is None
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with s.get(f"http://127.0.0.1:{port}/metrics"):
+                pass
