@@ -1,16 +1,21 @@
 """``claw bench SCENARIO [options]``: the bench suite's entry point (see ``bench/README.md``).
 
-Scenarios:
+The suite (``bench/suite.py``: every part in its own process, results as JSON + an HTML report):
 
-* ``tunnel`` -- latency through the whole system (WebSocket → edge → broker → node → back) over
-  many asks; prints a table, optionally writes JSON.
-* ``smoke`` -- the same with a handful of asks: a quick check that the bench (and the system) works;
-  exits non-zero only if an ask fails.
+* ``latency`` -- one user, ask → first delta and per-chunk relay, against the direct baseline;
+* ``sweep`` -- 1 → 2000 concurrent streams, the knee where p99 per-chunk relay passes 100 ms;
+* ``brokers`` -- the sweep over the embedded amqtt and over Mosquitto, knee ratio;
+* ``direct`` -- the client reads the fake LLM's SSE itself (the floor);
+* ``memory`` -- server A's RSS per idle WebSocket client and per idle MQTT device;
 * ``wecom`` -- WeCom callbacks at a fixed rate (open loop) into the edge: acknowledgement latency,
-  and exactly one delivered answer per message despite retries (``bench/wecom.py``).
+  and exactly one delivered answer per message despite retries (``bench/wecom.py``);
+* ``smoke`` -- CI: a few seconds of latency at 1 and 10 streams; fails only when ours/direct passes a
+  large ratio (or an ask fails), never on an absolute time;
+* ``all`` -- latency, brokers, memory, wecom.
 
-``main(argv) -> int``: 0 = every ask answered correctly, 1 = some failed (or the run timed out or
-could not start), 2 = bad usage.
+And ``tunnel``: the single-process tunnel latency table (per-stage breakdown, ``bench/tunnel.py``).
+
+``main(argv) -> int``: 0 = ran (smoke: and passed), 1 = failed (or could not start), 2 = bad usage.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import logging
 import sys
 from typing import Any
 
-SCENARIOS = ("tunnel", "smoke", "wecom")
+SUITE = ("latency", "sweep", "brokers", "direct", "memory", "smoke", "all")
+SCENARIOS = ("tunnel", "wecom", *SUITE)
+ALL = ["latency", "brokers", "memory", "wecom"]
 
-# per-scenario defaults (the options are the same)
+# per-scenario defaults of the tunnel options
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "tunnel": {"asks": 200, "concurrency": 1, "tokens": 50, "tps": 200.0, "warmup": 1},
-    "smoke": {"asks": 10, "concurrency": 2, "tokens": 20, "tps": 400.0, "warmup": 1},
 }
 
 
@@ -44,11 +50,20 @@ def _non_negative(value: str) -> float:
     return x
 
 
+def _levels(value: str) -> list[int]:
+    try:
+        out = sorted({int(x) for x in value.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated integers, got {value!r}") from None
+    if not out or out[0] < 1:
+        raise argparse.ArgumentTypeError("levels must be >= 1")
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="claw bench", description="SmartClaw bench suite (see bench/README.md)")
     sub = p.add_subparsers(dest="scenario", metavar="SCENARIO")
-    for name, help_ in (("tunnel", "latency WebSocket → edge → broker → node → client, per ask and per chunk"),
-                        ("smoke", "tunnel with a few asks; fails only if an ask fails")):
+    for name, help_ in (("tunnel", "latency WebSocket → edge → broker → node → client, per ask and per chunk"),):
         d = _DEFAULTS[name]
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--asks", type=_positive_int, default=d["asks"], help="measured asks (default %(default)s)")
@@ -78,6 +93,34 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
         sp.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level of the system under test (default %(default)s)")
+    helps = {"latency": "one user: first delta and chunk relay vs the direct baseline",
+             "sweep": "concurrent streams 1 → 2000: the knee where p99 chunk relay passes 100 ms",
+             "brokers": "the sweep over embedded amqtt and over Mosquitto, in one run",
+             "direct": "the client reads the fake LLM's SSE itself: the floor",
+             "memory": "server A's RSS per idle WebSocket client and per idle MQTT device",
+             "smoke": "CI: a few seconds at 1 and 10 streams; fails only on a large ratio to direct",
+             "all": "latency, brokers, memory and wecom; one JSON + HTML report"}
+    for name in SUITE:
+        sp = sub.add_parser(name, help=helps[name], description=helps[name])
+        sp.add_argument("--levels", type=_levels, default=None,
+                        help="concurrent streams per level, e.g. 1,10,100 (default 1,10,50,100,200,500,1000,1500,2000)")
+        sp.add_argument("--level-s", type=_non_negative, default=6.0, help="measured seconds per level (default %(default)s)")
+        sp.add_argument("--warm-s", type=_non_negative, default=2.0, help="unmeasured seconds first (default %(default)s)")
+        sp.add_argument("--tps", type=_non_negative, default=20.0, help="fake LLM tokens/s per stream (default %(default)s)")
+        sp.add_argument("--tokens", type=_positive_int, default=40, help="tokens per answer (default %(default)s)")
+        sp.add_argument("--token-chars", type=_positive_int, default=4, help="characters per token (default %(default)s)")
+        sp.add_argument("--ttft", type=_non_negative, default=0.0, help="fake LLM time to first token, s (default 0)")
+        sp.add_argument("--coalesce-ms", type=_non_negative, default=None, help="node.coalesce_ms (default: product's)")
+        sp.add_argument("--broker", choices=["amqtt", "mosquitto"], default="amqtt", help="for sweep (default amqtt)")
+        sp.add_argument("--keep-going", action="store_true", help="sweep: do not stop at the knee")
+        sp.add_argument("--ws-idle", type=_positive_int, default=1000, help="memory: idle WebSockets (default 1000)")
+        sp.add_argument("--mqtt-idle", type=_positive_int, default=200, help="memory: idle MQTT devices (default 200)")
+        sp.add_argument("--out", metavar="DIR", default="bench-results",
+                        help="write results.json and report.html into DIR/<time>-<scenario>/ (default %(default)s)")
+        sp.add_argument("--json", metavar="PATH", default=None, help="also write the results JSON here ('-' = stdout)")
+        sp.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+        sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+        sp.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     w = sub.add_parser("wecom", help="WeCom callbacks/s into the edge: ack latency and exactly-once answers",
                        description="WeCom callbacks/s into the edge: ack latency and exactly-once answers")
     w.add_argument("--rate", type=_non_negative, default=200.0, help="messages per second (default %(default)s)")
@@ -116,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         from claw.runtime import configure_logging
         configure_logging(args.log_level)
 
+    if args.scenario in SUITE:
+        return _suite(args)
+
     if args.scenario == "wecom":
         from .wecom import WeComBenchConfig, format_wecom, run_wecom
 
@@ -145,6 +191,56 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report), flush=True)
     _write_json(report, args.json)
     return 0 if report["failures_total"] == 0 else 1
+
+
+def _suite(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+    from pathlib import Path
+
+    from .suite import Options, run
+
+    o = Options(tokens=args.tokens, tps=args.tps, token_chars=args.token_chars, ttft=args.ttft,
+                coalesce_ms=args.coalesce_ms, level_s=args.level_s, warm_s=args.warm_s,
+                stop_at_knee=not args.keep_going, broker=args.broker, loop=args.loop, progress=not args.quiet,
+                log_level=args.log_level, ws_idle=args.ws_idle, mqtt_idle=args.mqtt_idle)
+    if args.levels:
+        o.levels = args.levels
+    names = ALL if args.scenario == "all" else [args.scenario]
+    try:
+        results = asyncio.run(run(names, o))
+    except (RuntimeError, OSError) as exc:
+        print(f"claw bench {args.scenario}: could not run: {exc}", file=sys.stderr)
+        return 1
+    results["scenario"] = args.scenario
+    out = Path(args.out) / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.scenario}"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(results, str(out / "results.json"))
+    _write_json(results, args.json)
+    from .report import write_report
+
+    write_report(results, out / "report.html")
+    print(_summary(results), flush=True)
+    print(f"results: {out / 'results.json'}  report: {out / 'report.html'}", flush=True)
+    if args.scenario == "smoke":
+        return 0 if results["scenarios"]["smoke"]["ok"] else 1
+    return 0
+
+
+def _summary(results: dict[str, Any]) -> str:
+    lines = [f"claw bench {results.get('scenario')}: commit {results['env'].get('commit')}"
+             f"{' (dirty)' if results['env'].get('dirty') else ''}, {results['env'].get('cpus')} CPUs, "
+             f"{results.get('elapsed_s')} s"]
+    for c in results.get("checks", []):
+        v = c.get("value")
+        lines.append(f"  [{'PASS' if c['ok'] else 'MISS'}] {c['name']}: {v if v is not None else '-'} {c.get('unit', '')}"
+                     f" (target {c['target']})")
+    sm = results["scenarios"].get("smoke")
+    if sm:
+        for v in sm["verdicts"]:
+            lines.append(f"  [{'PASS' if v['ok'] else 'FAIL'}] smoke {v['streams']} streams: first delta / direct TTFT "
+                         f"p50 = {v['first_delta_over_direct_p50']}x (fails above {sm['max_ratio']:g}x)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

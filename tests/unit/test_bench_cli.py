@@ -1,4 +1,4 @@
-"""``claw bench smoke``: the tunnel bench runs end to end and writes a complete, sane JSON report.
+"""``claw bench tunnel``: the tunnel bench runs end to end and writes a complete, sane JSON report.
 
 No timing assertions: only that every latency is a positive number and the counts add up.
 """
@@ -16,16 +16,16 @@ from bench.tunnel import ROWS, percentiles
 pytestmark = pytest.mark.integration  # starts the whole system on 127.0.0.1
 
 
-def test_smoke_writes_sane_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "smoke.json"
-    rc = main(["smoke", "--asks", "10", "--concurrency", "2", "--tokens", "12", "--tps", "0",
+def test_tunnel_writes_sane_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "tunnel.json"
+    rc = main(["tunnel", "--asks", "10", "--concurrency", "2", "--tokens", "12", "--tps", "0",
                "--timeout", "90", "--quiet", "--json", str(out)])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert rc == 0, report["failures"]
     assert "ask → first delta" in printed  # the table went to stdout
 
-    assert report["scenario"] == "smoke"
+    assert report["scenario"] == "tunnel"
     for key in ("git_commit", "python", "cpu_count", "loop"):
         assert key in report["env"]
     s = report["settings"]

@@ -1,0 +1,193 @@
+"""The bench suite's processes: each part of the system in its own OS process, as deployed.
+
+``python -m bench.procs ROLE CONFIG.json`` runs one role until its stdin closes (the orchestrator holds the
+other end, so a dying orchestrator never leaves children behind) and prints one JSON line when it is ready:
+
+* ``llm``  -- the fake LM Studio (``node/fakellm.py``) → ``{"url": ...}``
+* ``edge`` -- server A: the edge with its embedded amqtt broker (or, ``broker.enabled = false``, connected to
+  an external broker) → ``{"http_port": ..., "tls_port": ...}``
+* ``node`` -- server B: the node, dialling the broker over TLS → ``{"ok": true}``
+
+:class:`Proc` (orchestrator side) starts one, waits for its line and samples its RSS and CPU time from
+``/proc`` (psutil elsewhere). Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# ---- orchestrator side ----------------------------------------------------------------------------------------
+
+
+class Proc:
+    """One child process of the bench (see the module docstring)."""
+
+    def __init__(self, role: str, cfg: dict[str, Any], log_dir: Path, timeout: float = 30.0) -> None:
+        self.role = role
+        fd, path = tempfile.mkstemp(prefix=f"bench-{role}-", suffix=".json", dir=log_dir)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(cfg, fh)
+        self.log_path = log_dir / f"{role}-{os.getpid()}-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.p = subprocess.Popen([sys.executable, "-m", "bench.procs", role, path], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self._log, env=env)
+        self.info = self._ready(timeout)
+        self._cpu0 = self.cpu_s()
+        self._t0 = time.monotonic()
+
+    def _ready(self, timeout: float) -> dict[str, Any]:
+        import selectors
+
+        assert self.p.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.p.stdout, selectors.EVENT_READ)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if sel.select(timeout=0.2):
+                line = self.p.stdout.readline()
+                if line:
+                    return dict(json.loads(line))
+            if self.p.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"bench: {self.role} process did not start:\n{self.tail()}")
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def tail(self, n: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-n:]
+        return ""
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.pid)
+
+    def cpu_s(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def cpu_mark(self) -> None:
+        self._cpu0, self._t0 = self.cpu_s(), time.monotonic()
+
+    def cpu_pct(self) -> float:
+        """CPU use since the last :meth:`cpu_mark`, in % of one core."""
+        dt = time.monotonic() - self._t0
+        return 100.0 * (self.cpu_s() - self._cpu0) / dt if dt > 0 else 0.0
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                assert self.p.stdin is not None
+                self.p.stdin.close()  # the child's stop signal
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        self._log.close()
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import psutil  # not on /proc systems only
+
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        import psutil
+
+        t = psutil.Process(pid).cpu_times()
+        return float(t.user + t.system)
+
+
+# ---- child side -----------------------------------------------------------------------------------------------
+
+
+async def _until_stdin_closes() -> None:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.buffer.read)
+
+
+def _ready(info: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.flush()
+
+
+async def _llm(cfg: dict[str, Any]) -> None:
+    from node.fakellm import FakeLLMConfig, run_fake_llm
+
+    async with run_fake_llm(FakeLLMConfig(**cfg["fake"]), port=cfg.get("port", 0)) as fake:
+        _ready({"url": fake.url})
+        await _until_stdin_closes()
+
+
+async def _edge(cfg: dict[str, Any]) -> None:
+    from claw.config import load_settings
+    from edge.app import INFO, run_edge
+
+    settings = load_settings(env={}, overrides=cfg["settings"])
+    async with run_edge(settings) as app:
+        _ready({"http_port": app[INFO].http_port, "tls_port": app[INFO].mqtt_tls_port})
+        await _until_stdin_closes()
+
+
+async def _node(cfg: dict[str, Any]) -> None:
+    from claw.config import load_settings
+    from node.worker import Node
+
+    node = Node(load_settings(env={}, overrides=cfg["settings"]))
+    task = asyncio.create_task(node.run())
+    _ready({"ok": True})
+    await _until_stdin_closes()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+ROLES = {"llm": _llm, "edge": _edge, "node": _node}
+
+
+def main(argv: list[str]) -> int:
+    role, path = argv
+    with open(path, encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    os.unlink(path)
+    from claw.runtime import configure_logging
+
+    configure_logging(cfg.get("log_level", "WARNING"))
+    loop_factory = None
+    if cfg.get("loop", "uvloop") == "uvloop":
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as r:
+        r.run(ROLES[role](cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
