@@ -132,6 +132,7 @@ class NodeSettings(_Section):
     beat_s: float = 5.0
     history_turns: int = 10
     stop_grace_s: float = 20.0  # on stop, running answers get this long to finish
+    batch_replies: bool = True  # replies for the edge go in batches on claw/v1/batch/{id} (the edge must know them)
     metrics_listen: str = ""  # HOST:PORT of the node's Prometheus GET /metrics ("" = off)
 
     def __post_init__(self) -> None:

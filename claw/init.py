@@ -278,6 +278,8 @@ history_turns = {n.history_turns}
 # On stop (systemctl stop, service stop, Ctrl-C) running answers get this many seconds to
 # finish; the rest end with a clear "server B is stopping" error. New questions wait at A.
 stop_grace_s = {n.stop_grace_s}
+# Send the replies of many answers in one MQTT message to the edge (far less broker work under load).
+batch_replies = {str(n.batch_replies).lower()}
 # Prometheus GET /metrics of this node (counters, running tasks, stage latencies) on HOST:PORT, e.g.
 # "127.0.0.1:9464"; "" = off. Keep it on loopback or a private network: it has no authentication.
 metrics_listen = {_q(n.metrics_listen)}

@@ -110,6 +110,7 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE claw_edge_tasks_published_total counter", f"claw_edge_tasks_published_total {st.published}",
         "# TYPE claw_edge_tasks_republished_total counter", f"claw_edge_tasks_republished_total {st.republished}",
         "# TYPE claw_edge_replies_total counter", f"claw_edge_replies_total {st.replies}",
+        "# TYPE claw_edge_batches_total counter", f"claw_edge_batches_total {st.batches}",
         "# TYPE claw_edge_duplicates_total counter", f"claw_edge_duplicates_total {st.duplicates}",
         "# TYPE claw_edge_gaps_total counter", f"claw_edge_gaps_total {st.gaps}",
         "# TYPE claw_edge_replay_asks_total counter", f"claw_edge_replay_asks_total {st.replay_asks}",

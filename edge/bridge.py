@@ -94,6 +94,7 @@ class BridgeStats:
     published: int = 0
     republished: int = 0
     replies: int = 0
+    batches: int = 0  # batch messages (each carrying many replies)
     duplicates: int = 0
     gaps: int = 0
     bad_messages: int = 0
@@ -123,6 +124,7 @@ class Bridge:
         # once a node has accepted it: a user's tasks reach the node in the order asked whatever the broker
         # does with a burst (with amqtt, a 1000-task burst arrived partly rotated).
         self._queues: dict[str, deque[LiveTask]] = {}
+        self._pending: dict[str, int] = {}  # uid -> unfinished tasks (see pending())
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -130,6 +132,7 @@ class Bridge:
             live = LiveTask(rec, wire.TaskStream(rec.id), shown=self.store.chunk_texts(rec.id) or None)
             self.live[rec.id] = live
             self._queues.setdefault(rec.uid, deque()).append(live)
+            self._count(rec.uid, 1)
         if self.live:
             log.info("edge: %d unfinished task(s) from the store will be re-dispatched", len(self.live))
         backoff = Backoff(self.s.mqtt.reconnect_min, self.s.mqtt.reconnect_max)
@@ -143,7 +146,7 @@ class Bridge:
                 await housekeeping
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        await client.subscribe([(wire.REPLY_FILTER, 1), (wire.NODE_FILTER, 1)])
+        await client.subscribe([(wire.REPLY_FILTER, 1), (wire.NODE_FILTER, 1), (wire.BATCH_FILTER, 1)])
         self._connected.set()
         self._republish_pending(force=True)
         async for msg in client.messages:
@@ -260,6 +263,7 @@ class Bridge:
             old = self.get(stored.id) or self._revive(stored)
             old.created = False
             return old
+        self._count(uid, 1)
         self._queues.setdefault(uid, deque()).append(live)
         if self._head(uid) is live:
             self._publish_task(live)
@@ -289,6 +293,8 @@ class Bridge:
         if rec.status in FINAL:
             live.finished_at = self._loop.time()
             live.stream = wire.TaskStream(rec.id)
+        else:
+            self._count(rec.uid, 1)
         self.live[rec.id] = live
         return live
 
@@ -388,8 +394,15 @@ class Bridge:
 
     # ---- lookup / attach -------------------------------------------------------------------
     def pending(self, uid: str) -> int:
-        """The user's unfinished tasks (``edge.max_pending_per_user`` bounds them)."""
-        return sum(1 for t in self.live.values() if t.rec.uid == uid and t.finished_at is None)
+        """The user's unfinished tasks (``edge.max_pending_per_user`` bounds them); O(1)."""
+        return self._pending.get(uid, 0)
+
+    def _count(self, uid: str, delta: int) -> None:
+        n = self._pending.get(uid, 0) + delta
+        if n > 0:
+            self._pending[uid] = n
+        else:
+            self._pending.pop(uid, None)
 
     def get(self, tid: bytes) -> LiveTask | None:
         return self.live.get(tid)
@@ -421,13 +434,26 @@ class Bridge:
             else:
                 self.stats.bad_messages += 1
             return
+        if info.kind == "batch":  # the replies of many tasks from one node (node.batch_replies)
+            if isinstance(msg, wire.Batch) and msg.node == info.key:
+                self.stats.batches += 1
+                for item in msg.items:
+                    self._on_reply(item, None)
+            else:
+                self.stats.bad_messages += 1
+            return
         if info.kind != "reply" or not isinstance(msg, (wire.Accept, wire.Delta, wire.Done)):
             return
+        self._on_reply(msg, info.key)
+
+    def _on_reply(self, msg: wire.Accept | wire.Delta | wire.Done, uid: str | None) -> None:
+        """One reply, from its user's reply topic (``uid``) or from a node's batch (None: the broker's ACL
+        lets a node publish replies for any user either way)."""
         self.stats.replies += 1
         live = self.live.get(msg.id)
         if live is None:
             return  # not ours (a device's own task) or long finished
-        if live.rec.uid != info.key:
+        if uid is not None and live.rec.uid != uid:
             self.stats.bad_messages += 1
             log.warning("edge: reply for task %s arrived on another user's topic; dropped", live.hex[:8])
             return
@@ -524,6 +550,7 @@ class Bridge:
         if live.finished_at is not None:
             return
         live.finished_at = self._loop.time()
+        self._count(live.rec.uid, -1)
         if text is None:
             text = live.stream.text
         self.store.drop_chunks(live.rec.id)

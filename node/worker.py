@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -29,11 +30,15 @@ from claw.metrics import Stages, escape_label
 from claw.mqtt import Backoff, client_from_settings, run_forever
 from claw.store import Writer, open_env
 
+from .batcher import ReplyBatcher
 from .llm import LLMError, list_models, stream_chat
 
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_BYTES = 64 * 1024  # one Delta's text at most (wire.MAX_PAYLOAD is 256 KiB for the whole message)
+POOL_SIZE = 16  # connections per HTTP pool to LM Studio (see Node._lease_http)
+_REPLY_PREFIX = f"{wire.PREFIX}/reply/"
+_DEVICE_REPLY = f"{wire.PREFIX}/reply/dev."  # a device reads its own reply topic: never batched
 REPLY_LOG_MAX = 10_000  # finished answers kept for replay (in memory and in node.lmdb) ...
 REPLY_LOG_BYTES = 32 * 1024 * 1024  # ... in memory at most this much of their text (characters) ...
 REPLY_LOG_AGE_S = 86_400  # ... and in node.lmdb for at most this long
@@ -56,6 +61,20 @@ class _Run:
     cancelled: bool = False
     chunks: list[str] = field(default_factory=list)  # text of every Delta published, seq = index + 1
     turn: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is this user's turn
+
+
+_SSL: list[ssl.SSLContext] = []
+
+
+def _http_client() -> httpx.AsyncClient:
+    """One small pool (see Node._lease_http). The TLS context (httpx's default: certifi's CAs) is made once
+    and shared: making one per pool cost ~10 ms each."""
+    if not _SSL:
+        import certifi
+
+        _SSL.append(ssl.create_default_context(cafile=certifi.where()))
+    return httpx.AsyncClient(timeout=None, verify=_SSL[0],
+                             limits=httpx.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE))
 
 
 @dataclass
@@ -86,6 +105,9 @@ class Node:
         self._metrics: web.AppRunner | None = None
         self._http = http
         self._own_http = http is None
+        # LLM streams: shards of small connection pools (see _lease_http); with an injected client, that one
+        self._pools: list[httpx.AsyncClient] = []
+        self._pool_load: list[int] = []
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._runs: dict[bytes, _Run] = {}
@@ -105,12 +127,12 @@ class Node:
         self._log_env: Any = None  # node.lmdb: the reply log, so a restarted node replays instead of re-running
         self._log_db: Any = None
         self._writer: Writer | None = None
+        self._batcher: ReplyBatcher | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=256,
-                                                                              max_keepalive_connections=64))
+            self._http = _http_client()
         will = aiomqtt.Will(wire.node_topic(self.id), wire.encode(self._beat("offline")), qos=1)
         self._client = client_from_settings(self.s.mqtt, identifier=f"node-{self.id}", data_dir=self.s.data_dir,
                                             will=will)
@@ -118,6 +140,9 @@ class Node:
                  self.s.mqtt.host, self.s.mqtt.port, self.s.mqtt.tls)
         self._open_reply_log()
         pruner = asyncio.create_task(self._prune_loop())
+        if self.cfg.batch_replies:
+            self._batcher = ReplyBatcher(self.id, self._publish_payload)
+            self._batcher.start()
         try:
             if self.cfg.metrics_listen:
                 await self._start_metrics(self.cfg.metrics_listen)
@@ -134,9 +159,16 @@ class Node:
             if jobs:
                 await asyncio.wait(jobs, timeout=5)
             pruner.cancel()
+            if self._batcher is not None:
+                await self._batcher.close()
+                self._batcher = None
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+            for client in self._pools:
+                await client.aclose()
+            self._pools.clear()
+            self._pool_load.clear()
             if self._own_http and self._http is not None:
                 await self._http.aclose()
             if self._metrics is not None:
@@ -344,8 +376,14 @@ class Node:
         asyncio.create_task(go())
 
     async def _publish(self, topic: str, msg: wire.Message) -> None:
-        """Publish QoS 1, waiting for the connection and retrying across reconnects (seq dedups)."""
-        payload = wire.encode(msg)
+        """Publish QoS 1, waiting for the connection and retrying across reconnects (seq dedups). Replies
+        for the edge go in batches (``node.batch_replies``); a device's stay on its own reply topic."""
+        if self._batcher is not None and topic.startswith(_REPLY_PREFIX) and not topic.startswith(_DEVICE_REPLY):
+            await self._batcher.send(msg)  # type: ignore[arg-type]
+            return
+        await self._publish_payload(topic, wire.encode(msg))
+
+    async def _publish_payload(self, topic: str, payload: bytes) -> None:
         while True:
             if not self._connected.is_set():
                 if self._stopping:
@@ -359,6 +397,28 @@ class Node:
                 log.debug("node %s: publish failed (%s); will retry after reconnect", self.id, exc)
                 self._connected.clear()
                 await asyncio.sleep(0.05)
+
+    # ---- HTTP connections to LM Studio -------------------------------------------------------
+    def _lease_http(self) -> httpx.AsyncClient:
+        """The HTTP client for one answer's stream: the least loaded of several small pools, a new one when
+        all are full. httpx scans its whole pool on every request and every response close, so one pool of
+        hundreds of kept-alive connections cost the node half its CPU at 200 streams (py-spy:
+        ``_assign_requests_to_connections`` 52 %); pools of POOL_SIZE keep that scan short. Each pool keeps
+        every connection alive, so a stream never waits for a connection or opens a new one per answer."""
+        if not self._own_http:
+            assert self._http is not None
+            return self._http  # injected (tests): use it as is
+        i = min(range(len(self._pools)), key=self._pool_load.__getitem__, default=-1)
+        if i < 0 or self._pool_load[i] >= POOL_SIZE:
+            self._pools.append(_http_client())
+            self._pool_load.append(0)
+            i = len(self._pools) - 1
+        self._pool_load[i] += 1
+        return self._pools[i]
+
+    def _release_http(self, client: httpx.AsyncClient) -> None:
+        with contextlib.suppress(ValueError):
+            self._pool_load[self._pools.index(client)] -= 1
 
     # ---- one task --------------------------------------------------------------------------
     async def _run_task(self, run: _Run) -> None:
@@ -561,10 +621,10 @@ class Node:
                     return
 
         send_task = asyncio.create_task(sender())
-        assert self._http is not None
+        http = self._lease_http()
         try:
             first = True
-            events = stream_chat(self._http, self.cfg.llm_url, model=model, messages=self._messages(task),
+            events = stream_chat(http, self.cfg.llm_url, model=model, messages=self._messages(task),
                                  api_key=self.cfg.api_key, max_tokens=self.cfg.max_tokens,
                                  first_token_timeout=self.cfg.first_token_timeout_s,
                                  stall_timeout=self.cfg.stall_timeout_s,
@@ -590,6 +650,7 @@ class Node:
                         usage = {k: int(v) for k, v in (getattr(ev, "usage", None) or {}).items()
                                  if isinstance(v, int)}
         finally:
+            self._release_http(http)
             # Let the sender finish the chunk it may be publishing (so Done.seq is exact); on
             # cancellation the text not yet sent is dropped, on an LLM error it is still flushed.
             if run.cancelled:
