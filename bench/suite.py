@@ -675,7 +675,7 @@ async def run(names: list[str], o: Options) -> dict[str, Any]:
             from .wecom import WeComBenchConfig, run_wecom
 
             rep = await asyncio.to_thread(run_wecom, WeComBenchConfig(progress=o.progress, loop=o.loop))
-            sc["wecom"] = {**rep, "ack_ms": (rep.get("latency_ms") or {}).get("ack")}
+            sc["wecom"] = {**rep, "ack_ms": (rep.get("latency_ms") or {}).get("callback_ack")}
         elif name == "smoke":
             sc["smoke"] = await smoke(o, p)
         else:

@@ -31,6 +31,11 @@ def _size(msg: Reply) -> int:
         len(msg.err.msg) * 4 if getattr(msg, "err", None) else 0)
 
 
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: an un-awaited enqueue never warns "exception was never retrieved"
+
+
 class ReplyBatcher:
     def __init__(self, node_id: str, publish: Callable[[str, bytes], Awaitable[None]]) -> None:
         self.node_id = node_id
@@ -60,13 +65,19 @@ class ReplyBatcher:
 
     async def send(self, msg: Reply) -> None:
         """Queue ``msg`` for the next batch; return when that batch is acknowledged (or raise its error)."""
+        await self.enqueue(msg)
+
+    def enqueue(self, msg: Reply) -> asyncio.Future[None]:
+        """Queue ``msg`` now (its place in the order is taken at once) and return the future of its batch's
+        acknowledgement; not awaiting it is fine (a failure is then only logged by nobody: the edge repairs)."""
         if self._task is None:
             raise RuntimeError("reply batcher is not running")
         fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_retrieve)
         self._items.append(msg)
         self._futs.append(fut)
         self._wake.set()
-        await fut
+        return fut
 
     async def _run(self) -> None:
         while True:

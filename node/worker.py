@@ -12,16 +12,15 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import ssl
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomqtt
 import cbor2
-import httpx
 from aiohttp import web
 
 import wire
@@ -36,7 +35,6 @@ from .llm import LLMError, list_models, stream_chat
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_BYTES = 64 * 1024  # one Delta's text at most (wire.MAX_PAYLOAD is 256 KiB for the whole message)
-POOL_SIZE = 16  # connections per HTTP pool to LM Studio (see Node._lease_http)
 _REPLY_PREFIX = f"{wire.PREFIX}/reply/"
 _DEVICE_REPLY = f"{wire.PREFIX}/reply/dev."  # a device reads its own reply topic: never batched
 REPLY_LOG_MAX = 10_000  # finished answers kept for replay (in memory and in node.lmdb) ...
@@ -63,20 +61,6 @@ class _Run:
     turn: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is this user's turn
 
 
-_SSL: list[ssl.SSLContext] = []
-
-
-def _http_client() -> httpx.AsyncClient:
-    """One small pool (see Node._lease_http). The TLS context (httpx's default: certifi's CAs) is made once
-    and shared: making one per pool cost ~10 ms each."""
-    if not _SSL:
-        import certifi
-
-        _SSL.append(ssl.create_default_context(cafile=certifi.where()))
-    return httpx.AsyncClient(timeout=None, verify=_SSL[0],
-                             limits=httpx.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE))
-
-
 @dataclass
 class NodeStats:
     tasks: int = 0
@@ -95,7 +79,7 @@ class NodeStats:
 class Node:
     """One node process. ``await node.run()`` until cancelled or ``stop()``."""
 
-    def __init__(self, settings: Settings, *, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, settings: Settings, *, http: aiohttp.ClientSession | None = None) -> None:
         self.s = settings
         self.cfg = settings.node
         self.id = settings.node.id
@@ -105,9 +89,6 @@ class Node:
         self._metrics: web.AppRunner | None = None
         self._http = http
         self._own_http = http is None
-        # LLM streams: shards of small connection pools (see _lease_http); with an injected client, that one
-        self._pools: list[httpx.AsyncClient] = []
-        self._pool_load: list[int] = []
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._runs: dict[bytes, _Run] = {}
@@ -132,7 +113,10 @@ class Node:
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         if self._http is None:
-            self._http = _http_client()
+            # One kept-alive connection per answer that may run at once (LM Studio's parallel slots), so a
+            # stream never waits for a connection nor opens a new one per answer.
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=max(1, self.cfg.concurrency) + 2, keepalive_timeout=60))
         will = aiomqtt.Will(wire.node_topic(self.id), wire.encode(self._beat("offline")), qos=1)
         self._client = client_from_settings(self.s.mqtt, identifier=f"node-{self.id}", data_dir=self.s.data_dir,
                                             will=will)
@@ -165,12 +149,9 @@ class Node:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
-            for client in self._pools:
-                await client.aclose()
-            self._pools.clear()
-            self._pool_load.clear()
             if self._own_http and self._http is not None:
-                await self._http.aclose()
+                await self._http.close()
+                self._http = None
             if self._metrics is not None:
                 await self._metrics.cleanup()
                 self._metrics, self.metrics_port = None, None
@@ -378,10 +359,13 @@ class Node:
     async def _publish(self, topic: str, msg: wire.Message) -> None:
         """Publish QoS 1, waiting for the connection and retrying across reconnects (seq dedups). Replies
         for the edge go in batches (``node.batch_replies``); a device's stay on its own reply topic."""
-        if self._batcher is not None and topic.startswith(_REPLY_PREFIX) and not topic.startswith(_DEVICE_REPLY):
-            await self._batcher.send(msg)  # type: ignore[arg-type]
+        if self._batched(topic):
+            await self._batcher.send(msg)  # type: ignore[union-attr, arg-type]
             return
         await self._publish_payload(topic, wire.encode(msg))
+
+    def _batched(self, topic: str) -> bool:
+        return self._batcher is not None and topic.startswith(_REPLY_PREFIX) and not topic.startswith(_DEVICE_REPLY)
 
     async def _publish_payload(self, topic: str, payload: bytes) -> None:
         while True:
@@ -398,28 +382,6 @@ class Node:
                 self._connected.clear()
                 await asyncio.sleep(0.05)
 
-    # ---- HTTP connections to LM Studio -------------------------------------------------------
-    def _lease_http(self) -> httpx.AsyncClient:
-        """The HTTP client for one answer's stream: the least loaded of several small pools, a new one when
-        all are full. httpx scans its whole pool on every request and every response close, so one pool of
-        hundreds of kept-alive connections cost the node half its CPU at 200 streams (py-spy:
-        ``_assign_requests_to_connections`` 52 %); pools of POOL_SIZE keep that scan short. Each pool keeps
-        every connection alive, so a stream never waits for a connection or opens a new one per answer."""
-        if not self._own_http:
-            assert self._http is not None
-            return self._http  # injected (tests): use it as is
-        i = min(range(len(self._pools)), key=self._pool_load.__getitem__, default=-1)
-        if i < 0 or self._pool_load[i] >= POOL_SIZE:
-            self._pools.append(_http_client())
-            self._pool_load.append(0)
-            i = len(self._pools) - 1
-        self._pool_load[i] += 1
-        return self._pools[i]
-
-    def _release_http(self, client: httpx.AsyncClient) -> None:
-        with contextlib.suppress(ValueError):
-            self._pool_load[self._pools.index(client)] -= 1
-
     # ---- one task --------------------------------------------------------------------------
     async def _run_task(self, run: _Run) -> None:
         task = run.task
@@ -428,7 +390,13 @@ class Node:
         timing: dict[str, int] = {"n_rx": t_rx}
         try:
             queued = self._position(task.id) if self._slots.locked() or not run.turn.is_set() else 0
-            await self._publish(run.topic, wire.Accept(id=task.id, node=self.id, queue=queued))
+            # Batched: queued now, not awaited — the LLM request starts at once instead of after a broker
+            # round trip (the batcher keeps the order: this Accept leaves before the task's first Delta).
+            accept = wire.Accept(id=task.id, node=self.id, queue=queued)
+            if self._batched(run.topic):
+                self._batcher.enqueue(accept)  # type: ignore[union-attr]
+            else:
+                await self._publish(run.topic, accept)
             # One answer at a time per user, in the order the tasks arrived (a user's answers never
             # overtake each other, and one user cannot take every slot); then a free slot.
             await run.turn.wait()
@@ -621,10 +589,10 @@ class Node:
                     return
 
         send_task = asyncio.create_task(sender())
-        http = self._lease_http()
+        assert self._http is not None
         try:
             first = True
-            events = stream_chat(http, self.cfg.llm_url, model=model, messages=self._messages(task),
+            events = stream_chat(self._http, self.cfg.llm_url, model=model, messages=self._messages(task),
                                  api_key=self.cfg.api_key, max_tokens=self.cfg.max_tokens,
                                  first_token_timeout=self.cfg.first_token_timeout_s,
                                  stall_timeout=self.cfg.stall_timeout_s,
@@ -650,7 +618,6 @@ class Node:
                         usage = {k: int(v) for k, v in (getattr(ev, "usage", None) or {}).items()
                                  if isinstance(v, int)}
         finally:
-            self._release_http(http)
             # Let the sender finish the chunk it may be publishing (so Done.seq is exact); on
             # cancellation the text not yet sent is dropped, on an LLM error it is still flushed.
             if run.cancelled:

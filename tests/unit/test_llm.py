@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 
 from node.fakellm import DEMO_INTRO, DEMO_MODEL, FakeLLM, FakeLLMConfig, reply_tokens, run_fake_llm
@@ -40,12 +40,12 @@ async def fake() -> AsyncIterator[FakeLLM]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as c:
         yield c
 
 
-async def collect(client: httpx.AsyncClient, url: str, *, fake: dict | None = None, **kw: Any) -> list[StreamEvent]:
+async def collect(client: aiohttp.ClientSession, url: str, *, fake: dict | None = None, **kw: Any) -> list[StreamEvent]:
     kw.setdefault("model", "fake-model")
     kw.setdefault("messages", MSGS)
     kw.setdefault("stall_timeout", 2.0)
@@ -57,7 +57,7 @@ async def collect(client: httpx.AsyncClient, url: str, *, fake: dict | None = No
     return [ev async for ev in stream_chat(client, url, extra=extra or None, **kw)]
 
 
-async def fails(client: httpx.AsyncClient, url: str, code: str, **kw: Any) -> tuple[LLMError, float]:
+async def fails(client: aiohttp.ClientSession, url: str, code: str, **kw: Any) -> tuple[LLMError, float]:
     t0 = time.monotonic()
     with pytest.raises(LLMError) as ei:
         await collect(client, url, **kw)
@@ -81,7 +81,7 @@ def closed_port() -> int:
 # --------------------------------------------------------------------------- happy paths
 
 
-async def test_normal_stream_exact_text_and_usage(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_normal_stream_exact_text_and_usage(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     reply = "Hello, 世界! This is a streamed reply.\n第二行。"
     events = await collect(client, fake.url, fake={"reply": reply})
     assert text_of(events) == reply
@@ -102,7 +102,7 @@ async def test_normal_stream_exact_text_and_usage(fake: FakeLLM, client: httpx.A
     assert fake.stats.streams_completed == 1 and fake.stats.active_streams == 0
 
 
-async def test_default_reply_is_deterministic(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_default_reply_is_deterministic(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     a = await collect(client, fake.url, fake={"n_tokens": 7})
     b = await collect(client, fake.url, fake={"n_tokens": 7})
     expected = reply_tokens(FakeLLMConfig(n_tokens=7), MSGS)
@@ -112,7 +112,7 @@ async def test_default_reply_is_deterministic(fake: FakeLLM, client: httpx.Async
     assert text_of(other) != text_of(a)
 
 
-async def test_reasoning_max_tokens_and_no_usage(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_reasoning_max_tokens_and_no_usage(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     events = await collect(client, fake.url, fake={"reasoning": "thinking...", "n_tokens": 10}, max_tokens=3)
     assert events[0].kind == "reasoning" and events[0].text == "thinking..."
     assert len([e for e in events if e.kind == "text"]) == 3
@@ -122,20 +122,20 @@ async def test_reasoning_max_tokens_and_no_usage(fake: FakeLLM, client: httpx.As
     assert events and all(e.kind == "text" for e in events)
 
 
-async def test_close_after_finish_reason_without_done_is_normal(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_close_after_finish_reason_without_done_is_normal(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     events = await collect(client, fake.url, fake={"send_done": False, "reply": "abcdefgh"})
     assert text_of(events) == "abcdefgh"
     assert events[-1].kind == "usage" and events[-1].finish_reason == "stop"
 
 
-async def test_per_request_override_does_not_leak(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_per_request_override_does_not_leak(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     await fails(client, fake.url, LLM_HTTP, fake={"http_status": 500})
     events = await collect(client, fake.url)
     assert len([e for e in events if e.kind == "text"]) == FakeLLMConfig().n_tokens
     assert fake.stats.chat_requests == 2 and fake.stats.requests == 2
 
 
-async def test_slow_consumer_is_not_a_stall(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_slow_consumer_is_not_a_stall(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     # the stall timer must only run while waiting for the server, never while the consumer works
     n = 0
     async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, stall_timeout=0.1,
@@ -145,7 +145,7 @@ async def test_slow_consumer_is_not_a_stall(fake: FakeLLM, client: httpx.AsyncCl
     assert n == 4
 
 
-async def test_paced_stream_timing(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_paced_stream_timing(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     t0 = time.monotonic()
     stamps = []
     async for ev in stream_chat(client, fake.url, model="m", messages=MSGS,
@@ -158,24 +158,24 @@ async def test_paced_stream_timing(fake: FakeLLM, client: httpx.AsyncClient) -> 
     assert stamps[-1] < BOUND
 
 
-async def test_non_stream_request(fake: FakeLLM, client: httpx.AsyncClient) -> None:
-    r = await client.post(f"{fake.url}/chat/completions",
-                          json={"model": "fake-model", "messages": MSGS, "fake": {"reply": "full"}})
-    assert r.status_code == 200
-    body = r.json()
+async def test_non_stream_request(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+    async with client.post(f"{fake.url}/chat/completions",
+                           json={"model": "fake-model", "messages": MSGS, "fake": {"reply": "full"}}) as r:
+        assert r.status == 200
+        body = await r.json()
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "full"}
     assert body["usage"]["completion_tokens"] == 1
 
 
-async def test_sse_wire_format(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_sse_wire_format(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     import json
 
-    r = await client.post(f"{fake.url}/chat/completions",
-                          json={"model": "fake-model", "messages": MSGS, "stream": True,
-                                "stream_options": {"include_usage": True}, "fake": {"reply": "abcdef"}})
-    assert r.headers["content-type"].startswith("text/event-stream")
-    frames = r.text.split("\n\n")
+    async with client.post(f"{fake.url}/chat/completions",
+                           json={"model": "fake-model", "messages": MSGS, "stream": True,
+                                 "stream_options": {"include_usage": True}, "fake": {"reply": "abcdef"}}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        frames = (await r.text()).split("\n\n")
     assert frames[-1] == "" and frames[-2] == "data: [DONE]"
     chunks = [json.loads(f[len("data: "):]) for f in frames[:-2]]
     first = chunks[0]
@@ -190,20 +190,20 @@ async def test_sse_wire_format(fake: FakeLLM, client: httpx.AsyncClient) -> None
 # --------------------------------------------------------------------------- failures
 
 
-async def test_http_500_before_stream(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_http_500_before_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     err, _ = await fails(client, fake.url, LLM_HTTP, fake={"http_status": 500})
     assert err.status == 500
     assert "500" in str(err) and "Injected server error" in str(err)
 
 
-async def test_404_no_model(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_404_no_model(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     err, _ = await fails(client, fake.url, LLM_NO_MODEL, fake={"http_status": 404})
     assert "No models loaded" in str(err)
     assert "没有加载模型" in err.user_message and "服务器 B" in err.user_message
     await fails(client, fake.url, LLM_NO_MODEL, fake={"models": []})
 
 
-async def test_error_object_in_stream(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_error_object_in_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     got: list[str] = []
     t0 = time.monotonic()
     with pytest.raises(LLMError) as ei:
@@ -214,15 +214,15 @@ async def test_error_object_in_stream(fake: FakeLLM, client: httpx.AsyncClient) 
     assert len(got) == 2  # the text before the error was delivered
 
 
-async def test_refused_connection(client: httpx.AsyncClient) -> None:
+async def test_refused_connection(client: aiohttp.ClientSession) -> None:
     await fails(client, f"http://127.0.0.1:{closed_port()}/v1", LLM_UNREACHABLE)
 
 
-async def test_invalid_url_maps_to_llm_error(client: httpx.AsyncClient) -> None:
+async def test_invalid_url_maps_to_llm_error(client: aiohttp.ClientSession) -> None:
     await fails(client, "notaurl", LLM_UNREACHABLE)
 
 
-async def test_stall_mid_stream_closes_stream(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_stall_mid_stream_closes_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     got: list[str] = []
     t0 = time.monotonic()
     with pytest.raises(LLMError) as ei:
@@ -235,14 +235,14 @@ async def test_stall_mid_stream_closes_stream(fake: FakeLLM, client: httpx.Async
     assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, 2.0)
 
 
-async def test_first_token_timeout(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_first_token_timeout(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     err, elapsed = await fails(client, fake.url, LLM_STALL, fake={"ttft": 10}, first_token_timeout=0.5)
     assert 0.45 <= elapsed < 3
     assert "first_token_timeout" in str(err)
     assert await fake.wait_for(lambda s: s.active_streams == 0, 2.0)
 
 
-async def test_no_response_headers_is_first_token_timeout(client: httpx.AsyncClient) -> None:
+async def test_no_response_headers_is_first_token_timeout(client: aiohttp.ClientSession) -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:  # read the request, never answer, return when the client hangs up
             while await reader.read(65536):
@@ -260,7 +260,7 @@ async def test_no_response_headers_is_first_token_timeout(client: httpx.AsyncCli
         await server.wait_closed()
 
 
-async def test_close_before_response_is_dropped(client: httpx.AsyncClient) -> None:
+async def test_close_before_response_is_dropped(client: aiohttp.ClientSession) -> None:
     async def rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)
         writer.close()
@@ -274,7 +274,7 @@ async def test_close_before_response_is_dropped(client: httpx.AsyncClient) -> No
         await server.wait_closed()
 
 
-async def test_drop_mid_stream(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_drop_mid_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     got: list[str] = []
     with pytest.raises(LLMError) as ei:
         async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, extra={"fake": {"drop_after": 3}}):
@@ -282,26 +282,26 @@ async def test_drop_mid_stream(fake: FakeLLM, client: httpx.AsyncClient) -> None
     assert ei.value.code == LLM_DROPPED and len(got) == 3
 
 
-async def test_drop_right_before_finish_is_dropped(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_drop_right_before_finish_is_dropped(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     await fails(client, fake.url, LLM_DROPPED, fake={"drop_after": 20, "n_tokens": 20})
 
 
-async def test_bad_json_chunk(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_bad_json_chunk(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     await fails(client, fake.url, LLM_BAD_RESPONSE, fake={"bad_json_after": 1})
 
 
-async def test_wrong_content_type(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_wrong_content_type(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     err, _ = await fails(client, fake.url, LLM_BAD_RESPONSE, fake={"content_type": "application/json"})
     assert "application/json" in str(err)
 
 
-async def test_empty_stream(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_empty_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     await fails(client, fake.url, LLM_EMPTY, fake={"reply": ""})
 
 
 async def test_401_and_api_key() -> None:
     key = "sk-secret-token-123"
-    async with run_fake_llm(FakeLLMConfig(require_key=key)) as f, httpx.AsyncClient() as c:
+    async with run_fake_llm(FakeLLMConfig(require_key=key)) as f, aiohttp.ClientSession() as c:
         err, _ = await fails(c, f.url, LLM_HTTP)
         assert err.status == 401 and "密钥" in err.user_message
         err, _ = await fails(c, f.url, LLM_HTTP, api_key="wrong-key")
@@ -319,7 +319,7 @@ async def test_401_and_api_key() -> None:
 # --------------------------------------------------------------------------- early close
 
 
-async def test_aclose_closes_server_stream(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_aclose_closes_server_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     gen = stream_chat(client, fake.url, model="m", messages=MSGS, extra={"fake": {"tokens_per_s": 50, "n_tokens": 500}})
     n = 0
     async for ev in gen:
@@ -334,7 +334,7 @@ async def test_aclose_closes_server_stream(fake: FakeLLM, client: httpx.AsyncCli
     assert fake.stats.tokens_sent < 100 and fake.stats.streams_completed == 0
 
 
-async def test_cancel_closes_server_stream(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_cancel_closes_server_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     got: list[str] = []
 
     async def consume() -> None:
@@ -351,7 +351,7 @@ async def test_cancel_closes_server_stream(fake: FakeLLM, client: httpx.AsyncCli
     assert got and fake.stats.tokens_sent < 100
 
 
-async def test_cancel_during_ttft_closes_server_stream(fake: FakeLLM, client: httpx.AsyncClient) -> None:
+async def test_cancel_during_ttft_closes_server_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
     task = asyncio.create_task(collect(client, fake.url, fake={"ttft": 10}, first_token_timeout=30))
     assert await fake.wait_for(lambda s: s.active_streams == 1, 2.0)
     task.cancel()
@@ -363,7 +363,7 @@ async def test_cancel_during_ttft_closes_server_stream(fake: FakeLLM, client: ht
 # --------------------------------------------------------------------------- demo model, models
 
 
-async def test_demo_mode(client: httpx.AsyncClient) -> None:
+async def test_demo_mode(client: aiohttp.ClientSession) -> None:
     async with run_fake_llm(FakeLLMConfig(demo=True)) as f:
         assert await list_models(client, f.url) == [DEMO_MODEL]
         question = "今天天气怎么样？"
@@ -389,7 +389,7 @@ async def test_demo_mode(client: httpx.AsyncClient) -> None:
     assert reply_tokens(FakeLLMConfig(demo=True), msgs)[0] == DEMO_INTRO[:2]
 
 
-async def test_list_models(client: httpx.AsyncClient) -> None:
+async def test_list_models(client: aiohttp.ClientSession) -> None:
     async with run_fake_llm(FakeLLMConfig(models=["qwen2.5-7b-instruct", "llama-3.1-8b"])) as f:
         assert await list_models(client, f.url) == ["qwen2.5-7b-instruct", "llama-3.1-8b"]
         assert await list_models(client, f.url + "/") == ["qwen2.5-7b-instruct", "llama-3.1-8b"]
@@ -400,3 +400,53 @@ async def test_list_models(client: httpx.AsyncClient) -> None:
     with pytest.raises(LLMError) as ei:
         await list_models(client, f"http://127.0.0.1:{closed_port()}/v1", timeout=1.0)
     assert ei.value.code == LLM_UNREACHABLE and time.monotonic() - t0 < BOUND
+
+
+# --------------------------------------------------------------------------- the SSE reader (node.llm._events)
+
+
+async def _raw_server(body: bytes) -> tuple[asyncio.base_events.Server, str]:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+
+
+def _chunk(content: str) -> str:
+    import json
+    return json.dumps({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]})
+
+
+async def test_sse_reader_crlf_comments_and_multiline_data(client: aiohttp.ClientSession) -> None:
+    """CRLF line ends, comment lines, an ``id:`` field and one event's JSON split over two ``data:`` lines
+    (joined with a newline, as the SSE rules say) all read as LM Studio's stream would."""
+    split = '{"choices": [{"index": 0,\r\ndata: "delta": {"content": "B"}, "finish_reason": "stop"}]}'
+    body = (f": keep-alive\r\ndata: {_chunk('A')}\r\nid: 7\r\n\r\n"
+            f"data: {split}\r\n\r\ndata: [DONE]\r\n\r\n").encode()
+    server, url = await _raw_server(body)
+    try:
+        events = await collect(client, url)
+    finally:
+        server.close()
+    assert text_of(events) == "AB"
+
+
+async def test_sse_reader_refuses_non_utf8(client: aiohttp.ClientSession) -> None:
+    server, url = await _raw_server(b"data: {\"choices\": [{\"delta\": {\"content\": \"\xff\xfe\"}}]}\n\n")
+    try:
+        await fails(client, url, LLM_BAD_RESPONSE)
+    finally:
+        server.close()
+
+
+async def test_sse_error_event_with_unparseable_data(client: aiohttp.ClientSession) -> None:
+    server, url = await _raw_server(f"data: {_chunk('x')}\n\nevent: error\ndata: model crashed\n\n".encode())
+    try:
+        err, _ = await fails(client, url, LLM_STREAM_ERROR)
+        assert "model crashed" in str(err)
+    finally:
+        server.close()
