@@ -125,6 +125,7 @@ class Bridge:
         # does with a burst (with amqtt, a 1000-task burst arrived partly rotated).
         self._queues: dict[str, deque[LiveTask]] = {}
         self._pending: dict[str, int] = {}  # uid -> unfinished tasks (see pending())
+        self._chunk_buf: list[tuple[bytes, int, str]] | None = None  # while a batch is handled (see _on_message)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -437,8 +438,17 @@ class Bridge:
         if info.kind == "batch":  # the replies of many tasks from one node (node.batch_replies)
             if isinstance(msg, wire.Batch) and msg.node == info.key:
                 self.stats.batches += 1
-                for item in msg.items:
-                    self._on_reply(item, None)
+                # The batch's chunks are kept in one write, at the end of this synchronous pass: still
+                # before any of them reaches a user (sinks only queue frames; sockets are written after
+                # this returns to the event loop). One LMDB transaction per batch instead of per chunk.
+                self._chunk_buf = []
+                try:
+                    for item in msg.items:
+                        self._on_reply(item, None)
+                finally:
+                    buf, self._chunk_buf = self._chunk_buf, None
+                    if buf:
+                        self.store.add_chunks(buf)
             else:
                 self.stats.bad_messages += 1
             return
@@ -483,6 +493,8 @@ class Bridge:
                     return
                 if ev.seq == len(live.shown):
                     live.shown = None  # the replay caught up: from here on it is one stream again
+            elif self._chunk_buf is not None:
+                self._chunk_buf.append((live.rec.id, ev.seq, ev.text))
             else:
                 self.store.add_chunk(live.rec.id, ev.seq, ev.text)
             if ev.timing is not None:
@@ -553,6 +565,8 @@ class Bridge:
         self._count(live.rec.uid, -1)
         if text is None:
             text = live.stream.text
+        if self._chunk_buf:  # chunks of this task not yet written (same batch): never write them now
+            self._chunk_buf = [c for c in self._chunk_buf if c[0] != live.rec.id]
         self.store.drop_chunks(live.rec.id)
         live.rec = self.store.update(live.rec.id, status=status, answer=text, err=err, usage=usage) or live.rec
         self._next(live.rec.uid)

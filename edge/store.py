@@ -318,6 +318,15 @@ class TaskStore:
         except lmdb.Error as exc:
             log.error("edge: chunk %d of task %s not kept in edge-chunks.lmdb: %s", seq, tid.hex()[:8], exc)
 
+    def add_chunks(self, chunks: list[tuple[bytes, int, str]]) -> None:
+        """:meth:`add_chunk` for many chunks (task id, seq, text) in one transaction."""
+        try:
+            with self.chunk_env.begin(write=True, db=self.chunks) as txn:
+                for tid, seq, text in chunks:
+                    txn.put(tid + struct.pack(">I", seq), text.encode())
+        except lmdb.Error as exc:
+            log.error("edge: %d chunk(s) not kept in edge-chunks.lmdb: %s", len(chunks), exc)
+
     def drop_chunks(self, tid: bytes) -> None:
         with self.chunk_env.begin(write=True, db=self.chunks) as txn:
             cur = txn.cursor()
