@@ -500,8 +500,10 @@ async def sweep(o: Options, broker: str, p: Progress) -> dict[str, Any]:
             row = await level(c, o, n, cache, p)
             rows.append(row)
             if _bad(row):
-                break
-            knee = n
+                if o.stop_at_knee:
+                    break
+            elif not rows[:-1] or not any(_bad(r) for r in rows[:-1]):
+                knee = n
             await asyncio.sleep(1.0)  # let the previous level's stragglers drain
     exceeded = bool(rows) and _bad(rows[-1])
     return {"broker": broker, "levels": rows, "knee": knee, "knee_exceeded": exceeded,
@@ -641,6 +643,9 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         v = (wc.get("ack_ms") or {}).get("p99")
         out.append({"name": "WeCom ack p99 at ~200/s", "target": "<= 50 ms", "value": v, "unit": "ms",
                     "ok": v is not None and v <= 50})
+    for c in out:
+        if isinstance(c.get("value"), float):
+            c["value"] = round(c["value"], 3)
     return out
 
 
