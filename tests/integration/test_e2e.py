@@ -319,21 +319,26 @@ async def test_resuming_a_huge_answer_is_paced_not_cut_off(tmp_path: Path, pki_d
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"coalesce_ms": 5}) as sys_, \
             aiohttp.ClientSession() as s:
         token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0) as ws:
+        async with asyncio.timeout(10):
+            ws = await s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0)
             await ws.receive_json()
-            await ws.send_json({"type": "ask", "text": "很长的回答"})
-            task, _ = await _first_delta(ws)
+        await ws.send_json({"type": "ask", "text": "很长的回答"})
+        task, _ = await _first_delta(ws)
+        async with asyncio.timeout(15):
+            await ws.close()
         live = sys_.app[BRIDGE].get(bytes.fromhex(task))
         assert live is not None
-        await wait_until(lambda: sum(map(len, live.stream.parts)) > WS_QUEUE_CHARS, 30)
+        await wait_until(lambda: sum(map(len, live.stream.parts)) > WS_QUEUE_CHARS, 20)
         if when == "finished":
-            await wait_until(lambda: live.finished_at is not None, 30)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0) as ws:
+            await wait_until(lambda: live.finished_at is not None, 20)
+        async with asyncio.timeout(10):
+            ws = await s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0)
             await ws.receive_json()
+        async with ws:
             await ws.send_json({"type": "resume", "task": task, "seq": 0})
             seqs: list[int] = []
             text: list[str] = []
-            async with asyncio.timeout(60):
+            async with asyncio.timeout(40):
                 while True:
                     m = await ws.receive()
                     assert m.type is aiohttp.WSMsgType.TEXT, (m, ws.close_code)
