@@ -280,7 +280,7 @@ async def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dic
                    "message": f"进行中的问题过多（最多 {app[SETTINGS].edge.max_pending_per_user} 个），请稍候"})
         return
     try:
-        live = await bridge.submit(sess.uid, sess.uid.partition(".")[0], text, conv, tid)
+        live = await bridge.submit(sess.uid, sess.uid.partition(".")[0], text, conv, tid, hold=True)
     except PermissionError:
         sess.push({"type": "error", "code": "forbidden", "message": "该任务 ID 属于其他用户"})
         return
@@ -294,7 +294,12 @@ async def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dic
     if not bridge.node_online:
         sess.push({"type": "node", "online": False})
     # "trace": true (bench/diagnostics) adds a "timing" map to this task's live delta frames.
-    _follow(bridge, live, sess, 0, trace=frame.get("trace") is True)
+    trace = frame.get("trace") is True
+    if live.held is not None:  # a new task: what its node sent before this acknowledgement follows it now
+        bridge.attach(live, sess, trace=trace)
+        bridge.release(live)
+    else:
+        _follow(bridge, live, sess, 0, trace=trace)
 
 
 REPLAY_AT_ONCE = WS_QUEUE_CHARS // 4  # text a replay may queue in one go; more is paced by the client's reading

@@ -68,6 +68,7 @@ class LiveTask:
     gap_at: float = 0.0  # when the current gap in its stream was seen (0: no gap)
     asked_at: float = 0.0  # when a replay was last asked
     asks: int = 0  # replay requests since the node last answered one (see Bridge._repair)
+    held: list[tuple[dict[str, Any], dict[str, Any]]] | None = None  # frames before the ack (submit(hold=True))
 
     @property
     def hex(self) -> str:
@@ -223,8 +224,12 @@ class Bridge:
     # ---- tasks out -------------------------------------------------------------------------
     async def submit(self, uid: str, ch: str, text: str, conv: str | None = None,
                      task_id: bytes | None = None, opts: dict[str, Any] | None = None,
-                     dedup: bytes | None = None) -> LiveTask:
+                     dedup: bytes | None = None, hold: bool = False) -> LiveTask:
         """Record the task durably (awaited: LMDB group commit), then publish it in the background.
+
+        Without ``dedup`` the task is published while its commit runs. With ``hold`` (the caller acknowledges
+        the task to a client, then attaches it) the frames its replies make before that are kept, for
+        :meth:`release` to send after the acknowledgement, in order and with their timing.
 
         Idempotent on ``task_id`` and on ``dedup`` (an inbound message key such as WeCom's MsgId,
         checked in the same transaction as the insert, so it holds across restarts): a repeat
@@ -250,10 +255,22 @@ class Bridge:
         live = LiveTask(rec, wire.TaskStream(tid), opts=opts)
         live.stored = self._loop.create_future()
         self.live[tid] = live  # visible at once: a concurrent submit of the same id waits for `stored`
+        # Without a dedup key there is nothing to wait for before sending: the task goes to the nodes while
+        # its LMDB commit (fsync, ~0.6 ms, more under load) runs, off the first-token path. It is still
+        # acknowledged to no one before the commit; a crash in between only wastes the node's answer.
+        early = dedup is None
+        if early:
+            live.held = []
+            self._enqueue(live)
         try:
             stored = await self.store.add(rec, dedup=dedup)
         except BaseException as exc:
             self.live.pop(tid, None)
+            if early:  # sent, but not recorded: take it back
+                live.finished_at = self._loop.time()
+                self._count(uid, -1)
+                self._publish_cancel(live)
+                self._next(uid)
             if not live.stored.done():
                 live.stored.set_exception(exc)
                 live.stored.exception()  # retrieved: no "never retrieved" warning
@@ -264,11 +281,18 @@ class Bridge:
             old = self.get(stored.id) or self._revive(stored)
             old.created = False
             return old
+        if not early:
+            self._enqueue(live)
+        elif not hold:
+            self.release(live)
+        return live
+
+    def _enqueue(self, live: LiveTask) -> None:
+        uid = live.rec.uid
         self._count(uid, 1)
         self._queues.setdefault(uid, deque()).append(live)
         if self._head(uid) is live:
             self._publish_task(live)
-        return live
 
     def _head(self, uid: str) -> LiveTask | None:
         """The user's oldest task no node has accepted yet (the only one of theirs being sent)."""
@@ -501,20 +525,18 @@ class Bridge:
                 self._observe_chunk(live, ev.seq, ev.timing)
             frame = {"type": "delta", "task": live.hex, "seq": ev.seq, "text": ev.text}
             traced = frame
-            if live.trace and ev.timing is not None:
+            if (live.trace or live.held is not None) and ev.timing is not None:
                 # Tracing (``claw bench tunnel``): only sinks whose ask had "trace": true get the Delta's
                 # timing (node publish time n_pub, ...) plus e_fwd, when the edge forwarded it; others
                 # see the unchanged frame.
                 traced = {**frame, "timing": {**ev.timing, "e_fwd": now_us()}}
-            for sink in live.sinks:
-                sink.push(traced if sink in live.trace else frame)
+            self._emit(live, frame, traced)
         elif isinstance(ev, wire.Accepted):
             if live.rec.status == "pending":
                 live.rec = self.store.update(live.rec.id, status="accepted", node=ev.node) or live.rec
             self._next(live.rec.uid)
             frame = {"type": "accepted", "task": live.hex, "queue": ev.queue}
-            for sink in live.sinks:
-                sink.push(frame)
+            self._emit(live, frame, frame)
         elif isinstance(ev, wire.Finished):
             if ev.timing is not None:
                 n_done = ev.timing.get("n_done")
@@ -556,6 +578,22 @@ class Bridge:
             if n_pub1 is not None:
                 stages.observe("first_token_to_publish", n_pub1 - n_ft)
 
+    def _emit(self, live: LiveTask, frame: dict[str, Any], traced: dict[str, Any]) -> None:
+        """Push a frame to the task's sinks (``traced`` to those that asked for timing), or hold it while the
+        task is not acknowledged yet (see ``submit(hold=True)``)."""
+        if live.held is not None:
+            live.held.append((frame, traced))
+            return
+        for sink in live.sinks:
+            sink.push(traced if sink in live.trace else frame)
+
+    def release(self, live: LiveTask) -> None:
+        """Send the frames held since the task was submitted (in order) and stop holding."""
+        held, live.held = live.held, None
+        for frame, traced in held or ():
+            for sink in live.sinks:
+                sink.push(traced if sink in live.trace else frame)
+
     def _finish(self, live: LiveTask, status: str, err: dict[str, str] | None,
                 usage: dict[str, int] | None, timing: dict[str, int] | None = None,
                 text: str | None = None) -> None:
@@ -578,10 +616,9 @@ class Bridge:
         if usage:
             frame["usage"] = usage
         traced = frame
-        if live.trace and timing is not None:  # tracing, as for delta frames: the Done's timing + e_fwd
+        if (live.trace or live.held is not None) and timing is not None:  # the Done's timing + e_fwd, as for deltas
             traced = {**frame, "timing": {**timing, "e_fwd": now_us()}}
-        for sink in live.sinks:
-            sink.push(traced if sink in live.trace else frame)
+        self._emit(live, frame, traced)
         for cb in self.on_finished:
             cb(live)
 

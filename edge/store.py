@@ -130,11 +130,23 @@ class TaskStore:
             txn.put(self._ukey(rec.uid, rec.ts, rec.id), b"", db=by_user)
             return None
 
+        gen = None
+        if dedup is None:  # visible to get()/update() before the commit: its replies may come back first
+            with self._olock:
+                self._gen += 1
+                gen = self._gen
+                self._overlay[rec.id] = (rec, gen)
         try:
             old_id = await self.writer.write(op)
         except (StoreFull, lmdb.MapFullError):
             log.error("edge: new task refused: edge.lmdb is %.0f%% full (%s)", 100 * self.fill(), STORE_FULL_HINT)
             raise StoreFull() from None
+        finally:
+            if gen is not None:
+                with self._olock:
+                    cur = self._overlay.get(rec.id)
+                    if cur is not None and cur[1] == gen:
+                        del self._overlay[rec.id]
         if old_id is None:
             return rec
         return self.get(old_id) or TaskRecord(id=old_id, uid=rec.uid, ch=rec.ch, text="", ts=0)
@@ -253,6 +265,8 @@ class TaskStore:
         packed, tasks = _pack(new), self.tasks
 
         def op(txn: Any) -> None:
+            if txn.get(tid, db=tasks) is None:
+                return  # its add failed (e.g. a full store): an update never creates a task
             txn.put(tid, packed, db=tasks)
             if also is not None:
                 also(txn)

@@ -352,3 +352,34 @@ async def test_resuming_a_huge_answer_is_paced_not_cut_off(tmp_path: Path, pki_d
                         break
         assert seqs == list(range(1, len(seqs) + 1))
         assert f["status"] == "ok" and f["text"] == "".join(text) and len(f["text"]) == n * size
+
+
+async def test_a_task_answered_before_its_commit_still_reaches_the_client_in_order(
+        tmp_path: Path, pki_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WS ask is sent to the node while its LMDB commit runs. Here the commit is slowed to 0.5 s, so the whole
+    answer comes back before it: the client still gets the edge's `accepted` first (the task is durable),
+    then the node's `accepted`, every delta once in order with its timing, and the `done`."""
+    from edge.keys import STORE
+    cfg = FakeLLMConfig(n_tokens=10, tokens_per_s=0)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
+        store = sys_.app[STORE]
+        add = store.add
+
+        async def slow_add(rec: Any, dedup: Any = None) -> Any:
+            got = await add(rec, dedup=dedup)
+            await asyncio.sleep(0.5)
+            return got
+
+        monkeypatch.setattr(store, "add", slow_add)
+        token = await sys_.login(s)
+        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "ask", "text": "快", "trace": True})
+            frames, done = await collect(ws)
+        kinds = [f["type"] for f in frames]
+        assert kinds[:2] == ["accepted", "accepted"] and kinds[-1] == "done"
+        deltas = [f for f in frames if f["type"] == "delta"]
+        assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+        assert all("n_pub" in d["timing"] for d in deltas)
+        assert done["status"] == "ok" and done["text"] == "".join(d["text"] for d in deltas)
+        assert sys_.node.stats.ok == 1  # answered before it was acknowledged, and only once
