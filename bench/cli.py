@@ -7,6 +7,7 @@ The suite (``bench/suite.py``: every part in its own process, results as JSON + 
 * ``brokers`` -- the sweep over the embedded amqtt and over Mosquitto, knee ratio;
 * ``direct`` -- the client reads the fake LLM's SSE itself (the floor);
 * ``memory`` -- server A's RSS per idle WebSocket client and per idle MQTT device;
+* ``devices`` -- MQTT devices asking the node over the broker: a sweep of their own;
 * ``wecom`` -- WeCom callbacks at a fixed rate (open loop) into the edge: acknowledgement latency,
   and exactly one delivered answer per message despite retries (``bench/wecom.py``);
 * ``smoke`` -- CI: a few seconds of latency at 1 and 10 streams; fails only when ours/direct passes a
@@ -26,7 +27,7 @@ import logging
 import sys
 from typing import Any
 
-SUITE = ("latency", "sweep", "brokers", "direct", "memory", "smoke", "all")
+SUITE = ("latency", "sweep", "brokers", "direct", "memory", "devices", "smoke", "all")
 SCENARIOS = ("tunnel", "wecom", *SUITE)
 ALL = ["latency", "brokers", "memory", "wecom"]
 
@@ -98,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
              "brokers": "the sweep over embedded amqtt and over Mosquitto, in one run",
              "direct": "the client reads the fake LLM's SSE itself: the floor",
              "memory": "server A's RSS per idle WebSocket client and per idle MQTT device",
+             "devices": "MQTT devices asking the node over the broker (the edge not on their path): a sweep",
              "smoke": "CI: a few seconds at 1 and 10 streams; fails only on a large ratio to direct",
              "all": "latency, brokers, memory and wecom; one JSON + HTML report"}
     for name in SUITE:

@@ -15,6 +15,7 @@ Scenarios (``claw bench NAME``):
 4. ``direct``   -- the client reads the fake LLM's SSE itself: the floor (run inside 1–3 as well).
 5. ``wecom``    -- WeCom callback storm (``bench/wecom.py``), ack latency.
 6. ``memory``   -- RSS of server A per idle WebSocket client and per idle MQTT device.
+``devices``      -- MQTT devices asking over the broker (no edge on their path): their own sweep.
 ``smoke`` (CI, < 60 s) and ``all``.
 
 Latencies are recorded in HdrHistograms (µs, 3 significant digits). Clocks: every process uses
@@ -40,6 +41,8 @@ from typing import Any
 
 import aiohttp
 import msgspec
+
+import wire
 
 from .procs import Proc
 
@@ -557,10 +560,7 @@ async def memory(o: Options, p: Progress) -> dict[str, Any]:
             socks = await _connect_all(s, c.http, toks)
             await asyncio.sleep(2.0)
             after = c.edge.rss_mb()
-            out["ws"] = {"clients": len(socks), "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
-                         "kb_per_client": round((after - before) * 1024 / max(1, len(socks)), 1)}
-            p.line(f"memory: {len(socks)} idle WebSocket clients: {out['ws']['kb_per_client']} KB each "
-                   f"(edge {before:.0f} → {after:.0f} MB)")
+            out["ws"] = _per_client(p, "idle WebSocket clients", len(socks), before, after)
             await asyncio.gather(*(ws.close() for ws in socks), return_exceptions=True)
         gc.collect()
         creds = CredentialStore(str(c.data))
@@ -576,17 +576,114 @@ async def memory(o: Options, p: Progress) -> dict[str, Any]:
                     cl = make_client(host="localhost", port=c.tls_port, username=user, password=pw,
                                      identifier=user, tls=_tls(c.ca), keepalive=60, max_queued=100)
                     await stack.enter_async_context(cl)
-                    from wire import reply_topic
-                    await cl.subscribe(reply_topic(user), qos=1)
+                    await cl.subscribe(wire.reply_topic(user), qos=1)
 
             await asyncio.gather(*(dev(u, pw) for u, pw in devs))
             await asyncio.sleep(2.0)
             after = c.edge.rss_mb()
-            out["mqtt"] = {"clients": len(devs), "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
-                           "kb_per_client": round((after - before) * 1024 / max(1, len(devs)), 1)}
-            p.line(f"memory: {len(devs)} idle MQTT devices (TLS): {out['mqtt']['kb_per_client']} KB each "
-                   f"(edge {before:.0f} → {after:.0f} MB)")
+            out["mqtt"] = _per_client(p, "idle MQTT devices (TLS)", len(devs), before, after)
     return out
+
+
+def _per_client(p: Progress, what: str, n: int, before: float, after: float) -> dict[str, Any]:
+    row = {"clients": n, "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
+           "kb_per_client": round((after - before) * 1024 / max(1, n), 1)}
+    p.line(f"memory: {n} {what}: {row['kb_per_client']} KB each (edge {before:.0f} → {after:.0f} MB)")
+    return row
+
+
+async def run_device_level(c: Cluster, o: Options, n: int, creds: list[tuple[str, str]]) -> LevelResult:
+    """``n`` MQTT devices (an integrator's clients, TLS, their own credentials) each asking the node over the
+    broker and reading the answer on its own reply topic — the edge is not on this path — again as soon as
+    the answer is done. Same window and measures as the WebSocket users."""
+    from claw.mqtt import make_client
+
+    res = LevelResult(n)
+    want = o.tokens * o.token_chars
+    loop = asyncio.get_running_loop()
+    w0 = now_us() + int(o.warm_s * 1e6)
+    w1 = w0 + int(o.level_s * 1e6)
+    end = loop.time() + o.warm_s + o.level_s
+    deadline = end + 30 + o.ttft + o.tokens / max(o.tps, 1e-9)
+    rng = random.Random(n + 7)
+
+    async def device(user: str, pw: str) -> None:
+        cl = make_client(host="localhost", port=c.tls_port, username=user, password=pw, identifier=user,
+                         tls=_tls(c.ca), keepalive=60, max_queued=10000)
+        async with cl:
+            await cl.subscribe(wire.reply_topic(user), qos=1)
+            await asyncio.sleep(rng.random() * min(1.0, o.tokens / max(o.tps, 1)))
+            msgs = cl.messages
+            while loop.time() < end:
+                tid = os.urandom(16)
+                t_ask = now_us()
+                measured = w0 <= t_ask < w1
+                res.asks += measured
+                await cl.publish(wire.task_topic(user), wire.encode(wire.Task(
+                    id=tid, uid=user, ch="dev", text=f"device {user}", ts=t_ask // 1000)), qos=1)
+                got, first = 0, True
+                try:
+                    async with asyncio.timeout(max(1.0, deadline - loop.time())):
+                        async for m in msgs:
+                            msg = wire.decode(m.payload)  # type: ignore[arg-type]
+                            if getattr(msg, "id", None) != tid:
+                                continue
+                            if isinstance(msg, wire.Delta):
+                                r = now_us()
+                                got += len(msg.text)
+                                if first:
+                                    first = False
+                                    if measured:
+                                        res.first.add(r - t_ask)
+                                if w0 <= r < w1 and msg.timing and "n_pub" in msg.timing:
+                                    res.chunk.add(r - msg.timing["n_pub"])
+                                    res.chunks += 1
+                            elif isinstance(msg, wire.Done):
+                                if msg.status != "ok" or got != want:
+                                    raise ValueError(f"done {msg.status} with {got}/{want} chars")
+                                break
+                except (ValueError, TimeoutError, wire.WireError) as exc:
+                    if measured:
+                        res.errors += 1
+                        if len(res.reasons) < 10:
+                            res.reasons.append(f"{type(exc).__name__}: {exc}"[:200])
+
+    await asyncio.gather(*(device(u, pw) for u, pw in creds[:n]))
+    return res
+
+
+async def devices(o: Options, p: Progress) -> dict[str, Any]:
+    """The sweep for MQTT devices (broker + node, no edge on the path); knee as for WebSocket users."""
+    from broker.creds import CredentialStore
+
+    rows: list[dict[str, Any]] = []
+    knee = None
+    async with cluster(o) as c:
+        store = CredentialStore(str(c.data))
+        creds = [store.add("device", f"bench{i}", replace=True) for i in range(max(o.levels))]
+        for n in o.levels:
+            box = [c.edge.rss_mb()]
+            sampler = asyncio.create_task(_rss_sampler(c.edge, box))
+            c.mark()
+            t_cpu, t0 = time.process_time(), time.monotonic()
+            try:
+                res = await run_device_level(c, o, n, creds)
+            finally:
+                sampler.cancel()
+            cpu = c.cpu()
+            cpu["load"] = round(100 * (time.process_time() - t_cpu) / max(1e-9, time.monotonic() - t0), 1)
+            row = _level_row(res, None, o.level_s, c, cpu, box[0])
+            rows.append(row)
+            cs = row["chunk_ms"]
+            p.line(f"devices {n:5}: chunk relay p50 {cs.get('p50', float('nan')):7.2f} p99 "
+                   f"{cs.get('p99', float('nan')):8.2f} ms · {row['chunks_per_s']:8.0f} chunks/s · errors "
+                   f"{res.errors}/{res.asks} · broker (edge process) {row['rss_edge_mb']} MB · cpu {cpu}")
+            if _bad(row):
+                if o.stop_at_knee:
+                    break
+            elif not any(_bad(r) for r in rows[:-1]):
+                knee = n
+    return {"levels": rows, "knee": knee, "knee_rule": f"p99 chunk relay <= {KNEE_MS:g} ms, < 1 % errors"}
 
 
 def _tls(ca: Path) -> Any:
@@ -676,6 +773,8 @@ async def run(names: list[str], o: Options) -> dict[str, Any]:
             sc["direct"] = await direct_only(o, p)
         elif name == "memory":
             sc["memory"] = await memory(o, p)
+        elif name == "devices":
+            sc["devices"] = await devices(o, p)
         elif name == "wecom":
             from .wecom import WeComBenchConfig, run_wecom
 

@@ -165,23 +165,11 @@ async def test_edge_killed_mid_answer_then_restarted_the_answer_completes_once(t
     """kill -9 of server A (edge + embedded broker) mid-answer. The task is in LMDB; after the restart the
     edge republishes it, the node (still generating) re-confirms and replays the chunks sent so far, and the
     client resumes: one complete answer, every seq once."""
-    from claw.config import load_settings
     from node.fakellm import run_fake_llm
-    from node.worker import Node
-    from tests.conftest import free_port, system_settings
 
     cfg = FakeLLMConfig(n_tokens=240, tokens_per_s=40)  # ~6 s of generation
     async with run_fake_llm(cfg) as fake, aiohttp.ClientSession() as s:
-        a_settings, tls_port = system_settings(tmp_path / "a", pki_dir, fake.url)
-        http_port = free_port()
-        user, password = CredentialStore(a_settings.data_dir).add("node", "t1", replace=True)
-        env = {"CLAW_DATA_DIR": str(tmp_path / "a"), "CLAW_BROKER__LISTEN": f"127.0.0.1:{tls_port}",
-               "CLAW_BROKER__LOCAL_LISTEN": "127.0.0.1:0", "CLAW_EDGE__HTTP": f"127.0.0.1:{http_port}",
-               "CLAW_EDGE__DEV_LOGIN": "true", "CLAW_EDGE__REPUBLISH_S": "1", "CLAW_EDGE__NODE_TIMEOUT_S": "3"}
-        http = f"http://127.0.0.1:{http_port}"
-        node_settings, _ = system_settings(tmp_path / "b", pki_dir, fake.url, mqtt={
-            "port": tls_port, "username": user, "password": password})
-        node = Node(load_settings(env={}, overrides={**_builtins(node_settings)}))
+        env, http, node = _edge_env_and_node(tmp_path, pki_dir, fake.url, {"CLAW_EDGE__DEV_LOGIN": "true"})
         node_task: asyncio.Task[None] | None = None
         try:
             with edge_process(env, tmp_path) as edge:
@@ -220,6 +208,25 @@ async def test_edge_killed_mid_answer_then_restarted_the_answer_completes_once(t
     assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))  # every chunk once, in order
     assert done["text"] == "".join(d["text"] for d in deltas) and len(done["text"]) == 240 * 4
     assert node.stats.replays >= 1
+
+
+def _edge_env_and_node(tmp_path: Path, pki_dir: Path, llm_url: str,
+                       extra: dict[str, str]) -> tuple[dict[str, str], str, Any]:
+    """Server A as a ``claw edge`` process (its environment) and server B's node (in this process) on free
+    ports: (edge env, edge base URL, Node)."""
+    from claw.config import load_settings
+    from node.worker import Node
+    from tests.conftest import free_port, system_settings
+
+    a_settings, tls_port = system_settings(tmp_path / "a", pki_dir, llm_url)
+    http_port = free_port()
+    user, password = CredentialStore(a_settings.data_dir).add("node", "t1", replace=True)
+    env = {"CLAW_DATA_DIR": str(tmp_path / "a"), "CLAW_BROKER__LISTEN": f"127.0.0.1:{tls_port}",
+           "CLAW_BROKER__LOCAL_LISTEN": "127.0.0.1:0", "CLAW_EDGE__HTTP": f"127.0.0.1:{http_port}",
+           "CLAW_EDGE__REPUBLISH_S": "1", "CLAW_EDGE__NODE_TIMEOUT_S": "3", **extra}
+    node_settings, _ = system_settings(tmp_path / "b", pki_dir, llm_url, mqtt={
+        "port": tls_port, "username": user, "password": password})
+    return env, f"http://127.0.0.1:{http_port}", Node(load_settings(env={}, overrides={**_builtins(node_settings)}))
 
 
 def _builtins(settings: Any) -> dict[str, Any]:
@@ -424,12 +431,9 @@ async def test_edge_killed_mid_progressive_wecom_answer_sends_the_rest_once(tmp_
     """WeCom progressive mode: server A is SIGKILLed after the first paragraphs went out. The restarted
     edge resumes the answer from where its sent parts ended (``delivery.chars``): the user gets every part
     once, numbered (1) … (n/n), and together they are the whole answer (it used to be sent again whole)."""
-    from claw.config import load_settings
     from edge.wecom.fake import FakeWeComConfig, run_fake_wecom
     from edge.wecom.shape import to_plain
     from node.fakellm import run_fake_llm
-    from node.worker import Node
-    from tests.conftest import free_port, system_settings
     from tests.integration.test_wecom import AES, AGENT, CORP, SECRET, TOKEN, sim
 
     paras = [f"第{i}段：" + "这一段讲述一个要点，并给出解释。" * 12 for i in range(1, 9)]
@@ -437,19 +441,10 @@ async def test_edge_killed_mid_progressive_wecom_answer_sends_the_rest_once(tmp_
     cfg = FakeLLMConfig(reply=answer, tokens_per_s=25, token_chars=20)  # ~4 s of generation
     fw_cfg = FakeWeComConfig(corp_id=CORP, secret=SECRET, agent_id=AGENT)
     async with run_fake_llm(cfg) as fake, run_fake_wecom(fw_cfg) as fw, aiohttp.ClientSession() as s:
-        a_settings, tls_port = system_settings(tmp_path / "a", pki_dir, fake.url)
-        http_port = free_port()
-        user, password = CredentialStore(a_settings.data_dir).add("node", "t1", replace=True)
-        env = {"CLAW_DATA_DIR": str(tmp_path / "a"), "CLAW_BROKER__LISTEN": f"127.0.0.1:{tls_port}",
-               "CLAW_BROKER__LOCAL_LISTEN": "127.0.0.1:0", "CLAW_EDGE__HTTP": f"127.0.0.1:{http_port}",
-               "CLAW_EDGE__REPUBLISH_S": "1", "CLAW_EDGE__NODE_TIMEOUT_S": "3",
-               "CLAW_WECOM__CORP_ID": CORP, "CLAW_WECOM__AGENT_ID": str(AGENT), "CLAW_WECOM__SECRET": SECRET,
-               "CLAW_WECOM__TOKEN": TOKEN, "CLAW_WECOM__ENCODING_AES_KEY": AES, "CLAW_WECOM__API_BASE": fw.url,
-               "CLAW_WECOM__PROGRESSIVE": "true", "CLAW_WECOM__PROGRESSIVE_MIN_BYTES": "400"}
-        http = f"http://127.0.0.1:{http_port}"
-        node_settings, _ = system_settings(tmp_path / "b", pki_dir, fake.url, mqtt={
-            "port": tls_port, "username": user, "password": password})
-        node = Node(load_settings(env={}, overrides={**_builtins(node_settings)}))
+        env, http, node = _edge_env_and_node(tmp_path, pki_dir, fake.url, {
+            "CLAW_WECOM__CORP_ID": CORP, "CLAW_WECOM__AGENT_ID": str(AGENT), "CLAW_WECOM__SECRET": SECRET,
+            "CLAW_WECOM__TOKEN": TOKEN, "CLAW_WECOM__ENCODING_AES_KEY": AES, "CLAW_WECOM__API_BASE": fw.url,
+            "CLAW_WECOM__PROGRESSIVE": "true", "CLAW_WECOM__PROGRESSIVE_MIN_BYTES": "400"})
         node_task: asyncio.Task[None] | None = None
         try:
             with edge_process(env, tmp_path) as edge:
