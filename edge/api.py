@@ -163,7 +163,9 @@ class WsSession:
             return
         if self.floor and frame["type"] == "delta" and frame["seq"] <= self.floor.get(frame["task"], 0):
             return  # replayed by the node after an edge restart: this client has it already
-        size = len(frame.get("text") or "")
+        # A done frame carries the whole answer (one string the edge holds anyway): it never counts against
+        # the bound, or a client keeping up would be cut off by the end of a long answer.
+        size = 0 if frame["type"] == "done" else len(frame.get("text") or "")
         try:
             if self.queued_chars + size > WS_QUEUE_CHARS and self.queued_chars:
                 raise asyncio.QueueFull
@@ -182,7 +184,8 @@ class WsSession:
                 frame = await self.queue.get()
                 if frame is None:
                     return
-                self.queued_chars -= len(frame.get("text") or "")
+                if frame["type"] != "done":
+                    self.queued_chars -= len(frame.get("text") or "")
                 await self.ws.send_str(_json.encode(frame).decode())
                 self._drained.set()
         except (ConnectionError, RuntimeError):
@@ -310,15 +313,16 @@ def _follow(bridge: Bridge, live: LiveTask, sess: WsSession, after: int, trace: 
     the live ones. A small backlog goes out at once; a big one (a resume of a long answer) is paced by how
     fast the client reads, and the socket is attached only once the replay has caught up, so live chunks
     never overtake it. A slow reader therefore slows its own replay instead of being cut off."""
+    old = sess.replaying.pop(live.hex, None)
+    if old is not None:
+        old.cancel()  # a newer resume of the same task replaces the replay in progress
+    bridge.detach(live, sess)  # attached again once this replay has caught up: live chunks never overtake it
     parts = live.stream.parts
-    if sum(len(p) for p in parts[after:]) + (len(live.rec.answer) if live.finished_at else 0) <= REPLAY_AT_ONCE:
+    if sum(len(p) for p in parts[after:]) <= REPLAY_AT_ONCE:
         _replay_now(live, sess, after)
         if live.finished_at is None:
             bridge.attach(live, sess, trace=trace)
         return
-    old = sess.replaying.pop(live.hex, None)
-    if old is not None:
-        old.cancel()
     sess.replaying[live.hex] = asyncio.create_task(_replay_paced(bridge, live, sess, after, trace))
 
 
@@ -362,6 +366,9 @@ def _resume(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[s
     live = bridge.get(tid)
     if live is not None and live.rec.uid == sess.uid:
         sess.floor[live.hex] = seq
+        if live.held is not None:  # asked a moment ago, not acknowledged yet: everything follows its ack
+            bridge.attach(live, sess)
+            return
         _follow(bridge, live, sess, seq)
         return
     rec = app[STORE].get(tid)

@@ -19,19 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiomqtt
+import lmdb
 
 import wire
 from claw.config import Settings
 from claw.metrics import Stages
 from claw.mqtt import Backoff, run_forever
 
-from .store import FINAL, TaskRecord, TaskStore
+from .store import FINAL, StoreFull, TaskRecord, TaskStore
 
 log = logging.getLogger(__name__)
 
 NODE_LOST_MSG = "与服务器 B 的连接中断，本次回答未能完成，请重新提问。"
 GAP_WAIT_S = 1.0  # a gap in a reply stream held this long is asked to be replayed (then again, this often)
 IDLE_ASK_S = 10.0  # a running task silent this long is asked to replay from its next seq (a lost tail or Done)
+QUEUED_ASK_S = 60.0  # a task queued at its node, silent this long, is asked too (its replies may all be lost)
 REPAIR_ASKS = 5  # unanswered replay requests before the task ends with node_lost (the node no longer has it)
 # Stage latencies observed from the replies' timing maps (wall-clock µs; stages that span both servers
 # include their clock offset, and negative values are counted as skew): ``/metrics``
@@ -127,6 +129,7 @@ class Bridge:
         self._queues: dict[str, deque[LiveTask]] = {}
         self._pending: dict[str, int] = {}  # uid -> unfinished tasks (see pending())
         self._chunk_buf: list[tuple[bytes, int, str]] | None = None  # while a batch is handled (see _on_message)
+        self._store_full = False  # the last add was refused (StoreFull): publish only after the commit then
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -258,24 +261,38 @@ class Bridge:
         # Without a dedup key there is nothing to wait for before sending: the task goes to the nodes while
         # its LMDB commit (fsync, ~0.6 ms, more under load) runs, off the first-token path. It is still
         # acknowledged to no one before the commit; a crash in between only wastes the node's answer.
-        early = dedup is None
+        early = dedup is None and not self._store_full  # (a full store refuses it: do not start the node)
         if early:
             live.held = []
             self._enqueue(live)
         try:
             stored = await self.store.add(rec, dedup=dedup)
+        except asyncio.CancelledError:
+            if early:  # the write goes on in the writer thread: the task stays, published and (soon) recorded
+                live.stored.set_result(None)
+                self.release(live)
+                raise
+            self.live.pop(tid, None)
+            if not live.stored.done():
+                live.stored.cancel()
+            raise
         except BaseException as exc:
             self.live.pop(tid, None)
-            if early:  # sent, but not recorded: take it back
+            if isinstance(exc, StoreFull):
+                self._store_full = True
+            if early and live.finished_at is None:  # sent, but not recorded: take it back
                 live.finished_at = self._loop.time()
                 self._count(uid, -1)
                 self._publish_cancel(live)
                 self._next(uid)
+            if early:
+                self._drop_chunks(live.rec.id)
             if not live.stored.done():
                 live.stored.set_exception(exc)
                 live.stored.exception()  # retrieved: no "never retrieved" warning
             raise
         live.stored.set_result(None)
+        self._store_full = False
         if stored.id != tid:  # dedup hit: this message was recorded before (maybe before a restart)
             self.live.pop(tid, None)
             old = self.get(stored.id) or self._revive(stored)
@@ -384,7 +401,10 @@ class Bridge:
                 due = now - max(live.gap_at, live.asked_at) >= GAP_WAIT_S
             else:
                 live.gap_at = 0.0
-                due = st.queue == 0 and now - max(live.heard_at, live.asked_at) >= IDLE_ASK_S
+                # running (streaming, or accepted with queue 0): after IDLE_ASK_S of silence; queued at the node:
+                # far less often (it answers with its Accept, so this costs two small messages a minute)
+                wait = IDLE_ASK_S if st.state is wire.State.STREAMING or not st.queue else QUEUED_ASK_S
+                due = now - max(live.heard_at, live.asked_at) >= wait
             if not due:
                 continue
             if live.asks >= REPAIR_ASKS:
@@ -437,6 +457,10 @@ class Bridge:
         if trace:
             live.trace.add(sink)
 
+    def detach(self, live: LiveTask, sink: Sink) -> None:
+        live.sinks.discard(sink)
+        live.trace.discard(sink)
+
     def detach_all(self, sink: Sink) -> None:
         self.presence.discard(sink)
         for live in self.live.values():
@@ -487,6 +511,9 @@ class Bridge:
         live = self.live.get(msg.id)
         if live is None:
             return  # not ours (a device's own task) or long finished
+        if live.finished_at is not None:  # ended here (node_lost, a second run, stop): nothing more goes out
+            self.stats.late += 1
+            return
         if uid is not None and live.rec.uid != uid:
             self.stats.bad_messages += 1
             log.warning("edge: reply for task %s arrived on another user's topic; dropped", live.hex[:8])
@@ -503,6 +530,8 @@ class Bridge:
                                               and live.stream.pending_done is None):
             live.asks = 0  # the stream moved, or the node confirmed it still runs the task
         for ev in events:
+            if live.finished_at is not None and not isinstance(ev, wire.Finished):
+                break  # ended by an earlier event of this message (a second run): drop the rest
             self._on_event(live, ev)
 
     def _on_event(self, live: LiveTask, ev: wire.Event) -> None:
@@ -512,6 +541,9 @@ class Bridge:
                     # Not a replay: another run of the task (its node restarted too). Its text differs from
                     # what users saw before the edge restarted; splicing the two would garble the answer.
                     log.warning("edge: task %s was run again after a restart; ending it with an error", live.hex[:8])
+                    # the stream keeps exactly what users saw: a later resume replays that, not the new run
+                    live.stream.parts = list(live.shown)
+                    live.stream.next_seq = len(live.shown) + 1
                     self._finish(live, "error", {"code": "node_lost", "msg": NODE_LOST_MSG}, None,
                                  text="".join(live.shown))
                     return
@@ -578,6 +610,12 @@ class Bridge:
             if n_pub1 is not None:
                 stages.observe("first_token_to_publish", n_pub1 - n_ft)
 
+    def _drop_chunks(self, tid: bytes) -> None:
+        try:
+            self.store.drop_chunks(tid)
+        except lmdb.Error as exc:  # never let a full edge-chunks.lmdb cost the user the done frame
+            log.error("edge: chunks of task %s not dropped from edge-chunks.lmdb: %s", tid.hex()[:8], exc)
+
     def _emit(self, live: LiveTask, frame: dict[str, Any], traced: dict[str, Any]) -> None:
         """Push a frame to the task's sinks (``traced`` to those that asked for timing), or hold it while the
         task is not acknowledged yet (see ``submit(hold=True)``)."""
@@ -605,7 +643,7 @@ class Bridge:
             text = live.stream.text
         if self._chunk_buf:  # chunks of this task not yet written (same batch): never write them now
             self._chunk_buf = [c for c in self._chunk_buf if c[0] != live.rec.id]
-        self.store.drop_chunks(live.rec.id)
+        self._drop_chunks(live.rec.id)
         live.rec = self.store.update(live.rec.id, status=status, answer=text, err=err, usage=usage) or live.rec
         self._next(live.rec.uid)
         self.stats.finished[status] = self.stats.finished.get(status, 0) + 1

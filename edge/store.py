@@ -149,7 +149,8 @@ class TaskStore:
                         del self._overlay[rec.id]
         if old_id is None:
             return rec
-        return self.get(old_id) or TaskRecord(id=old_id, uid=rec.uid, ch=rec.ch, text="", ts=0)
+        # The key outlived its task (history_days shorter than the key's retention): a finished duplicate.
+        return self.get(old_id) or TaskRecord(id=old_id, uid=rec.uid, ch=rec.ch, text="", ts=0, status="ok")
 
     def _fill(self, txn: Any) -> float:
         """Share of the map the B-trees use (pages of every named database; freed pages are not counted,
@@ -200,7 +201,7 @@ class TaskStore:
 
     async def prune_history(self, before_ms: int, batch: int = 2000) -> int:
         """Delete finished tasks that ended before ``before_ms`` (the ``edge.history_days`` retention): the
-        record, its per-user index entry and any chunks. Scanned off the event loop; deleted in small write
+        record and its per-user index entry (a finished task has no chunks left in edge-chunks.lmdb). Scanned off the event loop; deleted in small write
         batches (each a group commit) so new tasks never wait long behind them. Freed pages are reused by
         LMDB (the file does not shrink). Returns how many went."""
         env, tasks, by_user = self.env, self.tasks, self.by_user

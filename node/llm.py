@@ -190,10 +190,21 @@ def _map_transport(exc: BaseException, what: str, *, streaming: bool) -> LLMErro
     return LLMError(LLM_BAD_RESPONSE, f"{what}: unexpected error ({name}: {text})")
 
 
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The body up to ``cap`` bytes, however many reads it arrives in."""
+    buf = bytearray()
+    while len(buf) < cap:
+        chunk = await resp.content.readany()
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf[:cap])
+
+
 async def _read_error_body(resp: aiohttp.ClientResponse, timeout: float) -> bytes:
     try:
         async with asyncio.timeout(timeout):
-            return await resp.content.read(_MAX_ERROR_BODY)
+            return await _read_capped(resp, _MAX_ERROR_BODY)
     except (TimeoutError, aiohttp.ClientError, ConnectionError):
         return b""
 
@@ -224,9 +235,10 @@ async def _events(reader: aiohttp.StreamReader) -> AsyncIterator[_SSE]:
             elif line.startswith(b"event:"):
                 event = line[6:].strip()
             continue
-        if data:
+        joined = b"\n".join(data)
+        if joined:  # an event with empty data (a proxy's keep-alive "data:") is not dispatched (SSE rules)
             try:
-                yield _SSE(event.decode("utf-8"), b"\n".join(data).decode("utf-8"))
+                yield _SSE(event.decode("utf-8"), joined.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 raise _SSEError(f"event not UTF-8: {exc}") from None
         data, event = [], b""
@@ -291,6 +303,8 @@ async def stream_chat(
                     resp = await stack.enter_async_context(
                         client.post(url, json=body, headers=_headers(api_key), timeout=timeout)
                     )
+            except aiohttp.ConnectionTimeoutError as exc:  # a TimeoutError too: it must not read as a stall
+                raise _map_transport(exc, what, streaming=False) from None
             except TimeoutError:
                 raise LLMError(
                     LLM_STALL,
@@ -424,7 +438,9 @@ async def list_models(
         async with asyncio.timeout(timeout):
             async with client.get(url, headers=_headers(api_key)) as resp:
                 status = resp.status
-                raw = await resp.content.read(_MAX_ERROR_BODY * 16)
+                raw = await _read_capped(resp, _MAX_ERROR_BODY * 16)
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise _map_transport(exc, what, streaming=False) from None
     except TimeoutError:
         raise LLMError(LLM_STALL, f"{what}: no response within {timeout}s") from None
     except (aiohttp.ClientError, ConnectionError) as exc:

@@ -109,6 +109,7 @@ class Node:
         self._log_db: Any = None
         self._writer: Writer | None = None
         self._batcher: ReplyBatcher | None = None
+        self._replaying: set[bytes] = set()  # tasks whose replay is being sent (one at a time each)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -286,8 +287,6 @@ class Node:
 
     def _on_task(self, task: wire.Task) -> None:
         topic = wire.reply_topic(task.uid)
-        if self._stopping and task.id not in self._runs:
-            return  # not accepted: the edge re-sends it to a node that is up
         first = task.replay or 1
         if task.id in self._runs:  # republished while we have it: re-confirm, replay what was sent
             self.stats.duplicates += 1
@@ -301,6 +300,8 @@ class Node:
             chunks, done = stored
             self._spawn_replay(topic, task.id, 0, chunks, done, first)
             return
+        if self._stopping:
+            return  # a new task, not accepted: the edge re-sends it to a node that is up (replays still served)
         if task.replay is not None:  # a replay request for a task we do not have (we restarted): not a dispatch
             self.stats.unknown_replays += 1
             log.info("node %s: replay of unknown task %s asked; ignored", self.id, task.id.hex()[:8])
@@ -323,13 +324,24 @@ class Node:
         if chunks or done is not None:
             self.stats.replays += 1
 
+        if tid in self._replaying:
+            return  # one replay per task at a time: the edge asks again if it still misses something
+        msgs: list[wire.Message] = [wire.Accept(id=tid, node=self.id, queue=queue)]
+        msgs += [wire.Delta(id=tid, seq=seq, text=chunks[seq - 1]) for seq in range(first, len(chunks) + 1)]
+        if done is not None:
+            msgs.append(done)
+
         async def go() -> None:
-            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                await self._publish(topic, wire.Accept(id=tid, node=self.id, queue=queue))
-                for seq in range(first, len(chunks) + 1):
-                    await self._publish(topic, wire.Delta(id=tid, seq=seq, text=chunks[seq - 1]))
-                if done is not None:
-                    await self._publish(topic, done)
+            self._replaying.add(tid)
+            try:
+                with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                    if self._batched(topic):  # all queued at once (in order), one wait for the last batch
+                        await asyncio.gather(*[self._batcher.enqueue(m) for m in msgs])  # type: ignore[union-attr]
+                    else:
+                        for m in msgs:
+                            await self._publish(topic, m)
+            finally:
+                self._replaying.discard(tid)
         asyncio.create_task(go())
 
     def _next_turn(self, run: _Run) -> None:
@@ -368,6 +380,7 @@ class Node:
         return self._batcher is not None and topic.startswith(_REPLY_PREFIX) and not topic.startswith(_DEVICE_REPLY)
 
     async def _publish_payload(self, topic: str, payload: bytes) -> None:
+        failures = 0
         while True:
             if not self._connected.is_set():
                 if self._stopping:
@@ -378,9 +391,12 @@ class Node:
                 await self._client.publish(topic, payload, qos=1)
                 return
             except aiomqtt.MqttError as exc:
-                log.debug("node %s: publish failed (%s); will retry after reconnect", self.id, exc)
-                self._connected.clear()
-                await asyncio.sleep(0.05)
+                # Retry (seq/id make a duplicate harmless). The connection flag is the session's to clear: a
+                # PUBACK that merely took > 10 s ("Operation timed out") on a live link must not stop every
+                # later publish while beats still say "online".
+                log.debug("node %s: publish failed (%s); retrying", self.id, exc)
+                failures += 1
+                await asyncio.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))
 
     # ---- one task --------------------------------------------------------------------------
     async def _run_task(self, run: _Run) -> None:

@@ -425,6 +425,8 @@ class WeComChannel:
                     sink = _ProgressiveSink(self, live, rec.uid.partition(".")[2], sent=d.get("sent", 0),
                                             skip=d.get("chars", 0))
                     self.progressive[rec.id] = sink
+                    for part in live.stream.parts:  # chunks that came in before this attach (none, usually)
+                        sink.push({"type": "delta", "text": part})
                     self.bridge.attach(live, sink)
         if n:
             log.info("wecom: %d finished answer(s) from the last run queued for delivery", n)

@@ -450,3 +450,64 @@ async def test_sse_error_event_with_unparseable_data(client: aiohttp.ClientSessi
         assert "model crashed" in str(err)
     finally:
         server.close()
+
+
+async def test_list_models_reads_a_body_that_arrives_in_pieces(client: aiohttp.ClientSession) -> None:
+    import json
+
+    from aiohttp import web
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_type = "application/json"
+        await resp.prepare(request)
+        body = json.dumps({"data": [{"id": f"model-{i}", "owned_by": "x" * 50} for i in range(40)]}).encode()
+        await resp.write(body[:1000])
+        await asyncio.sleep(0.05)
+        await resp.write(body[1000:])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        assert len(await list_models(client, f"http://127.0.0.1:{port}/v1")) == 40
+    finally:
+        await runner.cleanup()
+
+
+async def test_connect_timeout_is_unreachable_not_a_stall(client: aiohttp.ClientSession) -> None:
+    """A listener whose backlog is full drops the SYNs (127.0.0.1): the connect times out."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    await asyncio.sleep(0.2)
+    try:
+        await fails(client, f"http://127.0.0.1:{port}/v1", LLM_UNREACHABLE, connect_timeout=0.5, first_token_timeout=4)
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()
+
+
+async def test_sse_event_with_empty_data_is_not_dispatched(client: aiohttp.ClientSession) -> None:
+    server, url = await _raw_server(f"data:\n\ndata: {_chunk('hi')}\n\ndata:\n\ndata: [DONE]\n\n".encode())
+    try:
+        assert text_of(await collect(client, url)) == "hi"
+    finally:
+        server.close()

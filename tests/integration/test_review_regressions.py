@@ -1,0 +1,115 @@
+"""Regressions from a review of the repair/batching/early-publish code, each against the running edge (real
+broker connected; no node: the tests play the node by feeding the bridge what a node would publish)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import wire
+from tests.conftest import run_system
+
+pytestmark = pytest.mark.integration
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+
+    def push(self, frame: dict[str, Any]) -> None:
+        self.frames.append(frame)
+
+
+def batch(*items: Any) -> bytes:
+    return wire.encode(wire.Batch(node="n1", items=list(items)))
+
+
+async def _task(bridge: Any, text: str = "hi") -> tuple[Any, Sink]:
+    from edge.bridge import NodeInfo
+    bridge.nodes["n1"] = NodeInfo("online", bridge._loop.time())
+    bridge._online = True
+    live = await bridge.submit("web.alice", "web", text, hold=True)
+    sink = Sink()
+    bridge.attach(live, sink)
+    bridge.release(live)
+    return live, sink
+
+
+async def test_replies_after_the_edge_ended_a_task_go_nowhere(tmp_path: Path, pki_dir: Path) -> None:
+    """node_lost (beats stopped), then the link comes back and the node sends the rest: no frame after the
+    done, no chunk row left behind."""
+    from edge.keys import BRIDGE, STORE
+    async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
+        bridge, store = sys_.app[BRIDGE], sys_.app[STORE]
+        live, sink = await _task(bridge)
+        tid = live.rec.id
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="A")))
+        bridge.nodes["n1"].last_seen -= 1000
+        bridge._check_lost_nodes()
+        assert sink.frames[-1]["type"] == "done" and sink.frames[-1]["error"]["code"] == "node_lost"
+        n = len(sink.frames)
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Delta(id=tid, seq=2, text="B"),
+                                                      wire.Done(id=tid, seq=2, status="ok")))
+        assert len(sink.frames) == n and bridge.stats.late == 2
+        assert store.chunk_texts(tid) == []
+
+
+async def test_a_second_run_after_a_restart_is_never_spliced_after_the_done(tmp_path: Path, pki_dir: Path) -> None:
+    from edge.keys import BRIDGE
+    async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
+        bridge = sys_.app[BRIDGE]
+        live, sink = await _task(bridge)
+        tid = live.rec.id
+        live.shown = ["A", "B"]  # what users saw before the edge restarted
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="X"),
+                                                      wire.Delta(id=tid, seq=2, text="Y")))
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Delta(id=tid, seq=3, text="Z"),
+                                                      wire.Done(id=tid, seq=3, status="ok")))
+        done = [f for f in sink.frames if f["type"] == "done"]
+        assert len(done) == 1 and done[0]["text"] == "AB" and sink.frames[-1] is done[0]
+        assert live.stream.parts == ["A", "B"]  # a later resume replays what users saw, not the new run
+
+
+async def test_a_streaming_task_with_a_stale_queue_number_is_still_asked(tmp_path: Path, pki_dir: Path) -> None:
+    from edge.keys import BRIDGE
+    async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
+        bridge = sys_.app[BRIDGE]
+        live, _ = await _task(bridge)
+        tid = live.rec.id
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1", queue=1)))
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Delta(id=tid, seq=1, text="A")))  # its Accept(0) lost
+        live.heard_at -= 60
+        bridge._repair()
+        assert bridge.stats.replay_asks == 1
+
+
+async def test_store_full_after_a_fast_answer_counts_the_task_once(tmp_path: Path, pki_dir: Path) -> None:
+    from edge.keys import BRIDGE, STORE
+    from edge.store import StoreFull
+    async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
+        bridge, store = sys_.app[BRIDGE], sys_.app[STORE]
+        first, _ = await _task(bridge, "first")
+        gate = asyncio.Event()
+        write = store.writer.write
+
+        async def slow_write(op: Any) -> Any:
+            await gate.wait()
+            return await write(op)
+
+        store.writer.write = slow_write
+        store._fill = lambda txn: 1.0  # full
+        sub = asyncio.create_task(bridge.submit("web.alice", "web", "second", hold=True))
+        await asyncio.sleep(0)
+        second = next(t for t in bridge.live.values() if t.rec.text == "second")
+        tid = second.rec.id
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="x"),
+                                                      wire.Done(id=tid, seq=1, status="ok")))
+        gate.set()
+        with pytest.raises(StoreFull):
+            await sub
+        assert first.finished_at is None and bridge.pending("web.alice") == 1
+        assert store.chunk_texts(tid) == []
+        store.writer.write = write
