@@ -108,8 +108,12 @@ def _get(d: Any, *path: str) -> Any:
     return d
 
 
+# characters XML 1.0 (and so inline SVG) does not allow: C0 controls but tab/LF/CR, lone surrogates, U+FFFE/F
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def _esc(x: Any) -> str:
-    return html.escape(str(x), quote=True)
+    return html.escape(_NOT_XML.sub("\ufffd", str(x)), quote=True)
 
 
 def _json_text(x: Any, limit: int = 2000) -> str:
