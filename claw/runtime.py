@@ -9,6 +9,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from aiohttp import web
+
 T = TypeVar("T")
 
 
@@ -49,3 +51,19 @@ def stop_event() -> asyncio.Event:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, ev.set)
     return ev
+
+
+async def start_http(app: web.Application, listen: str, what: str) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``listen`` (``HOST:PORT``, port 0 = any free one): (its runner, the bound port).
+    An address in use (or not ours) is a RuntimeError naming ``what``, never a traceback."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    site = web.TCPSite(runner, host, int(port), reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise RuntimeError(f"{what}: cannot listen on {listen}: {exc.strerror}") from None
+    sockets = getattr(site._server, "sockets", None) or []
+    return runner, sockets[0].getsockname()[1] if sockets else int(port)

@@ -14,6 +14,7 @@ from aiohttp import WSCloseCode, web
 
 from claw.config import Settings
 from claw.mqtt import client_from_settings, make_client
+from claw.runtime import start_http
 
 from . import api
 from .auth import Tokens, load_or_create_secret
@@ -160,19 +161,10 @@ async def _close_websockets(app: web.Application) -> None:
 async def run_edge(settings: Settings) -> AsyncIterator[web.Application]:
     """Start the edge (HTTP + bridge + embedded broker), yield the app, then shut down in order."""
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
     log.info("edge: waiting for application startup")
-    await runner.setup()
-    host, _, port = settings.edge.http.rpartition(":")
-    site = web.TCPSite(runner, host, int(port), reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise RuntimeError(f"edge: cannot listen on {settings.edge.http}: {exc.strerror}") from None
-    sockets = getattr(site._server, "sockets", None) or []
-    app[INFO].http_port = sockets[0].getsockname()[1] if sockets else int(port)
-    log.info("edge: application startup complete; HTTP on %s:%d", host, app[INFO].http_port)
+    runner, app[INFO].http_port = await start_http(app, settings.edge.http, "edge")
+    log.info("edge: application startup complete; HTTP on %s:%d", settings.edge.http.rpartition(":")[0],
+             app[INFO].http_port)
     try:
         yield app
     finally:

@@ -27,6 +27,7 @@ import wire
 from claw.config import Settings
 from claw.metrics import Stages, escape_label
 from claw.mqtt import Backoff, client_from_settings, run_forever
+from claw.runtime import start_http
 from claw.store import Writer, open_env
 
 from .batcher import ReplyBatcher
@@ -161,19 +162,9 @@ class Node:
     async def _start_metrics(self, listen: str) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_handler)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await runner.setup()
-        host, _, port = listen.rpartition(":")
-        site = web.TCPSite(runner, host, int(port), reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise RuntimeError(f"node: cannot listen on node.metrics_listen {listen}: {exc.strerror}") from None
-        self._metrics = runner
-        sockets = getattr(site._server, "sockets", None) or []
-        self.metrics_port = sockets[0].getsockname()[1] if sockets else int(port)
-        log.info("node %s: Prometheus metrics on http://%s:%d/metrics", self.id, host, self.metrics_port)
+        self._metrics, self.metrics_port = await start_http(app, listen, "node.metrics_listen")
+        log.info("node %s: Prometheus metrics on http://%s:%d/metrics", self.id, listen.rpartition(":")[0],
+                 self.metrics_port)
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(text="\n".join(self.metrics_lines()) + "\n", content_type="text/plain")
