@@ -315,9 +315,9 @@ async def _login_all(s: aiohttp.ClientSession, http: str, n: int, cache: dict[in
 
 
 async def run_ws_level(http: str, o: Options, streams: int, tokens_cache: dict[int, str],
-                       progress: Progress | None = None, label: str = "") -> tuple[LevelResult, float]:
+                       progress: Progress | None = None, label: str = "") -> LevelResult:
     """``streams`` users, each asking again as soon as its answer is done, for warm_s + level_s; returns the
-    samples of the measured window and the window's wall time."""
+    samples of the measured window (``level_s`` long)."""
     res = LevelResult(streams)
     want = o.tokens * o.token_chars
     conn = aiohttp.TCPConnector(limit=0)
@@ -384,7 +384,7 @@ async def run_ws_level(http: str, o: Options, streams: int, tokens_cache: dict[i
             if tick is not None:
                 tick.cancel()
             await asyncio.gather(*(ws.close() for ws in socks), return_exceptions=True)
-    return res, o.level_s
+    return res
 
 
 async def _connect_all(s: aiohttp.ClientSession, http: str, toks: list[str]) -> list[aiohttp.ClientWebSocketResponse]:
@@ -440,7 +440,7 @@ async def run_direct_level(llm_url: str, o: Options, streams: int) -> tuple[Hist
 # ---- scenarios ------------------------------------------------------------------------------------------------
 
 
-def _level_row(res: LevelResult, direct: Hist | None, secs: float, c: Cluster | None, cpu: dict[str, float],
+def _level_row(res: LevelResult, direct: Hist | None, secs: float, cpu: dict[str, float],
                rss: float) -> dict[str, Any]:
     row: dict[str, Any] = {"streams": res.streams, "asks": res.asks, "errors": res.errors,
                            "chunk_ms": res.chunk.stats(), "first_delta_ms": res.first.stats(),
@@ -463,29 +463,46 @@ async def _rss_sampler(proc: Proc, box: list[float]) -> None:
         await asyncio.sleep(0.2)
 
 
-async def level(c: Cluster, o: Options, streams: int, tokens_cache: dict[int, str], p: Progress,
-                with_direct: bool = True) -> dict[str, Any]:
+async def _measured(c: Cluster, load: Any) -> tuple[LevelResult, dict[str, float], float]:
+    """Run one level's load (a coroutine) while sampling: (its result, CPU % of every process incl. this
+    load generator, the edge process's peak RSS in MB)."""
     box = [c.edge.rss_mb()]
     sampler = asyncio.create_task(_rss_sampler(c.edge, box))
     c.mark()
-    t_cpu = time.process_time()
-    t0 = time.monotonic()
+    t_cpu, t0 = time.process_time(), time.monotonic()
     try:
-        res, secs = await run_ws_level(c.http, o, streams, tokens_cache, p, f"{c.broker} {streams} streams")
+        res = await load
     finally:
         sampler.cancel()
     cpu = c.cpu()
     cpu["load"] = round(100 * (time.process_time() - t_cpu) / max(1e-9, time.monotonic() - t0), 1)
+    return res, cpu, box[0]
+
+
+async def level(c: Cluster, o: Options, streams: int, tokens_cache: dict[int, str], p: Progress,
+                with_direct: bool = True) -> dict[str, Any]:
+    res, cpu, rss = await _measured(c, run_ws_level(c.http, o, streams, tokens_cache, p,
+                                                    f"{c.broker} {streams} streams"))
     direct = None
     if with_direct:
         direct, _ = await run_direct_level(c.llm_url, o, streams)
-    row = _level_row(res, direct, secs, c, cpu, box[0])
+    row = _level_row(res, direct, o.level_s, cpu, rss)
     cs, fd = row["chunk_ms"], row["first_delta_ms"]
     p.line(f"{c.broker:9} {streams:5} streams: chunk relay p50 {cs.get('p50', float('nan')):7.2f} "
            f"p99 {cs.get('p99', float('nan')):8.2f} ms · first delta p99 {fd.get('p99', float('nan')):8.2f} ms · "
            f"{row['chunks_per_s']:8.0f} chunks/s · errors {res.errors}/{res.asks} · edge {row['rss_edge_mb']} MB · "
            f"cpu {cpu}")
     return row
+
+
+def _knee(rows: list[dict[str, Any]]) -> int | None:
+    """The largest level before the first one past the knee rule (None if the first already is)."""
+    knee = None
+    for row in rows:
+        if _bad(row):
+            break
+        knee = row["streams"]
+    return knee
 
 
 def _bad(row: dict[str, Any]) -> bool:
@@ -496,20 +513,16 @@ def _bad(row: dict[str, Any]) -> bool:
 
 async def sweep(o: Options, broker: str, p: Progress) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
-    knee: int | None = None
     async with cluster(o, broker=broker) as c:
         cache: dict[int, str] = {}
         for n in o.levels:
             row = await level(c, o, n, cache, p)
             rows.append(row)
-            if _bad(row):
-                if o.stop_at_knee:
-                    break
-            elif not rows[:-1] or not any(_bad(r) for r in rows[:-1]):
-                knee = n
+            if _bad(row) and o.stop_at_knee:
+                break
             await asyncio.sleep(1.0)  # let the previous level's stragglers drain
     exceeded = bool(rows) and _bad(rows[-1])
-    return {"broker": broker, "levels": rows, "knee": knee, "knee_exceeded": exceeded,
+    return {"broker": broker, "levels": rows, "knee": _knee(rows), "knee_exceeded": exceeded,
             "knee_rule": f"largest level with p99 chunk relay <= {KNEE_MS:g} ms and < {KNEE_ERRORS:.0%} errors",
             "tps": o.tps, "tokens": o.tokens}
 
@@ -518,7 +531,7 @@ async def latency(o: Options, p: Progress, seconds: float = 10.0) -> dict[str, A
     # short, fast answers: many asks in the window (the per-stream pace matters only for the sweep)
     lo = Options(**{**asdict(o), "level_s": seconds, "tokens": 50, "tps": 200.0})
     async with cluster(lo) as c:
-        res, secs = await run_ws_level(c.http, lo, 1, {}, p, "latency: one user")
+        res = await run_ws_level(c.http, lo, 1, {}, p, "latency: one user")
         direct, _ = await run_direct_level(c.llm_url, lo, 1)
     out = {"streams": 1, "asks": res.asks, "errors": res.errors,
            "ours": {"first_delta_ms": res.first.stats(), "chunk_relay_ms": res.chunk.stats()},
@@ -657,33 +670,20 @@ async def devices(o: Options, p: Progress) -> dict[str, Any]:
     from broker.creds import CredentialStore
 
     rows: list[dict[str, Any]] = []
-    knee = None
     async with cluster(o) as c:
         store = CredentialStore(str(c.data))
         creds = [store.add("device", f"bench{i}", replace=True) for i in range(max(o.levels))]
         for n in o.levels:
-            box = [c.edge.rss_mb()]
-            sampler = asyncio.create_task(_rss_sampler(c.edge, box))
-            c.mark()
-            t_cpu, t0 = time.process_time(), time.monotonic()
-            try:
-                res = await run_device_level(c, o, n, creds)
-            finally:
-                sampler.cancel()
-            cpu = c.cpu()
-            cpu["load"] = round(100 * (time.process_time() - t_cpu) / max(1e-9, time.monotonic() - t0), 1)
-            row = _level_row(res, None, o.level_s, c, cpu, box[0])
+            res, cpu, rss = await _measured(c, run_device_level(c, o, n, creds))
+            row = _level_row(res, None, o.level_s, cpu, rss)
             rows.append(row)
             cs = row["chunk_ms"]
             p.line(f"devices {n:5}: chunk relay p50 {cs.get('p50', float('nan')):7.2f} p99 "
                    f"{cs.get('p99', float('nan')):8.2f} ms · {row['chunks_per_s']:8.0f} chunks/s · errors "
                    f"{res.errors}/{res.asks} · broker (edge process) {row['rss_edge_mb']} MB · cpu {cpu}")
-            if _bad(row):
-                if o.stop_at_knee:
-                    break
-            elif not any(_bad(r) for r in rows[:-1]):
-                knee = n
-    return {"levels": rows, "knee": knee, "knee_rule": f"p99 chunk relay <= {KNEE_MS:g} ms, < 1 % errors"}
+            if _bad(row) and o.stop_at_knee:
+                break
+    return {"levels": rows, "knee": _knee(rows), "knee_rule": f"p99 chunk relay <= {KNEE_MS:g} ms, < 1 % errors"}
 
 
 def _tls(ca: Path) -> Any:

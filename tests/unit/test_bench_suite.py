@@ -73,3 +73,10 @@ def test_levels_option() -> None:
     for bad in ("", "0,1", "a,b"):
         with pytest.raises(argparse.ArgumentTypeError):
             _levels(bad)
+
+
+def test_knee_is_the_last_level_before_the_first_bad_one() -> None:
+    from bench.suite import _knee
+    assert _knee([_row(1, 5), _row(10, 50), _row(100, 150), _row(200, 20)]) == 10  # later recovery ignored
+    assert _knee([_row(1, 500)]) is None and _knee([]) is None
+    assert _knee([_row(1, 5), _row(10, 6)]) == 10
