@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ STORE_FULL_MSG = "服务器 A 存储已满，暂时无法接收新问题，请�
 WS_QUEUE = 1024  # frames buffered per WebSocket before it is judged too slow and closed ...
 WS_QUEUE_CHARS = 2 * 1024 * 1024  # ... or this many characters of text (≤ 6 MB of UTF-8) in them
 _json = msgspec.json.Encoder()
+DIRECT_BUFFER = 64 * 1024  # WsSession writes a frame at once only while the transport holds at most this
+_LEN1 = struct.Struct("!BB").pack  # RFC 6455 frame header: FIN + opcode, 7-bit length
+_LEN2 = struct.Struct("!BBH").pack  # ... 16-bit length
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _DEV_USER = re.compile(r"[A-Za-z0-9_@-]{1,64}")
 
@@ -134,11 +138,22 @@ async def index(request: web.Request) -> web.FileResponse:
 
 # ---- WebSocket -------------------------------------------------------------------------------
 class WsSession:
-    """One client socket: a bounded outbound queue drained by one writer task."""
+    """One client socket: frames are written at once while the socket keeps up, else queued in a bounded
+    queue drained by one writer task.
 
-    def __init__(self, ws: web.WebSocketResponse, uid: str) -> None:
+    The direct write (``transport`` given): a frame under 64 KiB, with nothing queued before it and at most
+    ``DIRECT_BUFFER`` bytes waiting in the transport, is framed here (RFC 6455, unmasked, no compression:
+    the socket is made with ``compress=False``) and written in the same pass, with no queue, task wake or
+    coroutine per frame; measured in the bench sweep, that was ~10 µs of the edge's CPU per delta. Anything
+    else -- a reader falling behind, a large frame -- takes the queue, which keeps the order (a direct write
+    only happens when the queue is empty and its writer idle) and the bounds.
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, uid: str, transport: asyncio.Transport | None = None) -> None:
         self.ws = ws
         self.uid = uid
+        self.transport = transport
+        self._busy = False  # the writer task is sending a frame
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(WS_QUEUE)
         self.overflowed = False
         self.queued_chars = 0  # text waiting in ``queue`` (chunks can be up to 64 KiB each)
@@ -166,6 +181,15 @@ class WsSession:
         # A done frame carries the whole answer (one string the edge holds anyway): it never counts against
         # the bound, or a client keeping up would be cut off by the end of a long answer.
         size = 0 if frame["type"] == "done" else len(frame.get("text") or "")
+        tr = self.transport
+        if tr is not None and not self._busy and not self.queue.qsize() and size < 16384:
+            if self.ws.closed or tr.is_closing():
+                return  # the socket is going: the writer would drop it too
+            data = _json.encode(frame)
+            n = len(data)
+            if n < 65536 and tr.get_write_buffer_size() <= DIRECT_BUFFER:
+                tr.write((_LEN1(0x81, n) if n < 126 else _LEN2(0x81, 126, n)) + data)
+                return
         try:
             if self.queued_chars + size > WS_QUEUE_CHARS and self.queued_chars:
                 raise asyncio.QueueFull
@@ -186,7 +210,11 @@ class WsSession:
                     return
                 if frame["type"] != "done":
                     self.queued_chars -= len(frame.get("text") or "")
-                await self.ws.send_str(_json.encode(frame).decode())
+                self._busy = True
+                try:
+                    await self.ws.send_str(_json.encode(frame).decode())
+                finally:
+                    self._busy = False
                 self._drained.set()
         except (ConnectionError, RuntimeError):
             pass
@@ -210,10 +238,11 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     sessions = app[SESSIONS]
     if sum(1 for s in sessions if s.uid == uid) >= app[SETTINGS].edge.max_ws_per_user:
         return _err(429, "too_many_sockets", "同一用户的连接过多")
-    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=64 * 1024)
+    # compress=False: frames are written by WsSession as they are (see there); the deltas are small anyway.
+    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=64 * 1024, compress=False)
     await ws.prepare(request)
     bridge = app[BRIDGE]
-    sess = WsSession(ws, uid)
+    sess = WsSession(ws, uid, request.transport)
     sessions.add(sess)
     bridge.presence.add(sess)
     sess.push({"type": "node", "online": bridge.node_online})

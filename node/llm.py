@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import aiohttp
+import msgspec
 
 __all__ = [
     "LLMError",
@@ -212,36 +213,98 @@ async def _read_error_body(resp: aiohttp.ClientResponse, timeout: float) -> byte
 @dataclass(slots=True)
 class _SSE:
     event: str
-    data: str
+    data: bytes  # UTF-8 is checked by the JSON decoder (a non-UTF-8 event is an unparseable chunk)
 
 
-async def _events(reader: aiohttp.StreamReader) -> AsyncIterator[_SSE]:
-    """Server-sent events from ``reader`` (fields ``data`` and ``event``; ``id``/``retry`` and comments are
-    ignored, as LM Studio sends none). An unterminated last event is dropped, as the SSE rules say."""
+MAX_SSE_LINE = 1 << 20  # an SSE line longer than this (1 MiB) is not LM Studio's: the stream is refused
+
+
+async def _event_batches(reader: aiohttp.StreamReader) -> AsyncIterator[list[_SSE]]:
+    """Server-sent events from ``reader``, as many as each network read completes (fields ``data`` and
+    ``event``; ``id``/``retry`` and comments are ignored, as LM Studio sends none). An unterminated last
+    event is dropped, as the SSE rules say. One read per batch, not one per line: under load a read often
+    brings several events, and the caller pays its per-read costs once for all of them."""
     data: list[bytes] = []
     event = b""
+    rest = b""  # an incomplete line
     while True:
-        try:
-            line = await reader.readline()
-        except ValueError as exc:  # aiohttp: a line longer than its limit
-            raise _SSEError(str(exc)) from None
-        if not line:
+        chunk = await reader.readany()
+        if not chunk:
             return
-        line = line.rstrip(b"\r\n")
-        if line:
-            if line.startswith(b"data:"):
-                v = line[5:]
-                data.append(v[1:] if v.startswith(b" ") else v)
-            elif line.startswith(b"event:"):
-                event = line[6:].strip()
-            continue
-        joined = b"\n".join(data)
-        if joined:  # an event with empty data (a proxy's keep-alive "data:") is not dispatched (SSE rules)
-            try:
-                yield _SSE(event.decode("utf-8"), joined.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise _SSEError(f"event not UTF-8: {exc}") from None
-        data, event = [], b""
+        lines = (rest + chunk if rest else chunk).split(b"\n")
+        rest = lines.pop()
+        if len(rest) > MAX_SSE_LINE:
+            raise _SSEError(f"an SSE line longer than {MAX_SSE_LINE} bytes")
+        out: list[_SSE] = []
+        for line in lines:
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if line:
+                if len(line) > MAX_SSE_LINE:
+                    raise _SSEError(f"an SSE line longer than {MAX_SSE_LINE} bytes")
+                if line.startswith(b"data:"):
+                    v = line[5:]
+                    data.append(v[1:] if v[:1] == b" " else v)
+                elif line.startswith(b"event:"):
+                    event = line[6:].strip()
+                continue
+            if data:
+                joined = data[0] if len(data) == 1 else b"\n".join(data)
+                if joined:  # an event with empty data (a proxy's keep-alive "data:") is not dispatched
+                    out.append(_SSE(event.decode("utf-8", "replace"), joined))
+                data = []
+            event = b""
+        if out:
+            yield out
+
+
+class _Deadline:
+    """A deadline that moves at every event and costs nothing to move: one timer, re-armed only when it
+    fires before the (moved) deadline. When it passes while the task waits in a read (``reading``), the task
+    is cancelled and ``expired`` is set; the reader turns that cancellation into its timeout (like
+    ``asyncio.timeout``, with ``uncancel``). A per-event ``asyncio.timeout`` cost ~4 µs of the node's CPU per
+    token (measured with py-spy in the bench sweep)."""
+
+    __slots__ = ("at", "expired", "reading", "_loop", "_task", "_handle", "_armed")
+
+    def __init__(self, at: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self.at = at
+        self.expired = False
+        self.reading = False
+        self._arm(at)
+
+    def _arm(self, at: float) -> None:
+        self._armed = at
+        self._handle = self._loop.call_at(at, self._fire)
+
+    def move(self, at: float) -> None:
+        """The new deadline (later: free; earlier than the armed timer: re-armed)."""
+        self.at = at
+        if at < self._armed:
+            self._handle.cancel()
+            self._arm(at)
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        if now < self.at:
+            self._arm(self.at)
+        elif not self.reading:  # the consumer is busy between events: the deadline applies to the next read
+            self._arm(now + 0.05)
+        elif self._task is not None:
+            self.expired = True
+            self._task.cancel()
+
+    def timed_out(self) -> bool:
+        """After a CancelledError from a read: True if it was this deadline (and only it)."""
+        return self.expired and self._task is not None and self._task.uncancel() == 0
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+
+_decode_json = msgspec.json.Decoder().decode
 
 
 def _headers(api_key: str) -> dict[str, str]:
@@ -324,16 +387,19 @@ async def stream_chat(
 
             # ---- the stream
             streaming = True
-            events = _events(resp.content)
-            stack.push_async_callback(events.aclose)
-            deadline = first_deadline
+            batches = _event_batches(resp.content)
+            stack.push_async_callback(batches.aclose)
+            deadline = _Deadline(first_deadline)
+            stack.callback(deadline.close)
             while True:
+                deadline.reading = True
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        sse = await anext(events)
+                    batch = await anext(batches)
                 except StopAsyncIteration:
                     break
-                except TimeoutError:
+                except asyncio.CancelledError:
+                    if not deadline.timed_out():
+                        raise
                     if done:
                         break  # [DONE] seen; the server just did not close: fine
                     if n_events == 0:
@@ -354,56 +420,58 @@ async def stream_chat(
                         f"{what}: connection closed mid-stream without [DONE] or finish_reason "
                         f"({type(exc).__name__}: {_trunc(str(exc))})",
                     ) from None
-
-                n_events += 1
-                data = sse.data
-                if done:
-                    deadline = loop.time() + min(stall_timeout, 1.0)
-                    continue
-                deadline = loop.time() + stall_timeout
-                if data == "[DONE]":
-                    done = True
-                    deadline = loop.time() + min(stall_timeout, 1.0)
-                    continue
-                try:
-                    obj = json.loads(data)
-                    err = obj.get("error")
-                    if err is not None:
-                        msg, code = _error_fields(obj)
+                finally:
+                    deadline.reading = False
+                n_events += len(batch)
+                deadline.move(loop.time() + (min(stall_timeout, 1.0) if done else stall_timeout))
+                for sse in batch:
+                    data = sse.data
+                    if done:
+                        continue
+                    if data == b"[DONE]":
+                        done = True
+                        deadline.move(loop.time() + min(stall_timeout, 1.0))
+                        continue
+                    try:
+                        obj = _decode_json(data)
+                        err = obj.get("error")
+                        if err is not None:
+                            msg, code = _error_fields(obj)
+                            raise LLMError(
+                                LLM_STREAM_ERROR,
+                                f"{what}: error in stream" + (f" [{code}]" if code else "") + f": {_trunc(msg)}",
+                                status=resp.status,
+                            )
+                        content = reasoning = None
+                        choices = obj.get("choices")
+                        if choices:
+                            choice = choices[0]
+                            delta = choice.get("delta")
+                            if delta:
+                                content = delta.get("content")
+                                reasoning = delta.get("reasoning") or delta.get("reasoning_content")
+                            fr = choice.get("finish_reason")
+                            if fr:
+                                finish = fr
+                        u = obj.get("usage")
+                        if u:
+                            usage = u
+                    except LLMError:
+                        raise
+                    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+                        text = data.decode("utf-8", "replace")
+                        if sse.event == "error":
+                            raise LLMError(LLM_STREAM_ERROR, f"{what}: error event in stream: {_trunc(text)}") from None
                         raise LLMError(
-                            LLM_STREAM_ERROR,
-                            f"{what}: error in stream" + (f" [{code}]" if code else "") + f": {_trunc(msg)}",
-                            status=resp.status,
-                        )
-                    content = reasoning = None
-                    choices = obj.get("choices")
-                    if choices:
-                        choice = choices[0]
-                        delta = choice.get("delta")
-                        if delta:
-                            content = delta.get("content")
-                            reasoning = delta.get("reasoning") or delta.get("reasoning_content")
-                        fr = choice.get("finish_reason")
-                        if fr:
-                            finish = fr
-                    u = obj.get("usage")
-                    if u:
-                        usage = u
-                except LLMError:
-                    raise
-                except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-                    if sse.event == "error":
-                        raise LLMError(LLM_STREAM_ERROR, f"{what}: error event in stream: {_trunc(data)}") from None
-                    raise LLMError(
-                        LLM_BAD_RESPONSE,
-                        f"{what}: unparseable stream chunk ({type(exc).__name__}): {_trunc(data, 120)!r}",
-                    ) from None
-                if reasoning:
-                    reasoning_seen = True
-                    yield StreamEvent("reasoning", reasoning)
-                if content:
-                    text_seen = True
-                    yield StreamEvent("text", content)
+                            LLM_BAD_RESPONSE,
+                            f"{what}: unparseable stream chunk ({type(exc).__name__}): {_trunc(text, 120)!r}",
+                        ) from None
+                    if reasoning:
+                        reasoning_seen = True
+                        yield StreamEvent("reasoning", reasoning)
+                    if content:
+                        text_seen = True
+                        yield StreamEvent("text", content)
 
             # ---- end of stream
             if not done and finish is None:

@@ -31,6 +31,7 @@ from claw.runtime import start_http
 from claw.store import Writer, open_env
 
 from .batcher import ReplyBatcher
+from .coalescer import Coalescer
 from .llm import LLMError, list_models, stream_chat
 
 log = logging.getLogger(__name__)
@@ -540,62 +541,35 @@ class Node:
         """Stream the LLM answer as coalesced Delta chunks; return (last seq, usage)."""
         task, topic = run.task, run.topic
         model = await self._resolve_model()
-        window = self.cfg.coalesce_ms / 1000.0
-        max_bytes = self.cfg.coalesce_bytes
-        buf: list[str] = []
-        size = 0
-        wake = asyncio.Event()
-        full = asyncio.Event()
-        llm_done = False
         answer: list[str] = []
         usage: dict[str, int] | None = None
-        loop = asyncio.get_running_loop()
         run.last_seq = 0  # type: ignore[attr-defined]
+        batched = self._batched(topic)
+        seq = 0
 
-        async def sender() -> None:
-            nonlocal size
-            seq = 0
-            while True:
-                await wake.wait()
-                wake.clear()
-                if buf:
-                    text = "".join(buf)
-                    buf.clear()
-                    size = 0
-                    full.clear()
-                    raw = text.encode()
-                    if len(raw) > MAX_CHUNK_BYTES:  # a fast LLM outran the publisher: never exceed the wire limit
-                        head = raw[:MAX_CHUNK_BYTES].decode("utf-8", "ignore")  # cut at a character boundary
-                        buf.append(text[len(head):])
-                        size = len(raw) - len(head.encode())
-                        text = head
-                    seq += 1
-                    t0 = loop.time()
-                    # Every chunk carries its publish time (wall-clock µs) so a receiver can measure
-                    # per-chunk relay latency (``claw bench tunnel``); it adds 23 bytes of CBOR to a
-                    # chunk. The first chunk also carries the task's timing so far (n_rx, n_ft).
-                    extra = {"n_pub": now_us()}
-                    if seq == 1:
-                        timing["n_pub1"] = extra["n_pub"]
-                        extra = {**timing, **extra}
-                    run.chunks.append(text)  # before the publish: a replay racing it must include it
-                    delta = wire.Delta(id=task.id, seq=seq, text=text, timing=extra)
-                    p0 = time.perf_counter_ns()
-                    await self._publish(topic, delta)
-                    self.stages.observe("publish", (time.perf_counter_ns() - p0) // 1000)
-                    run.last_seq = seq  # type: ignore[attr-defined]
-                    self.stats.chunks += 1
-                    rest = window - (loop.time() - t0)
-                    if rest > 0 and not llm_done:
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(rest):
-                                await full.wait()
-                    if buf:
-                        wake.set()
-                if llm_done and not buf:
-                    return
+        def send(text: str) -> asyncio.Future[None]:
+            nonlocal seq
+            seq += 1
+            # Every chunk carries its publish time (wall-clock µs) so a receiver can measure per-chunk relay
+            # latency (``claw bench``); it adds 23 bytes of CBOR to a chunk. The first chunk also carries the
+            # task's timing so far (n_rx, n_ft).
+            extra = {"n_pub": now_us()}
+            if seq == 1:
+                timing["n_pub1"] = extra["n_pub"]
+                extra = {**timing, **extra}
+            run.chunks.append(text)  # before the publish: a replay racing it must include it
+            delta = wire.Delta(id=task.id, seq=seq, text=text, timing=extra)
+            if batched:
+                return self._batcher.enqueue(delta)  # type: ignore[union-attr]
+            return asyncio.ensure_future(self._publish(topic, delta))
 
-        send_task = asyncio.create_task(sender())
+        def acked(n: int, ns: int) -> None:
+            run.last_seq = n  # type: ignore[attr-defined]
+            self.stats.chunks += 1
+            self.stages.observe("publish", ns // 1000)
+
+        co = Coalescer(send, window=self.cfg.coalesce_ms / 1000.0, max_bytes=self.cfg.coalesce_bytes,
+                       max_chunk=MAX_CHUNK_BYTES, acked=acked)
         assert self._http is not None
         try:
             first = True
@@ -608,37 +582,23 @@ class Node:
             # makes LM Studio stop generating and frees its slot.
             async with contextlib.aclosing(events):
                 async for ev in events:
-                    if send_task.done():
-                        send_task.result()  # surface a publish failure
                     if ev.kind == "text" and ev.text:
                         if first:
                             timing["n_ft"] = now_us()
                             self.stages.observe("llm_first_token", timing["n_ft"] - timing["n_rx"])
                             first = False
-                        buf.append(ev.text)
+                        co.push(ev.text)  # raises a failed publish
                         answer.append(ev.text)
-                        size += len(ev.text.encode())
-                        if size >= max_bytes:
-                            full.set()
-                        wake.set()
                     elif ev.kind == "usage":
                         usage = {k: int(v) for k, v in (getattr(ev, "usage", None) or {}).items()
                                  if isinstance(v, int)}
         finally:
-            # Let the sender finish the chunk it may be publishing (so Done.seq is exact); on
-            # cancellation the text not yet sent is dropped, on an LLM error it is still flushed.
-            if run.cancelled:
-                buf.clear()
-            llm_done = True
-            wake.set()
-            full.set()
-            if not send_task.done() and self._stopping and not self._connected.is_set():
-                send_task.cancel()  # stopping without a broker: nothing can be published any more
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await send_task
-            elif not send_task.done():
-                await asyncio.shield(send_task)
-            elif not send_task.cancelled() and send_task.exception() is not None:
-                raise send_task.exception()  # type: ignore[misc]
+            # Let the last chunks go out (so Done.seq is exact); on cancellation the text not yet sent is
+            # dropped, on an LLM error it is still flushed.
+            drained = co.finish(drop=run.cancelled)
+            if not drained.done() and self._stopping and not self._connected.is_set():
+                pass  # stopping without a broker: nothing can be published any more
+            else:
+                await asyncio.shield(drained)
         self._remember(task, "".join(answer))
         return run.last_seq, usage  # type: ignore[attr-defined]

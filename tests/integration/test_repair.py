@@ -22,18 +22,25 @@ from tests.integration.test_e2e import collect
 pytestmark = pytest.mark.integration
 
 
+def _acked() -> asyncio.Future[None]:
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(None)  # "acknowledged": the broker took it and lost it
+    return fut
+
+
 def _lose(node: Any, pick: Any) -> list[Any]:
-    """Make ``node`` lose the first message ``pick(msg)`` selects; returns it (in a list)."""
-    orig = node._publish
+    """Make ``node`` lose the first reply ``pick(msg)`` selects; returns it (in a list). The loss is at the
+    node's reply batcher, which every reply for the edge goes through (``node.batch_replies``)."""
+    orig = node._batcher.enqueue
     lost: list[Any] = []
 
-    async def lossy(topic: str, msg: Any) -> None:
+    def lossy(msg: Any) -> asyncio.Future[None]:
         if not lost and pick(msg):
             lost.append(msg)
-            return
-        await orig(topic, msg)
+            return _acked()
+        return orig(msg)
 
-    node._publish = lossy
+    node._batcher.enqueue = lossy
     return lost
 
 
@@ -57,24 +64,23 @@ def _assert_whole(frames: list[dict[str, Any]], done: dict[str, Any], chars: int
 def _lose_last_chunk(node: Any) -> list[Any]:
     """Make ``node`` lose the last Delta of its next answer: each Delta is held until the next message of
     the task, and the one held when the Done comes is dropped (the Done then names a seq never seen)."""
-    orig = node._publish
+    orig = node._batcher.enqueue
     held: list[Any] = []
     lost: list[Any] = []
 
-    async def lossy(topic: str, msg: Any) -> None:
+    def lossy(msg: Any) -> asyncio.Future[None]:
         if lost:
-            await orig(topic, msg)
-        elif isinstance(msg, wire.Delta):
+            return orig(msg)
+        if isinstance(msg, wire.Delta):
             if held:
-                await orig(topic, held.pop())
+                orig(held.pop())
             held.append(msg)
-        elif isinstance(msg, wire.Done) and held:
+            return _acked()
+        if isinstance(msg, wire.Done) and held:
             lost.append(held.pop())
-            await orig(topic, msg)
-        else:
-            await orig(topic, msg)
+        return orig(msg)
 
-    node._publish = lossy
+    node._batcher.enqueue = lossy
     return lost
 
 
