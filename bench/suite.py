@@ -317,73 +317,137 @@ async def _login_all(s: aiohttp.ClientSession, http: str, n: int, cache: dict[in
 async def run_ws_level(http: str, o: Options, streams: int, tokens_cache: dict[int, str],
                        progress: Progress | None = None, label: str = "") -> LevelResult:
     """``streams`` users, each asking again as soon as its answer is done, for warm_s + level_s; returns the
-    samples of the measured window (``level_s`` long)."""
+    samples of the measured window (``level_s`` long). Each user is a :class:`bench.wsload.WsUser` driven
+    from its frames (no task per user, see there)."""
+    from urllib.parse import urlsplit
+
+    from .wsload import WsUser, connect
+
     res = LevelResult(streams)
     want = o.tokens * o.token_chars
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn) as s:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         toks = await _login_all(s, http, streams, tokens_cache)
-        socks = await _connect_all(s, http, toks)
-        loop = asyncio.get_running_loop()
-        t_start = loop.time()
-        w0 = now_us() + int(o.warm_s * 1e6)  # measured window, wall clock µs
-        w1 = w0 + int(o.level_s * 1e6)
-        end = t_start + o.warm_s + o.level_s
-        deadline = end + 30 + o.ttft + o.tokens / max(o.tps, 1e-9)
-        rng = random.Random(streams)
+    url = urlsplit(http)
+    host, port = url.hostname or "127.0.0.1", int(url.port or 80)
+    loop = asyncio.get_running_loop()
+    all_done = loop.create_future()
+    live = [0]
+    t_window = [0, 0]  # measured window, wall clock µs
+    t_end = [0.0, 0.0]  # (loop time asks stop, loop time the last answer must be done by)
 
-        async def user(i: int, ws: aiohttp.ClientWebSocketResponse) -> None:
-            await asyncio.sleep(rng.random() * min(1.0, o.tokens / max(o.tps, 1)))  # spread the starts
-            while loop.time() < end:
-                t_ask = now_us()
-                await ws.send_str(f'{{"type":"ask","text":"bench {i}","trace":true}}')
-                first = True
-                got = 0
-                measured = w0 <= t_ask < w1
-                if measured:
-                    res.asks += 1
-                try:
-                    async with asyncio.timeout(max(1.0, deadline - loop.time())):
-                        while True:
-                            m = await ws.receive()
-                            if m.type is not aiohttp.WSMsgType.TEXT:
-                                raise ConnectionError(f"socket closed ({ws.close_code})")
-                            f = _json_decode(m.data)
-                            kind = f.get("type")
-                            if kind == "delta":
-                                r = now_us()
-                                got += len(f["text"])
-                                if first:
-                                    first = False
-                                    if measured:
-                                        res.first.add(r - t_ask)
-                                if w0 <= r < w1:
-                                    res.chunk.add(r - f["timing"]["n_pub"])
-                                    res.chunks += 1
-                            elif kind == "done":
-                                if f.get("status") != "ok" or got != want:
-                                    raise ValueError(f"done {f.get('status')} {f.get('error')} with {got}/{want} chars")
-                                break
-                            elif kind == "error":
-                                raise ValueError(f"error frame {f.get('code')}")
-                except (ValueError, ConnectionError, TimeoutError, aiohttp.ClientError) as exc:
-                    if measured:
-                        res.errors += 1
-                        if len(res.reasons) < 10:
-                            res.reasons.append(f"{type(exc).__name__}: {exc}"[:200])
-                    if ws.closed:
-                        return
+    class _St:
+        __slots__ = ("i", "t_ask", "first", "got", "measured", "asking", "until", "done")
 
-        tick = None
-        if progress is not None:
-            tick = asyncio.create_task(_ticker(progress, label, o.warm_s + o.level_s,
-                                               lambda: f"{res.chunks} chunks, {res.errors} errors"))
-        try:
-            await asyncio.gather(*(user(i, ws) for i, ws in enumerate(socks)))
-        finally:
-            if tick is not None:
-                tick.cancel()
-            await asyncio.gather(*(ws.close() for ws in socks), return_exceptions=True)
+        def __init__(self, i: int) -> None:
+            self.i, self.t_ask, self.first, self.got, self.measured = i, 0, True, 0, False
+            self.asking, self.until, self.done = False, 0.0, False
+
+    def finish(u: WsUser) -> None:
+        st = u.state
+        if not st.done:
+            st.done = True
+            live[0] -= 1
+            if not live[0] and not all_done.done():
+                all_done.set_result(None)
+
+    def fail(u: WsUser, why: str) -> None:
+        st = u.state
+        st.asking = False
+        if st.measured:
+            res.errors += 1
+            if len(res.reasons) < 10:
+                res.reasons.append(why[:200])
+
+    def ask(u: WsUser) -> None:
+        st = u.state
+        now = loop.time()
+        if u.closed or now >= t_end[0]:
+            finish(u)
+            return
+        st.t_ask = now_us()
+        st.first, st.got, st.asking = True, 0, True
+        st.measured = t_window[0] <= st.t_ask < t_window[1]
+        st.until = max(now + 1.0, t_end[1])
+        if st.measured:
+            res.asks += 1
+        u.send_text(f'{{"type":"ask","text":"bench {st.i}","trace":true}}')
+
+    def on_frame(u: WsUser, f: Any) -> None:
+        st = u.state
+        if st is None or not st.asking:
+            return  # the greeting ("node"), or frames after a failed ask
+        kind = f.get("type")
+        if kind == "delta":
+            r = now_us()
+            st.got += len(f["text"])
+            if st.first:
+                st.first = False
+                if st.measured:
+                    res.first.add(r - st.t_ask)
+            if t_window[0] <= r < t_window[1]:
+                res.chunk.add(r - f["timing"]["n_pub"])
+                res.chunks += 1
+        elif kind == "done":
+            if f.get("status") != "ok" or st.got != want:
+                fail(u, f"ValueError: done {f.get('status')} {f.get('error')} with {st.got}/{want} chars")
+            st.asking = False
+            ask(u)
+        elif kind == "error":
+            fail(u, f"ValueError: error frame {f.get('code')}")
+            ask(u)
+
+    def on_close(u: WsUser, why: str) -> None:
+        if u.state is not None:
+            if u.state.asking:
+                fail(u, f"ConnectionError: {why}")
+            finish(u)
+
+    sem = asyncio.Semaphore(64)
+
+    async def one(t: str) -> WsUser:
+        async with sem:
+            return await connect(host, port, f"/api/ws?token={t}", on_frame, on_close)
+
+    users = list(await asyncio.gather(*(one(t) for t in toks)))
+    t_start = loop.time()
+    t_window[0] = now_us() + int(o.warm_s * 1e6)
+    t_window[1] = t_window[0] + int(o.level_s * 1e6)
+    t_end[0] = t_start + o.warm_s + o.level_s
+    t_end[1] = t_end[0] + 30 + o.ttft + o.tokens / max(o.tps, 1e-9)
+    rng = random.Random(streams)
+    for i, u in enumerate(users):
+        u.state = _St(i)
+        live[0] += 1
+        if u.closed:
+            finish(u)
+        else:  # spread the starts
+            loop.call_later(rng.random() * min(1.0, o.tokens / max(o.tps, 1)), ask, u)
+
+    async def watchdog() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = loop.time()
+            for u in users:
+                st = u.state
+                if st.asking and now > st.until and not u.closed:
+                    fail(u, "TimeoutError: no done before the deadline")
+                    u.close()
+                    finish(u)
+
+    tick = None
+    if progress is not None:
+        tick = asyncio.create_task(_ticker(progress, label, o.warm_s + o.level_s,
+                                           lambda: f"{res.chunks} chunks, {res.errors} errors"))
+    dog = asyncio.create_task(watchdog())
+    try:
+        if live[0]:
+            await all_done
+    finally:
+        dog.cancel()
+        if tick is not None:
+            tick.cancel()
+        for u in users:
+            u.close()
     return res
 
 

@@ -1,0 +1,113 @@
+"""bench.wsload: the load generator's own WebSocket client against a real aiohttp WebSocket server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType, web
+
+from bench.wsload import WsError, connect
+
+
+async def _server(handler: Any) -> tuple[web.AppRunner, int]:
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+async def test_frames_of_every_length_class_arrive_whole_and_masked_frames_are_accepted() -> None:
+    sizes = [0, 1, 125, 126, 1000, 65535, 65536, 300_000]
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        async for msg in ws:  # echo each of the client's (masked) frames, then a frame of every size
+            assert msg.type is WSMsgType.TEXT
+            await ws.send_str(json.dumps({"echo": json.loads(msg.data)}))
+            for n in sizes:
+                await ws.send_str(json.dumps({"n": n, "s": "字" * n}))
+        return ws
+
+    runner, port = await _server(handler)
+    got: list[Any] = []
+    closed: list[str] = []
+    try:
+        u = await connect("127.0.0.1", port, "/ws?x=1", lambda _u, f: got.append(f), lambda _u, r: closed.append(r))
+        u.send_text(json.dumps({"ask": "你好" * 100}))
+        for _ in range(200):
+            if len(got) == 1 + len(sizes):
+                break
+            await asyncio.sleep(0.02)
+        assert got[0] == {"echo": {"ask": "你好" * 100}}
+        assert [(f["n"], len(f["s"])) for f in got[1:]] == [(n, n) for n in sizes]
+        u.close()
+        await asyncio.sleep(0.05)
+        assert closed and u.closed
+    finally:
+        await runner.cleanup()
+
+
+async def test_ping_is_answered_and_a_close_frame_reports_its_code() -> None:
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False, autoping=False)
+        await ws.prepare(request)
+        await ws.ping(b"hb")
+        msg = await ws.receive()
+        assert msg.type is WSMsgType.PONG and msg.data == b"hb"
+        await ws.send_str('{"type":"ok"}')
+        await ws.close(code=1013, message=b"too slow")
+        return ws
+
+    runner, port = await _server(handler)
+    got: list[Any] = []
+    closed: list[str] = []
+    try:
+        await connect("127.0.0.1", port, "/ws", lambda _u, f: got.append(f), lambda _u, r: closed.append(r))
+        for _ in range(100):
+            if closed:
+                break
+            await asyncio.sleep(0.02)
+        assert got == [{"type": "ok"}]
+        assert closed == ["socket closed (1013)"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_refused_upgrade_is_an_error_not_a_hang() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=401, text="no")
+
+    runner, port = await _server(handler)
+    try:
+        with pytest.raises(WsError, match="upgrade refused"):
+            await connect("127.0.0.1", port, "/ws", lambda _u, f: None, lambda _u, r: None, timeout=5)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_binary_frame_ends_the_connection_with_a_reason() -> None:
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        await ws.send_bytes(b"\x00\x01")
+        await asyncio.sleep(0.5)
+        return ws
+
+    runner, port = await _server(handler)
+    closed: list[str] = []
+    try:
+        await connect("127.0.0.1", port, "/ws", lambda _u, f: None, lambda _u, r: closed.append(r))
+        for _ in range(100):
+            if closed:
+                break
+            await asyncio.sleep(0.02)
+        assert closed and "opcode 2" in closed[0]
+    finally:
+        await runner.cleanup()
