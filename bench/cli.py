@@ -8,11 +8,13 @@ The suite (``bench/suite.py``: every part in its own process, results as JSON + 
 * ``direct`` -- the client reads the fake LLM's SSE itself (the floor);
 * ``memory`` -- server A's RSS per idle WebSocket client and per idle MQTT device;
 * ``devices`` -- MQTT devices asking the node over the broker: a sweep of their own;
+* ``floor`` -- what one loopback TCP hop costs this machine (CPU per message, no SmartClaw code): the
+  ceiling the knee is measured against;
 * ``wecom`` -- WeCom callbacks at a fixed rate (open loop) into the edge: acknowledgement latency,
   and exactly one delivered answer per message despite retries (``bench/wecom.py``);
 * ``smoke`` -- CI: a few seconds of latency at 1 and 10 streams; fails only when ours/direct passes a
   large ratio (or an ask fails), never on an absolute time;
-* ``all`` -- latency, brokers, memory, wecom.
+* ``all`` -- floor, latency, brokers, memory, wecom.
 
 And ``tunnel``: the single-process tunnel latency table (per-stage breakdown, ``bench/tunnel.py``).
 
@@ -27,9 +29,9 @@ import logging
 import sys
 from typing import Any
 
-SUITE = ("latency", "sweep", "brokers", "direct", "memory", "devices", "smoke", "all")
+SUITE = ("latency", "sweep", "brokers", "direct", "memory", "devices", "floor", "smoke", "all")
 SCENARIOS = ("tunnel", "wecom", *SUITE)
-ALL = ["latency", "brokers", "memory", "wecom"]
+ALL = ["floor", "latency", "brokers", "memory", "wecom"]
 
 # per-scenario defaults of the tunnel options
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -100,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
              "direct": "the client reads the fake LLM's SSE itself: the floor",
              "memory": "server A's RSS per idle WebSocket client and per idle MQTT device",
              "devices": "MQTT devices asking the node over the broker (the edge not on their path): a sweep",
+             "floor": "what one loopback TCP hop costs this machine: the ceiling the knee is measured against",
              "smoke": "CI: a few seconds at 1 and 10 streams; fails only on a large ratio to direct",
-             "all": "latency, brokers, memory and wecom; one JSON + HTML report"}
+             "all": "floor, latency, brokers, memory and wecom; one JSON + HTML report"}
     for name in SUITE:
         sp = sub.add_parser(name, help=helps[name], description=helps[name])
         sp.add_argument("--levels", type=_levels, default=None,

@@ -7,6 +7,7 @@ other end, so a dying orchestrator never leaves children behind) and prints one 
 * ``edge`` -- server A: the edge with its embedded amqtt broker (or, ``broker.enabled = false``, connected to
   an external broker) → ``{"http_port": ..., "tls_port": ...}``
 * ``node`` -- server B: the node, dialling the broker over TLS → ``{"ok": true}``
+* ``sink`` -- a TCP server that reads and discards (the ``floor`` scenario) → ``{"port": ...}``
 
 :class:`Proc` (orchestrator side) starts one, waits for its line and samples its RSS and CPU time from
 ``/proc`` (psutil elsewhere). Everything listens on 127.0.0.1 only.
@@ -167,7 +168,20 @@ async def _node(cfg: dict[str, Any]) -> None:
         await task
 
 
-ROLES = {"llm": _llm, "edge": _edge, "node": _node}
+async def _sink(cfg: dict[str, Any]) -> None:
+    """Reads and discards whatever its TCP clients send (the floor scenario's receiving end)."""
+
+    class Sink(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            pass
+
+    server = await asyncio.get_running_loop().create_server(Sink, "127.0.0.1", 0)
+    _ready({"port": server.sockets[0].getsockname()[1]})
+    await _until_stdin_closes()
+    server.close()
+
+
+ROLES = {"llm": _llm, "edge": _edge, "node": _node, "sink": _sink}
 
 
 def main(argv: list[str]) -> int:

@@ -846,11 +846,74 @@ async def run(names: list[str], o: Options) -> dict[str, Any]:
             sc["wecom"] = {**rep, "ack_ms": (rep.get("latency_ms") or {}).get("callback_ack")}
         elif name == "smoke":
             sc["smoke"] = await smoke(o, p)
+        elif name == "floor":
+            sc["floor"] = await floor(o, p)
         else:
             raise ValueError(name)
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
     results["checks"] = checks(results)
     return results
+
+
+async def floor(o: Options, p: Progress, seconds: float = 6.0,
+                levels: tuple[int, ...] = (100, 500, 1000)) -> dict[str, Any]:
+    """What one loopback TCP hop costs this machine, with no SmartClaw code on it: this process writes a
+    150-byte message to each of ``streams`` connections ``tps`` times a second (timer callbacks, uvloop, as
+    the fake LLM does) and a ``sink`` process reads them. CPU per message, sender and receiver, kernel time
+    included. A token crosses two such per-token hops on our path (fake LLM → node, edge → client) and one on
+    the direct baseline's; the rest (MQTT) is batched. This is the ceiling the sweep's knee is measured
+    against: tokens/s at most ≈ cores / (2 × per-hop CPU)."""
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="claw-floor-"))
+    sink = Proc("sink", {"log_level": o.log_level, "loop": o.loop}, tmp)
+    try:
+        loop = asyncio.get_running_loop()
+        for n in levels:
+            trs = []
+            for _ in range(n):
+                tr, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", sink.info["port"])
+                trs.append(tr)
+            msg = b"x" * 150
+            interval = 1.0 / max(o.tps, 1e-9)
+            sent = [0]
+            t_stop = loop.time() + seconds + 0.5
+            rng = random.Random(n)
+
+            def tick(tr: asyncio.Transport, at: float) -> None:
+                if at > t_stop:
+                    return
+                tr.write(msg)
+                sent[0] += 1
+                loop.call_at(at + interval, tick, tr, at + interval)
+
+            t0 = loop.time()
+            for tr in trs:
+                first = t0 + rng.random() * interval
+                loop.call_at(first, tick, tr, first)
+            await asyncio.sleep(0.5)
+            sink.cpu_mark()
+            c0, s0, w0 = time.process_time(), sent[0], time.monotonic()
+            await asyncio.sleep(seconds)
+            secs = time.monotonic() - w0
+            msgs = sent[0] - s0
+            snd, rcv = (time.process_time() - c0) / msgs * 1e6, sink.cpu_pct() / 100 * secs / msgs * 1e6
+            await asyncio.sleep(0.6)
+            for tr in trs:
+                tr.close()
+            per_hop = snd + rcv
+            row = {"streams": n, "msgs_per_s": round(msgs / secs), "sender_us": round(snd, 1),
+                   "receiver_us": round(rcv, 1), "hop_us": round(per_hop, 1),
+                   "ceiling_tokens_per_s_two_hops": round((os.cpu_count() or 1) * 1e6 / (2 * per_hop)),
+                   "ceiling_streams": round((os.cpu_count() or 1) * 1e6 / (2 * per_hop) / max(o.tps, 1e-9))}
+            rows.append(row)
+            p.line(f"floor {n:5} streams: {row['msgs_per_s']} msgs/s · sender {row['sender_us']} µs + receiver "
+                   f"{row['receiver_us']} µs per message · two-hop ceiling {row['ceiling_streams']} streams "
+                   f"at {o.tps:g} tokens/s with nothing else running")
+            await asyncio.sleep(0.3)
+    finally:
+        sink.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"levels": rows, "message_bytes": 150, "tps": o.tps}
 
 
 async def smoke(o: Options, p: Progress) -> dict[str, Any]:

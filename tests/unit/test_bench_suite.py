@@ -80,3 +80,15 @@ def test_knee_is_the_last_level_before_the_first_bad_one() -> None:
     assert _knee([_row(1, 5), _row(10, 50), _row(100, 150), _row(200, 20)]) == 10  # later recovery ignored
     assert _knee([_row(1, 500)]) is None and _knee([]) is None
     assert _knee([_row(1, 5), _row(10, 6)]) == 10
+
+
+async def test_floor_measures_a_loopback_hop_with_a_real_sink_process() -> None:
+    from bench.suite import Options, Progress, floor
+
+    out = await floor(Options(tps=50.0, progress=False), Progress(False), seconds=1.0, levels=(20,))
+    (row,) = out["levels"]
+    assert row["streams"] == 20
+    assert 500 <= row["msgs_per_s"] <= 1500  # 20 connections x 50/s, paced by timers
+    assert row["sender_us"] > 0 and row["receiver_us"] > 0
+    assert row["hop_us"] == pytest.approx(row["sender_us"] + row["receiver_us"], abs=0.2)
+    assert row["ceiling_streams"] > 0
