@@ -189,9 +189,10 @@ def main(argv: list[str]) -> int:
     with open(path, encoding="utf-8") as fh:
         cfg = json.load(fh)
     os.unlink(path)
-    from claw.runtime import configure_logging
+    from claw.runtime import configure_logging, tune_gc
 
     configure_logging(cfg.get("log_level", "WARNING"))
+    tune_gc()  # as claw.runtime.run does for `claw edge` / `claw node`
     loop_factory = None
     if cfg.get("loop", "uvloop") == "uvloop":
         with contextlib.suppress(ImportError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging.config
 import signal
 import sys
@@ -31,8 +32,23 @@ def configure_logging(level: str = "INFO") -> None:
     })
 
 
+# A server process allocates a few dicts and objects per relayed chunk; with Python's default (700, 10, 10) the
+# cyclic collector ran a young collection every 700 net allocations and a full one every 100 of those, walking
+# every live object (amqtt's, aiohttp's, the live tasks'). Measured in the bench sweep at 500 streams (two A/B
+# pairs, same machine, minutes apart): p99 chunk relay 120 → 67 ms and 152 → 103 ms. Young garbage is still
+# collected every 50 000 allocations, and a full collection still runs (every 100 M allocations at most).
+GC_THRESHOLD = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """The collector thresholds of a server process (edge, node, the bench's processes)."""
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def run(main: Callable[[], Awaitable[T]]) -> T:
-    """Run ``main()`` on uvloop where available (Linux/macOS), else the default loop (Windows)."""
+    """Run ``main()`` on uvloop where available (Linux/macOS), else the default loop (Windows), with the
+    server's collector thresholds (:func:`tune_gc`)."""
+    tune_gc()
     try:
         import uvloop
 

@@ -105,7 +105,7 @@ class Coalescer:
         if len(text) * 4 > self.max_chunk:  # maybe over the wire limit: cut at a character boundary
             raw = text.encode()
             if len(raw) > self.max_chunk:
-                head = raw[: self.max_chunk].decode("utf-8", "ignore")
+                head = raw[: self.max_chunk].decode("utf-8", "ignore") or text[0]  # never an empty chunk
                 self._buf.append(text[len(head):])
                 self._size = len(raw) - len(head.encode())
                 text = head

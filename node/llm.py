@@ -392,6 +392,8 @@ async def stream_chat(
             deadline = _Deadline(first_deadline)
             stack.callback(deadline.close)
             while True:
+                if n_events:  # each wait for more is bounded by stall_timeout (1 s once [DONE] is in)
+                    deadline.move(loop.time() + (min(stall_timeout, 1.0) if done else stall_timeout))
                 deadline.reading = True
                 try:
                     batch = await anext(batches)
@@ -423,14 +425,12 @@ async def stream_chat(
                 finally:
                     deadline.reading = False
                 n_events += len(batch)
-                deadline.move(loop.time() + (min(stall_timeout, 1.0) if done else stall_timeout))
                 for sse in batch:
                     data = sse.data
                     if done:
                         continue
                     if data == b"[DONE]":
                         done = True
-                        deadline.move(loop.time() + min(stall_timeout, 1.0))
                         continue
                     try:
                         obj = _decode_json(data)

@@ -511,3 +511,389 @@ async def test_sse_event_with_empty_data_is_not_dispatched(client: aiohttp.Clien
         assert text_of(await collect(client, url)) == "hi"
     finally:
         server.close()
+
+
+# --------------------------------------------------------------------------- ec53492: the per-read SSE reader,
+# the lazily re-armed deadline, external cancellation and the fake's paced (timer-callback) streaming
+
+
+def _cut_points(wire_bytes: bytes, *, run: tuple[int, int]) -> list[int]:
+    """Offsets at which to cut ``wire_bytes`` into separate socket writes: inside every ``data:``, between
+    every ``\\r`` and ``\\n``, between the two newlines that end an event, inside every multi-byte UTF-8
+    character, and every byte of ``run`` (a stretch sent one byte at a time)."""
+    cuts: set[int] = set()
+    for needle, at in ((b"data:", 2), (b"\r\n", 1), (b"\n\n", 1), (b"\n\r\n", 1)):
+        i = wire_bytes.find(needle)
+        while i >= 0:
+            cuts.add(i + at)
+            i = wire_bytes.find(needle, i + 1)
+    for i, b in enumerate(wire_bytes):
+        if b >= 0xC0:  # the lead byte of a multi-byte character: cut right after it
+            cuts.add(i + 1)
+    cuts.update(range(run[0], min(run[1], len(wire_bytes))))
+    return sorted(c for c in cuts if 0 < c < len(wire_bytes))
+
+
+async def _piecewise_server(head: bytes, pieces: list[bytes], *, gap: float = 0.002,
+                            hold_open: bool = False) -> tuple[asyncio.base_events.Server, str, list[int]]:
+    """A raw HTTP server: the response head, then each piece in its own write (drained, ``gap`` apart) so the
+    split is real on the socket; then a close (``hold_open``: wait for the client to hang up instead)."""
+    written: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(head)
+            await writer.drain()
+            for p in pieces:
+                writer.write(p)
+                await writer.drain()
+                written.append(len(p))
+                await asyncio.sleep(gap)
+            if hold_open:
+                while await reader.read(65536):
+                    pass
+        except (ConnectionError, asyncio.CancelledError):  # the client is done (or the test's loop is closing)
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", written
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _chunked(body: bytes, size: int) -> bytes:
+    out = b"".join(b"%x\r\n%b\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size))
+    return out + b"0\r\n\r\n"
+
+
+_SPLIT_TOKENS = ["Hello", ", 世界", "！", " 😀 emoji", " naïve", "\n第二行", " end."]
+
+
+def _split_stream_body() -> bytes:
+    import json
+
+    events = []
+    for i, t in enumerate(_SPLIT_TOKENS):
+        data = json.dumps({"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]},
+                          ensure_ascii=False)
+        nl = "\r\n" if i % 2 else "\n"  # both line ends, mixed in one stream
+        events.append(f"data: {data}{nl}{nl}")
+    events.append('data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\r\n\r\n')
+    events.append("data: [DONE]\n\n")
+    return "".join(events).encode()
+
+
+@pytest.mark.parametrize("framing", ["close_delimited", "chunked"])
+async def test_sse_bytes_split_at_awkward_places_still_read_exactly(
+        client: aiohttp.ClientSession, framing: str) -> None:
+    """The per-read reader keeps incomplete lines across reads: a stream cut inside ``data:``, between
+    ``\\r`` and ``\\n``, between an event's two newlines, inside UTF-8 characters and one byte at a time for
+    a while yields exactly the text (and the same events) as in one piece."""
+    body = _split_stream_body()
+    if framing == "chunked":
+        wire_bytes = _chunked(body, 53)  # the chunk framing itself is cut at odd places too
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    else:
+        wire_bytes = body
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+    start = wire_bytes.find(b"data:", 40)
+    pieces = _split(wire_bytes, _cut_points(wire_bytes, run=(start - 3, start + 90)))
+    assert b"".join(pieces) == wire_bytes and len(pieces) > 120
+    assert any(p.endswith(b"\r") for p in pieces) and any(p == b"\n" for p in pieces)
+    server, url, written = await _piecewise_server(head, pieces, gap=0.002)
+    try:
+        t0 = time.monotonic()
+        events = await collect(client, url, stall_timeout=BOUND, first_token_timeout=BOUND)
+        assert time.monotonic() - t0 < BOUND
+    finally:
+        server.close()
+    assert len(written) == len(pieces)  # the server really wrote piece by piece
+    assert [e.text for e in events if e.kind == "text"] == _SPLIT_TOKENS
+    assert text_of(events) == "".join(_SPLIT_TOKENS)
+
+
+async def test_sse_bytes_split_reads_the_same_as_unsplit(client: aiohttp.ClientSession) -> None:
+    server, url = await _raw_server(_split_stream_body())
+    try:
+        events = await collect(client, url)
+    finally:
+        server.close()
+    assert [e.text for e in events if e.kind == "text"] == _SPLIT_TOKENS
+
+
+@pytest.mark.parametrize("terminated", [False, True], ids=["unterminated", "terminated"])
+async def test_sse_line_longer_than_the_limit_is_a_bad_response(client: aiohttp.ClientSession, terminated: bool) -> None:
+    """A line over MAX_SSE_LINE ends the stream with LLM_BAD_RESPONSE at once -- not after a stall timeout,
+    and not by buffering without end -- even while the server keeps the connection open."""
+    from node.llm import MAX_SSE_LINE
+
+    first = f"data: {_chunk('ok')}\n\n".encode()
+    line = b"data: " + b"x" * (MAX_SSE_LINE + 100)
+    if terminated:
+        line += b"\n\n"
+    pieces = [first] + [line[i:i + 65536] for i in range(0, len(line), 65536)]
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+    server, url, _ = await _piecewise_server(head, pieces, gap=0.0, hold_open=True)
+    try:
+        got: list[str] = []
+        t0 = time.monotonic()
+        with pytest.raises(LLMError) as ei:
+            async for ev in stream_chat(client, url, model="m", messages=MSGS, stall_timeout=30,
+                                        first_token_timeout=30):
+                got.append(ev.text)
+        elapsed = time.monotonic() - t0
+    finally:
+        server.close()
+    assert ei.value.code == LLM_BAD_RESPONSE, (ei.value.code, str(ei.value))
+    assert got == ["ok"]
+    assert elapsed < BOUND
+
+
+async def test_sse_line_of_exactly_the_limit_is_read(client: aiohttp.ClientSession) -> None:
+    from node.llm import MAX_SSE_LINE
+
+    prefix = b'data: {"choices": [{"index": 0, "delta": {"content": "'
+    suffix = b'"}, "finish_reason": "stop"}]}'
+    n = MAX_SSE_LINE - len(prefix) - len(suffix)
+    line = prefix + b"y" * n + suffix
+    assert len(line) == MAX_SSE_LINE
+    body = line + b"\n\ndata: [DONE]\n\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+    server, url, _ = await _piecewise_server(head, [body[i:i + 40000] for i in range(0, len(body), 40000)],
+                                             gap=0.0)
+    try:
+        events = await collect(client, url)
+    finally:
+        server.close()
+    assert text_of(events) == "y" * n
+
+
+async def test_stall_with_long_first_token_timeout_and_short_stall(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+    """The deadline is armed at first_token_timeout (300 s) and moved *earlier* (to stall_timeout) at the first
+    event: it must be re-armed, or a stall after the first tokens would go unnoticed for 5 minutes."""
+    stall = 0.3
+    got: list[float] = []
+    t0 = time.monotonic()
+    with pytest.raises(LLMError) as ei:
+        async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, first_token_timeout=300,
+                                    stall_timeout=stall, extra={"fake": {"stall_after": 2}}):
+            got.append(time.monotonic())
+    end = time.monotonic()
+    assert ei.value.code == LLM_STALL, (ei.value.code, str(ei.value))
+    assert "stalled" in str(ei.value) and "first_token" not in str(ei.value)
+    assert len(got) == 2
+    assert end - got[-1] >= stall * 0.9
+    assert end - t0 < BOUND
+    assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, 2.0)
+
+
+async def test_stall_deadline_moves_with_each_event(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+    """Tokens every 0.1 s with stall_timeout 0.5: never a stall, however long the whole answer takes (more than
+    twice stall_timeout)."""
+    t0 = time.monotonic()
+    events = await collect(client, fake.url, fake={"n_tokens": 12, "tokens_per_s": 10}, stall_timeout=0.5,
+                           first_token_timeout=300)
+    assert len([e for e in events if e.kind == "text"]) == 12
+    assert time.monotonic() - t0 >= 11 / 10 * 0.9
+
+
+async def test_external_cancel_while_waiting_for_an_event_is_cancelled_error(
+        fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+    """A cancellation from outside (not the deadline's) passes through as CancelledError -- never turned into
+    an LLMError (LLM_STALL) by the deadline's uncancel bookkeeping -- and closes the HTTP stream."""
+    got: list[str] = []
+    seen: list[BaseException] = []
+    three = asyncio.Event()
+
+    async def consume() -> None:
+        try:
+            async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, stall_timeout=0.5,
+                                        first_token_timeout=300,
+                                        extra={"fake": {"tokens_per_s": 20, "n_tokens": 500}}):
+                got.append(ev.text)
+                if len(got) == 3:
+                    three.set()
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(three.wait(), BOUND)
+    await asyncio.sleep(0.01)  # tokens are 50 ms apart: the consumer now waits in the read
+    assert len(got) == 3
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    assert len(seen) == 1 and type(seen[0]) is asyncio.CancelledError, seen
+    assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, 2.0)
+    assert fake.stats.streams_completed == 0 and fake.stats.tokens_sent < 100
+
+
+async def test_external_cancel_near_the_stall_deadline_is_still_cancelled_error(
+        fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+    """Cancelled from outside while the server stalls and the deadline is about to pass: CancelledError."""
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, stall_timeout=0.6,
+                                    first_token_timeout=300, extra={"fake": {"stall_after": 1}}):
+            got.append(ev.text)
+
+    task = asyncio.create_task(consume())
+    assert await fake.wait_for(lambda s: s.errors_injected == 1, 2.0)
+    await asyncio.sleep(0.3)  # the deadline (0.6 s from the token) is half gone
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert got and task.cancelled()
+    assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, 2.0)
+
+
+async def test_paced_stream_complete_and_spread(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+    stamps: list[float] = []
+    texts: list[str] = []
+    t0 = time.monotonic()
+    async for ev in stream_chat(client, fake.url, model="m", messages=MSGS,
+                                extra={"fake": {"n_tokens": 6, "tokens_per_s": 50}}):
+        if ev.kind == "text":
+            stamps.append(time.monotonic())
+            texts.append(ev.text)
+    assert texts == reply_tokens(FakeLLMConfig(n_tokens=6), MSGS)
+    assert len(texts) == 6 and len("".join(texts)) == 6 * 4
+    # token i leaves at t0 + i/50: the last one at least 5/50 s after the first (5% slack for the first
+    # token's own delivery delay)
+    assert stamps[-1] - stamps[0] >= 5 / 50 * 0.95
+    assert stamps[-1] - t0 < BOUND
+    assert fake.stats.streams_completed == 1 and fake.stats.tokens_sent == 6 and fake.stats.active_streams == 0
+
+
+def _chat_request(port: int, fake_cfg: dict) -> bytes:
+    import json
+
+    body = json.dumps({"model": "fake-model", "messages": MSGS, "stream": True,
+                       "stream_options": {"include_usage": True}, "fake": fake_cfg}).encode()
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode() + body
+
+
+async def test_paced_stream_raw_body_is_valid_chunked_sse(fake: FakeLLM) -> None:
+    """Read the paced response off a raw socket and parse the chunked framing by hand: the frames written
+    straight to the transport from the timer callbacks must be well-formed chunks, in order, with the SSE
+    ending ``data: [DONE]`` and the terminating ``0\\r\\n\\r\\n``."""
+    import json
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
+    try:
+        writer.write(_chat_request(fake.port, {"n_tokens": 6, "tokens_per_s": 50}))
+        await writer.drain()
+        async with asyncio.timeout(BOUND):
+            head = await reader.readuntil(b"\r\n\r\n")
+            status, *header_lines = head.decode("latin-1").split("\r\n")
+            assert status.startswith("HTTP/1.1 200")
+            headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines if h)}
+            assert headers["transfer-encoding"].lower() == "chunked"
+            assert "content-length" not in headers
+            assert headers["content-type"].startswith("text/event-stream")
+            chunks: list[bytes] = []
+            stamps: list[float] = []
+            raw = bytearray()
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                raw += size_line
+                assert size_line[:-2] and all(c in b"0123456789abcdefABCDEF" for c in size_line[:-2]), size_line
+                size = int(size_line[:-2], 16)
+                data = await reader.readexactly(size)
+                crlf = await reader.readexactly(2)
+                raw += data + crlf
+                assert crlf == b"\r\n", (size_line, data[-20:], crlf)
+                if size == 0:
+                    break
+                chunks.append(data)
+                stamps.append(time.monotonic())
+            assert await reader.read() == b""  # nothing after the last chunk (Connection: close)
+    finally:
+        writer.close()
+    assert raw.endswith(b"0\r\n\r\n")
+    sse = b"".join(chunks).decode("utf-8")
+    assert sse.endswith("data: [DONE]\n\n")
+    events = sse.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    objs = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    texts = [o["choices"][0]["delta"]["content"] for o in objs if o["choices"] and o["choices"][0]["delta"]]
+    assert texts == reply_tokens(FakeLLMConfig(n_tokens=6), MSGS)
+    assert objs[-2]["choices"][0]["finish_reason"] == "stop" and objs[-1]["usage"]["completion_tokens"] == 6
+    # one whole SSE event per chunk; the token chunks arrived paced
+    assert all(c.startswith(b"data: ") and c.endswith(b"\n\n") and c.count(b"\n\n") == 1 for c in chunks)
+    assert stamps[5] - stamps[0] >= 5 / 50 * 0.95
+    assert fake.stats.streams_completed == 1 and fake.stats.active_streams == 0
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_client_gone_mid_paced_stream_is_counted(fake: FakeLLM, how: str) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
+    try:
+        writer.write(_chat_request(fake.port, {"n_tokens": 500, "tokens_per_s": 50}))
+        await writer.drain()
+        async with asyncio.timeout(BOUND):
+            await reader.readuntil(b"\r\n\r\n")
+            for _ in range(3):  # three token chunks, then hang up mid-stream
+                size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+                await reader.readexactly(size + 2)
+        assert fake.stats.active_streams == 1
+    finally:
+        if how == "abort":
+            writer.transport.abort()
+        else:
+            writer.close()
+    t0 = time.monotonic()
+    assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, BOUND)
+    assert time.monotonic() - t0 < BOUND
+    sent = fake.stats.tokens_sent
+    assert 3 <= sent < 100 and fake.stats.streams_completed == 0
+    await asyncio.sleep(0.1)  # no timer callback is left writing to the closed socket
+    assert fake.stats.tokens_sent == sent
+
+
+async def test_paced_stream_to_an_http10_client_is_not_chunked(fake: FakeLLM) -> None:
+    """HTTP/1.0 has no chunked encoding: the frames the timer callbacks write must then go out bare."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
+    try:
+        writer.write(_chat_request(fake.port, {"n_tokens": 6, "tokens_per_s": 50}).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+        await writer.drain()
+        async with asyncio.timeout(BOUND):
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.read()  # close-delimited: everything until EOF
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0]
+    assert b"transfer-encoding" not in head.lower()
+    sse = body.decode("utf-8")
+    assert sse.startswith("data: ") and sse.endswith("data: [DONE]\n\n")
+    import json
+
+    objs = [json.loads(e[len("data: "):]) for e in sse.split("\n\n")[:-2]]
+    texts = [o["choices"][0]["delta"]["content"] for o in objs if o["choices"] and o["choices"][0]["delta"]]
+    assert texts == reply_tokens(FakeLLMConfig(n_tokens=6), MSGS)
+
+
+async def test_stall_counts_only_the_wait_for_the_server_not_the_consumers_time(fake: FakeLLM,
+                                                                              client: aiohttp.ClientSession) -> None:
+    """Tokens 1 s apart, stall_timeout 0.5 s, and a consumer that takes 0.6 s over the first token: its next
+    read waits only 0.4 s, so this is no stall (the deadline starts when the read starts)."""
+    got = []
+    async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, stall_timeout=0.5,
+                                first_token_timeout=5, extra={"fake": {"n_tokens": 2, "tokens_per_s": 1}}):
+        if ev.kind == "text":
+            got.append(ev.text)
+            if len(got) == 1:
+                await asyncio.sleep(0.6)
+    assert len(got) == 2
