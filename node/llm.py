@@ -305,10 +305,14 @@ class _Deadline:
 
 
 _decode_json = msgspec.json.Decoder().decode
+_encode_json = msgspec.json.Encoder().encode
 
 
-def _headers(api_key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def _headers(api_key: str, *, json: bool = False) -> dict[str, str]:
+    h = {"Content-Type": "application/json"} if json else {}
+    if api_key:
+        h["Authorization"] = f"Bearer {api_key}"
+    return h
 
 
 # --------------------------------------------------------------------------- API
@@ -364,7 +368,8 @@ async def stream_chat(
             try:
                 async with asyncio.timeout_at(first_deadline):
                     resp = await stack.enter_async_context(
-                        client.post(url, json=body, headers=_headers(api_key), timeout=timeout)
+                        client.post(url, data=_encode_json(body), headers=_headers(api_key, json=True),
+                                    timeout=timeout)
                     )
             except aiohttp.ConnectionTimeoutError as exc:  # a TimeoutError too: it must not read as a stall
                 raise _map_transport(exc, what, streaming=False) from None
