@@ -78,6 +78,7 @@ SCENARIOS = {
     "direct": "direct — the LLM without the tunnel",
     "wecom": "wecom — WeCom callbacks",
     "memory": "memory — RSS per connected client",
+    "floor": "floor — one loopback TCP hop with no SmartClaw code (the ceiling of the sweep)",
 }
 _CPU_ORDER = ("edge", "node", "llm", "load")
 
@@ -578,6 +579,14 @@ def _memory_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
     return _scalars(d) + _table(headers, rows)
 
 
+def _floor_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
+    keys = ("streams", "msgs_per_s", "sender_us", "receiver_us", "hop_us", "ceiling_streams")
+    rows = [[_esc(_fmt(m.get(k))) for k in keys] for m in _levels(d.get("levels"))]
+    headers = ("connections", "messages/s", "sender µs/msg", "receiver µs/msg", "one hop µs",
+               "two-hop ceiling, streams")
+    return _scalars(d) + _table(headers, rows)
+
+
 def _generic_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
     """Any scenario: its scalars, its STATS, and everything else as JSON."""
     stats = [(str(k), v) for k, v in d.items() if _is_stats(v)]
@@ -587,7 +596,7 @@ def _generic_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
 
 _BODIES: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], str]] = {
     "latency": _latency_body, "sweep": _sweep_body, "brokers": _brokers_body,
-    "direct": _direct_body, "memory": _memory_body,
+    "direct": _direct_body, "memory": _memory_body, "floor": _floor_body,
 }
 
 

@@ -312,3 +312,17 @@ def test_control_characters_in_names_still_make_well_formed_svg() -> None:
     assert svgs
     for svg in svgs:
         ET.fromstring(svg)
+
+
+def test_floor_scenario_is_a_table_of_hop_costs() -> None:
+    r = {"suite": "claw-bench", "scenarios": {"floor": {"message_bytes": 150, "tps": 20, "levels": [
+        {"streams": 1000, "msgs_per_s": 19993, "sender_us": 16.3, "receiver_us": 10.0, "hop_us": 26.3,
+         "ceiling_streams": 1904},
+        {"streams": 100, "msgs_per_s": 1999, "sender_us": 47.1, "receiver_us": 17.5, "hop_us": 64.6,
+         "ceiling_streams": 774}]}}}
+    page = render_html(r)
+    section = page[page.index('id="s-floor"'):]
+    section = section[:section.index("</section>")]
+    cells = re.findall(r"<td>([^<]*)</td>", section)
+    assert "one hop µs" in section and "26.3" in cells and "1904" in cells
+    assert section.index("774") < section.index("1904")  # rows by connections
