@@ -61,6 +61,9 @@ def _sample() -> dict[str, Any]:
             "direct": {"levels": [{"streams": 1, "ttft_ms": _stats(1.0)}, {"streams": 100, "ttft_ms": _stats(3.0)}]},
             "wecom": {"rate": 200, "ack_ms": _stats(2.5), "callbacks": 3300, "failures_total": 0,
                       "failures": ["one", "two"]},
+            "floor": {"message_bytes": 150, "tps": 20, "levels": [
+                {"streams": 100, "msgs_per_s": 1999, "sender_us": 47.1, "receiver_us": 17.5, "hop_us": 64.6,
+                 "ceiling_streams": 774}]},
             "memory": {"ws": {"clients": 1000, "rss_before_mb": 80.1, "rss_after_mb": 120.3, "kb_per_client": 41.2},
                        "mqtt": {"clients": 500, "rss_before_mb": 1.0, "rss_after_mb": 2.0, "kb_per_client": 60.1}},
         },
