@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--token-chars", type=_positive_int, default=4, help="characters per token (default %(default)s)")
         sp.add_argument("--ttft", type=_non_negative, default=0.0, help="fake LLM time to first token, s (default 0)")
         sp.add_argument("--coalesce-ms", type=_non_negative, default=None, help="node.coalesce_ms (default: product's)")
+        sp.add_argument("--batch-linger-ms", type=_non_negative, default=None,
+                        help="node.batch_linger_ms (default: product's)")
         sp.add_argument("--broker", choices=["amqtt", "mosquitto"], default="amqtt", help="for sweep (default amqtt)")
         sp.add_argument("--keep-going", action="store_true", help="sweep: do not stop at the knee")
         sp.add_argument("--ws-idle", type=_positive_int, default=1000, help="memory: idle WebSockets (default 1000)")
@@ -206,8 +208,8 @@ def _suite(args: argparse.Namespace) -> int:
     from .suite import Options, run
 
     o = Options(tokens=args.tokens, tps=args.tps, token_chars=args.token_chars, ttft=args.ttft,
-                coalesce_ms=args.coalesce_ms, level_s=args.level_s, warm_s=args.warm_s,
-                stop_at_knee=not args.keep_going, broker=args.broker, loop=args.loop, progress=not args.quiet,
+                coalesce_ms=args.coalesce_ms, batch_linger_ms=args.batch_linger_ms, level_s=args.level_s,
+                warm_s=args.warm_s, stop_at_knee=not args.keep_going, broker=args.broker, loop=args.loop, progress=not args.quiet,
                 log_level=args.log_level, ws_idle=args.ws_idle, mqtt_idle=args.mqtt_idle)
     if args.levels:
         o.levels = args.levels

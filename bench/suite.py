@@ -104,6 +104,7 @@ class Options:
     token_chars: int = 4
     ttft: float = 0.0
     coalesce_ms: float | None = None  # node.coalesce_ms (None: product default)
+    batch_linger_ms: float | None = None  # node.batch_linger_ms (None: product default)
     node_slots: int = 4096  # node.concurrency: nothing queues in the node, the tunnel is measured
     levels: list[int] = field(default_factory=lambda: [1, 10, 50, 100, 200, 500, 1000, 1500, 2000])
     level_s: float = 6.0  # measured seconds per level
@@ -209,7 +210,8 @@ async def cluster(o: Options, *, broker: str | None = None, with_node: bool = Tr
                          "username": node_user, "password": node_pw, "reconnect_min": 0.1, "reconnect_max": 1.0},
                 "node": {"id": "bench", "llm_url": llm.info["url"], "model": "fake-model",
                          "concurrency": o.node_slots,
-                         **({"coalesce_ms": o.coalesce_ms} if o.coalesce_ms is not None else {})},
+                         **({"coalesce_ms": o.coalesce_ms} if o.coalesce_ms is not None else {}),
+                         **({"batch_linger_ms": o.batch_linger_ms} if o.batch_linger_ms is not None else {})},
             }
             node = Proc("node", {**common, "settings": node_over}, tmp)
             procs.append(node)

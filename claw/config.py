@@ -133,6 +133,7 @@ class NodeSettings(_Section):
     history_turns: int = 10
     stop_grace_s: float = 20.0  # on stop, running answers get this long to finish
     batch_replies: bool = True  # replies for the edge go in batches on claw/v1/batch/{id} (the edge must know them)
+    batch_linger_ms: float = 0.0  # a batch leaves at least this long after the previous one (0 = when acked)
     metrics_listen: str = ""  # HOST:PORT of the node's Prometheus GET /metrics ("" = off)
 
     def __post_init__(self) -> None:
@@ -148,6 +149,8 @@ class NodeSettings(_Section):
             raise ValueError("node timeouts and node.beat_s must be > 0")
         if self.stop_grace_s < 0:
             raise ValueError("node.stop_grace_s must be >= 0")
+        if not 0 <= self.batch_linger_ms <= 1000:
+            raise ValueError("node.batch_linger_ms must be within 0..1000")
         _check_hostport(self.metrics_listen, "node.metrics_listen", allow_empty=True)
 
 

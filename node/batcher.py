@@ -37,8 +37,9 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
 
 
 class ReplyBatcher:
-    def __init__(self, node_id: str, publish: Callable[[str, bytes], Awaitable[None]]) -> None:
+    def __init__(self, node_id: str, publish: Callable[[str, bytes], Awaitable[None]], linger: float = 0.0) -> None:
         self.node_id = node_id
+        self.linger = linger  # seconds: a batch leaves at least this long after the previous one started
         self.topic = wire.batch_topic(node_id)
         self._publish = publish
         self._items: list[Reply] = []
@@ -80,10 +81,16 @@ class ReplyBatcher:
         return fut
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = float("-inf")
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._items:
+                wait = last + self.linger - loop.time()
+                if wait > 0:  # busy: gather a little longer (an idle node's lone reply never waits here)
+                    await asyncio.sleep(wait)
+                last = loop.time()
                 n, size = 0, 0
                 for m in self._items:
                     est = _size(m)

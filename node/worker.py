@@ -128,7 +128,7 @@ class Node:
         self._open_reply_log()
         pruner = asyncio.create_task(self._prune_loop())
         if self.cfg.batch_replies:
-            self._batcher = ReplyBatcher(self.id, self._publish_payload)
+            self._batcher = ReplyBatcher(self.id, self._publish_payload, linger=self.cfg.batch_linger_ms / 1000)
             self._batcher.start()
         try:
             if self.cfg.metrics_listen:

@@ -90,3 +90,33 @@ async def test_send_before_start_or_after_close_is_refused() -> None:
     b = ReplyBatcher("n1", FakeBroker().publish)
     with pytest.raises(RuntimeError):
         await b.send(wire.Accept(id=ID, node="n1"))
+
+
+async def test_linger_spaces_batches_and_gathers_what_comes_meanwhile() -> None:
+    """node.batch_linger_ms: a lone reply still goes at once; the next batch leaves no earlier than the linger
+    after the previous one started, carrying everything produced in between."""
+    broker = FakeBroker(delay=0.0)
+    b = ReplyBatcher("n1", broker.publish, linger=0.5)
+    b.start()
+    loop = asyncio.get_running_loop()
+    try:
+        t0 = loop.time()
+        await b.send(wire.Delta(id=ID, seq=1, text="a"))
+        assert loop.time() - t0 < 0.4  # the first one did not wait for the linger
+        futs = [b.enqueue(wire.Delta(id=ID, seq=i, text=str(i))) for i in range(2, 6)]
+        await asyncio.sleep(0.05)
+        futs.append(b.enqueue(wire.Delta(id=ID, seq=6, text="6")))
+        await asyncio.gather(*futs)
+        assert loop.time() - t0 >= 0.49  # waited out the linger
+        assert [[it.seq for it in m.items] for _, m in broker.sent] == [[1], [2, 3, 4, 5, 6]]
+    finally:
+        await b.close()
+
+
+@pytest.mark.parametrize("bad", [-1, 1001])
+def test_batch_linger_ms_is_bounded(bad: float) -> None:
+    from claw.config import ConfigError, load_settings
+
+    with pytest.raises((ConfigError, ValueError), match="batch_linger_ms"):
+        load_settings(env={}, overrides={"node": {"batch_linger_ms": bad}})
+    assert load_settings(env={}, overrides={"node": {"batch_linger_ms": 5}}).node.batch_linger_ms == 5
