@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,9 @@ async def test_slow_websocket_client_is_cut_off_instead_of_growing_the_edge(tmp_
             aiohttp.ClientSession() as s:
         token = await sys_.login(s)
         ws = await s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0)
+        # A fixed, small receive buffer: loopback's autotuning (tcp_rmem up to 32 MB here) could otherwise take
+        # the whole 10 MB answer into the kernel, and the edge would never see the client fall behind.
+        ws.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         await ws.receive_json()
         await ws.send_json({"type": "ask", "text": "很长很长的回答"})
         from edge.keys import STORE
