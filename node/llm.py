@@ -19,15 +19,18 @@ Facts this is built on (DESIGN.md §4, platform-apis.md §5):
 * Closing the HTTP stream makes LM Studio stop generating: closing this generator (``aclose()``
   or cancellation) closes the HTTP response at once.
 
-Stall detection is per SSE event: the wait for the response headers plus the first event is
-bounded by ``first_token_timeout`` (one deadline from the start of the request), every later wait
-for the next event by ``stall_timeout``.  LM Studio sends no SSE comments/keep-alives, so "no
-event" and "no bytes" are the same thing in practice.
+Stall detection: the wait for the response headers plus the first event is bounded by
+``first_token_timeout`` (one deadline from the start of the request), every later wait for more of the
+stream by ``stall_timeout`` (the deadline starts when the read starts: a slow consumer is not a stall).
+LM Studio sends no SSE comments/keep-alives, so "no event" and "no bytes" are the same thing in practice.
+The deadline is one timer (``_Deadline``), moved for free and re-armed only when it fires early.
 
 HTTP is aiohttp, with the small SSE parser below (the ``text/event-stream`` rules LM Studio's stream uses:
-``data:`` lines joined by newlines, ``event:``, comments, a blank line ends an event). It replaced
-httpx + httpx-sse, measured: 27–33 µs of client CPU per event with httpx (its pool scan per request and an
-anyio cancel scope per read) against ~10 µs with aiohttp; the node is the busiest process of the bench sweep.
+``data:`` lines joined by newlines, ``event:``, comments, a blank line ends an event), reading per network
+read: all the events one read completes are handled in one pass. It replaced httpx + httpx-sse, measured:
+27–33 µs of client CPU per event with httpx (its pool scan per request and an anyio cancel scope per read)
+against ~10 µs with aiohttp's readline, and less again per read; the node is among the busiest processes of
+the bench sweep.
 """
 
 from __future__ import annotations
