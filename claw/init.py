@@ -280,6 +280,9 @@ history_turns = {n.history_turns}
 stop_grace_s = {n.stop_grace_s}
 # Send the replies of many answers in one MQTT message to the edge (far less broker work under load).
 batch_replies = {str(n.batch_replies).lower()}
+# Milliseconds between two reply batches at least (0 = as soon as the previous one is acknowledged):
+# a few ms save CPU on both servers under load, at that much more latency per chunk.
+batch_linger_ms = {n.batch_linger_ms:g}
 # Prometheus GET /metrics of this node (counters, running tasks, stage latencies) on HOST:PORT, e.g.
 # "127.0.0.1:9464"; "" = off. Keep it on loopback or a private network: it has no authentication.
 metrics_listen = {_q(n.metrics_listen)}
