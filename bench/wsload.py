@@ -162,5 +162,13 @@ async def connect(host: str, port: int, path: str, on_frame: Callable[[WsUser, A
     user.transport.write(
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    await asyncio.wait_for(asyncio.shield(user.upgraded), timeout)
+    try:
+        await asyncio.wait_for(asyncio.shield(user.upgraded), timeout)
+    except BaseException:
+        if not user.upgraded.done():
+            user.upgraded.cancel()
+        elif not user.upgraded.cancelled():
+            user.upgraded.exception()  # retrieved: no "exception was never retrieved" at exit
+        user.transport.close()
+        raise
     return user

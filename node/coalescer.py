@@ -32,7 +32,7 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
 
 class Coalescer:
     __slots__ = ("window", "max_bytes", "max_chunk", "sent", "error", "_send", "_loop", "_buf", "_size",
-                 "_inflight", "_last", "_timer", "_closed", "_drained", "_acked", "_t_sent")
+                 "_inflight", "_last", "_timer", "_closed", "_drained", "_acked", "_t_sent", "_abandoned")
 
     def __init__(self, send: Callable[[str], asyncio.Future[None]], *, window: float, max_bytes: int,
                  max_chunk: int, acked: Callable[[int, int], None] | None = None) -> None:
@@ -52,6 +52,7 @@ class Coalescer:
         self._drained: asyncio.Future[None] | None = None
         self._acked = acked
         self._t_sent = 0
+        self._abandoned = False
 
     def push(self, text: str) -> None:
         """More text from the LLM (raises the error of an earlier failed chunk)."""
@@ -79,9 +80,24 @@ class Coalescer:
             self._kick()
         return self._drained
 
+    def abandon(self) -> None:
+        """Send nothing more (a node stopping without a broker): waiting text is dropped, no later
+        acknowledgement starts another chunk, and a chunk still in flight as its own task is cancelled."""
+        self._abandoned = True
+        self._closed = True
+        self._buf.clear()
+        self._size = 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if isinstance(self._inflight, asyncio.Task):
+            self._inflight.cancel()
+
     # ---- internals
     def _kick(self) -> None:
         """Nothing in flight: send now, or arm the window's timer."""
+        if self._abandoned:
+            return
         if not self._buf or self.error is not None:
             self._settle()
             return
@@ -94,9 +110,11 @@ class Coalescer:
             self._timer = self._loop.call_at(self._last + self.window, self._on_timer)
 
     def _on_timer(self) -> None:
+        # The window is over: send. (Not _kick: uvloop runs a timer up to 1 ms early -- its clock has ms
+        # resolution -- and re-checking the time re-armed it at once, over and over, until the ms ticked.)
         self._timer = None
-        if self._inflight is None:
-            self._kick()
+        if self._inflight is None and self._buf and self.error is None and not self._abandoned:
+            self._flush()
 
     def _flush(self) -> None:
         text = self._buf[0] if len(self._buf) == 1 else "".join(self._buf)
@@ -111,7 +129,12 @@ class Coalescer:
                 text = head
         self._last = self._loop.time()
         self._t_sent = time.perf_counter_ns()
-        fut = self._send(text)
+        try:
+            fut = self._send(text)
+        except Exception as exc:  # noqa: BLE001 - kept, raised by the next push() and by finish()'s future
+            self.error = exc
+            self._settle()
+            return
         self._inflight = fut
         fut.add_done_callback(self._on_ack)
 

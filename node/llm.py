@@ -291,7 +291,7 @@ class _Deadline:
 
     def _fire(self) -> None:
         now = self._loop.time()
-        if now < self.at:
+        if now < self.at - 0.002:  # moved since armed (uvloop fires up to 1 ms early: that is "reached")
             self._arm(self.at)
         elif not self.reading:  # the consumer is busy between events: the deadline applies to the next read
             self._arm(now + 0.05)
@@ -339,6 +339,9 @@ async def stream_chat(
     ``base_url`` is like ``http://host:1234/v1``.  ``max_tokens < 0`` means "no limit" (the field
     is then omitted).  ``extra`` is merged into the request body last.  Yields ``StreamEvent``s;
     raises ``LLMError``.  Close the generator (``aclose()``) to stop generation early.
+
+    Iterate it from one task (``async for``), not with ``anext`` wrapped in a new task per step
+    (``wait_for(anext(...))`` on 3.11): its deadlines cancel the task that started the stream.
     """
     url = base_url.rstrip("/") + "/chat/completions"
     what = f"POST {url}"

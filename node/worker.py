@@ -597,7 +597,7 @@ class Node:
             # dropped, on an LLM error it is still flushed.
             drained = co.finish(drop=run.cancelled)
             if not drained.done() and self._stopping and not self._connected.is_set():
-                pass  # stopping without a broker: nothing can be published any more
+                co.abandon()  # stopping without a broker: nothing more goes out, not even after a reconnect
             else:
                 await asyncio.shield(drained)
         self._remember(task, "".join(answer))

@@ -428,3 +428,85 @@ async def test_a_max_chunk_below_one_character_still_makes_progress() -> None:
     co.push("😀a")
     await asyncio.wait_for(co.finish(), 2)
     assert sent == ["😀", "a"]
+
+
+def test_the_window_timer_fires_once_per_window_on_uvloop() -> None:
+    """uvloop runs a timer up to 1 ms early (its clock has ms resolution); the window's timer must send then,
+    not re-arm itself for the same instant over and over until the millisecond ticks."""
+    uvloop = pytest.importorskip("uvloop")
+    fires = 0
+
+    class Counting(Coalescer):
+        __slots__ = ()
+
+        def _on_timer(self) -> None:
+            nonlocal fires
+            fires += 1
+            super()._on_timer()
+
+    async def main() -> list[str]:
+        sent: list[str] = []
+
+        def send(text: str) -> asyncio.Future[None]:
+            sent.append(text)
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+        co = Counting(send, window=0.04, max_bytes=1 << 20, max_chunk=1 << 16)
+        for i in range(20):  # a token every 10 ms: each window's timer sends what gathered
+            co.push(str(i % 10))
+            await asyncio.sleep(0.01)
+        await co.finish()
+        return sent
+
+    loop = uvloop.new_event_loop()
+    try:
+        sent = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert "".join(sent) == "0123456789" * 2
+    assert fires <= len(sent) + 1  # one timer per window, not hundreds
+
+
+async def test_a_send_that_raises_is_kept_as_the_error_not_lost() -> None:
+    calls = 0
+
+    def send(text: str) -> asyncio.Future[None]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("batcher closed")
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(fut.set_result, None)
+        return fut
+
+    co = Coalescer(send, window=0.0, max_bytes=1 << 20, max_chunk=1 << 16)
+    co.push("a")  # sent at once
+    co.push("b")  # waits for the ack, then its send raises inside the ack callback
+    with pytest.raises(RuntimeError, match="batcher closed"):
+        await asyncio.wait_for(co.finish(), 2)
+    with pytest.raises(RuntimeError, match="batcher closed"):
+        co.push("c")
+
+
+async def test_abandon_sends_nothing_more_and_cancels_a_publish_task_in_flight() -> None:
+    started: list[str] = []
+    gate = asyncio.Event()
+
+    async def publish(text: str) -> None:
+        started.append(text)
+        await gate.wait()  # "waiting for the broker to come back"
+
+    co = Coalescer(lambda t: asyncio.ensure_future(publish(t)), window=0.0, max_bytes=1 << 20, max_chunk=1 << 16)
+    co.push("a")
+    await asyncio.sleep(0)
+    co.push("b")  # waiting behind "a"
+    inflight = co._inflight
+    co.finish()
+    co.abandon()
+    await asyncio.sleep(0.01)
+    assert inflight is not None and inflight.cancelled()
+    gate.set()  # the link is back: still nothing more
+    await asyncio.sleep(0.01)
+    assert started == ["a"]
