@@ -129,6 +129,7 @@ class Bridge:
         self._queues: dict[str, deque[LiveTask]] = {}
         self._pending: dict[str, int] = {}  # uid -> unfinished tasks (see pending())
         self._chunk_buf: list[tuple[bytes, int, str]] | None = None  # while a batch is handled (see _on_message)
+        self._out_buf: list[tuple[Any, dict[str, Any]]] | None = None  # frames for sinks, ditto
         self._store_full = False  # the last add was refused (StoreFull): publish only after the commit then
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -486,17 +487,23 @@ class Bridge:
         if info.kind == "batch":  # the replies of many tasks from one node (node.batch_replies)
             if isinstance(msg, wire.Batch) and msg.node == info.key:
                 self.stats.batches += 1
-                # The batch's chunks are kept in one write, at the end of this synchronous pass: still
-                # before any of them reaches a user (sinks only queue frames; sockets are written after
-                # this returns to the event loop). One LMDB transaction per batch instead of per chunk.
-                self._chunk_buf = []
+                # The batch's chunks are kept in one write, at the end of this synchronous pass, and only
+                # then are its frames handed to the sinks (a WebSocket session may write a frame to its
+                # socket at once): no user ever sees a chunk edge-chunks.lmdb does not have, so after a
+                # kill -9 a re-run is still told from a replay. One LMDB transaction per batch.
+                self._chunk_buf, self._out_buf = [], []
                 try:
                     for item in msg.items:
                         self._on_reply(item, None)
                 finally:
                     buf, self._chunk_buf = self._chunk_buf, None
-                    if buf:
-                        self.store.add_chunks(buf)
+                    out, self._out_buf = self._out_buf, None
+                    try:
+                        if buf:
+                            self.store.add_chunks(buf)
+                    finally:
+                        for sink, frame in out:
+                            sink.push(frame)
             else:
                 self.stats.bad_messages += 1
             return
@@ -622,8 +629,13 @@ class Bridge:
         if live.held is not None:
             live.held.append((frame, traced))
             return
+        out = self._out_buf
         for sink in live.sinks:
-            sink.push(traced if sink in live.trace else frame)
+            f = traced if sink in live.trace else frame
+            if out is not None:
+                out.append((sink, f))
+            else:
+                sink.push(f)
 
     def release(self, live: LiveTask) -> None:
         """Send the frames held since the task was submitted (in order) and stop holding."""

@@ -113,3 +113,31 @@ async def test_store_full_after_a_fast_answer_counts_the_task_once(tmp_path: Pat
         assert first.finished_at is None and bridge.pending("web.alice") == 1
         assert store.chunk_texts(tid) == []
         store.writer.write = write
+
+
+async def test_no_frame_of_a_batch_reaches_a_sink_before_its_chunks_are_stored(tmp_path: Path,
+                                                                               pki_dir: Path) -> None:
+    """A WebSocket session may write a frame to its socket the moment it is pushed. A batch's chunks are kept
+    in edge-chunks.lmdb at the end of the batch's pass, so its frames are pushed only after that: after a
+    kill -9 in between, the user never turns out to have seen text the restarted edge does not know (it
+    could no longer tell a re-run from a replay: the answer was ended shorter than what was shown)."""
+    from edge.keys import BRIDGE, STORE
+    async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
+        bridge, store = sys_.app[BRIDGE], sys_.app[STORE]
+        live, _ = await _task(bridge)
+        tid = live.rec.id
+        stored_at_push: list[tuple[int, list[str]]] = []
+
+        class Checking(Sink):
+            def push(self, frame: dict[str, Any]) -> None:
+                if frame["type"] == "delta":
+                    stored_at_push.append((frame["seq"], store.chunk_texts(tid)))
+                super().push(frame)
+
+        sink = Checking()
+        bridge.attach(live, sink)
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"),
+                                                      wire.Delta(id=tid, seq=1, text="一"),
+                                                      wire.Delta(id=tid, seq=2, text="二")))
+        assert [(seq, texts[:seq]) for seq, texts in stored_at_push] == [(1, ["一"]), (2, ["一", "二"])]
+        assert [f["type"] for f in sink.frames] == ["accepted", "delta", "delta"]
