@@ -416,7 +416,7 @@ async def _stream(
         k = max(0, min([n, *faults]))  # tokens before the first injected fault (n: none)
         frames = [pre + json.dumps(t, ensure_ascii=False).encode() + post for t in tokens[:k]]
         await _paced(request, resp, stats, frames, t0, interval)
-        if k < n or faults:
+        if faults:  # the first one due (a fault past the last token never comes)
             i = k
             if i == cfg.error_after:
                 stats.errors_injected += 1

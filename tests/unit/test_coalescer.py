@@ -5,6 +5,7 @@ finish / failures / the wire limit) is observed exactly."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -56,6 +57,18 @@ async def settle() -> None:
     """Let done-callbacks (scheduled with call_soon) run: a few passes of the loop, no time passes."""
     for _ in range(5):
         await asyncio.sleep(0)
+
+
+def acked_at_once(sent: list[str]) -> Callable[[str], asyncio.Future[None]]:
+    """A send that records each chunk and acknowledges it as it leaves."""
+
+    def send(text: str) -> asyncio.Future[None]:
+        sent.append(text)
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    return send
 
 
 def make(send: Sender, *, window: float = 0.05, max_bytes: int = 1 << 20, max_chunk: int = 64 * 1024,
@@ -418,13 +431,7 @@ async def test_a_max_chunk_below_one_character_still_makes_progress() -> None:
     character per chunk rather than empty chunks for ever."""
     sent: list[str] = []
 
-    def send(text: str) -> asyncio.Future[None]:
-        sent.append(text)
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-        return fut
-
-    co = Coalescer(send, window=0.0, max_bytes=1, max_chunk=3)
+    co = Coalescer(acked_at_once(sent), window=0.0, max_bytes=1, max_chunk=3)
     co.push("😀a")
     await asyncio.wait_for(co.finish(), 2)
     assert sent == ["😀", "a"]
@@ -447,13 +454,7 @@ def test_the_window_timer_fires_once_per_window_on_uvloop() -> None:
     async def main() -> list[str]:
         sent: list[str] = []
 
-        def send(text: str) -> asyncio.Future[None]:
-            sent.append(text)
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result(None)
-            return fut
-
-        co = Counting(send, window=0.04, max_bytes=1 << 20, max_chunk=1 << 16)
+        co = Counting(acked_at_once(sent), window=0.04, max_bytes=1 << 20, max_chunk=1 << 16)
         for i in range(20):  # a token every 10 ms: each window's timer sends what gathered
             co.push(str(i % 10))
             await asyncio.sleep(0.01)

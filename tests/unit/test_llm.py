@@ -402,7 +402,7 @@ async def test_list_models(client: aiohttp.ClientSession) -> None:
     assert ei.value.code == LLM_UNREACHABLE and time.monotonic() - t0 < BOUND
 
 
-# --------------------------------------------------------------------------- the SSE reader (node.llm._events)
+# --------------------------------------------------------------------------- the SSE reader (node.llm._event_batches)
 
 
 async def _raw_server(body: bytes) -> tuple[asyncio.base_events.Server, str]:
