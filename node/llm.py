@@ -1,11 +1,12 @@
 """LM Studio (OpenAI-compatible) streaming chat client.
 
-One function does the work: :func:`stream_chat` POSTs ``{base_url}/chat/completions`` with
-``stream: true`` and yields :class:`StreamEvent` objects (text deltas, reasoning deltas and a
-final usage event).  Every failure -- network, HTTP status, error chunk inside the stream, stall,
-drop, empty or malformed output -- is raised as :class:`LLMError` with a stable ``code``, a
-Simplified Chinese ``user_message`` for the end user and an English operator detail as ``str()``.
-Only ``CancelledError`` (and ``GeneratorExit`` on ``aclose``) pass through unchanged.
+:func:`chat` POSTs ``{base_url}/chat/completions`` with ``stream: true`` and calls ``on_event(kind, text)``
+for each text or reasoning delta, from the connection's read callback; it returns the final usage.
+:func:`stream_chat` is the same as an async iterator of :class:`StreamEvent` objects. Every failure --
+network, HTTP status, error chunk inside the stream, stall, drop, empty or malformed output -- is raised as
+:class:`LLMError` with a stable ``code``, a Simplified Chinese ``user_message`` for the end user and an
+English operator detail as ``str()``. Only ``CancelledError`` (and ``GeneratorExit`` on ``aclose``) pass
+through unchanged, and in :func:`chat` an exception raised by ``on_event`` itself.
 
 Facts this is built on (DESIGN.md §4, platform-apis.md §5):
 
@@ -21,32 +22,37 @@ Facts this is built on (DESIGN.md §4, platform-apis.md §5):
 
 Stall detection: the wait for the response headers plus the first event is bounded by
 ``first_token_timeout`` (one deadline from the start of the request), every later wait for more of the
-stream by ``stall_timeout`` (the deadline starts when the read starts: a slow consumer is not a stall).
-LM Studio sends no SSE comments/keep-alives, so "no event" and "no bytes" are the same thing in practice.
-The deadline is one timer (``_Deadline``), moved for free and re-armed only when it fires early.
+stream by ``stall_timeout`` (for :func:`stream_chat`, from when its consumer waits again: a slow consumer is
+not a stall). LM Studio sends no SSE comments/keep-alives, so "no event" and "no bytes" are the same thing in
+practice. The deadlines are one timer per stream, moved for free and re-armed only when it fires early.
 
-HTTP is aiohttp, with the small SSE parser below (the ``text/event-stream`` rules LM Studio's stream uses:
-``data:`` lines joined by newlines, ``event:``, comments, a blank line ends an event), reading per network
-read: all the events one read completes are handled in one pass. It replaced httpx + httpx-sse, measured:
-27–33 µs of client CPU per event with httpx (its pool scan per request and an anyio cancel scope per read)
-against ~10 µs with aiohttp's readline, and less again per read; the node is among the busiest processes of
-the bench sweep.
+HTTP is our own small HTTP/1.1 client (:class:`LLMClient`): one ``asyncio.Protocol`` per connection, the
+response head, the body's framing (chunked, Content-Length or until close), the ``text/event-stream`` rules
+LM Studio's stream uses (``data:`` lines joined by newlines, ``event:``, comments, a blank line ends an event)
+and the chunk objects all handled in ``data_received``, so a token costs no task wake-up, no future and no
+async-generator step; kept-alive connections are reused while idle less than ``IDLE_S``. Measured in the
+bench sweep at 500 streams: the node went from ~78 to ~55 µs of CPU per chunk against aiohttp's client
+(which had itself replaced httpx + httpx-sse at 27–33 µs of client CPU per event).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import AsyncExitStack
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import msgspec
 
 __all__ = [
+    "LLMClient",
     "LLMError",
     "StreamEvent",
+    "chat",
     "stream_chat",
     "list_models",
     "LLM_UNREACHABLE",
@@ -171,141 +177,11 @@ def _status_error(status: int, body: bytes, *, what: str, no_model_on_404: bool 
     )
 
 
-class _SSEError(ValueError):
-    """A line of the event stream that cannot be read (not UTF-8, or longer than the reader allows)."""
-
-
-def _map_transport(exc: BaseException, what: str, *, streaming: bool) -> LLMError:
-    """Map an aiohttp / transport exception to an LLMError."""
-    name = type(exc).__name__
-    text = _trunc(str(exc)) or name
-    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.InvalidURL, aiohttp.ConnectionTimeoutError)):
-        return LLMError(LLM_UNREACHABLE, f"{what}: cannot connect ({name}: {text})")
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionResetError,
-                        aiohttp.ClientOSError)):
-        where = "mid-stream" if streaming else "before the response"
-        return LLMError(LLM_DROPPED, f"{what}: connection closed {where} ({name}: {text})")
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return LLMError(LLM_STALL, f"{what}: timed out ({name})")
-    if isinstance(exc, (_SSEError, aiohttp.ClientResponseError, UnicodeDecodeError)):
-        return LLMError(LLM_BAD_RESPONSE, f"{what}: undecodable response ({name}: {text})")
-    if isinstance(exc, aiohttp.ClientError):
-        return LLMError(LLM_UNREACHABLE, f"{what}: transport error ({name}: {text})")
-    return LLMError(LLM_BAD_RESPONSE, f"{what}: unexpected error ({name}: {text})")
-
-
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
-    """The body up to ``cap`` bytes, however many reads it arrives in."""
-    buf = bytearray()
-    while len(buf) < cap:
-        chunk = await resp.content.readany()
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf[:cap])
-
-
-async def _read_error_body(resp: aiohttp.ClientResponse, timeout: float) -> bytes:
-    try:
-        async with asyncio.timeout(timeout):
-            return await _read_capped(resp, _MAX_ERROR_BODY)
-    except (TimeoutError, aiohttp.ClientError, ConnectionError):
-        return b""
-
-
-@dataclass(slots=True)
-class _SSE:
-    event: str
-    data: bytes  # UTF-8 is checked by the JSON decoder (a non-UTF-8 event is an unparseable chunk)
-
-
 MAX_SSE_LINE = 1 << 20  # an SSE line longer than this (1 MiB) is not LM Studio's: the stream is refused
-
-
-async def _event_batches(reader: aiohttp.StreamReader) -> AsyncIterator[list[_SSE]]:
-    """Server-sent events from ``reader``, as many as each network read completes (fields ``data`` and
-    ``event``; ``id``/``retry`` and comments are ignored, as LM Studio sends none). An unterminated last
-    event is dropped, as the SSE rules say. One read per batch, not one per line: under load a read often
-    brings several events, and the caller pays its per-read costs once for all of them."""
-    data: list[bytes] = []
-    event = b""
-    rest = b""  # an incomplete line
-    while True:
-        chunk = await reader.readany()
-        if not chunk:
-            return
-        lines = (rest + chunk if rest else chunk).split(b"\n")
-        rest = lines.pop()
-        if len(rest) > MAX_SSE_LINE:
-            raise _SSEError(f"an SSE line longer than {MAX_SSE_LINE} bytes")
-        out: list[_SSE] = []
-        for line in lines:
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            if line:
-                if len(line) > MAX_SSE_LINE:
-                    raise _SSEError(f"an SSE line longer than {MAX_SSE_LINE} bytes")
-                if line.startswith(b"data:"):
-                    v = line[5:]
-                    data.append(v[1:] if v[:1] == b" " else v)
-                elif line.startswith(b"event:"):
-                    event = line[6:].strip()
-                continue
-            if data:
-                joined = data[0] if len(data) == 1 else b"\n".join(data)
-                if joined:  # an event with empty data (a proxy's keep-alive "data:") is not dispatched
-                    out.append(_SSE(event.decode("utf-8", "replace"), joined))
-                data = []
-            event = b""
-        if out:
-            yield out
-
-
-class _Deadline:
-    """A deadline that moves at every event and costs nothing to move: one timer, re-armed only when it
-    fires before the (moved) deadline. When it passes while the task waits in a read (``reading``), the task
-    is cancelled and ``expired`` is set; the reader turns that cancellation into its timeout (like
-    ``asyncio.timeout``, with ``uncancel``). A per-event ``asyncio.timeout`` cost ~4 µs of the node's CPU per
-    token (measured with py-spy in the bench sweep)."""
-
-    __slots__ = ("at", "expired", "reading", "_loop", "_task", "_handle", "_armed")
-
-    def __init__(self, at: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self.at = at
-        self.expired = False
-        self.reading = False
-        self._arm(at)
-
-    def _arm(self, at: float) -> None:
-        self._armed = at
-        self._handle = self._loop.call_at(at, self._fire)
-
-    def move(self, at: float) -> None:
-        """The new deadline (later: free; earlier than the armed timer: re-armed)."""
-        self.at = at
-        if at < self._armed:
-            self._handle.cancel()
-            self._arm(at)
-
-    def _fire(self) -> None:
-        now = self._loop.time()
-        if now < self.at - 0.002:  # moved since armed (uvloop fires up to 1 ms early: that is "reached")
-            self._arm(self.at)
-        elif not self.reading:  # the consumer is busy between events: the deadline applies to the next read
-            self._arm(now + 0.05)
-        elif self._task is not None:
-            self.expired = True
-            self._task.cancel()
-
-    def timed_out(self) -> bool:
-        """After a CancelledError from a read: True if it was this deadline (and only it)."""
-        return self.expired and self._task is not None and self._task.uncancel() == 0
-
-    def close(self) -> None:
-        self._handle.cancel()
-
+MAX_HEAD = 64 * 1024  # bytes of response status line + headers at most
+IDLE_S = 2.0  # a kept-alive connection idle longer than this is closed, not reused (servers close at ~5 s)
+MAX_IDLE = 1024  # kept-alive connections per server at most
+QUEUE_PAUSE = 256  # stream_chat(): events waiting for a slow consumer before reading is paused
 
 _decode_json = msgspec.json.Decoder().decode
 _encode_json = msgspec.json.Encoder().encode
@@ -318,11 +194,582 @@ def _headers(api_key: str, *, json: bool = False) -> dict[str, str]:
     return h
 
 
+# --------------------------------------------------------------------------- HTTP/1.1
+
+
+class LLMClient:
+    """The node's HTTP/1.1 client for LM Studio: keep-alive connections (``http`` or ``https``), reused while
+    idle less than ``IDLE_S``. Create it in the running loop; :meth:`close` when done."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int, bool], deque[tuple[_Conn, float]]] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self.connects = 0  # new connections opened (the rest were reused)
+
+    async def __aenter__(self) -> LLMClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for idle in self._idle.values():
+            for conn, _ in idle:
+                conn.close()
+        self._idle.clear()
+
+    def _take(self, key: tuple[str, int, bool], now: float) -> _Conn | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn, since = idle.pop()
+            if not conn.closed and now - since < IDLE_S:
+                while idle and now - idle[0][1] >= IDLE_S:  # the oldest are stale too
+                    idle.popleft()[0].close()
+                return conn
+            conn.close()
+        return None
+
+    def _put(self, key: tuple[str, int, bool], conn: _Conn, now: float) -> None:
+        idle = self._idle.setdefault(key, deque())
+        if len(idle) >= MAX_IDLE:
+            idle.popleft()[0].close()
+        idle.append((conn, now))
+
+    async def _connect(self, host: str, port: int, tls: bool, timeout: float) -> _Conn:
+        loop = asyncio.get_running_loop()
+        ctx = None
+        if tls:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            ctx = self._ssl
+        async with asyncio.timeout(timeout):
+            _, conn = await loop.create_connection(_Conn, host, port, ssl=ctx,
+                                                   server_hostname=host if tls else None)
+        self.connects += 1
+        return conn
+
+
+class _Conn(asyncio.Protocol):
+    """One connection; its bytes go to the exchange using it (at most one at a time)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.ex: _Exchange | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.ex
+        if ex is None:  # bytes on an idle connection: not a response to anything; do not reuse it
+            self.close()
+        else:
+            ex.feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        ex, self.ex = self.ex, None
+        if ex is not None:
+            ex.lost(exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+_HEAD, _BODY, _END = 0, 1, 2  # exchange states
+_C_SIZE, _C_DATA, _C_CRLF, _C_TRAILER = 0, 1, 2, 3  # chunked decoder states
+
+OnEvent = Callable[[str, str], None]
+
+
+class _Exchange:
+    """One request on one connection, driven by ``data_received``: the response head, the body's framing
+    (chunked, Content-Length or until close) and, for a stream, the SSE events and LM Studio's chunk objects,
+    each delivered to ``on_event(kind, text)`` in the same callback. ``fut`` gets ``(usage, finish_reason)``
+    or the error. One timer carries the deadlines (first token, then stall), moved for free at each event."""
+
+    def __init__(self, client: LLMClient, key: tuple[str, int, bool], conn: _Conn, what: str, *,
+                 on_event: OnEvent | None, first_deadline: float, stall_timeout: float,
+                 first_token_timeout: float) -> None:
+        self.client, self.key, self.conn, self.what = client, key, conn, what
+        self.on_event = on_event  # None: a plain request (the body is collected, see ``body``)
+        self.loop = asyncio.get_running_loop()
+        self.fut: asyncio.Future[tuple[dict[str, Any] | None, str | None]] = self.loop.create_future()
+        self.stall_timeout = stall_timeout
+        self.first_token_timeout = first_token_timeout
+        self.state = _HEAD
+        self.head = b""
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.framing = "close"
+        self.keep_alive = False
+        self.left = 0  # Content-Length framing: bytes still to come
+        self.cstate = _C_SIZE
+        self.cbuf = b""
+        self.body = bytearray()  # a plain request's body, or an error body
+        self.body_cap = _MAX_ERROR_BODY
+        self.collect = on_event is None
+        self.paused = False
+        self.busy = False  # stream_chat(): its consumer is handling an event (the stall clock waits)
+        # SSE state
+        self.data: list[bytes] = []
+        self.event = b""
+        self.rest = b""
+        self.n_events = 0
+        self.done = False
+        self.finish: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.text_seen = False
+        self.reasoning_seen = False
+        # the one timer
+        self.at = first_deadline
+        self._armed = first_deadline
+        self._timer: asyncio.TimerHandle | None = self.loop.call_at(first_deadline, self._fire)
+        conn.ex = self
+
+    # ---- the end ---------------------------------------------------------------------------
+    def _settle(self, result: Any = None, exc: BaseException | None = None, *, reuse: bool = False,
+                cancel: bool = False) -> None:
+        if self.state == _END:
+            return
+        self.state = _END
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn = self.conn
+        if conn.ex is self:
+            conn.ex = None
+        if reuse and self.keep_alive and not conn.closed and not self.paused:
+            self.client._put(self.key, conn, self.loop.time())
+        else:
+            conn.close()  # an early end (error, cancel, aclose) closes the stream: LM Studio stops generating
+        if not self.fut.done():
+            if cancel:
+                self.fut.cancel()
+            elif exc is not None:
+                self.fut.set_exception(exc)
+            else:
+                self.fut.set_result(result)
+
+    def close(self) -> None:
+        """Stop here (the consumer is gone): the connection is closed, not reused."""
+        if self.state != _END:
+            self._settle(cancel=True)
+
+    def fail(self, exc: BaseException) -> None:
+        self._settle(exc=exc)
+
+    def _complete(self, *, reuse: bool) -> None:
+        """The body ended (or the connection closed after it)."""
+        if self.collect:
+            self._settle(None, reuse=reuse)
+        elif not 200 <= self.status < 300:
+            self._settle(exc=_status_error(self.status, bytes(self.body), what=self.what), reuse=reuse)
+        elif not self.done and self.finish is None:
+            self._settle(exc=LLMError(LLM_DROPPED, f"{self.what}: stream ended without [DONE] or finish_reason "
+                                                   f"after {self.n_events} events"))
+        else:
+            self._finished(reuse=reuse)
+
+    def _finished(self, *, reuse: bool) -> None:
+        if not self.text_seen:
+            self._settle(exc=LLMError(
+                LLM_EMPTY, f"{self.what}: stream ended with no content (finish_reason={self.finish!r}, "
+                           f"reasoning={'yes' if self.reasoning_seen else 'no'}, events={self.n_events})"))
+        else:
+            self._settle((self.usage, self.finish), reuse=reuse)
+
+    def lost(self, exc: Exception | None) -> None:
+        if self.state == _END:
+            return
+        name = f" ({type(exc).__name__}: {_trunc(str(exc)) or type(exc).__name__})" if exc else ""
+        if self.state == _HEAD:
+            self.fail(LLMError(LLM_DROPPED, f"{self.what}: connection closed before the response{name}"))
+        elif self.framing == "close":
+            self._complete(reuse=False)
+        elif not self.collect and 200 <= self.status < 300:
+            if self.done or self.finish is not None:
+                self._finished(reuse=False)  # closed after the end of the answer: normal
+            else:
+                self.fail(LLMError(LLM_DROPPED, f"{self.what}: connection closed mid-stream without [DONE] or "
+                                                f"finish_reason{name or ' (the response body was cut short)'}"))
+        elif self.collect:
+            self.fail(LLMError(LLM_DROPPED, f"{self.what}: connection closed mid-body{name}"))
+        else:
+            self._complete(reuse=False)  # an error body cut short: the status is what counts
+
+    # ---- deadlines -------------------------------------------------------------------------
+    def _fire(self) -> None:
+        self._timer = None
+        if self.state == _END:
+            return
+        now = self.loop.time()
+        if now < self.at - 0.002:  # moved since armed (uvloop fires up to 1 ms early: that is "reached")
+            self._arm(self.at)
+        elif self.paused or self.busy:  # the consumer is behind: the deadline applies once it waits again
+            self._arm(now + 0.05)
+        elif self.state == _HEAD:
+            self.fail(LLMError(LLM_STALL, f"{self.what}: no response within first_token_timeout="
+                                          f"{self.first_token_timeout}s", user_message=_USER_FIRST_TOKEN))
+        elif self.collect or not 200 <= self.status < 300:
+            if self.collect and 200 <= self.status < 300:
+                self.fail(LLMError(LLM_STALL, f"{self.what}: timed out reading the response"))
+            else:
+                self._complete(reuse=False)  # the error body as far as it came
+        elif self.done:
+            self._finished(reuse=False)  # [DONE] seen; the server just did not end the body: fine
+        elif self.n_events == 0:
+            self.fail(LLMError(LLM_STALL, f"{self.what}: no first token within first_token_timeout="
+                                          f"{self.first_token_timeout}s", user_message=_USER_FIRST_TOKEN))
+        else:
+            self.fail(LLMError(LLM_STALL, f"{self.what}: stream stalled, nothing received for "
+                                          f"{self.stall_timeout}s"))
+
+    def _arm(self, at: float) -> None:
+        self._armed = at
+        self._timer = self.loop.call_at(at, self._fire)
+
+    def _move(self, at: float) -> None:
+        self.at = at
+        if at < self._armed and self._timer is not None:
+            self._timer.cancel()
+            self._arm(at)
+
+    def waiting(self, now: float) -> None:
+        """stream_chat()'s consumer waits for more again: the stall deadline counts from now."""
+        if self.n_events and self.state == _BODY:
+            self._move(now + (min(self.stall_timeout, 1.0) if self.done else self.stall_timeout))
+
+    def pause(self) -> None:
+        if not self.paused and self.state != _END and self.conn.transport is not None:
+            self.paused = True
+            self.conn.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.state != _END and self.conn.transport is not None:
+            self.paused = False
+            self.conn.transport.resume_reading()
+
+    # ---- bytes in --------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        try:
+            if self.state == _HEAD:
+                data = self._head(data)
+                if not data or self.state != _BODY:
+                    return
+            framing = self.framing
+            if framing == "chunked":
+                self._chunked(data)
+            elif framing == "length":
+                if len(data) >= self.left:
+                    piece, self.left = data[:self.left], 0
+                    self._body(piece)
+                    if self.state == _BODY:
+                        self._complete(reuse=True)
+                else:
+                    self.left -= len(data)
+                    self._body(data)
+            else:
+                self._body(data)
+        except LLMError as exc:
+            self.fail(exc)
+        except Exception as exc:  # the consumer's callback failed (e.g. a publish): it is its error
+            self.fail(exc)
+
+    def _head(self, data: bytes) -> bytes:
+        buf = self.head + data if self.head else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: response head longer than {MAX_HEAD} bytes")
+                self.head = buf
+                return b""
+            lines = buf[:end].decode("latin-1").split("\r\n")
+            rest = buf[end + 4:]
+            parts = lines[0].split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+                raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: not an HTTP/1.x response: {_trunc(lines[0], 80)!r}")
+            status = int(parts[1])
+            if 100 <= status < 200:  # an interim response (100 Continue): the real one follows
+                buf = rest
+                continue
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep:
+                    raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: malformed response header {_trunc(line, 80)!r}")
+                headers[name.strip().lower()] = value.strip()
+            break
+        self.head = b""
+        self.status, self.headers = status, headers
+        conn_hdr = headers.get("connection", "").lower()
+        self.keep_alive = parts[0] == "HTTP/1.1" and "close" not in conn_hdr
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self.framing = "chunked"
+        elif "content-length" in headers:
+            try:
+                self.left = int(headers["content-length"])
+            except ValueError:
+                raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: bad Content-Length") from None
+            self.framing = "length"
+        else:
+            self.framing = "close"
+            self.keep_alive = False
+        self.state = _BODY
+        if 200 <= status < 300 and not self.collect:
+            ctype = headers.get("content-type", "")
+            if "text/event-stream" not in ctype:
+                raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: expected Content-Type text/event-stream, got "
+                                                 f"{_trunc(ctype, 80)!r}", status=status)
+        elif self.collect and 200 <= status < 300:
+            self.body_cap = _MAX_ERROR_BODY * 16
+        else:  # an error: its body is read (bounded by time too) for the message
+            self._move(self.loop.time() + min(self.stall_timeout, 10.0))
+        if self.framing == "length" and self.left == 0:
+            self._complete(reuse=True)
+            return b""
+        return rest
+
+    def _chunked(self, data: bytes) -> None:
+        buf = self.cbuf + data if self.cbuf else data
+        pos, n = 0, len(buf)
+        st = self.cstate
+        while pos < n and self.state == _BODY:
+            if st == _C_DATA:
+                take = min(self.left, n - pos)
+                piece = buf[pos:pos + take] if (pos or take != n) else buf
+                pos += take
+                self.left -= take
+                if self.left == 0:
+                    st = _C_CRLF
+                self.cstate = st
+                self._body(piece)
+            elif st == _C_SIZE:
+                i = buf.find(b"\r\n", pos)
+                if i < 0:
+                    if n - pos > 1024:
+                        raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: bad chunked encoding (size line)")
+                    break
+                try:
+                    size = int(buf[pos:i].split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: bad chunked encoding "
+                                                     f"({_trunc(buf[pos:i][:40].decode('latin-1'))!r})") from None
+                if size < 0:
+                    raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: bad chunked encoding (negative size)")
+                pos = i + 2
+                if size:
+                    self.left, st = size, _C_DATA
+                else:
+                    st = _C_TRAILER
+            elif st == _C_CRLF:
+                if n - pos < 2:
+                    break
+                if buf[pos:pos + 2] != b"\r\n":
+                    raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: bad chunked encoding (no CRLF after data)")
+                pos += 2
+                st = _C_SIZE
+            else:  # trailers, then the blank line that ends the body
+                i = buf.find(b"\r\n", pos)
+                if i < 0:
+                    if n - pos > MAX_HEAD:
+                        raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: chunked trailers too long")
+                    break
+                if i == pos:
+                    self.cstate, self.cbuf = st, b""
+                    if self.state == _BODY:
+                        self._complete(reuse=pos + 2 == n)  # anything after the body: do not reuse
+                    return
+                pos = i + 2
+        self.cstate = st
+        self.cbuf = buf[pos:] if pos < n else b""
+
+    def _body(self, data: bytes) -> None:
+        if self.collect or not 200 <= self.status < 300:
+            room = self.body_cap - len(self.body)
+            if room > 0:
+                self.body += data[:room]
+            return
+        lines = (self.rest + data if self.rest else data).split(b"\n")
+        rest = self.rest = lines.pop()
+        if len(rest) > MAX_SSE_LINE:
+            raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: undecodable response (an SSE line longer than "
+                                             f"{MAX_SSE_LINE} bytes)")
+        got = False
+        for line in lines:
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if line:
+                if len(line) > MAX_SSE_LINE:
+                    raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: undecodable response (an SSE line longer "
+                                                     f"than {MAX_SSE_LINE} bytes)")
+                if line.startswith(b"data:"):
+                    v = line[5:]
+                    self.data.append(v[1:] if v[:1] == b" " else v)
+                elif line.startswith(b"event:"):
+                    self.event = line[6:].strip()
+                continue
+            data_lines = self.data
+            if data_lines:
+                joined = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
+                self.data = []
+                if joined:  # an event with empty data (a proxy's keep-alive "data:") is not dispatched
+                    got = True
+                    self.n_events += 1
+                    self._sse(self.event, joined)
+                    if self.state != _BODY:
+                        return
+            self.event = b""
+        if got:  # each wait for more is bounded by stall_timeout (1 s once [DONE] is in)
+            self._move(self.loop.time() + (min(self.stall_timeout, 1.0) if self.done else self.stall_timeout))
+
+    def _sse(self, event: bytes, data: bytes) -> None:
+        if self.done:
+            return
+        if data == b"[DONE]":
+            self.done = True
+            return
+        try:
+            obj = _decode_json(data)
+            err = obj.get("error")
+            if err is not None:
+                msg, code = _error_fields(obj)
+                raise LLMError(LLM_STREAM_ERROR, f"{self.what}: error in stream" + (f" [{code}]" if code else "")
+                               + f": {_trunc(msg)}", status=self.status)
+            content = reasoning = None
+            choices = obj.get("choices")
+            if choices:
+                choice = choices[0]
+                delta = choice.get("delta")
+                if delta:
+                    content = delta.get("content")
+                    reasoning = delta.get("reasoning") or delta.get("reasoning_content")
+                fr = choice.get("finish_reason")
+                if fr:
+                    self.finish = fr
+            u = obj.get("usage")
+            if u:
+                self.usage = u
+        except LLMError:
+            raise
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            text = data.decode("utf-8", "replace")
+            if event == b"error":
+                raise LLMError(LLM_STREAM_ERROR, f"{self.what}: error event in stream: {_trunc(text)}") from None
+            raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: unparseable stream chunk ({type(exc).__name__}): "
+                                             f"{_trunc(text, 120)!r}") from None
+        on_event = self.on_event
+        assert on_event is not None
+        if reasoning:
+            self.reasoning_seen = True
+            on_event("reasoning", reasoning)
+        if content:
+            self.text_seen = True
+            on_event("text", content)
+
+
+def _target(base_url: str, path: str) -> tuple[str, tuple[str, int, bool], str, str]:
+    """(url, (host, port, tls), request target, Host header) of ``base_url`` + ``path``; raises LLMError."""
+    url = base_url.rstrip("/") + path
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise LLMError(LLM_UNREACHABLE, f"{url!r}: invalid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LLMError(LLM_UNREACHABLE, f"{_trunc(url, 120)!r}: invalid URL (expected http://host:port/...)")
+    tls = parts.scheme == "https"
+    host = parts.hostname
+    port = port or (443 if tls else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host_hdr = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return url, (host, port, tls), target, host_hdr
+
+
+async def _start(client: LLMClient, method: str, base_url: str, path: str, body: bytes | None, api_key: str, *,
+                 on_event: OnEvent | None, first_token_timeout: float, stall_timeout: float,
+                 connect_timeout: float) -> _Exchange:
+    """Connect (or reuse a connection), send the request, and return its exchange (running)."""
+    loop = asyncio.get_running_loop()
+    first_deadline = loop.time() + first_token_timeout
+    url, key, target, host_hdr = _target(base_url, path)
+    what = f"{method} {url}"
+    conn = client._take(key, loop.time())
+    if conn is None:
+        try:
+            conn = await client._connect(key[0], key[1], key[2], min(connect_timeout, first_token_timeout))
+        except TimeoutError:
+            raise LLMError(LLM_UNREACHABLE, f"{what}: cannot connect (timed out after "
+                                            f"{min(connect_timeout, first_token_timeout)}s)") from None
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise LLMError(LLM_UNREACHABLE, f"{what}: cannot connect ({type(exc).__name__}: "
+                                            f"{_trunc(str(exc)) or type(exc).__name__})") from None
+    head = [f"{method} {target} HTTP/1.1", f"Host: {host_hdr}", "Connection: keep-alive",
+            "Accept: text/event-stream" if on_event is not None else "Accept: application/json"]
+    for k, v in _headers(api_key, json=body is not None).items():
+        head.append(f"{k}: {v}")
+    if body is not None:
+        head.append(f"Content-Length: {len(body)}")
+    ex = _Exchange(client, key, conn, what, on_event=on_event, first_deadline=first_deadline,
+                   stall_timeout=stall_timeout, first_token_timeout=first_token_timeout)
+    if conn.closed or conn.transport is None:
+        ex.lost(None)
+    else:
+        conn.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b""))
+    return ex
+
+
+def _request_body(model: str, messages: list[dict], max_tokens: int, extra: dict | None) -> bytes:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if max_tokens is not None and max_tokens >= 0:
+        body["max_tokens"] = max_tokens
+    if extra:
+        body.update(extra)
+    return _encode_json(body)
+
+
 # --------------------------------------------------------------------------- API
 
 
+async def chat(
+    client: LLMClient,
+    base_url: str,
+    *,
+    on_event: OnEvent,
+    model: str,
+    messages: list[dict],
+    api_key: str = "",
+    max_tokens: int = -1,
+    first_token_timeout: float = 300,
+    stall_timeout: float = 60,
+    connect_timeout: float = 5,
+    extra: dict | None = None,
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Stream a chat completion, calling ``on_event(kind, text)`` (``"text"`` or ``"reasoning"``) from the
+    connection's read callback for each delta, as it arrives; return ``(usage, finish_reason)`` (usage None
+    when the server sent none). Raises LLMError; an exception from ``on_event`` ends the stream and is
+    raised as it is. Cancelling the caller closes the HTTP stream at once (LM Studio stops generating)."""
+    ex = await _start(client, "POST", base_url, "/chat/completions",
+                      _request_body(model, messages, max_tokens, extra), api_key, on_event=on_event,
+                      first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,
+                      connect_timeout=connect_timeout)
+    try:
+        return await ex.fut
+    finally:
+        ex.close()
+
+
 async def stream_chat(
-    client: aiohttp.ClientSession,
+    client: LLMClient,
     base_url: str,
     *,
     model: str,
@@ -334,198 +781,67 @@ async def stream_chat(
     connect_timeout: float = 5,
     extra: dict | None = None,
 ) -> AsyncIterator[StreamEvent]:
-    """Stream a chat completion from an OpenAI-compatible server (LM Studio).
-
-    ``base_url`` is like ``http://host:1234/v1``.  ``max_tokens < 0`` means "no limit" (the field
-    is then omitted).  ``extra`` is merged into the request body last.  Yields ``StreamEvent``s;
-    raises ``LLMError``.  Close the generator (``aclose()``) to stop generation early.
-
-    Iterate it from one task (``async for``), not with ``anext`` wrapped in a new task per step
-    (``wait_for(anext(...))`` on 3.11): its deadlines cancel the task that started the stream.
-    """
-    url = base_url.rstrip("/") + "/chat/completions"
-    what = f"POST {url}"
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if max_tokens is not None and max_tokens >= 0:
-        body["max_tokens"] = max_tokens
-    if extra:
-        body.update(extra)
-    # connect bounded here; the asyncio deadlines below are the real limits of the rest.
-    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout, sock_read=None)
+    """:func:`chat` as an async iterator of :class:`StreamEvent` (text and reasoning deltas, then one
+    ``usage`` event when the server sent usage). A consumer slower than the stream pauses reading (after
+    ``QUEUE_PAUSE`` events), and the stall deadline does not run meanwhile. Raises LLMError after the events
+    that came before the failure; ``aclose()`` closes the HTTP stream at once."""
     loop = asyncio.get_running_loop()
-    first_deadline = loop.time() + first_token_timeout
+    queue: deque[StreamEvent] = deque()
+    wake: list[asyncio.Future[None] | None] = [None]
 
-    text_seen = False
-    reasoning_seen = False
-    done = False
-    finish: str | None = None
-    usage: dict[str, Any] | None = None
-    n_events = 0
-    streaming = False
+    def wake_up(_: object = None) -> None:
+        w = wake[0]
+        if w is not None and not w.done():
+            w.set_result(None)
 
+    def on_event(kind: str, text: str) -> None:
+        queue.append(StreamEvent(kind, text))
+        wake_up()
+        if len(queue) >= QUEUE_PAUSE:
+            ex.pause()
+
+    ex = await _start(client, "POST", base_url, "/chat/completions",
+                      _request_body(model, messages, max_tokens, extra), api_key, on_event=on_event,
+                      first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,
+                      connect_timeout=connect_timeout)
+    fut = ex.fut
+    fut.add_done_callback(wake_up)
     try:
-        async with AsyncExitStack() as stack:
-            # ---- request + response headers, bounded by the first-token deadline
-            try:
-                async with asyncio.timeout_at(first_deadline):
-                    resp = await stack.enter_async_context(
-                        client.post(url, data=_encode_json(body), headers=_headers(api_key, json=True),
-                                    timeout=timeout)
-                    )
-            except aiohttp.ConnectionTimeoutError as exc:  # a TimeoutError too: it must not read as a stall
-                raise _map_transport(exc, what, streaming=False) from None
-            except TimeoutError:
-                raise LLMError(
-                    LLM_STALL,
-                    f"{what}: no response within first_token_timeout={first_token_timeout}s",
-                    user_message=_USER_FIRST_TOKEN,
-                ) from None
-            if not 200 <= resp.status < 300:
-                raw = await _read_error_body(resp, min(stall_timeout, 10.0))
-                raise _status_error(resp.status, raw, what=what)
-            ctype = resp.headers.get("content-type", "")
-            if "text/event-stream" not in ctype:
-                raise LLMError(
-                    LLM_BAD_RESPONSE,
-                    f"{what}: expected Content-Type text/event-stream, got {_trunc(ctype, 80)!r}",
-                    status=resp.status,
-                )
-
-            # ---- the stream
-            streaming = True
-            batches = _event_batches(resp.content)
-            stack.push_async_callback(batches.aclose)
-            deadline = _Deadline(first_deadline)
-            stack.callback(deadline.close)
-            while True:
-                if n_events:  # each wait for more is bounded by stall_timeout (1 s once [DONE] is in)
-                    deadline.move(loop.time() + (min(stall_timeout, 1.0) if done else stall_timeout))
-                deadline.reading = True
-                try:
-                    batch = await anext(batches)
-                except StopAsyncIteration:
-                    break
-                except asyncio.CancelledError:
-                    if not deadline.timed_out():
-                        raise
-                    if done:
-                        break  # [DONE] seen; the server just did not close: fine
-                    if n_events == 0:
-                        raise LLMError(
-                            LLM_STALL,
-                            f"{what}: no first token within first_token_timeout={first_token_timeout}s",
-                            user_message=_USER_FIRST_TOKEN,
-                        ) from None
-                    raise LLMError(
-                        LLM_STALL, f"{what}: stream stalled, nothing received for {stall_timeout}s"
-                    ) from None
-                except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                        ConnectionResetError) as exc:
-                    if done or finish is not None:
-                        break  # closed after the end of the answer: normal
-                    raise LLMError(
-                        LLM_DROPPED,
-                        f"{what}: connection closed mid-stream without [DONE] or finish_reason "
-                        f"({type(exc).__name__}: {_trunc(str(exc))})",
-                    ) from None
-                finally:
-                    deadline.reading = False
-                n_events += len(batch)
-                for sse in batch:
-                    data = sse.data
-                    if done:
-                        continue
-                    if data == b"[DONE]":
-                        done = True
-                        continue
-                    try:
-                        obj = _decode_json(data)
-                        err = obj.get("error")
-                        if err is not None:
-                            msg, code = _error_fields(obj)
-                            raise LLMError(
-                                LLM_STREAM_ERROR,
-                                f"{what}: error in stream" + (f" [{code}]" if code else "") + f": {_trunc(msg)}",
-                                status=resp.status,
-                            )
-                        content = reasoning = None
-                        choices = obj.get("choices")
-                        if choices:
-                            choice = choices[0]
-                            delta = choice.get("delta")
-                            if delta:
-                                content = delta.get("content")
-                                reasoning = delta.get("reasoning") or delta.get("reasoning_content")
-                            fr = choice.get("finish_reason")
-                            if fr:
-                                finish = fr
-                        u = obj.get("usage")
-                        if u:
-                            usage = u
-                    except LLMError:
-                        raise
-                    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-                        text = data.decode("utf-8", "replace")
-                        if sse.event == "error":
-                            raise LLMError(LLM_STREAM_ERROR, f"{what}: error event in stream: {_trunc(text)}") from None
-                        raise LLMError(
-                            LLM_BAD_RESPONSE,
-                            f"{what}: unparseable stream chunk ({type(exc).__name__}): {_trunc(text, 120)!r}",
-                        ) from None
-                    if reasoning:
-                        reasoning_seen = True
-                        yield StreamEvent("reasoning", reasoning)
-                    if content:
-                        text_seen = True
-                        yield StreamEvent("text", content)
-
-            # ---- end of stream
-            if not done and finish is None:
-                raise LLMError(
-                    LLM_DROPPED, f"{what}: stream ended without [DONE] or finish_reason after {n_events} events"
-                )
-            if not text_seen:
-                raise LLMError(
-                    LLM_EMPTY,
-                    f"{what}: stream ended with no content (finish_reason={finish!r}, "
-                    f"reasoning={'yes' if reasoning_seen else 'no'}, events={n_events})",
-                )
+        while True:
+            if queue:
+                ex.busy = True
+                while queue:
+                    yield queue.popleft()
+                    if ex.paused and len(queue) < QUEUE_PAUSE // 2:
+                        ex.resume()
+                ex.busy = False
+                ex.waiting(loop.time())
+            if fut.done():
+                break
+            w = wake[0] = loop.create_future()
+            await w
+            wake[0] = None
+        usage, finish = fut.result()
         if usage is not None:
             yield StreamEvent("usage", usage=usage, finish_reason=finish)
-    except LLMError:
-        raise
-    except TimeoutError:  # e.g. a timeout from the body reader; never our own deadlines (handled above)
-        raise LLMError(LLM_STALL, f"{what}: timed out") from None
-    except (aiohttp.ClientError, _SSEError, UnicodeDecodeError, ConnectionError) as exc:
-        raise _map_transport(exc, what, streaming=streaming) from None
-    except Exception as exc:  # nothing but LLMError escapes (CancelledError is a BaseException)
-        raise LLMError(LLM_BAD_RESPONSE, f"{what}: unexpected {type(exc).__name__}: {_trunc(str(exc))}") from exc
+    finally:
+        ex.close()
 
 
-async def list_models(
-    client: aiohttp.ClientSession, base_url: str, *, api_key: str = "", timeout: float = 2.0
-) -> list[str]:
+async def list_models(client: LLMClient, base_url: str, *, api_key: str = "", timeout: float = 2.0) -> list[str]:
     """``GET {base_url}/models`` → list of model ids.  Raises LLMError."""
-    url = base_url.rstrip("/") + "/models"
-    what = f"GET {url}"
+    what = f"GET {base_url.rstrip('/')}/models"
     try:
         async with asyncio.timeout(timeout):
-            async with client.get(url, headers=_headers(api_key)) as resp:
-                status = resp.status
-                raw = await _read_capped(resp, _MAX_ERROR_BODY * 16)
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise _map_transport(exc, what, streaming=False) from None
+            ex = await _start(client, "GET", base_url, "/models", None, api_key, on_event=None,
+                              first_token_timeout=timeout + 1, stall_timeout=timeout + 1, connect_timeout=timeout)
+            try:
+                await ex.fut
+            finally:
+                ex.close()
     except TimeoutError:
         raise LLMError(LLM_STALL, f"{what}: no response within {timeout}s") from None
-    except (aiohttp.ClientError, ConnectionError) as exc:
-        raise _map_transport(exc, what, streaming=False) from None
-    except Exception as exc:
-        raise LLMError(LLM_BAD_RESPONSE, f"{what}: unexpected {type(exc).__name__}: {_trunc(str(exc))}") from exc
+    status, raw = ex.status, bytes(ex.body)
     if not 200 <= status < 300:
         raise _status_error(status, raw[:_MAX_ERROR_BODY], what=what, no_model_on_404=False)
     try:

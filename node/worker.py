@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import aiomqtt
 import cbor2
 from aiohttp import web
@@ -32,7 +31,7 @@ from claw.store import Writer, open_env
 
 from .batcher import ReplyBatcher
 from .coalescer import Coalescer
-from .llm import LLMError, list_models, stream_chat
+from .llm import LLMClient, LLMError, chat, list_models
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class NodeStats:
 class Node:
     """One node process. ``await node.run()`` until cancelled or ``stop()``."""
 
-    def __init__(self, settings: Settings, *, http: aiohttp.ClientSession | None = None) -> None:
+    def __init__(self, settings: Settings, *, http: LLMClient | None = None) -> None:
         self.s = settings
         self.cfg = settings.node
         self.id = settings.node.id
@@ -116,10 +115,8 @@ class Node:
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         if self._http is None:
-            # One kept-alive connection per answer that may run at once (LM Studio's parallel slots), so a
-            # stream never waits for a connection nor opens a new one per answer.
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
-                limit=0, limit_per_host=max(1, self.cfg.concurrency) + 2, keepalive_timeout=60))
+            # Kept-alive connections to LM Studio, one per answer running at once (node/llm.py LLMClient).
+            self._http = LLMClient()
         will = aiomqtt.Will(wire.node_topic(self.id), wire.encode(self._beat("offline")), qos=1)
         self._client = client_from_settings(self.s.mqtt, identifier=f"node-{self.id}", data_dir=self.s.data_dir,
                                             will=will)
@@ -571,27 +568,29 @@ class Node:
         co = Coalescer(send, window=self.cfg.coalesce_ms / 1000.0, max_bytes=self.cfg.coalesce_bytes,
                        max_chunk=MAX_CHUNK_BYTES, acked=acked)
         assert self._http is not None
+        first = True
+
+        def on_event(kind: str, text: str) -> None:  # from the LLM connection's read callback, per delta
+            nonlocal first
+            if kind == "text" and text:
+                if first:
+                    timing["n_ft"] = now_us()
+                    self.stages.observe("llm_first_token", timing["n_ft"] - timing["n_rx"])
+                    first = False
+                co.push(text)  # raises a failed publish (which ends the stream and is raised by chat())
+                answer.append(text)
+
         try:
-            first = True
-            events = stream_chat(self._http, self.cfg.llm_url, model=model, messages=self._messages(task),
-                                 api_key=self.cfg.api_key, max_tokens=self.cfg.max_tokens,
-                                 first_token_timeout=self.cfg.first_token_timeout_s,
-                                 stall_timeout=self.cfg.stall_timeout_s,
-                                 connect_timeout=self.cfg.connect_timeout_s)
-            # aclosing: leaving the loop (cancel, error) closes the HTTP stream at once, which
+            # Cancelling this (a stop, a stopping node) or an error closes the HTTP stream at once, which
             # makes LM Studio stop generating and frees its slot.
-            async with contextlib.aclosing(events):
-                async for ev in events:
-                    if ev.kind == "text" and ev.text:
-                        if first:
-                            timing["n_ft"] = now_us()
-                            self.stages.observe("llm_first_token", timing["n_ft"] - timing["n_rx"])
-                            first = False
-                        co.push(ev.text)  # raises a failed publish
-                        answer.append(ev.text)
-                    elif ev.kind == "usage":
-                        usage = {k: int(v) for k, v in (getattr(ev, "usage", None) or {}).items()
-                                 if isinstance(v, int)}
+            raw_usage, _ = await chat(self._http, self.cfg.llm_url, on_event=on_event, model=model,
+                                      messages=self._messages(task), api_key=self.cfg.api_key,
+                                      max_tokens=self.cfg.max_tokens,
+                                      first_token_timeout=self.cfg.first_token_timeout_s,
+                                      stall_timeout=self.cfg.stall_timeout_s,
+                                      connect_timeout=self.cfg.connect_timeout_s)
+            if raw_usage is not None:
+                usage = {k: int(v) for k, v in raw_usage.items() if isinstance(v, int)}
         finally:
             # Let the last chunks go out (so Done.seq is exact); on cancellation the text not yet sent is
             # dropped, on an LLM error it is still flushed.

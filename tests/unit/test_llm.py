@@ -13,6 +13,7 @@ import pytest
 
 from node.fakellm import DEMO_INTRO, DEMO_MODEL, FakeLLM, FakeLLMConfig, reply_tokens, run_fake_llm
 from node.llm import (
+    LLMClient,
     LLM_BAD_RESPONSE,
     LLM_DROPPED,
     LLM_EMPTY,
@@ -23,6 +24,7 @@ from node.llm import (
     LLM_UNREACHABLE,
     LLMError,
     StreamEvent,
+    chat,
     list_models,
     stream_chat,
 )
@@ -40,12 +42,19 @@ async def fake() -> AsyncIterator[FakeLLM]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
+async def client() -> AsyncIterator[LLMClient]:
+    async with LLMClient() as c:
+        yield c
+
+
+@pytest.fixture
+async def plain_http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A general HTTP client, for checking the fake LM Studio's own wire format."""
     async with aiohttp.ClientSession() as c:
         yield c
 
 
-async def collect(client: aiohttp.ClientSession, url: str, *, fake: dict | None = None, **kw: Any) -> list[StreamEvent]:
+async def collect(client: LLMClient, url: str, *, fake: dict | None = None, **kw: Any) -> list[StreamEvent]:
     kw.setdefault("model", "fake-model")
     kw.setdefault("messages", MSGS)
     kw.setdefault("stall_timeout", 2.0)
@@ -57,7 +66,7 @@ async def collect(client: aiohttp.ClientSession, url: str, *, fake: dict | None 
     return [ev async for ev in stream_chat(client, url, extra=extra or None, **kw)]
 
 
-async def fails(client: aiohttp.ClientSession, url: str, code: str, **kw: Any) -> tuple[LLMError, float]:
+async def fails(client: LLMClient, url: str, code: str, **kw: Any) -> tuple[LLMError, float]:
     t0 = time.monotonic()
     with pytest.raises(LLMError) as ei:
         await collect(client, url, **kw)
@@ -81,7 +90,7 @@ def closed_port() -> int:
 # --------------------------------------------------------------------------- happy paths
 
 
-async def test_normal_stream_exact_text_and_usage(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_normal_stream_exact_text_and_usage(fake: FakeLLM, client: LLMClient) -> None:
     reply = "Hello, 世界! This is a streamed reply.\n第二行。"
     events = await collect(client, fake.url, fake={"reply": reply})
     assert text_of(events) == reply
@@ -102,7 +111,7 @@ async def test_normal_stream_exact_text_and_usage(fake: FakeLLM, client: aiohttp
     assert fake.stats.streams_completed == 1 and fake.stats.active_streams == 0
 
 
-async def test_default_reply_is_deterministic(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_default_reply_is_deterministic(fake: FakeLLM, client: LLMClient) -> None:
     a = await collect(client, fake.url, fake={"n_tokens": 7})
     b = await collect(client, fake.url, fake={"n_tokens": 7})
     expected = reply_tokens(FakeLLMConfig(n_tokens=7), MSGS)
@@ -112,7 +121,7 @@ async def test_default_reply_is_deterministic(fake: FakeLLM, client: aiohttp.Cli
     assert text_of(other) != text_of(a)
 
 
-async def test_reasoning_max_tokens_and_no_usage(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_reasoning_max_tokens_and_no_usage(fake: FakeLLM, client: LLMClient) -> None:
     events = await collect(client, fake.url, fake={"reasoning": "thinking...", "n_tokens": 10}, max_tokens=3)
     assert events[0].kind == "reasoning" and events[0].text == "thinking..."
     assert len([e for e in events if e.kind == "text"]) == 3
@@ -122,20 +131,20 @@ async def test_reasoning_max_tokens_and_no_usage(fake: FakeLLM, client: aiohttp.
     assert events and all(e.kind == "text" for e in events)
 
 
-async def test_close_after_finish_reason_without_done_is_normal(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_close_after_finish_reason_without_done_is_normal(fake: FakeLLM, client: LLMClient) -> None:
     events = await collect(client, fake.url, fake={"send_done": False, "reply": "abcdefgh"})
     assert text_of(events) == "abcdefgh"
     assert events[-1].kind == "usage" and events[-1].finish_reason == "stop"
 
 
-async def test_per_request_override_does_not_leak(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_per_request_override_does_not_leak(fake: FakeLLM, client: LLMClient) -> None:
     await fails(client, fake.url, LLM_HTTP, fake={"http_status": 500})
     events = await collect(client, fake.url)
     assert len([e for e in events if e.kind == "text"]) == FakeLLMConfig().n_tokens
     assert fake.stats.chat_requests == 2 and fake.stats.requests == 2
 
 
-async def test_slow_consumer_is_not_a_stall(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_slow_consumer_is_not_a_stall(fake: FakeLLM, client: LLMClient) -> None:
     # the stall timer must only run while waiting for the server, never while the consumer works
     n = 0
     async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, stall_timeout=0.1,
@@ -145,7 +154,7 @@ async def test_slow_consumer_is_not_a_stall(fake: FakeLLM, client: aiohttp.Clien
     assert n == 4
 
 
-async def test_paced_stream_timing(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_paced_stream_timing(fake: FakeLLM, client: LLMClient) -> None:
     t0 = time.monotonic()
     stamps = []
     async for ev in stream_chat(client, fake.url, model="m", messages=MSGS,
@@ -158,8 +167,8 @@ async def test_paced_stream_timing(fake: FakeLLM, client: aiohttp.ClientSession)
     assert stamps[-1] < BOUND
 
 
-async def test_non_stream_request(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
-    async with client.post(f"{fake.url}/chat/completions",
+async def test_non_stream_request(fake: FakeLLM, plain_http: aiohttp.ClientSession) -> None:
+    async with plain_http.post(f"{fake.url}/chat/completions",
                            json={"model": "fake-model", "messages": MSGS, "fake": {"reply": "full"}}) as r:
         assert r.status == 200
         body = await r.json()
@@ -168,10 +177,10 @@ async def test_non_stream_request(fake: FakeLLM, client: aiohttp.ClientSession) 
     assert body["usage"]["completion_tokens"] == 1
 
 
-async def test_sse_wire_format(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_sse_wire_format(fake: FakeLLM, plain_http: aiohttp.ClientSession) -> None:
     import json
 
-    async with client.post(f"{fake.url}/chat/completions",
+    async with plain_http.post(f"{fake.url}/chat/completions",
                            json={"model": "fake-model", "messages": MSGS, "stream": True,
                                  "stream_options": {"include_usage": True}, "fake": {"reply": "abcdef"}}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -190,20 +199,20 @@ async def test_sse_wire_format(fake: FakeLLM, client: aiohttp.ClientSession) -> 
 # --------------------------------------------------------------------------- failures
 
 
-async def test_http_500_before_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_http_500_before_stream(fake: FakeLLM, client: LLMClient) -> None:
     err, _ = await fails(client, fake.url, LLM_HTTP, fake={"http_status": 500})
     assert err.status == 500
     assert "500" in str(err) and "Injected server error" in str(err)
 
 
-async def test_404_no_model(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_404_no_model(fake: FakeLLM, client: LLMClient) -> None:
     err, _ = await fails(client, fake.url, LLM_NO_MODEL, fake={"http_status": 404})
     assert "No models loaded" in str(err)
     assert "没有加载模型" in err.user_message and "服务器 B" in err.user_message
     await fails(client, fake.url, LLM_NO_MODEL, fake={"models": []})
 
 
-async def test_error_object_in_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_error_object_in_stream(fake: FakeLLM, client: LLMClient) -> None:
     got: list[str] = []
     t0 = time.monotonic()
     with pytest.raises(LLMError) as ei:
@@ -214,15 +223,15 @@ async def test_error_object_in_stream(fake: FakeLLM, client: aiohttp.ClientSessi
     assert len(got) == 2  # the text before the error was delivered
 
 
-async def test_refused_connection(client: aiohttp.ClientSession) -> None:
+async def test_refused_connection(client: LLMClient) -> None:
     await fails(client, f"http://127.0.0.1:{closed_port()}/v1", LLM_UNREACHABLE)
 
 
-async def test_invalid_url_maps_to_llm_error(client: aiohttp.ClientSession) -> None:
+async def test_invalid_url_maps_to_llm_error(client: LLMClient) -> None:
     await fails(client, "notaurl", LLM_UNREACHABLE)
 
 
-async def test_stall_mid_stream_closes_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_stall_mid_stream_closes_stream(fake: FakeLLM, client: LLMClient) -> None:
     got: list[str] = []
     t0 = time.monotonic()
     with pytest.raises(LLMError) as ei:
@@ -235,14 +244,14 @@ async def test_stall_mid_stream_closes_stream(fake: FakeLLM, client: aiohttp.Cli
     assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, 2.0)
 
 
-async def test_first_token_timeout(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_first_token_timeout(fake: FakeLLM, client: LLMClient) -> None:
     err, elapsed = await fails(client, fake.url, LLM_STALL, fake={"ttft": 10}, first_token_timeout=0.5)
     assert 0.45 <= elapsed < 3
     assert "first_token_timeout" in str(err)
     assert await fake.wait_for(lambda s: s.active_streams == 0, 2.0)
 
 
-async def test_no_response_headers_is_first_token_timeout(client: aiohttp.ClientSession) -> None:
+async def test_no_response_headers_is_first_token_timeout(client: LLMClient) -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:  # read the request, never answer, return when the client hangs up
             while await reader.read(65536):
@@ -260,7 +269,7 @@ async def test_no_response_headers_is_first_token_timeout(client: aiohttp.Client
         await server.wait_closed()
 
 
-async def test_close_before_response_is_dropped(client: aiohttp.ClientSession) -> None:
+async def test_close_before_response_is_dropped(client: LLMClient) -> None:
     async def rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)
         writer.close()
@@ -274,7 +283,7 @@ async def test_close_before_response_is_dropped(client: aiohttp.ClientSession) -
         await server.wait_closed()
 
 
-async def test_drop_mid_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_drop_mid_stream(fake: FakeLLM, client: LLMClient) -> None:
     got: list[str] = []
     with pytest.raises(LLMError) as ei:
         async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, extra={"fake": {"drop_after": 3}}):
@@ -282,26 +291,26 @@ async def test_drop_mid_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> 
     assert ei.value.code == LLM_DROPPED and len(got) == 3
 
 
-async def test_drop_right_before_finish_is_dropped(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_drop_right_before_finish_is_dropped(fake: FakeLLM, client: LLMClient) -> None:
     await fails(client, fake.url, LLM_DROPPED, fake={"drop_after": 20, "n_tokens": 20})
 
 
-async def test_bad_json_chunk(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_bad_json_chunk(fake: FakeLLM, client: LLMClient) -> None:
     await fails(client, fake.url, LLM_BAD_RESPONSE, fake={"bad_json_after": 1})
 
 
-async def test_wrong_content_type(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_wrong_content_type(fake: FakeLLM, client: LLMClient) -> None:
     err, _ = await fails(client, fake.url, LLM_BAD_RESPONSE, fake={"content_type": "application/json"})
     assert "application/json" in str(err)
 
 
-async def test_empty_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_empty_stream(fake: FakeLLM, client: LLMClient) -> None:
     await fails(client, fake.url, LLM_EMPTY, fake={"reply": ""})
 
 
 async def test_401_and_api_key() -> None:
     key = "sk-secret-token-123"
-    async with run_fake_llm(FakeLLMConfig(require_key=key)) as f, aiohttp.ClientSession() as c:
+    async with run_fake_llm(FakeLLMConfig(require_key=key)) as f, LLMClient() as c:
         err, _ = await fails(c, f.url, LLM_HTTP)
         assert err.status == 401 and "密钥" in err.user_message
         err, _ = await fails(c, f.url, LLM_HTTP, api_key="wrong-key")
@@ -319,7 +328,7 @@ async def test_401_and_api_key() -> None:
 # --------------------------------------------------------------------------- early close
 
 
-async def test_aclose_closes_server_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_aclose_closes_server_stream(fake: FakeLLM, client: LLMClient) -> None:
     gen = stream_chat(client, fake.url, model="m", messages=MSGS, extra={"fake": {"tokens_per_s": 50, "n_tokens": 500}})
     n = 0
     async for ev in gen:
@@ -334,7 +343,7 @@ async def test_aclose_closes_server_stream(fake: FakeLLM, client: aiohttp.Client
     assert fake.stats.tokens_sent < 100 and fake.stats.streams_completed == 0
 
 
-async def test_cancel_closes_server_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_cancel_closes_server_stream(fake: FakeLLM, client: LLMClient) -> None:
     got: list[str] = []
 
     async def consume() -> None:
@@ -351,7 +360,7 @@ async def test_cancel_closes_server_stream(fake: FakeLLM, client: aiohttp.Client
     assert got and fake.stats.tokens_sent < 100
 
 
-async def test_cancel_during_ttft_closes_server_stream(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_cancel_during_ttft_closes_server_stream(fake: FakeLLM, client: LLMClient) -> None:
     task = asyncio.create_task(collect(client, fake.url, fake={"ttft": 10}, first_token_timeout=30))
     assert await fake.wait_for(lambda s: s.active_streams == 1, 2.0)
     task.cancel()
@@ -363,7 +372,7 @@ async def test_cancel_during_ttft_closes_server_stream(fake: FakeLLM, client: ai
 # --------------------------------------------------------------------------- demo model, models
 
 
-async def test_demo_mode(client: aiohttp.ClientSession) -> None:
+async def test_demo_mode(client: LLMClient) -> None:
     async with run_fake_llm(FakeLLMConfig(demo=True)) as f:
         assert await list_models(client, f.url) == [DEMO_MODEL]
         question = "今天天气怎么样？"
@@ -389,7 +398,7 @@ async def test_demo_mode(client: aiohttp.ClientSession) -> None:
     assert reply_tokens(FakeLLMConfig(demo=True), msgs)[0] == DEMO_INTRO[:2]
 
 
-async def test_list_models(client: aiohttp.ClientSession) -> None:
+async def test_list_models(client: LLMClient) -> None:
     async with run_fake_llm(FakeLLMConfig(models=["qwen2.5-7b-instruct", "llama-3.1-8b"])) as f:
         assert await list_models(client, f.url) == ["qwen2.5-7b-instruct", "llama-3.1-8b"]
         assert await list_models(client, f.url + "/") == ["qwen2.5-7b-instruct", "llama-3.1-8b"]
@@ -421,7 +430,7 @@ def _chunk(content: str) -> str:
     return json.dumps({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]})
 
 
-async def test_sse_reader_crlf_comments_and_multiline_data(client: aiohttp.ClientSession) -> None:
+async def test_sse_reader_crlf_comments_and_multiline_data(client: LLMClient) -> None:
     """CRLF line ends, comment lines, an ``id:`` field and one event's JSON split over two ``data:`` lines
     (joined with a newline, as the SSE rules say) all read as LM Studio's stream would."""
     split = '{"choices": [{"index": 0,\r\ndata: "delta": {"content": "B"}, "finish_reason": "stop"}]}'
@@ -435,7 +444,7 @@ async def test_sse_reader_crlf_comments_and_multiline_data(client: aiohttp.Clien
     assert text_of(events) == "AB"
 
 
-async def test_sse_reader_refuses_non_utf8(client: aiohttp.ClientSession) -> None:
+async def test_sse_reader_refuses_non_utf8(client: LLMClient) -> None:
     server, url = await _raw_server(b"data: {\"choices\": [{\"delta\": {\"content\": \"\xff\xfe\"}}]}\n\n")
     try:
         await fails(client, url, LLM_BAD_RESPONSE)
@@ -443,7 +452,7 @@ async def test_sse_reader_refuses_non_utf8(client: aiohttp.ClientSession) -> Non
         server.close()
 
 
-async def test_sse_error_event_with_unparseable_data(client: aiohttp.ClientSession) -> None:
+async def test_sse_error_event_with_unparseable_data(client: LLMClient) -> None:
     server, url = await _raw_server(f"data: {_chunk('x')}\n\nevent: error\ndata: model crashed\n\n".encode())
     try:
         err, _ = await fails(client, url, LLM_STREAM_ERROR)
@@ -452,7 +461,7 @@ async def test_sse_error_event_with_unparseable_data(client: aiohttp.ClientSessi
         server.close()
 
 
-async def test_list_models_reads_a_body_that_arrives_in_pieces(client: aiohttp.ClientSession) -> None:
+async def test_list_models_reads_a_body_that_arrives_in_pieces(client: LLMClient) -> None:
     import json
 
     from aiohttp import web
@@ -481,7 +490,7 @@ async def test_list_models_reads_a_body_that_arrives_in_pieces(client: aiohttp.C
         await runner.cleanup()
 
 
-async def test_connect_timeout_is_unreachable_not_a_stall(client: aiohttp.ClientSession) -> None:
+async def test_connect_timeout_is_unreachable_not_a_stall(client: LLMClient) -> None:
     """A listener whose backlog is full drops the SYNs (127.0.0.1): the connect times out."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -505,7 +514,7 @@ async def test_connect_timeout_is_unreachable_not_a_stall(client: aiohttp.Client
         srv.close()
 
 
-async def test_sse_event_with_empty_data_is_not_dispatched(client: aiohttp.ClientSession) -> None:
+async def test_sse_event_with_empty_data_is_not_dispatched(client: LLMClient) -> None:
     server, url = await _raw_server(f"data:\n\ndata: {_chunk('hi')}\n\ndata:\n\ndata: [DONE]\n\n".encode())
     try:
         assert text_of(await collect(client, url)) == "hi"
@@ -591,7 +600,7 @@ def _split_stream_body() -> bytes:
 
 @pytest.mark.parametrize("framing", ["close_delimited", "chunked"])
 async def test_sse_bytes_split_at_awkward_places_still_read_exactly(
-        client: aiohttp.ClientSession, framing: str) -> None:
+        client: LLMClient, framing: str) -> None:
     """The per-read reader keeps incomplete lines across reads: a stream cut inside ``data:``, between
     ``\\r`` and ``\\n``, between an event's two newlines, inside UTF-8 characters and one byte at a time for
     a while yields exactly the text (and the same events) as in one piece."""
@@ -618,7 +627,7 @@ async def test_sse_bytes_split_at_awkward_places_still_read_exactly(
     assert text_of(events) == "".join(_SPLIT_TOKENS)
 
 
-async def test_sse_bytes_split_reads_the_same_as_unsplit(client: aiohttp.ClientSession) -> None:
+async def test_sse_bytes_split_reads_the_same_as_unsplit(client: LLMClient) -> None:
     server, url = await _raw_server(_split_stream_body())
     try:
         events = await collect(client, url)
@@ -628,7 +637,7 @@ async def test_sse_bytes_split_reads_the_same_as_unsplit(client: aiohttp.ClientS
 
 
 @pytest.mark.parametrize("terminated", [False, True], ids=["unterminated", "terminated"])
-async def test_sse_line_longer_than_the_limit_is_a_bad_response(client: aiohttp.ClientSession, terminated: bool) -> None:
+async def test_sse_line_longer_than_the_limit_is_a_bad_response(client: LLMClient, terminated: bool) -> None:
     """A line over MAX_SSE_LINE ends the stream with LLM_BAD_RESPONSE at once -- not after a stall timeout,
     and not by buffering without end -- even while the server keeps the connection open."""
     from node.llm import MAX_SSE_LINE
@@ -655,7 +664,7 @@ async def test_sse_line_longer_than_the_limit_is_a_bad_response(client: aiohttp.
     assert elapsed < BOUND
 
 
-async def test_sse_line_of_exactly_the_limit_is_read(client: aiohttp.ClientSession) -> None:
+async def test_sse_line_of_exactly_the_limit_is_read(client: LLMClient) -> None:
     from node.llm import MAX_SSE_LINE
 
     prefix = b'data: {"choices": [{"index": 0, "delta": {"content": "'
@@ -674,7 +683,7 @@ async def test_sse_line_of_exactly_the_limit_is_read(client: aiohttp.ClientSessi
     assert text_of(events) == "y" * n
 
 
-async def test_stall_with_long_first_token_timeout_and_short_stall(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_stall_with_long_first_token_timeout_and_short_stall(fake: FakeLLM, client: LLMClient) -> None:
     """The deadline is armed at first_token_timeout (300 s) and moved *earlier* (to stall_timeout) at the first
     event: it must be re-armed, or a stall after the first tokens would go unnoticed for 5 minutes."""
     stall = 0.3
@@ -693,7 +702,7 @@ async def test_stall_with_long_first_token_timeout_and_short_stall(fake: FakeLLM
     assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, 2.0)
 
 
-async def test_stall_deadline_moves_with_each_event(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_stall_deadline_moves_with_each_event(fake: FakeLLM, client: LLMClient) -> None:
     """Tokens every 0.1 s with stall_timeout 0.5: never a stall, however long the whole answer takes (more than
     twice stall_timeout)."""
     t0 = time.monotonic()
@@ -704,7 +713,7 @@ async def test_stall_deadline_moves_with_each_event(fake: FakeLLM, client: aioht
 
 
 async def test_external_cancel_while_waiting_for_an_event_is_cancelled_error(
-        fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+        fake: FakeLLM, client: LLMClient) -> None:
     """A cancellation from outside (not the deadline's) passes through as CancelledError -- never turned into
     an LLMError (LLM_STALL) by the deadline's uncancel bookkeeping -- and closes the HTTP stream."""
     got: list[str] = []
@@ -737,7 +746,7 @@ async def test_external_cancel_while_waiting_for_an_event_is_cancelled_error(
 
 
 async def test_external_cancel_near_the_stall_deadline_is_still_cancelled_error(
-        fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+        fake: FakeLLM, client: LLMClient) -> None:
     """Cancelled from outside while the server stalls and the deadline is about to pass: CancelledError."""
     got: list[str] = []
 
@@ -756,7 +765,7 @@ async def test_external_cancel_near_the_stall_deadline_is_still_cancelled_error(
     assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, 2.0)
 
 
-async def test_paced_stream_complete_and_spread(fake: FakeLLM, client: aiohttp.ClientSession) -> None:
+async def test_paced_stream_complete_and_spread(fake: FakeLLM, client: LLMClient) -> None:
     stamps: list[float] = []
     texts: list[str] = []
     t0 = time.monotonic()
@@ -886,7 +895,7 @@ async def test_paced_stream_to_an_http10_client_is_not_chunked(fake: FakeLLM) ->
 
 
 async def test_stall_counts_only_the_wait_for_the_server_not_the_consumers_time(fake: FakeLLM,
-                                                                              client: aiohttp.ClientSession) -> None:
+                                                                              client: LLMClient) -> None:
     """Tokens 1 s apart, stall_timeout 0.5 s, and a consumer that takes 0.6 s over the first token: its next
     read waits only 0.4 s, so this is no stall (the deadline starts when the read starts)."""
     got = []
@@ -897,3 +906,175 @@ async def test_stall_counts_only_the_wait_for_the_server_not_the_consumers_time(
             if len(got) == 1:
                 await asyncio.sleep(0.6)
     assert len(got) == 2
+
+
+# --------------------------------------------------------------------------- the HTTP client (node.llm.LLMClient)
+
+
+async def _keepalive_server(responses: list[bytes], *, close_after: float | None = None
+                            ) -> tuple[asyncio.base_events.Server, str, list[int]]:
+    """A raw HTTP/1.1 server answering each request on a connection with the next of ``responses``
+    (whole); with ``close_after``, it closes every connection that long after its last answer. Returns
+    (server, url, requests per connection)."""
+    per_conn: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        per_conn.append(0)
+        me = len(per_conn) - 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                n = int(next((ln.split(b":")[1] for ln in head.split(b"\r\n")
+                              if ln.lower().startswith(b"content-length:")), b"0"))
+                await reader.readexactly(n)
+                writer.write(responses[min(sum(per_conn), len(responses) - 1)])
+                per_conn[me] += 1
+                await writer.drain()
+                if close_after is not None:
+                    await asyncio.sleep(close_after)
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", per_conn
+
+
+def _sse_body(*tokens: str) -> bytes:
+    return ("".join(f"data: {_chunk(t)}\n\n" for t in tokens)
+            + 'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n').encode()
+
+
+async def test_streams_reuse_one_kept_alive_connection(fake: FakeLLM, client: LLMClient) -> None:
+    texts = [text_of(await collect(client, fake.url, fake={"reply": f"answer {i}"})) for i in range(3)]
+    assert texts == ["answer 0", "answer 1", "answer 2"]
+    assert client.connects == 1 and fake.stats.chat_requests == 3
+
+
+async def test_a_stream_closed_early_is_not_reused(fake: FakeLLM, client: LLMClient) -> None:
+    gen = stream_chat(client, fake.url, model="m", messages=MSGS, extra={"fake": {"tokens_per_s": 50, "n_tokens": 500}})
+    async for _ in gen:
+        break
+    await gen.aclose()
+    assert await fake.wait_for(lambda s: s.client_closed == 1, 2.0)
+    assert text_of(await collect(client, fake.url, fake={"reply": "again"})) == "again"
+    assert client.connects == 2
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused(client: LLMClient) -> None:
+    body = _sse_body("one", " two")
+    resp = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+    server, url, per_conn = await _keepalive_server([resp], close_after=0.05)
+    try:
+        assert text_of(await collect(client, url)) == "one two"
+        await asyncio.sleep(0.3)  # the server has hung up on the idle connection
+        assert text_of(await collect(client, url)) == "one two"
+    finally:
+        server.close()
+    assert per_conn == [1, 1] and client.connects == 2
+
+
+async def test_a_connection_idle_too_long_is_not_reused(fake: FakeLLM, client: LLMClient,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.llm
+    monkeypatch.setattr(node.llm, "IDLE_S", 0.05)
+    await collect(client, fake.url)
+    await asyncio.sleep(0.1)
+    await collect(client, fake.url)
+    assert client.connects == 2
+
+
+async def test_content_length_framed_stream_is_read_and_reused(client: LLMClient) -> None:
+    body = _sse_body("a", "b", "c")
+    resp = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+    server, url, per_conn = await _keepalive_server([resp])
+    try:
+        assert text_of(await collect(client, url)) == "abc"
+        assert text_of(await collect(client, url)) == "abc"
+    finally:
+        server.close()
+    assert per_conn == [2] and client.connects == 1
+
+
+async def test_chunk_extensions_and_trailers_are_read(client: LLMClient) -> None:
+    body = _sse_body("x", "y")
+    framed = b"".join(b"%x;name=value\r\n%s\r\n" % (len(p), p) for p in (body[:10], body[10:])) + b"0\r\nX-T: 1\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + framed
+    server, url, per_conn = await _keepalive_server([resp])
+    try:
+        assert text_of(await collect(client, url)) == "xy"
+        assert text_of(await collect(client, url)) == "xy"  # the trailers ended the body: reused
+    finally:
+        server.close()
+    assert per_conn == [2]
+
+
+@pytest.mark.parametrize("resp", [
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\ndata: x\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef",
+    b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nbad header line\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nContent-Type: text/event-stream\r\n\r\n",
+], ids=["bad-chunk-size", "no-crlf-after-chunk", "not-http", "bad-header", "bad-content-length"])
+async def test_malformed_http_is_a_bad_response_at_once(client: LLMClient, resp: bytes) -> None:
+    server, url, _ = await _keepalive_server([resp], close_after=BOUND)  # held open: no drop to hide behind
+    try:
+        _, elapsed = await fails(client, url, LLM_BAD_RESPONSE, stall_timeout=BOUND - 1, first_token_timeout=BOUND - 1)
+        assert elapsed < 1.0
+    finally:
+        server.close()
+
+
+async def test_chat_delivers_each_delta_from_the_read_callback(fake: FakeLLM, client: LLMClient) -> None:
+    got: list[tuple[str, str]] = []
+    usage, finish = await chat(client, fake.url, on_event=lambda k, t: got.append((k, t)), model="m",
+                               messages=MSGS, extra={"fake": {"reply": "abcdefgh"}})
+    assert got == [("text", "abcd"), ("text", "efgh")] and finish == "stop" and usage["completion_tokens"] == 2
+
+
+async def test_chat_callback_error_ends_the_stream_and_is_raised_as_is(fake: FakeLLM, client: LLMClient) -> None:
+    class PublishFailed(Exception):
+        pass
+
+    n = 0
+
+    def on_event(kind: str, text: str) -> None:
+        nonlocal n
+        n += 1
+        if n == 3:
+            raise PublishFailed("broker gone")
+
+    with pytest.raises(PublishFailed):
+        await chat(client, fake.url, on_event=on_event, model="m", messages=MSGS,
+                   extra={"fake": {"tokens_per_s": 100, "n_tokens": 500}})
+    assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, 2.0)
+    assert fake.stats.tokens_sent < 100
+
+
+async def test_cancelling_chat_closes_the_stream(fake: FakeLLM, client: LLMClient) -> None:
+    got: list[str] = []
+    task = asyncio.ensure_future(chat(client, fake.url, on_event=lambda k, t: got.append(t), model="m",
+                                      messages=MSGS, extra={"fake": {"tokens_per_s": 50, "n_tokens": 500}}))
+    assert await fake.wait_for(lambda s: s.tokens_sent >= 2, 2.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, 2.0)
+    assert got and fake.stats.streams_completed == 0
+
+
+async def test_a_slow_consumer_pauses_reading_and_loses_nothing(fake: FakeLLM, client: LLMClient) -> None:
+    """Far more events than QUEUE_PAUSE arrive while the consumer sleeps: reading pauses, then resumes."""
+    from node.llm import QUEUE_PAUSE
+
+    n_tokens = 3 * QUEUE_PAUSE
+    got: list[str] = []
+    async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, stall_timeout=0.5,
+                                extra={"fake": {"n_tokens": n_tokens}}):
+        if ev.kind == "text":
+            got.append(ev.text)
+            if len(got) == 1:
+                await asyncio.sleep(0.8)  # longer than stall_timeout: not a stall either
+    assert got == reply_tokens(FakeLLMConfig(n_tokens=n_tokens), MSGS)
