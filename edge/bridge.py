@@ -34,6 +34,7 @@ NODE_LOST_MSG = "与服务器 B 的连接中断，本次回答未能完成，请
 GAP_WAIT_S = 1.0  # a gap in a reply stream held this long is asked to be replayed (then again, this often)
 IDLE_ASK_S = 10.0  # a running task silent this long is asked to replay from its next seq (a lost tail or Done)
 QUEUED_ASK_S = 60.0  # a task queued at its node, silent this long, is asked too (its replies may all be lost)
+FINISHED_KEEP_S = 120.0  # a finished task stays in Bridge.live this long (late replies, resumes, retries)
 REPAIR_ASKS = 5  # unanswered replay requests before the task ends with node_lost (the node no longer has it)
 # Stage latencies observed from the replies' timing maps (wall-clock µs; stages that span both servers
 # include their clock offset, and negative values are counted as skew): ``/metrics``
@@ -127,8 +128,15 @@ class Bridge:
         # once a node has accepted it: a user's tasks reach the node in the order asked whatever the broker
         # does with a burst (with amqtt, a 1000-task burst arrived partly rotated).
         self._queues: dict[str, deque[LiveTask]] = {}
+        # The unfinished ones of ``live`` (what the housekeeping scans), and the finished ones by the time
+        # they finished (kept FINISHED_KEEP_S, then forgotten): under load ``live`` holds tens of thousands
+        # of finished tasks, and a scan of all of them every tick stalled every stream for ~20 ms.
+        self._open: dict[bytes, LiveTask] = {}
+        self._expiry: deque[tuple[float, bytes]] = deque()
+        self._attached: dict[Sink, set[LiveTask]] = {}  # sink -> the tasks it is attached to (detach_all)
         self._pending: dict[str, int] = {}  # uid -> unfinished tasks (see pending())
         self._chunk_buf: list[tuple[bytes, int, str]] | None = None  # while a batch is handled (see _on_message)
+        self._drop_buf: set[bytes] = set()  # tasks finished in that batch: their chunks go in its transaction
         self._out_buf: list[tuple[Any, dict[str, Any]]] | None = None  # frames for sinks, ditto
         self._store_full = False  # the last add was refused (StoreFull): publish only after the commit then
 
@@ -136,7 +144,7 @@ class Bridge:
     async def run(self) -> None:
         for rec in sorted(self.store.unfinished(), key=lambda r: r.ts):  # after a restart: what was in flight
             live = LiveTask(rec, wire.TaskStream(rec.id), shown=self.store.chunk_texts(rec.id) or None)
-            self.live[rec.id] = live
+            self._track(live)
             self._queues.setdefault(rec.uid, deque()).append(live)
             self._count(rec.uid, 1)
         if self.live:
@@ -200,7 +208,7 @@ class Bridge:
         """Tasks the lost node had accepted: one that has shown no text yet goes back to pending and is
         re-dispatched (the user sees nothing twice); one that has streamed text ends with a clear
         ``node_lost`` error, keeping what was shown (re-running it would repeat that text)."""
-        for live in list(self.live.values()):
+        for live in list(self._open.values()):
             if live.finished_at is not None or live.rec.node != nid or live.stream.state is wire.State.PENDING:
                 continue
             if live.stream.next_seq == 1 and live.stream.high == 0:
@@ -221,9 +229,14 @@ class Bridge:
             self._republish_pending()
             self._repair()
             now = self._loop.time()
-            for tid, live in list(self.live.items()):
-                if live.finished_at is not None and now - live.finished_at > 120:
+            expiry = self._expiry
+            while expiry and now - expiry[0][0] > FINISHED_KEEP_S:
+                tid = expiry.popleft()[1]
+                live = self.live.get(tid)
+                if live is not None and live.finished_at is not None and now - live.finished_at > FINISHED_KEEP_S:
                     del self.live[tid]
+                    for sink in list(live.sinks):
+                        self.detach(live, sink)
 
     # ---- tasks out -------------------------------------------------------------------------
     async def submit(self, uid: str, ch: str, text: str, conv: str | None = None,
@@ -258,7 +271,7 @@ class Bridge:
         wire.validate(self._task_msg(rec, opts))  # raises WireError before anything is stored
         live = LiveTask(rec, wire.TaskStream(tid), opts=opts)
         live.stored = self._loop.create_future()
-        self.live[tid] = live  # visible at once: a concurrent submit of the same id waits for `stored`
+        self._track(live)  # visible at once: a concurrent submit of the same id waits for `stored`
         # Without a dedup key there is nothing to wait for before sending: the task goes to the nodes while
         # its LMDB commit (fsync, ~0.6 ms, more under load) runs, off the first-token path. It is still
         # acknowledged to no one before the commit; a crash in between only wastes the node's answer.
@@ -273,12 +286,12 @@ class Bridge:
                 live.stored.set_result(None)
                 self.release(live)
                 raise
-            self.live.pop(tid, None)
+            self._untrack(tid)
             if not live.stored.done():
                 live.stored.cancel()
             raise
         except BaseException as exc:
-            self.live.pop(tid, None)
+            self._untrack(tid)
             if isinstance(exc, StoreFull):
                 self._store_full = True
             if early and live.finished_at is None:  # sent, but not recorded: take it back
@@ -295,7 +308,7 @@ class Bridge:
         live.stored.set_result(None)
         self._store_full = False
         if stored.id != tid:  # dedup hit: this message was recorded before (maybe before a restart)
-            self.live.pop(tid, None)
+            self._untrack(tid)
             old = self.get(stored.id) or self._revive(stored)
             old.created = False
             return old
@@ -338,8 +351,30 @@ class Bridge:
             live.stream = wire.TaskStream(rec.id)
         else:
             self._count(rec.uid, 1)
-        self.live[rec.id] = live
+        self._track(live)
         return live
+
+    def _track(self, live: LiveTask) -> None:
+        tid = live.rec.id
+        self.live[tid] = live
+        if live.finished_at is None:
+            self._open[tid] = live
+        else:
+            self._expiry.append((live.finished_at, tid))
+
+    def unfinished(self) -> list[LiveTask]:
+        """The tasks not finished yet (a copy)."""
+        return list(self._open.values())
+
+    def _untrack(self, tid: bytes) -> None:
+        self.live.pop(tid, None)
+        self._open.pop(tid, None)
+
+    def _finished_now(self, live: LiveTask) -> None:
+        live.finished_at = now = self._loop.time()
+        tid = live.rec.id
+        if self._open.pop(tid, None) is not None:
+            self._expiry.append((now, tid))
 
     def _task_msg(self, rec: TaskRecord, opts: dict[str, Any] | None = None) -> wire.Task:
         return wire.Task(id=rec.id, uid=rec.uid, ch=rec.ch, text=rec.text, ts=rec.ts, conv=rec.conv,  # type: ignore[arg-type]
@@ -368,7 +403,7 @@ class Bridge:
             return  # while no node is online, re-sending is pointless load; a node coming online forces it
         now = self._loop.time()
         if force:
-            for live in self.live.values():
+            for live in list(self._open.values()):
                 if live.cancel_requested and live.finished_at is None:
                     self._publish_cancel(live)  # a stop asked while the broker link was down
         for uid in list(self._queues):
@@ -391,7 +426,7 @@ class Bridge:
         if not self._connected.is_set() or not self._online:
             return  # nobody to ask; a lost node is handled by _node_lost
         now = self._loop.time()
-        for live in list(self.live.values()):
+        for live in list(self._open.values()):
             st = live.stream
             if live.finished_at is not None or st.state is wire.State.PENDING:
                 continue
@@ -457,14 +492,21 @@ class Bridge:
         live.sinks.add(sink)
         if trace:
             live.trace.add(sink)
+        self._attached.setdefault(sink, set()).add(live)
 
     def detach(self, live: LiveTask, sink: Sink) -> None:
         live.sinks.discard(sink)
         live.trace.discard(sink)
+        tasks = self._attached.get(sink)
+        if tasks is not None:
+            tasks.discard(live)
+            if not tasks:
+                del self._attached[sink]
 
     def detach_all(self, sink: Sink) -> None:
+        """A client connection is gone: detach it from every task it follows (not a scan of ``live``)."""
         self.presence.discard(sink)
-        for live in self.live.values():
+        for live in self._attached.pop(sink, ()):
             live.sinks.discard(sink)
             live.trace.discard(sink)
 
@@ -498,9 +540,10 @@ class Bridge:
                 finally:
                     buf, self._chunk_buf = self._chunk_buf, None
                     out, self._out_buf = self._out_buf, None
+                    drop, self._drop_buf = self._drop_buf, set()
                     try:
-                        if buf:
-                            self.store.add_chunks(buf)
+                        if buf or drop:
+                            self.store.add_chunks(buf, drop)
                     finally:
                         for sink, frame in out:
                             sink.push(frame)
@@ -649,13 +692,14 @@ class Bridge:
                 text: str | None = None) -> None:
         if live.finished_at is not None:
             return
-        live.finished_at = self._loop.time()
+        self._finished_now(live)
         self._count(live.rec.uid, -1)
         if text is None:
             text = live.stream.text
-        if self._chunk_buf:  # chunks of this task not yet written (same batch): never write them now
-            self._chunk_buf = [c for c in self._chunk_buf if c[0] != live.rec.id]
-        self._drop_chunks(live.rec.id)
+        if self._chunk_buf is not None:  # in a batch: its one transaction drops them (and adds none of them)
+            self._drop_buf.add(live.rec.id)
+        else:
+            self._drop_chunks(live.rec.id)
         live.rec = self.store.update(live.rec.id, status=status, answer=text, err=err, usage=usage) or live.rec
         self._next(live.rec.uid)
         self.stats.finished[status] = self.stats.finished.get(status, 0) + 1

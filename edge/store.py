@@ -333,21 +333,31 @@ class TaskStore:
         except lmdb.Error as exc:
             log.error("edge: chunk %d of task %s not kept in edge-chunks.lmdb: %s", seq, tid.hex()[:8], exc)
 
-    def add_chunks(self, chunks: list[tuple[bytes, int, str]]) -> None:
-        """:meth:`add_chunk` for many chunks (task id, seq, text) in one transaction."""
+    def add_chunks(self, chunks: list[tuple[bytes, int, str]], drop: set[bytes] | frozenset[bytes] = frozenset()
+                   ) -> None:
+        """:meth:`add_chunk` for many chunks (task id, seq, text) in one transaction, which also drops the
+        chunks of the tasks in ``drop`` (finished: their chunks are neither added nor kept)."""
         try:
             with self.chunk_env.begin(write=True, db=self.chunks) as txn:
                 for tid, seq, text in chunks:
-                    txn.put(tid + struct.pack(">I", seq), text.encode())
+                    if tid not in drop:
+                        txn.put(tid + struct.pack(">I", seq), text.encode())
+                for tid in drop:
+                    self._drop(txn, tid)
         except lmdb.Error as exc:
-            log.error("edge: %d chunk(s) not kept in edge-chunks.lmdb: %s", len(chunks), exc)
+            log.error("edge: %d chunk(s) not kept (or %d task(s) not dropped) in edge-chunks.lmdb: %s",
+                      len(chunks), len(drop), exc)
 
     def drop_chunks(self, tid: bytes) -> None:
         with self.chunk_env.begin(write=True, db=self.chunks) as txn:
-            cur = txn.cursor()
-            if cur.set_range(tid):
-                while cur.key()[:len(tid)] == tid and cur.delete():
-                    pass
+            self._drop(txn, tid)
+
+    @staticmethod
+    def _drop(txn: Any, tid: bytes) -> None:
+        cur = txn.cursor()
+        if cur.set_range(tid):
+            while cur.key()[:len(tid)] == tid and cur.delete():
+                pass
 
     def chunk_texts(self, tid: bytes) -> list[str]:
         """The stored chunks of a task, seq 1… in order (stops at the first missing seq)."""

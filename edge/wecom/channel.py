@@ -332,7 +332,7 @@ class WeComChannel:
             done = await self._reply_once(key, ts_ms, user, ["已开始新的对话，之前的内容不再作为上下文。"],
                                           also=lambda txn: txn.put(ckey, conv, db=db))
         else:  # /stop
-            running = [t for t in self.bridge.live.values() if t.rec.uid == uid and t.finished_at is None]
+            running = [t for t in self.bridge.unfinished() if t.rec.uid == uid and t.finished_at is None]
             done = await self._reply_once(key, ts_ms, user,
                                           ["已停止当前的回答。" if running else "当前没有正在进行的回答。"])
             if done:

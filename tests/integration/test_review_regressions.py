@@ -141,3 +141,52 @@ async def test_no_frame_of_a_batch_reaches_a_sink_before_its_chunks_are_stored(t
                                                       wire.Delta(id=tid, seq=2, text="二")))
         assert [(seq, texts[:seq]) for seq, texts in stored_at_push] == [(1, ["一"]), (2, ["一", "二"])]
         assert [f["type"] for f in sink.frames] == ["accepted", "delta", "delta"]
+
+
+async def test_finished_tasks_leave_the_scans_and_are_forgotten_after_the_keep_time(
+        tmp_path: Path, pki_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished task is out of the housekeeping's scans at once (``unfinished()``), stays readable
+    (``get``) for FINISHED_KEEP_S, then is forgotten, with its sinks detached; ``detach_all`` of a sink
+    reaches exactly the tasks it was attached to."""
+    import edge.bridge
+    from edge.keys import BRIDGE
+    async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
+        bridge = sys_.app[BRIDGE]
+        done_live, done_sink = await _task(bridge, "finishes")
+        open_live, open_sink = await _task(bridge, "stays open")
+        other = Sink()
+        bridge.attach(open_live, other)
+        tid = done_live.rec.id
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="A"),
+                                                      wire.Done(id=tid, seq=1, status="ok")))
+        assert done_sink.frames[-1]["type"] == "done"
+        assert bridge.unfinished() == [open_live] and bridge.get(tid) is done_live
+        monkeypatch.setattr(edge.bridge, "FINISHED_KEEP_S", 0.0)
+        await asyncio.sleep(1.2)  # two housekeeping ticks
+        assert bridge.get(tid) is None and not done_live.sinks and done_sink not in bridge._attached
+        assert bridge.get(open_live.rec.id) is open_live  # an unfinished task is never forgotten
+        bridge.detach_all(open_sink)
+        assert open_live.sinks == {other} and open_sink not in bridge._attached
+
+
+async def test_a_batch_that_finishes_a_task_drops_its_chunks_in_the_same_transaction(
+        tmp_path: Path, pki_dir: Path) -> None:
+    """Chunks of a task finished in the batch are neither added nor left behind; another task's stay."""
+    from edge.keys import BRIDGE, STORE
+    async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
+        bridge, store = sys_.app[BRIDGE], sys_.app[STORE]
+        a, _ = await _task(bridge, "a")
+        b, _ = await _task(bridge, "b")
+        ta, tb = a.rec.id, b.rec.id
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=ta, node="n1"), wire.Accept(id=tb, node="n1"),
+                                                      wire.Delta(id=ta, seq=1, text="A1")))
+        assert store.chunk_texts(ta) == ["A1"]
+        commits = []
+        add = store.add_chunks
+        store.add_chunks = lambda chunks, drop=frozenset(): (commits.append((len(chunks), set(drop))),
+                                                             add(chunks, drop))[1]
+        bridge._on_message("claw/v1/batch/n1", batch(wire.Delta(id=ta, seq=2, text="A2"), wire.Delta(id=tb, seq=1, text="B1"),
+                                                      wire.Done(id=ta, seq=2, status="ok")))
+        assert commits == [(2, {ta})]  # one transaction for the batch
+        assert store.chunk_texts(ta) == [] and store.chunk_texts(tb) == ["B1"]
+        assert bridge.get(ta).rec.answer == "A1A2"
