@@ -70,6 +70,7 @@ from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from broker import acl
+from broker.local import LocalLink
 from broker.plugins import ROLE_KEY
 from broker.plugins.acl import ClawTopicPlugin
 from claw.config import Settings
@@ -212,6 +213,33 @@ class ClawBroker(Broker):
         topic_plugins = [p for p in self.plugins_manager.plugins if isinstance(p, BaseTopicPlugin)]
         # evaluate the ACL inline when ours is the only topic plugin (amqtt makes a task per plugin per check)
         self._fast_acl = bool(topic_plugins) and all(isinstance(p, ClawTopicPlugin) for p in topic_plugins)
+        self._local_links: list[LocalLink] = []
+
+    # -- the in-process link (broker/local.py) -------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.transitions.state == "started"
+
+    def attach_local(self, link: LocalLink) -> None:
+        if link not in self._local_links:
+            self._local_links.append(link)
+
+    def detach_local(self, link: LocalLink) -> None:
+        if link in self._local_links:
+            self._local_links.remove(link)
+
+    def local_publish(self, topic: str, data: bytes) -> None:
+        """A message from the in-process link, broadcast like a client's (no wildcard, no ``$``)."""
+        if not topic or "+" in topic or "#" in topic or topic.startswith("$"):
+            raise ValueError(f"not a topic to publish to: {topic[:200]!r}")
+        self._broadcast_queue.put_nowait({"session": None, "topic": topic, "data": data})
+
+    async def shutdown(self) -> None:
+        for link in list(self._local_links):
+            link.close()
+        self._local_links.clear()
+        await super().shutdown()
 
     # -- listeners -----------------------------------------------------------------------------------------
 
@@ -398,12 +426,45 @@ class ClawBroker(Broker):
             self._wild_version = version
         return self._wild
 
+    async def _broadcast_loop(self) -> None:
+        """amqtt's broadcast loop without its task and ``asyncio.wait`` per message: one message after the
+        other in this task; shutdown (``_broadcast_shutdown_waiter``) cancels it."""
+        running_tasks = self._tasks_queue
+        me = asyncio.current_task()
+        waiter = self._broadcast_shutdown_waiter
+        if me is not None:
+            waiter.add_done_callback(lambda _: me.cancel())
+        try:
+            while not waiter.done():
+                while running_tasks and running_tasks[0].done():
+                    task = running_tasks.popleft()
+                    try:
+                        task.result()
+                    except asyncio.CancelledError:
+                        pass
+                    except Exception:  # a delivery failed: it must not stop the broker
+                        log.exception("broker: a delivery task failed")
+                try:
+                    await self._run_broadcast(running_tasks)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # one bad broadcast must not stop every later one
+                    log.exception("broker: broadcasting a message failed")
+        finally:
+            for task in running_tasks:
+                if not task.done():
+                    task.cancel()
+
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
         """amqtt's broadcast step with an exact-topic dict lookup, inline ACL and no per-filter log formatting."""
         broadcast = await self._broadcast_queue.get()
         topic: str = broadcast["topic"]
         data = broadcast["data"]
         subs = self._subscriptions
+
+        for link in self._local_links:  # the edge bridge in this process (broker/local.py)
+            if link.wants(topic, self._matches):
+                link.deliver(topic, data)
 
         targets: list[tuple[Session, int]] = []
         exact = subs.get(topic)

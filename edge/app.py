@@ -10,10 +10,12 @@ import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiomqtt
 from aiohttp import WSCloseCode, web
 
+from broker.local import LocalLink
 from claw.config import Settings
-from claw.mqtt import client_from_settings, make_client
+from claw.mqtt import client_from_settings
 from claw.runtime import start_http
 
 from . import api
@@ -132,9 +134,8 @@ async def _mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
             handle = await stack.enter_async_context(run_broker(s))
             app[INFO].mqtt_tls_port = handle.tls_port
             app[INFO].mqtt_local_port = handle.local_port
-            client = make_client(host=handle.local_host, port=handle.local_port, username=handle.internal_user,
-                                 password=handle.internal_password, identifier="edge-bridge", tls=None,
-                                 keepalive=s.mqtt.keepalive, max_queued=s.mqtt.max_queued)
+            # The bridge is in the broker's process: an in-process link, not a loopback MQTT client.
+            client: aiomqtt.Client | LocalLink = LocalLink(handle.broker)
         else:
             client = client_from_settings(s.mqtt, identifier="edge-bridge", data_dir=s.data_dir)
         bridge = Bridge(s, app[STORE], client)

@@ -22,6 +22,7 @@ import aiomqtt
 import lmdb
 
 import wire
+from broker.local import LocalLink
 from claw.config import Settings
 from claw.metrics import Stages
 from claw.mqtt import Backoff, run_forever
@@ -109,7 +110,7 @@ class BridgeStats:
 
 
 class Bridge:
-    def __init__(self, settings: Settings, store: TaskStore, client: aiomqtt.Client) -> None:
+    def __init__(self, settings: Settings, store: TaskStore, client: aiomqtt.Client | LocalLink) -> None:
         self.s = settings
         self.store = store
         self.client = client
@@ -159,10 +160,15 @@ class Bridge:
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
 
-    async def _session(self, client: aiomqtt.Client) -> None:
+    async def _session(self, client: aiomqtt.Client | LocalLink) -> None:
         await client.subscribe([(wire.REPLY_FILTER, 1), (wire.NODE_FILTER, 1), (wire.BATCH_FILTER, 1)])
+        if isinstance(client, LocalLink):  # the embedded broker calls _on_message from its broadcast step
+            client.on_message = self._on_message
         self._connected.set()
         self._republish_pending(force=True)
+        if isinstance(client, LocalLink):
+            await client.wait_closed()
+            return
         async for msg in client.messages:
             self._on_message(str(msg.topic), msg.payload)  # type: ignore[arg-type]
 
@@ -387,8 +393,19 @@ class Bridge:
         msg = self._task_msg(live.rec, live.opts)
         live.pub_us = msg.timing["e_pub"]  # type: ignore[index]
         payload = wire.encode(msg)
-        self._spawn(self.client.publish(wire.task_topic(live.rec.uid), payload, qos=1))
+        self._send(wire.task_topic(live.rec.uid), payload)
         self.stats.published += 1
+
+    def _send(self, topic: str, payload: bytes) -> None:
+        """Publish (QoS 1) without waiting: at once into the embedded broker, else from a task."""
+        client = self.client
+        if isinstance(client, LocalLink):
+            try:
+                client.publish_nowait(topic, payload)
+            except aiomqtt.MqttError as exc:
+                log.debug("edge: publish failed (%s); housekeeping will retry", exc)
+            return
+        self._spawn(client.publish(topic, payload, qos=1))
 
     def _spawn(self, coro: Any) -> None:
         async def go() -> None:
@@ -455,7 +472,7 @@ class Bridge:
             msg = self._task_msg(live.rec, live.opts)
             payload = wire.encode(wire.Task(id=msg.id, uid=msg.uid, ch=msg.ch, text=msg.text, ts=msg.ts,
                                             conv=msg.conv, opts=msg.opts, replay=st.next_seq))
-            self._spawn(self.client.publish(wire.task_topic(live.rec.uid), payload, qos=1))
+            self._send(wire.task_topic(live.rec.uid), payload)
 
     def cancel(self, tid: bytes, uid: str) -> bool:
         live = self.live.get(tid)
@@ -470,8 +487,7 @@ class Bridge:
     def _publish_cancel(self, live: LiveTask) -> None:
         """Best effort now; if the broker link is down, ``_republish_pending`` sends it on reconnect."""
         if self._connected.is_set():
-            self._spawn(self.client.publish(wire.task_topic(live.rec.uid), wire.encode(wire.Cancel(id=live.rec.id)),
-                                            qos=1))
+            self._send(wire.task_topic(live.rec.uid), wire.encode(wire.Cancel(id=live.rec.id)))
 
     # ---- lookup / attach -------------------------------------------------------------------
     def pending(self, uid: str) -> int:

@@ -453,3 +453,87 @@ async def test_without_tls_listener(tmp_path: Path) -> None:
         async with aiomqtt.Client(h.local_host, h.local_port, username=h.internal_user,
                                   password=h.internal_password, protocol=aiomqtt.ProtocolVersion.V311, timeout=5):
             pass
+
+
+# ---- the in-process link (broker/local.py) ------------------------------------------------------------
+
+
+async def test_local_link_receives_and_publishes_like_a_client(env: Env) -> None:
+    """The edge bridge's in-process link gets what matches its filters, in order, and what it publishes
+    reaches a real TLS client subscribed to it (at the subscription's QoS)."""
+    from broker.local import LocalLink
+    user, pw = env.store.add("node", "n1")
+    got: list[tuple[str, bytes]] = []
+    async with LocalLink(env.h.broker) as link, env.tls_client(user, pw) as node:
+        await link.subscribe([("claw/v1/reply/+", 1), ("claw/v1/batch/+", 1)])
+        link.on_message = lambda topic, data: got.append((topic, bytes(data)))
+        await node.subscribe("claw/v1/task/+", qos=1)
+        await asyncio.sleep(0.1)
+        for i in range(5):
+            await node.publish("claw/v1/reply/web.alice", f"r{i}".encode(), qos=1)
+        await node.publish("claw/v1/node/n1", b"beat", qos=1)  # not subscribed: not delivered
+        await link.publish("claw/v1/task/web.alice", b"task-1")
+        msg = await next_message(node)
+        assert msg.topic.value == "claw/v1/task/web.alice" and msg.payload == b"task-1" and msg.qos == 1
+        for _ in range(50):
+            if len(got) == 5:
+                break
+            await asyncio.sleep(0.02)
+    assert got == [("claw/v1/reply/web.alice", f"r{i}".encode()) for i in range(5)]
+    with pytest.raises(ValueError):
+        env.h.broker.local_publish("claw/v1/task/+", b"x")
+
+
+async def test_local_link_handler_failure_does_not_stop_the_broker(env: Env,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A message the bridge's handler chokes on is logged and counted; the next ones and every other
+    subscriber still get theirs."""
+    from broker.local import LocalLink
+    user, pw = env.store.add("node", "n1")
+    got: list[bytes] = []
+
+    def handler(topic: str, data: bytes) -> None:
+        if data == b"bad":
+            raise RuntimeError("bridge bug")
+        got.append(bytes(data))
+
+    async with LocalLink(env.h.broker) as link, env.tls_client(user, pw) as node, \
+            env.edge_client() as watcher:
+        await link.subscribe([("claw/v1/reply/+", 1)])
+        link.on_message = handler
+        await watcher.subscribe("claw/v1/reply/+", qos=1)
+        await asyncio.sleep(0.1)
+        for payload in (b"bad", b"good"):
+            await node.publish("claw/v1/reply/web.alice", payload, qos=1)
+        assert (await next_message(watcher)).payload == b"bad"
+        assert (await next_message(watcher)).payload == b"good"
+        for _ in range(50):
+            if got:
+                break
+            await asyncio.sleep(0.02)
+        assert got == [b"good"] and link.failed == 1 and link.delivered == 1
+    assert "bridge bug" in caplog.text
+
+
+async def test_local_link_ends_when_the_broker_stops_and_shutdown_is_prompt(tmp_path: Path) -> None:
+    import time
+
+    from broker.local import LocalLink
+    issue_server_cert(tmp_path / "pki", ["localhost", "127.0.0.1"])
+    async with contextlib.AsyncExitStack() as stack:
+        h = await stack.enter_async_context(run_broker(_settings(tmp_path)))
+        link = await stack.enter_async_context(LocalLink(h.broker))
+        waiter = asyncio.ensure_future(link.wait_closed())
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        t0 = time.monotonic()
+        await h.broker.shutdown()
+        assert time.monotonic() - t0 < 2.0  # the broadcast loop stops at once, not after amqtt's timeout
+        with pytest.raises(aiomqtt.MqttError):
+            await waiter
+        with pytest.raises(aiomqtt.MqttError):
+            link.publish_nowait("claw/v1/task/web.alice", b"x")
+        stack.pop_all()  # already shut down
+    with pytest.raises(aiomqtt.MqttError):
+        async with LocalLink(h.broker):
+            pass
