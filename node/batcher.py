@@ -46,12 +46,14 @@ class ReplyBatcher:
         self._futs: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
         self.items = 0
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"reply-batcher-{self.node_id}")
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run(), name=f"reply-batcher-{self.node_id}")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -71,9 +73,11 @@ class ReplyBatcher:
     def enqueue(self, msg: Reply) -> asyncio.Future[None]:
         """Queue ``msg`` now (its place in the order is taken at once) and return the future of its batch's
         acknowledgement; not awaiting it is fine (a failure is then only logged by nobody: the edge repairs)."""
-        if self._task is None:
+        if self._task is None or self._loop is None:
             raise RuntimeError("reply batcher is not running")
-        fut = asyncio.get_running_loop().create_future()
+        # self._loop, not asyncio.get_running_loop(): that one costs a getpid() system call each time
+        # (py-spy: 2.8 % of the node at 500 streams, one per chunk)
+        fut = self._loop.create_future()
         fut.add_done_callback(_retrieve)
         self._items.append(msg)
         self._futs.append(fut)

@@ -145,3 +145,47 @@ async def test_full_store_refuses_new_tasks_clearly_and_pruning_makes_room(tmp_p
     finally:
         st.close()
         close_env(tmp_path / "edge.lmdb")
+
+
+async def test_recently_committed_records_are_read_from_memory_and_stay_true_to_the_file(tmp_path: Path) -> None:
+    """get() answers recent commits from memory (no read transaction); whatever it answers is what the
+    file holds: a failed write drops the memory copy, an update of a task never stored creates nothing,
+    and the cache is bounded."""
+    import edge.store
+
+    def on_disk(st: TaskStore, tid: bytes) -> TaskRecord | None:
+        with st.env.begin() as txn:
+            raw = txn.get(tid, db=st.tasks)
+        return None if raw is None else edge.store._unpack(tid, raw)
+
+    st = TaskStore(tmp_path)
+    try:
+        rec = _rec()
+        await st.add(rec)
+        assert st._recent[rec.id] == rec == on_disk(st, rec.id)
+        new = await st.update_durable(rec.id, status="accepted", node="n1")
+        assert st._recent[rec.id] == new == on_disk(st, rec.id) == st.get(rec.id)
+
+        def boom(txn: object) -> None:
+            raise ValueError("an also() that fails")
+
+        with pytest.raises(ValueError):
+            await st.update_durable(rec.id, also=boom, status="ok", answer="lost")
+        assert rec.id not in st._recent and not st._overlay
+        assert st.get(rec.id) == on_disk(st, rec.id) == new  # the failed update is not what get() says
+
+        ghost = _rec()  # never added: an update must not make it exist, in memory or on disk
+        st.update(ghost.id, status="ok")  # (no record to build on: nothing happens)
+        st._overlay[ghost.id] = (ghost, -1)  # as if its add were still in flight (its write then fails)
+        st.update(ghost.id, status="ok", answer="x")
+        await st.flush()
+        st._overlay.pop(ghost.id, None)
+        assert ghost.id not in st._recent and st.get(ghost.id) is None and on_disk(st, ghost.id) is None
+
+        for _ in range(edge.store.RECENT_MAX + 10):
+            await st.add(_rec())
+        assert len(st._recent) == edge.store.RECENT_MAX and rec.id not in st._recent
+        assert st.get(rec.id) == new  # from the file
+    finally:
+        st.close()
+        close_env(tmp_path / "edge.lmdb")
