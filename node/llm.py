@@ -465,10 +465,11 @@ class _Exchange:
                 self._chunked(data)
             elif framing == "length":
                 if len(data) >= self.left:
+                    extra = len(data) > self.left  # bytes after the body: not a connection to reuse
                     piece, self.left = data[:self.left], 0
                     self._body(piece)
                     if self.state == _BODY:
-                        self._complete(reuse=True)
+                        self._complete(reuse=not extra)
                 else:
                     self.left -= len(data)
                     self._body(data)

@@ -1078,3 +1078,15 @@ async def test_a_slow_consumer_pauses_reading_and_loses_nothing(fake: FakeLLM, c
             if len(got) == 1:
                 await asyncio.sleep(0.8)  # longer than stall_timeout: not a stall either
     assert got == reply_tokens(FakeLLMConfig(n_tokens=n_tokens), MSGS)
+
+
+async def test_bytes_after_a_content_length_body_mean_the_connection_is_not_reused(client: LLMClient) -> None:
+    body = _sse_body("a")
+    resp = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+    server, url, per_conn = await _keepalive_server([resp + b"HTTP/1.1 200 OK\r\n\r\n"])  # junk after the body
+    try:
+        assert text_of(await collect(client, url)) == "a"
+        assert text_of(await collect(client, url)) == "a"
+    finally:
+        server.close()
+    assert client.connects == 2
