@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,10 @@ DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file grows only as dat
 
 
 def open_env(path: str | os.PathLike[str], *, max_dbs: int = 16, map_size: int = DEFAULT_MAP_SIZE,
-             sync: bool = True) -> lmdb.Environment:
-    """Open (or return the already open) LMDB environment in directory ``path``."""
+             sync: bool = True, writemap: bool = False) -> lmdb.Environment:
+    """Open (or return the already open) LMDB environment in directory ``path``. ``writemap``: commits write
+    into the shared memory map instead of with ``pwrite`` (not on Windows, where it would allocate the whole
+    map size on disk)."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     key = str(p.resolve())
@@ -29,7 +32,8 @@ def open_env(path: str | os.PathLike[str], *, max_dbs: int = 16, map_size: int =
         env = _ENVS.get(key)
         if env is None:
             env = lmdb.open(key, max_dbs=max_dbs, map_size=map_size, subdir=True, sync=sync,
-                            metasync=sync, lock=True, max_readers=256)
+                            metasync=sync, lock=True, max_readers=256,
+                            writemap=writemap and sys.platform != "win32")
             _ENVS[key] = env
         return env
 

@@ -99,9 +99,11 @@ class TaskStore:
         self._psize = self.env.stat()["psize"]
         self._map_size = self.env.info()["map_size"]
         # Chunks of unfinished tasks (id + seq -> text), written synchronously before a chunk is forwarded,
-        # in an environment of their own without fsync: a write is ~10 µs, survives a crash or kill -9 of
-        # the process (the OS has the pages), not a power loss. Never contends with the writer thread.
-        self.chunk_env = open_env(Path(data_dir) / "edge-chunks.lmdb", max_dbs=2, sync=False)
+        # in an environment of their own without fsync: a write survives a crash or kill -9 of the process
+        # (the OS has the pages), not a power loss. Never contends with the writer thread. writemap: a commit
+        # writes into the shared map instead of pwrite() calls (a transaction of 10 chunks 88 -> 32 µs here;
+        # py-spy: the batch's transaction was ~7 % of the edge at 500 streams).
+        self.chunk_env = open_env(Path(data_dir) / "edge-chunks.lmdb", max_dbs=2, sync=False, writemap=True)
         self.chunks = self.chunk_env.open_db(b"chunks")
         self.writer = Writer(self.env, name="edge-lmdb-writer")
         self._overlay: dict[bytes, tuple[TaskRecord, int]] = {}  # updates not yet committed
