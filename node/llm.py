@@ -536,6 +536,16 @@ class _Exchange:
         return rest
 
     def _chunked(self, data: bytes) -> None:
+        if not self.cbuf and self.cstate == _C_SIZE:  # the usual read: exactly one whole chunk (one event)
+            i = data.find(b"\r\n", 0, 18)
+            if 0 < i < 17 and data[-2:] == b"\r\n":
+                try:
+                    size = int(data[:i], 16)
+                except ValueError:
+                    size = -1
+                if size > 0 and len(data) == i + size + 4:
+                    self._body(data[i + 2:i + 2 + size])
+                    return
         buf = self.cbuf + data if self.cbuf else data
         pos, n = 0, len(buf)
         st = self.cstate
