@@ -214,14 +214,17 @@ class ClawBroker(Broker):
         # evaluate the ACL inline when ours is the only topic plugin (amqtt makes a task per plugin per check)
         self._fast_acl = bool(topic_plugins) and all(isinstance(p, ClawTopicPlugin) for p in topic_plugins)
         self._local_links: list[LocalLink] = []
+        self._stopping = False
 
     # -- the in-process link (broker/local.py) -------------------------------------------------------------
 
     @property
     def running(self) -> bool:
-        return self.transitions.state == "started"
+        return self.transitions.state == "started" and not self._stopping
 
     def attach_local(self, link: LocalLink) -> None:
+        if not self.running:
+            raise MQTTError("the embedded broker is stopping")
         if link not in self._local_links:
             self._local_links.append(link)
 
@@ -236,6 +239,7 @@ class ClawBroker(Broker):
         self._broadcast_queue.put_nowait({"session": None, "topic": topic, "data": data})
 
     async def shutdown(self) -> None:
+        self._stopping = True  # no new in-process link from here on (a reconnecting bridge is refused)
         for link in list(self._local_links):
             link.close()
         self._local_links.clear()

@@ -48,7 +48,10 @@ class LocalLink:
         if not self._broker.running:
             raise aiomqtt.MqttError("the embedded broker is not running")
         self._closed = asyncio.get_running_loop().create_future()
-        self._broker.attach_local(self)
+        try:
+            self._broker.attach_local(self)
+        except Exception as exc:
+            raise aiomqtt.MqttError(f"the embedded broker refused the link: {exc}") from None
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -68,7 +71,7 @@ class LocalLink:
         self.publish_nowait(topic, payload)
 
     def publish_nowait(self, topic: str, payload: bytes) -> None:
-        if not self.connected:
+        if not self.connected or not self._broker.running:
             raise aiomqtt.MqttError("the embedded broker link is closed")
         self._broker.local_publish(topic, payload)
 
@@ -93,6 +96,6 @@ class LocalLink:
         try:
             handler(topic, data)
             self.delivered += 1
-        except Exception:  # never let the bridge's bug stop the broker's broadcast step
+        except (Exception, asyncio.CancelledError):  # never let the bridge's bug stop the broadcast step
             self.failed += 1
             log.exception("edge bridge: handling a message on %s failed", topic[:200])

@@ -86,7 +86,9 @@ def _unpack(tid: bytes, raw: bytes) -> TaskRecord:
     return TaskRecord(id=tid, **{k: v for k, v in d.items() if k in _FIELDS})
 
 
-RECENT_MAX = 8192  # committed task records TaskStore.get() answers from memory
+RECENT_MAX = 8192  # committed task records TaskStore.get() answers from memory, at most
+RECENT_CHARS = 8 * 1024 * 1024  # ... holding at most this many characters of questions and answers
+RECENT_RECORD_MAX = 64 * 1024  # a record with more is never held
 
 
 class TaskStore:
@@ -112,6 +114,7 @@ class TaskStore:
         # (py-spy: get() in update() was ~5 % of the edge at 500 streams). Kept true by the writer thread:
         # set after a commit, dropped on a failed write and by pruning.
         self._recent: dict[bytes, TaskRecord] = {}
+        self._recent_chars = 0  # characters of question + answer held in _recent
         self._gen = 0
         self._olock = threading.Lock()
 
@@ -239,11 +242,17 @@ class TaskStore:
                 for tid, ukey in part:
                     txn.delete(tid, db=tasks)
                     txn.delete(ukey, db=by_user)
+
+            def forget(f: Any, part: list[tuple[bytes, bytes]] = part) -> None:
+                # after the commit, in commit order (an update committed in the same batch, before this op,
+                # has put its record in _recent already: it must go too)
                 with self._olock:
                     for tid, _ in part:
-                        self._recent.pop(tid, None)
+                        self._forget_locked(tid)
 
-            await self.writer.write(op)
+            fut = self.writer.submit(op)
+            fut.add_done_callback(forget)
+            await asyncio.wrap_future(fut)
         return len(old)
 
     def _remember(self, tid: bytes, rec: TaskRecord) -> None:
@@ -251,11 +260,20 @@ class TaskStore:
             self._remember_locked(tid, rec)
 
     def _remember_locked(self, tid: bytes, rec: TaskRecord) -> None:
+        self._forget_locked(tid)
+        size = len(rec.text) + len(rec.answer or "")
+        if size > RECENT_RECORD_MAX:
+            return  # a huge answer is not worth holding twice
         recent = self._recent
-        recent.pop(tid, None)
         recent[tid] = rec
-        if len(recent) > RECENT_MAX:
-            del recent[next(iter(recent))]
+        self._recent_chars += size
+        while len(recent) > RECENT_MAX or self._recent_chars > RECENT_CHARS:
+            self._forget_locked(next(iter(recent)))
+
+    def _forget_locked(self, tid: bytes) -> None:
+        old = self._recent.pop(tid, None)
+        if old is not None:
+            self._recent_chars -= len(old.text) + len(old.answer or "")
 
     def get(self, tid: bytes) -> TaskRecord | None:
         pending = self._overlay.get(tid)
@@ -317,7 +335,7 @@ class TaskStore:
                 if ok and f.result():
                     self._remember_locked(tid, new)
                 else:
-                    self._recent.pop(tid, None)  # what is stored is not known here: read it
+                    self._forget_locked(tid)  # what is stored is not known here: read it
                 cur = self._overlay.get(tid)
                 if cur is not None and cur[1] == gen:
                     del self._overlay[tid]
@@ -386,6 +404,11 @@ class TaskStore:
         except lmdb.Error as exc:
             log.error("edge: %d chunk(s) not kept (or %d task(s) not dropped) in edge-chunks.lmdb: %s",
                       len(chunks), len(drop), exc)
+            for tid in drop:  # the finished tasks' chunks must not stay for ever: one small transaction each
+                try:
+                    self.drop_chunks(tid)
+                except lmdb.Error as exc2:
+                    log.error("edge: chunks of task %s not dropped from edge-chunks.lmdb: %s", tid.hex()[:8], exc2)
 
     def drop_chunks(self, tid: bytes) -> None:
         with self.chunk_env.begin(write=True, db=self.chunks) as txn:

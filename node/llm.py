@@ -157,7 +157,7 @@ def _status_error(status: int, body: bytes, *, what: str, no_model_on_404: bool 
     if body:
         try:
             msg, code = _error_fields(json.loads(body))
-        except ValueError:
+        except Exception:  # not JSON, or JSON too deep (RecursionError): the raw text is the message
             msg = body[:_MAX_DETAIL].decode("utf-8", "replace")
     detail = f"{what}: HTTP {status}"
     if code:
@@ -222,7 +222,8 @@ class LLMClient:
         idle = self._idle.get(key)
         while idle:
             conn, since = idle.pop()
-            if not conn.closed and now - since < IDLE_S:
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing() \
+                    and now - since < IDLE_S:
                 while idle and now - idle[0][1] >= IDLE_S:  # the oldest are stale too
                     idle.popleft()[0].close()
                 return conn
@@ -267,6 +268,10 @@ class _Conn(asyncio.Protocol):
         else:
             ex.feed(data)
 
+    def eof_received(self) -> bool:
+        self.closed = True  # the server is done with this connection: never reuse it (connection_lost follows)
+        return False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         ex, self.ex = self.ex, None
@@ -277,6 +282,18 @@ class _Conn(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+class _CallbackError(Exception):
+    """Carries what ``on_event`` raised, to be raised as it is by chat()."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
+
+
+class _StaleConnection(Exception):
+    """A reused kept-alive connection closed before any byte of the response: send again on a new one."""
 
 
 _HEAD, _BODY, _END = 0, 1, 2  # exchange states
@@ -293,11 +310,15 @@ class _Exchange:
 
     def __init__(self, client: LLMClient, key: tuple[str, int, bool], conn: _Conn, what: str, *,
                  on_event: OnEvent | None, first_deadline: float, stall_timeout: float,
-                 first_token_timeout: float) -> None:
+                 first_token_timeout: float, reused: bool = False) -> None:
         self.client, self.key, self.conn, self.what = client, key, conn, what
         self.on_event = on_event  # None: a plain request (the body is collected, see ``body``)
         self.loop = asyncio.get_running_loop()
         self.fut: asyncio.Future[tuple[dict[str, Any] | None, str | None]] = self.loop.create_future()
+        # the caller cancelled (its task was): stop at once, before another read can call on_event
+        self.fut.add_done_callback(lambda f: f.cancelled() and self.close())
+        self.reused = reused
+        self.got_bytes = False
         self.stall_timeout = stall_timeout
         self.first_token_timeout = first_token_timeout
         self.state = _HEAD
@@ -342,17 +363,21 @@ class _Exchange:
         conn = self.conn
         if conn.ex is self:
             conn.ex = None
-        if reuse and self.keep_alive and not conn.closed and not self.paused:
+        fut = self.fut
+        if not fut.done():
+            if cancel:
+                fut.cancel()
+            elif exc is not None:
+                if isinstance(exc, StopIteration):  # a Future cannot hold one
+                    exc = RuntimeError(f"on_event raised {exc!r}")
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+        if reuse and self.keep_alive and not conn.closed and not self.paused and conn.transport is not None \
+                and not conn.transport.is_closing():
             self.client._put(self.key, conn, self.loop.time())
         else:
             conn.close()  # an early end (error, cancel, aclose) closes the stream: LM Studio stops generating
-        if not self.fut.done():
-            if cancel:
-                self.fut.cancel()
-            elif exc is not None:
-                self.fut.set_exception(exc)
-            else:
-                self.fut.set_result(result)
 
     def close(self) -> None:
         """Stop here (the consumer is gone): the connection is closed, not reused."""
@@ -383,7 +408,17 @@ class _Exchange:
             self._settle((self.usage, self.finish), reuse=reuse)
 
     def lost(self, exc: Exception | None) -> None:
+        try:
+            self._lost(exc)
+        except BaseException as err:  # never leave the future unsettled
+            self.fail(err if isinstance(err, LLMError) else
+                      LLMError(LLM_BAD_RESPONSE, f"{self.what}: unexpected {type(err).__name__}: {_trunc(str(err))}"))
+
+    def _lost(self, exc: Exception | None) -> None:
         if self.state == _END:
+            return
+        if self.state == _HEAD and self.reused and not self.got_bytes:
+            self.fail(_StaleConnection())
             return
         name = f" ({type(exc).__name__}: {_trunc(str(exc)) or type(exc).__name__})" if exc else ""
         if self.state == _HEAD:
@@ -404,6 +439,13 @@ class _Exchange:
     # ---- deadlines -------------------------------------------------------------------------
     def _fire(self) -> None:
         self._timer = None
+        try:
+            self._fire_inner()
+        except BaseException as err:  # never leave the future unsettled
+            self.fail(err if isinstance(err, LLMError) else
+                      LLMError(LLM_BAD_RESPONSE, f"{self.what}: unexpected {type(err).__name__}: {_trunc(str(err))}"))
+
+    def _fire_inner(self) -> None:
         if self.state == _END:
             return
         now = self.loop.time()
@@ -455,6 +497,7 @@ class _Exchange:
 
     # ---- bytes in --------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
+        self.got_bytes = True
         try:
             if self.state == _HEAD:
                 data = self._head(data)
@@ -477,8 +520,13 @@ class _Exchange:
                 self._body(data)
         except LLMError as exc:
             self.fail(exc)
-        except Exception as exc:  # the consumer's callback failed (e.g. a publish): it is its error
-            self.fail(exc)
+        except _CallbackError as exc:  # the consumer's callback failed (e.g. a publish): its error, as it is
+            self.fail(exc.exc)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # a bug, or a server's data we choke on (e.g. RecursionError): never a hang
+            self.fail(LLMError(LLM_BAD_RESPONSE, f"{self.what}: unreadable response ({type(exc).__name__}: "
+                                                 f"{_trunc(str(exc)) or type(exc).__name__})"))
 
     def _head(self, data: bytes) -> bytes:
         buf = self.head + data if self.head else data
@@ -511,11 +559,16 @@ class _Exchange:
         self.keep_alive = parts[0] == "HTTP/1.1" and "close" not in conn_hdr
         if "chunked" in headers.get("transfer-encoding", "").lower():
             self.framing = "chunked"
+        elif status in (204, 304):  # no body, whatever the headers say
+            self.left = 0
+            self.framing = "length"
         elif "content-length" in headers:
             try:
                 self.left = int(headers["content-length"])
             except ValueError:
                 raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: bad Content-Length") from None
+            if self.left < 0:
+                raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: bad Content-Length")
             self.framing = "length"
         else:
             self.framing = "close"
@@ -531,7 +584,7 @@ class _Exchange:
         else:  # an error: its body is read (bounded by time too) for the message
             self._move(self.loop.time() + min(self.stall_timeout, 10.0))
         if self.framing == "length" and self.left == 0:
-            self._complete(reuse=True)
+            self._complete(reuse=not rest)
             return b""
         return rest
 
@@ -663,11 +716,14 @@ class _Exchange:
                 if fr:
                     self.finish = fr
             u = obj.get("usage")
-            if u:
+            if isinstance(u, dict) and u:
                 self.usage = u
+            if (content is not None and not isinstance(content, str)) or \
+                    (reasoning is not None and not isinstance(reasoning, str)):
+                raise TypeError("delta content is not a string")
         except LLMError:
             raise
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError) as exc:
             text = data.decode("utf-8", "replace")
             if event == b"error":
                 raise LLMError(LLM_STREAM_ERROR, f"{self.what}: error event in stream: {_trunc(text)}") from None
@@ -675,12 +731,17 @@ class _Exchange:
                                              f"{_trunc(text, 120)!r}") from None
         on_event = self.on_event
         assert on_event is not None
-        if reasoning:
-            self.reasoning_seen = True
-            on_event("reasoning", reasoning)
-        if content:
-            self.text_seen = True
-            on_event("text", content)
+        try:
+            if reasoning:
+                self.reasoning_seen = True
+                on_event("reasoning", reasoning)
+            if content:
+                self.text_seen = True
+                on_event("text", content)
+        except BaseException as exc:
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                raise
+            raise _CallbackError(exc) from None
 
 
 def _target(base_url: str, path: str) -> tuple[str, tuple[str, int, bool], str, str]:
@@ -703,13 +764,27 @@ def _target(base_url: str, path: str) -> tuple[str, tuple[str, int, bool], str, 
 
 async def _start(client: LLMClient, method: str, base_url: str, path: str, body: bytes | None, api_key: str, *,
                  on_event: OnEvent | None, first_token_timeout: float, stall_timeout: float,
-                 connect_timeout: float) -> _Exchange:
-    """Connect (or reuse a connection), send the request, and return its exchange (running)."""
+                 connect_timeout: float, fresh: bool = False) -> _Exchange:
+    """Connect (or reuse a kept-alive connection unless ``fresh``), send the request, and return its exchange
+    (running). Its future fails with ``_StaleConnection`` when a reused connection turns out closed before any
+    response byte: the caller sends again with ``fresh=True``."""
     loop = asyncio.get_running_loop()
     first_deadline = loop.time() + first_token_timeout
     url, key, target, host_hdr = _target(base_url, path)
     what = f"{method} {url}"
-    conn = client._take(key, loop.time())
+    head = [f"{method} {target} HTTP/1.1", f"Host: {host_hdr}", "Connection: keep-alive",
+            "Accept: text/event-stream" if on_event is not None else "Accept: application/json"]
+    for k, v in _headers(api_key, json=body is not None).items():
+        head.append(f"{k}: {v}")
+    if body is not None:
+        head.append(f"Content-Length: {len(body)}")
+    try:
+        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
+    except UnicodeEncodeError:  # (the detail never shows the header: it may be the API key)
+        raise LLMError(LLM_HTTP, f"{what}: a request header is not Latin-1 text (check node.llm_url and "
+                                 f"node.api_key)", user_message=_USER_AUTH) from None
+    conn = None if fresh else client._take(key, loop.time())
+    reused = conn is not None
     if conn is None:
         try:
             conn = await client._connect(key[0], key[1], key[2], min(connect_timeout, first_token_timeout))
@@ -719,18 +794,12 @@ async def _start(client: LLMClient, method: str, base_url: str, path: str, body:
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise LLMError(LLM_UNREACHABLE, f"{what}: cannot connect ({type(exc).__name__}: "
                                             f"{_trunc(str(exc)) or type(exc).__name__})") from None
-    head = [f"{method} {target} HTTP/1.1", f"Host: {host_hdr}", "Connection: keep-alive",
-            "Accept: text/event-stream" if on_event is not None else "Accept: application/json"]
-    for k, v in _headers(api_key, json=body is not None).items():
-        head.append(f"{k}: {v}")
-    if body is not None:
-        head.append(f"Content-Length: {len(body)}")
     ex = _Exchange(client, key, conn, what, on_event=on_event, first_deadline=first_deadline,
-                   stall_timeout=stall_timeout, first_token_timeout=first_token_timeout)
-    if conn.closed or conn.transport is None:
+                   stall_timeout=stall_timeout, first_token_timeout=first_token_timeout, reused=reused)
+    if conn.closed or conn.transport is None or conn.transport.is_closing():
         ex.lost(None)
     else:
-        conn.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b""))
+        conn.transport.write(request)
     return ex
 
 
@@ -769,14 +838,18 @@ async def chat(
     connection's read callback for each delta, as it arrives; return ``(usage, finish_reason)`` (usage None
     when the server sent none). Raises LLMError; an exception from ``on_event`` ends the stream and is
     raised as it is. Cancelling the caller closes the HTTP stream at once (LM Studio stops generating)."""
-    ex = await _start(client, "POST", base_url, "/chat/completions",
-                      _request_body(model, messages, max_tokens, extra), api_key, on_event=on_event,
-                      first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,
-                      connect_timeout=connect_timeout)
-    try:
-        return await ex.fut
-    finally:
-        ex.close()
+    body = _request_body(model, messages, max_tokens, extra)
+    for fresh in (False, True):
+        ex = await _start(client, "POST", base_url, "/chat/completions", body, api_key, on_event=on_event,
+                          first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,
+                          connect_timeout=connect_timeout, fresh=fresh)
+        try:
+            return await ex.fut
+        except _StaleConnection:
+            continue  # nothing of the answer came: send it again on a new connection
+        finally:
+            ex.close()
+    raise AssertionError("unreachable")  # a fresh connection is never stale
 
 
 async def stream_chat(
@@ -811,12 +884,17 @@ async def stream_chat(
         if len(queue) >= QUEUE_PAUSE:
             ex.pause()
 
-    ex = await _start(client, "POST", base_url, "/chat/completions",
-                      _request_body(model, messages, max_tokens, extra), api_key, on_event=on_event,
-                      first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,
-                      connect_timeout=connect_timeout)
+    body = _request_body(model, messages, max_tokens, extra)
+
+    async def begin(fresh: bool) -> _Exchange:
+        new = await _start(client, "POST", base_url, "/chat/completions", body, api_key, on_event=on_event,
+                           first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,
+                           connect_timeout=connect_timeout, fresh=fresh)
+        new.fut.add_done_callback(wake_up)
+        return new
+
+    ex = await begin(False)
     fut = ex.fut
-    fut.add_done_callback(wake_up)
     try:
         while True:
             if queue:
@@ -828,6 +906,10 @@ async def stream_chat(
                 ex.busy = False
                 ex.waiting(loop.time())
             if fut.done():
+                if not fut.cancelled() and isinstance(fut.exception(), _StaleConnection):
+                    ex = await begin(True)  # nothing of the answer came: send it again on a new connection
+                    fut = ex.fut
+                    continue
                 break
             w = wake[0] = loop.create_future()
             await w
@@ -837,6 +919,8 @@ async def stream_chat(
             yield StreamEvent("usage", usage=usage, finish_reason=finish)
     finally:
         ex.close()
+        if fut.done() and not fut.cancelled():
+            fut.exception()  # retrieved (a consumer that stopped early never asked for it)
 
 
 async def list_models(client: LLMClient, base_url: str, *, api_key: str = "", timeout: float = 2.0) -> list[str]:
@@ -844,12 +928,17 @@ async def list_models(client: LLMClient, base_url: str, *, api_key: str = "", ti
     what = f"GET {base_url.rstrip('/')}/models"
     try:
         async with asyncio.timeout(timeout):
-            ex = await _start(client, "GET", base_url, "/models", None, api_key, on_event=None,
-                              first_token_timeout=timeout + 1, stall_timeout=timeout + 1, connect_timeout=timeout)
-            try:
-                await ex.fut
-            finally:
-                ex.close()
+            for fresh in (False, True):
+                ex = await _start(client, "GET", base_url, "/models", None, api_key, on_event=None,
+                                  first_token_timeout=timeout + 1, stall_timeout=timeout + 1,
+                                  connect_timeout=timeout, fresh=fresh)
+                try:
+                    await ex.fut
+                    break
+                except _StaleConnection:
+                    continue
+                finally:
+                    ex.close()
     except TimeoutError:
         raise LLMError(LLM_STALL, f"{what}: no response within {timeout}s") from None
     status, raw = ex.status, bytes(ex.body)

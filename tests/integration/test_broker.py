@@ -537,3 +537,15 @@ async def test_local_link_ends_when_the_broker_stops_and_shutdown_is_prompt(tmp_
     with pytest.raises(aiomqtt.MqttError):
         async with LocalLink(h.broker):
             pass
+
+
+async def test_a_local_link_is_refused_once_the_broker_is_stopping(tmp_path: Path) -> None:
+    """A bridge reconnecting while the broker shuts down gets an error, not a link nobody will ever close."""
+    from broker.local import LocalLink
+    issue_server_cert(tmp_path / "pki", ["localhost", "127.0.0.1"])
+    async with run_broker(_settings(tmp_path)) as h:
+        h.broker._stopping = True  # what shutdown() sets first
+        with pytest.raises(aiomqtt.MqttError):
+            async with LocalLink(h.broker):
+                pass
+        h.broker._stopping = False

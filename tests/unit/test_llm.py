@@ -1090,3 +1090,112 @@ async def test_bytes_after_a_content_length_body_mean_the_connection_is_not_reus
     finally:
         server.close()
     assert client.connects == 2
+
+
+# --------------------------------------------------------------------------- review regressions (LLMClient)
+
+
+async def test_a_response_with_its_fin_right_behind_it_is_never_a_stale_reuse(client: LLMClient) -> None:
+    """The server ends each kept-alive response with a close and no "Connection: close": the next request
+    must not fail on that closing connection (it is not reused; were it lost before any byte, it is sent
+    again on a new one)."""
+    body = _sse_body("a", "b")
+    resp = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(resp)
+        writer.close()  # the body and the FIN together
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    try:
+        for _ in range(30):
+            assert text_of(await collect(client, url)) == "ab"
+            usage, finish = await chat(client, url, on_event=lambda k, t: None, model="m", messages=MSGS)
+            assert finish == "stop"
+    finally:
+        server.close()
+
+
+async def test_a_stale_pooled_connection_is_retried_on_a_new_one(client: LLMClient) -> None:
+    """A pooled connection that turns out closed before any byte of the response (the server's idle close
+    raced the reuse): the request goes again on a new connection, once."""
+    body = _sse_body("x")
+    resp = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+    server, url, per_conn = await _keepalive_server([resp])
+    try:
+        assert text_of(await collect(client, url)) == "x"
+        (conn, _), = client._idle[next(iter(client._idle))]
+        conn.closed = False
+        real_write = conn.transport.write
+        conn.transport.write = lambda data: (real_write(b""), conn.transport.abort())  # lost, no byte back
+        assert text_of(await collect(client, url)) == "x"
+    finally:
+        server.close()
+    assert client.connects == 2
+
+
+@pytest.mark.parametrize("where", ["error_body", "stream"])
+async def test_json_nested_too_deep_is_a_clear_error_not_a_hang(client: LLMClient, where: str) -> None:
+    deep = b"[" * 5000
+    if where == "error_body":
+        resp = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + deep
+        code = LLM_HTTP
+    else:
+        resp = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                b"data: " + deep + b"\n\n")
+        code = LLM_BAD_RESPONSE
+    server, url, _ = await _keepalive_server([resp], close_after=0.01)
+    try:
+        _, elapsed = await fails(client, url, code, stall_timeout=2.0, first_token_timeout=3.0)
+        assert elapsed < 1.5
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("exc", [StopIteration(), asyncio.CancelledError(), KeyError("k")],
+                         ids=["StopIteration", "CancelledError", "KeyError"])
+async def test_whatever_on_event_raises_ends_chat_at_once(fake: FakeLLM, client: LLMClient,
+                                                          exc: BaseException) -> None:
+    def on_event(kind: str, text: str) -> None:
+        raise exc
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError if isinstance(exc, StopIteration) else type(exc)):
+        await chat(client, fake.url, on_event=on_event, model="m", messages=MSGS,
+                   extra={"fake": {"tokens_per_s": 100, "n_tokens": 500}}, stall_timeout=5)
+    assert time.monotonic() - t0 < 2.0
+    assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, 2.0)
+
+
+async def test_a_header_that_is_not_latin1_is_a_clear_error_and_leaks_nothing(fake: FakeLLM,
+                                                                             client: LLMClient) -> None:
+    key = "sk-\u2014-dash"
+    err, elapsed = await fails(client, fake.url, LLM_HTTP, api_key=key)
+    assert key not in str(err) and elapsed < 1.0 and "api_key" in str(err)
+    assert client.connects == 0 and fake.stats.requests == 0
+
+
+async def test_list_models_on_a_204_is_a_bad_response_not_a_stall(client: LLMClient) -> None:
+    server, url, _ = await _keepalive_server([b"HTTP/1.1 204 No Content\r\n\r\n"])
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LLMError) as ei:
+            await list_models(client, url, timeout=3.0)
+        assert ei.value.code == LLM_BAD_RESPONSE and time.monotonic() - t0 < 1.0
+    finally:
+        server.close()
+
+
+async def test_cancelling_chat_stops_the_callbacks_at_once(fake: FakeLLM, client: LLMClient) -> None:
+    got: list[str] = []
+    task = asyncio.ensure_future(chat(client, fake.url, on_event=lambda k, t: got.append(t), model="m",
+                                      messages=MSGS, extra={"fake": {"tokens_per_s": 2000, "n_tokens": 5000}}))
+    assert await fake.wait_for(lambda s: s.tokens_sent >= 20, 2.0)
+    task.cancel()
+    n = len(got)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    assert len(got) <= n + 1  # nothing more after the cancellation took effect

@@ -189,3 +189,45 @@ async def test_recently_committed_records_are_read_from_memory_and_stay_true_to_
     finally:
         st.close()
         close_env(tmp_path / "edge.lmdb")
+
+
+async def test_an_update_committed_with_the_prune_that_deletes_its_task_is_not_served_from_memory(
+        tmp_path: Path) -> None:
+    """An update and the prune deleting its task in one writer batch: get() says what the file says (gone)."""
+    import time
+
+    st = TaskStore(tmp_path)
+    try:
+        rec = _rec(ts=1000)
+        await st.add(rec)
+        st.update(rec.id, status="ok", answer="a", done_ts=2000)
+        await st.flush()
+        st.writer.submit(lambda txn: time.sleep(0.3))  # hold the writer: the next two ops share one batch
+        await asyncio.sleep(0.05)
+        st.update(rec.id, delivery={"status": "sent"})
+        assert await st.prune_history(before_ms=int(time.time() * 1000)) == 1
+        await st.flush()
+        assert st.get(rec.id) is None
+    finally:
+        st.close()
+        close_env(tmp_path / "edge.lmdb")
+
+
+async def test_the_record_cache_is_bounded_by_characters_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge.store
+    monkeypatch.setattr(edge.store, "RECENT_CHARS", 10_000)
+    st = TaskStore(tmp_path)
+    try:
+        big = _rec()
+        await st.add(big)
+        await st.update_durable(big.id, status="ok", answer="x" * (edge.store.RECENT_RECORD_MAX + 1))
+        assert big.id not in st._recent and st.get(big.id).answer.startswith("x")  # never held; read from file
+        recs = [_rec() for _ in range(20)]
+        for r in recs:
+            await st.add(r)
+            await st.update_durable(r.id, status="ok", answer="y" * 1000)
+        assert st._recent_chars <= 10_000 and len(st._recent) < 20
+        assert st._recent_chars == sum(len(r.text) + len(r.answer or "") for r in st._recent.values())
+    finally:
+        st.close()
+        close_env(tmp_path / "edge.lmdb")
