@@ -71,6 +71,9 @@ class Writer:
 
     def submit(self, fn: Callable[[lmdb.Transaction], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        # Running from the start: a submitted write always happens, so it must not look cancelled (a caller
+        # whose await is cancelled cancels only its own asyncio future; done-callbacks here run at the commit).
+        fut.set_running_or_notify_cancel()
         if not self._thread.is_alive():
             fut.set_exception(RuntimeError("LMDB writer is closed"))
             return fut

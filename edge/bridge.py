@@ -355,9 +355,9 @@ class Bridge:
         if rec.status in FINAL:
             live.finished_at = self._loop.time()
             live.stream = wire.TaskStream(rec.id)
-        else:
-            self._count(rec.uid, 1)
         self._track(live)
+        if rec.status not in FINAL:  # recorded but not live (its submit was cancelled after the write began)
+            self._enqueue(live)  # counted and sent like any task: the node answers it or replays its answer
         return live
 
     def _track(self, live: LiveTask) -> None:

@@ -190,3 +190,25 @@ async def test_a_batch_that_finishes_a_task_drops_its_chunks_in_the_same_transac
         assert commits == [(2, {ta})]  # one transaction for the batch
         assert store.chunk_texts(ta) == [] and store.chunk_texts(tb) == ["B1"]
         assert bridge.get(ta).rec.answer == "A1A2"
+
+
+async def test_a_recorded_unfinished_task_that_is_not_live_is_sent_when_asked_again(tmp_path: Path,
+                                                                                   pki_dir: Path) -> None:
+    """A task in the store but not in memory and not finished (its submit was cancelled while the write went
+    on): asked again by id, it is counted and sent to the nodes, not left pending for ever."""
+    import os
+
+    from edge.keys import BRIDGE, STORE
+    from edge.store import TaskRecord
+    async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
+        bridge, store = sys_.app[BRIDGE], sys_.app[STORE]
+        from edge.bridge import NodeInfo
+        bridge.nodes["n1"] = NodeInfo("online", bridge._loop.time())
+        bridge._online = True
+        tid = os.urandom(16)
+        await store.add(TaskRecord(id=tid, uid="web.alice", ch="web", text="hi", ts=1000))
+        published = bridge.stats.published
+        live = await bridge.submit("web.alice", "web", "hi", task_id=tid)
+        assert live.rec.id == tid and not live.created and live.finished_at is None
+        assert bridge.pending("web.alice") == 1 and bridge.stats.published == published + 1
+        assert live in bridge.unfinished()

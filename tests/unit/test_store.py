@@ -231,3 +231,33 @@ async def test_the_record_cache_is_bounded_by_characters_too(tmp_path: Path, mon
     finally:
         st.close()
         close_env(tmp_path / "edge.lmdb")
+
+
+async def test_a_cancelled_await_of_a_write_does_not_make_the_store_forget_it(tmp_path: Path) -> None:
+    """The write goes on in the writer thread whatever the caller does: until it commits, get() still sees
+    it (the overlay stays), and an update built on it keeps its changes."""
+    import time
+
+    st = TaskStore(tmp_path)
+    try:
+        rec = _rec()
+        await st.add(rec)
+        st.writer.submit(lambda txn: time.sleep(0.3))  # hold the writer
+        task = asyncio.ensure_future(st.update_durable(rec.id, status="accepted", node="n1"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        got = st.get(rec.id)
+        assert got is not None and got.node == "n1"  # not the record on disk (pending, no node)
+        new = st.update(rec.id, status="ok", answer="a")
+        assert new is not None and new.node == "n1"
+        await st.flush()
+        st.close()
+        close_env(tmp_path / "edge.lmdb")
+        st = TaskStore(tmp_path)
+        got = st.get(rec.id)
+        assert got is not None and got.node == "n1" and got.status == "ok"
+    finally:
+        st.close()
+        close_env(tmp_path / "edge.lmdb")
