@@ -162,12 +162,13 @@ class Bridge:
 
     async def _session(self, client: aiomqtt.Client | LocalLink) -> None:
         await client.subscribe([(wire.REPLY_FILTER, 1), (wire.NODE_FILTER, 1), (wire.BATCH_FILTER, 1)])
-        if isinstance(client, LocalLink):  # the embedded broker calls _on_message from its broadcast step
-            client.on_message = self._on_message
+        local = isinstance(client, LocalLink)
+        if local:  # the embedded broker calls _on_message from its broadcast step
+            client.on_message = self._on_message  # type: ignore[union-attr]
         self._connected.set()
         self._republish_pending(force=True)
-        if isinstance(client, LocalLink):
-            await client.wait_closed()
+        if local:
+            await client.wait_closed()  # type: ignore[union-attr]
             return
         async for msg in client.messages:
             self._on_message(str(msg.topic), msg.payload)  # type: ignore[arg-type]

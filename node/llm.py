@@ -387,6 +387,11 @@ class _Exchange:
     def fail(self, exc: BaseException) -> None:
         self._settle(exc=exc)
 
+    def _fail_unexpected(self, err: BaseException) -> None:
+        self.fail(err if isinstance(err, LLMError) else LLMError(
+            LLM_BAD_RESPONSE, f"{self.what}: unreadable response ({type(err).__name__}: "
+                              f"{_trunc(str(err)) or type(err).__name__})"))
+
     def _complete(self, *, reuse: bool) -> None:
         """The body ended (or the connection closed after it)."""
         if self.collect:
@@ -411,8 +416,7 @@ class _Exchange:
         try:
             self._lost(exc)
         except BaseException as err:  # never leave the future unsettled
-            self.fail(err if isinstance(err, LLMError) else
-                      LLMError(LLM_BAD_RESPONSE, f"{self.what}: unexpected {type(err).__name__}: {_trunc(str(err))}"))
+            self._fail_unexpected(err)
 
     def _lost(self, exc: Exception | None) -> None:
         if self.state == _END:
@@ -442,8 +446,7 @@ class _Exchange:
         try:
             self._fire_inner()
         except BaseException as err:  # never leave the future unsettled
-            self.fail(err if isinstance(err, LLMError) else
-                      LLMError(LLM_BAD_RESPONSE, f"{self.what}: unexpected {type(err).__name__}: {_trunc(str(err))}"))
+            self._fail_unexpected(err)
 
     def _fire_inner(self) -> None:
         if self.state == _END:
@@ -525,8 +528,7 @@ class _Exchange:
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # a bug, or a server's data we choke on (e.g. RecursionError): never a hang
-            self.fail(LLMError(LLM_BAD_RESPONSE, f"{self.what}: unreadable response ({type(exc).__name__}: "
-                                                 f"{_trunc(str(exc)) or type(exc).__name__})"))
+            self._fail_unexpected(exc)
 
     def _head(self, data: bytes) -> bytes:
         buf = self.head + data if self.head else data
@@ -817,6 +819,23 @@ def _request_body(model: str, messages: list[dict], max_tokens: int, extra: dict
     return _encode_json(body)
 
 
+async def _run(client: LLMClient, method: str, base_url: str, path: str, body: bytes | None, api_key: str, *,
+               on_event: OnEvent | None, first_token_timeout: float, stall_timeout: float,
+               connect_timeout: float) -> tuple[_Exchange, Any]:
+    """One request to its end: (the exchange, its result); a stale reused connection is replaced once."""
+    for fresh in (False, True):
+        ex = await _start(client, method, base_url, path, body, api_key, on_event=on_event,
+                          first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,
+                          connect_timeout=connect_timeout, fresh=fresh)
+        try:
+            return ex, await ex.fut
+        except _StaleConnection:
+            continue  # nothing of the response came: send it again on a new connection
+        finally:
+            ex.close()
+    raise AssertionError("unreachable")  # a fresh connection is never stale
+
+
 # --------------------------------------------------------------------------- API
 
 
@@ -838,18 +857,11 @@ async def chat(
     connection's read callback for each delta, as it arrives; return ``(usage, finish_reason)`` (usage None
     when the server sent none). Raises LLMError; an exception from ``on_event`` ends the stream and is
     raised as it is. Cancelling the caller closes the HTTP stream at once (LM Studio stops generating)."""
-    body = _request_body(model, messages, max_tokens, extra)
-    for fresh in (False, True):
-        ex = await _start(client, "POST", base_url, "/chat/completions", body, api_key, on_event=on_event,
-                          first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,
-                          connect_timeout=connect_timeout, fresh=fresh)
-        try:
-            return await ex.fut
-        except _StaleConnection:
-            continue  # nothing of the answer came: send it again on a new connection
-        finally:
-            ex.close()
-    raise AssertionError("unreachable")  # a fresh connection is never stale
+    _, result = await _run(client, "POST", base_url, "/chat/completions",
+                           _request_body(model, messages, max_tokens, extra), api_key, on_event=on_event,
+                           first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,
+                           connect_timeout=connect_timeout)
+    return result  # type: ignore[no-any-return]
 
 
 async def stream_chat(
@@ -928,17 +940,8 @@ async def list_models(client: LLMClient, base_url: str, *, api_key: str = "", ti
     what = f"GET {base_url.rstrip('/')}/models"
     try:
         async with asyncio.timeout(timeout):
-            for fresh in (False, True):
-                ex = await _start(client, "GET", base_url, "/models", None, api_key, on_event=None,
-                                  first_token_timeout=timeout + 1, stall_timeout=timeout + 1,
-                                  connect_timeout=timeout, fresh=fresh)
-                try:
-                    await ex.fut
-                    break
-                except _StaleConnection:
-                    continue
-                finally:
-                    ex.close()
+            ex, _ = await _run(client, "GET", base_url, "/models", None, api_key, on_event=None,
+                               first_token_timeout=timeout + 1, stall_timeout=timeout + 1, connect_timeout=timeout)
     except TimeoutError:
         raise LLMError(LLM_STALL, f"{what}: no response within {timeout}s") from None
     status, raw = ex.status, bytes(ex.body)
