@@ -200,6 +200,9 @@ def install_log_filter() -> None:
         transitions_log.setLevel(logging.WARNING)
 
 
+BROADCAST_YIELD_EVERY = 16  # the broadcast loop lets the event loop run at least this often while a backlog drains
+
+
 class ClawBroker(Broker):
     """amqtt Broker with the traps listed in the module docstring fixed. Build it inside a running loop."""
 
@@ -438,8 +441,12 @@ class ClawBroker(Broker):
         waiter = self._broadcast_shutdown_waiter
         if me is not None:
             waiter.add_done_callback(lambda _: me.cancel())
+        n = 0
         try:
             while not waiter.done():
+                n += 1
+                if not n % BROADCAST_YIELD_EVERY and not self._broadcast_queue.empty():
+                    await asyncio.sleep(0)  # a backlog is drained fairly: other tasks (clients, timers) run too
                 while running_tasks and running_tasks[0].done():
                     task = running_tasks.popleft()
                     try:

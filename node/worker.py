@@ -229,11 +229,16 @@ class Node:
         await client.subscribe(wire.TASK_FILTER, qos=1)
         self._connected.set()
         await self._publish_beat(client)
-        beat = asyncio.create_task(self._beat_loop(client))
+        stop = asyncio.Event()
+        beat = asyncio.create_task(self._beat_loop(client, stop))
         try:
             async for msg in client.messages:
                 self._handle(msg)
         finally:
+            # The flag as well as the cancel: Python 3.11's asyncio.wait_for (inside aiomqtt's publish) can
+            # swallow a cancellation that lands as the publish completes; the loop then ends at its next
+            # check instead of sleeping on for ever (seen as a hung node shutdown in the huge-resume test).
+            stop.set()
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
@@ -245,9 +250,11 @@ class Node:
     async def _publish_beat(self, client: aiomqtt.Client) -> None:
         await client.publish(wire.node_topic(self.id), wire.encode(self._beat(self.state)), qos=0)
 
-    async def _beat_loop(self, client: aiomqtt.Client) -> None:
-        while self.state != "offline":
+    async def _beat_loop(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        while self.state != "offline" and not stop.is_set():
             await asyncio.sleep(self.cfg.beat_s)
+            if stop.is_set():
+                return
             with contextlib.suppress(aiomqtt.MqttError):
                 await self._publish_beat(client)
 
