@@ -4,7 +4,8 @@ The suite (``bench/suite.py``: every part in its own process, results as JSON + 
 
 * ``latency`` -- one user, ask → first delta and per-chunk relay, against the direct baseline;
 * ``sweep`` -- 1 → 2000 concurrent streams, the knee where p99 per-chunk relay passes 100 ms;
-* ``brokers`` -- the sweep over the embedded amqtt and over Mosquitto, knee ratio;
+* ``brokers`` -- the sweep over the embedded amqtt, over Mosquitto and over the thin relay (bench/thin.py,
+  the ceiling), knee ratio and share;
 * ``direct`` -- the client reads the fake LLM's SSE itself (the floor);
 * ``memory`` -- server A's RSS per idle WebSocket client and per idle MQTT device;
 * ``devices`` -- MQTT devices asking the node over the broker: a sweep of their own;
@@ -118,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--coalesce-ms", type=_non_negative, default=None, help="node.coalesce_ms (default: product's)")
         sp.add_argument("--batch-linger-ms", type=_non_negative, default=None,
                         help="node.batch_linger_ms (default: product's)")
-        sp.add_argument("--broker", choices=["amqtt", "mosquitto"], default="amqtt", help="for sweep (default amqtt)")
+        sp.add_argument("--broker", choices=["amqtt", "mosquitto", "thin"], default="amqtt",
+                        help="for sweep (default amqtt; thin: the thin relay of bench/thin.py, no SmartClaw)")
         sp.add_argument("--keep-going", action="store_true", help="sweep: do not stop at the knee")
         sp.add_argument("--ws-idle", type=_positive_int, default=1000, help="memory: idle WebSockets (default 1000)")
         sp.add_argument("--mqtt-idle", type=_positive_int, default=200, help="memory: idle MQTT devices (default 200)")
@@ -242,6 +244,13 @@ def _summary(results: dict[str, Any]) -> str:
         v = c.get("value")
         lines.append(f"  [{'PASS' if c['ok'] else 'MISS'}] {c['name']}: {v if v is not None else '-'} {c.get('unit', '')}"
                      f" (target {c['target']})")
+    thin = (results["scenarios"].get("brokers") or {}).get("thin") or (
+        results["scenarios"].get("sweep") if (results["scenarios"].get("sweep") or {}).get("broker") == "thin"
+        else None)
+    if thin:
+        share = (results["scenarios"].get("brokers") or {}).get("knee_share_of_thin")
+        lines.append(f"  [INFO] thin relay (bench/thin.py, no SmartClaw) knee: {thin.get('knee') or '-'} streams"
+                     + (f"; amqtt's knee is {share:.0%} of it" if share is not None else ""))
     sm = results["scenarios"].get("smoke")
     if sm:
         for v in sm["verdicts"]:

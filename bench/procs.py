@@ -168,6 +168,16 @@ async def _node(cfg: dict[str, Any]) -> None:
         await task
 
 
+async def _thin(cfg: dict[str, Any]) -> None:
+    """The thin relay (bench/thin.py): the ceiling the sweep's knee is compared with."""
+    from .thin import serve
+
+    runner, port = await serve(cfg["llm_url"])
+    _ready({"http_port": port})
+    await _until_stdin_closes()
+    await runner.cleanup()
+
+
 async def _sink(cfg: dict[str, Any]) -> None:
     """Reads and discards whatever its TCP clients send (the floor scenario's receiving end)."""
 
@@ -181,7 +191,7 @@ async def _sink(cfg: dict[str, Any]) -> None:
     server.close()
 
 
-ROLES = {"llm": _llm, "edge": _edge, "node": _node, "sink": _sink}
+ROLES = {"llm": _llm, "edge": _edge, "node": _node, "sink": _sink, "thin": _thin}
 
 
 def main(argv: list[str]) -> int:

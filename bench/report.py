@@ -515,9 +515,9 @@ _LEVEL_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("first delta p50 ms", ("first_delta_ms", "p50")), ("first delta p99 ms", ("first_delta_ms", "p99")),
     ("added TTFT p50 ms", ("added_ttft_ms", "p50")), ("added TTFT p99 ms", ("added_ttft_ms", "p99")),
     ("direct TTFT p50 ms", ("direct_ttft_ms", "p50")), ("direct TTFT p99 ms", ("direct_ttft_ms", "p99")),
-    ("chunks/s", ("chunks_per_s",)), ("asks", ("asks",)), ("errors", ("errors",)),
+    ("chunks/s", ("chunks_per_s",)), ("delivered", ("delivered",)), ("asks", ("asks",)), ("errors", ("errors",)),
     ("edge RSS MB", ("rss_edge_mb",)),
-    ("CPU edge %", ("cpu", "edge")), ("CPU node %", ("cpu", "node")),
+    ("CPU edge %", ("cpu", "edge")), ("CPU relay %", ("cpu", "relay")), ("CPU node %", ("cpu", "node")),
     ("CPU llm %", ("cpu", "llm")), ("CPU load %", ("cpu", "load")),
 )
 

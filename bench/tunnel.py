@@ -12,9 +12,10 @@ answers are in. For every ask the client records, on its own wall clock (µs, ``
   publish → client received,
 * ask sent → ``done``, with last chunk published → node done (``timing.n_done``) → client,
 
-and for every delta chunk: node publish time (``timing.n_pub``) → client receive, split at the
-edge's forward time (``timing.e_fwd``) into node → edge (MQTT over TLS through the broker) and
-edge → client (WebSocket). All processes share one host, hence one clock.
+and for every delta chunk: the arrival at the node of the chunk's oldest text (``timing.n_tok`` when it
+waited in the coalescer ≥ 1 ms, else the publish time ``timing.n_pub``) → client receive, split into the
+wait in the coalescer (n_tok → n_pub), node → edge at the edge's forward time ``timing.e_fwd`` (MQTT over
+TLS through the broker) and edge → client (WebSocket). All processes share one host, hence one clock.
 
 Every answer is checked (status ok, seqs 1..n without holes, text equal to what the fake model
 sends, timing present); a wrong or missing answer is a failure, and any failure makes the exit code 1.
@@ -86,7 +87,8 @@ class AskResult:
     t_done: int | None = None
     first_timing: dict[str, int] = field(default_factory=dict)  # timing of the first delta (n_rx, n_ft, n_pub, e_fwd)
     done_timing: dict[str, int] = field(default_factory=dict)  # timing of the done frame (n_done, e_fwd, ...)
-    chunks: list[tuple[int, int, int | None]] = field(default_factory=list)  # (client rx, n_pub, e_fwd) per delta
+    # (client rx, n_pub, e_fwd, n_tok: when the chunk's oldest text reached the node) per delta
+    chunks: list[tuple[int, int, int | None, int]] = field(default_factory=list)
     chunk_chars: int = 0
 
 
@@ -117,7 +119,8 @@ ROWS: list[tuple[str, str]] = [
     ("ask_to_done", "ask → done"),
     ("done.last_publish_to_node_done", "  last chunk published → node done"),
     ("done.node_done_to_client", "  node done → client"),
-    ("chunk_relay", "chunk relay node → client (every chunk)"),
+    ("chunk_relay", "chunk relay node → client (every chunk, from its text's arrival at the node)"),
+    ("chunk_wait_in_node", "  text waits in the node's coalescer"),
     ("chunk_node_to_edge", "  node → edge (MQTT/TLS via broker)"),
     ("chunk_edge_to_client", "  edge → client (WebSocket)"),
     ("loop_lag", "event-loop lag (10 ms timer, while measuring)"),
@@ -147,8 +150,9 @@ def summarize(results: list[AskResult]) -> dict[str, dict[str, float | int]]:
         dt = r.done_timing
         add("done.last_publish_to_node_done", r.chunks[-1][1] if r.chunks else None, dt.get("n_done"))
         add("done.node_done_to_client", dt.get("n_done"), r.t_done)
-        for rx, pub, fwd in r.chunks:
-            add("chunk_relay", pub, rx)
+        for rx, pub, fwd, tok in r.chunks:
+            add("chunk_relay", tok, rx)
+            add("chunk_wait_in_node", tok, pub)
             add("chunk_node_to_edge", pub, fwd)
             add("chunk_edge_to_client", fwd, rx)
     return {k: percentiles(v) for k, v in series.items()}
@@ -266,7 +270,7 @@ class _Client:
                 if r.t_first is None:
                     r.t_first = t_rx
                     r.first_timing = dict(timing)
-                r.chunks.append((t_rx, timing["n_pub"], timing.get("e_fwd")))
+                r.chunks.append((t_rx, timing["n_pub"], timing.get("e_fwd"), timing.get("n_tok", timing["n_pub"])))
             elif kind == "done":
                 r.t_done = t_rx
                 r.done_timing = dict(f.get("timing") or {})

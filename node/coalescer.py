@@ -13,7 +13,8 @@ and at most one ``call_at``.
 ``send(text)`` publishes one chunk and returns a future that is done when it is acknowledged (or failed);
 the coalescer never has two in flight. ``acked(n, ns)`` is called as chunk ``n`` (1, 2, …) is acknowledged,
 ``ns`` after it was sent. A failure is kept and raised by the next :meth:`push` or by the future
-:meth:`finish` returns.
+:meth:`finish` returns. ``first_us`` is when the oldest text of the chunk being sent arrived (wall clock,
+µs): what ``send`` reads to say how long the chunk's text waited here (the gathering is latency too).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
 
 class Coalescer:
     __slots__ = ("window", "max_bytes", "max_chunk", "sent", "error", "_send", "_loop", "_buf", "_size",
-                 "_inflight", "_last", "_timer", "_closed", "_drained", "_acked", "_t_sent", "_abandoned")
+                 "_inflight", "_last", "_timer", "_closed", "_drained", "_acked", "_t_sent", "_abandoned",
+                 "first_us")
 
     def __init__(self, send: Callable[[str], asyncio.Future[None]], *, window: float, max_bytes: int,
                  max_chunk: int, acked: Callable[[int, int], None] | None = None) -> None:
@@ -53,11 +55,14 @@ class Coalescer:
         self._acked = acked
         self._t_sent = 0
         self._abandoned = False
+        self.first_us = 0  # wall-clock µs the oldest waiting text arrived (see the module docstring)
 
     def push(self, text: str) -> None:
         """More text from the LLM (raises the error of an earlier failed chunk)."""
         if self.error is not None:
             raise self.error
+        if not self._buf:
+            self.first_us = time.time_ns() // 1000
         self._buf.append(text)
         self._size += len(text) if text.isascii() else len(text.encode())
         if self._inflight is None:

@@ -35,6 +35,7 @@ from .llm import LLMClient, LLMError, chat, list_models
 
 log = logging.getLogger(__name__)
 
+TOKEN_WAIT_US = 1000  # a chunk whose text waited this long in the coalescer carries timing.n_tok too
 MAX_CHUNK_BYTES = 64 * 1024  # one Delta's text at most (wire.MAX_PAYLOAD is 256 KiB for the whole message)
 _REPLY_PREFIX = f"{wire.PREFIX}/reply/"
 _DEVICE_REPLY = f"{wire.PREFIX}/reply/dev."  # a device reads its own reply topic: never batched
@@ -558,6 +559,10 @@ class Node:
             # latency (``claw bench``); it adds 23 bytes of CBOR to a chunk. The first chunk also carries the
             # task's timing so far (n_rx, n_ft).
             extra = {"n_pub": now_us()}
+            if extra["n_pub"] - co.first_us >= TOKEN_WAIT_US:
+                # the chunk's oldest text waited in the coalescer (a chunk in flight, the window): the
+                # receiver measures the relay from n_tok, when that text came from the LLM
+                extra["n_tok"] = co.first_us
             if seq == 1:
                 timing["n_pub1"] = extra["n_pub"]
                 extra = {**timing, **extra}

@@ -51,6 +51,15 @@ def test_knee_rule() -> None:
     assert _bad({"streams": 1, "asks": 3, "errors": 0, "chunk_ms": {"n": 0}})
 
 
+def test_knee_rule_also_needs_the_offered_pace_delivered() -> None:
+    from bench.suite import KNEE_DELIVERED
+
+    # a relay that cannot keep up makes tokens late before they are stamped: the chunk latency stays low
+    assert _bad({**_row(1000, 6.0), "delivered": KNEE_DELIVERED - 0.01})
+    assert not _bad({**_row(1000, 6.0), "delivered": KNEE_DELIVERED})
+    assert not _bad(_row(1000, 6.0))  # no offered pace known (e.g. tps 0): latency and errors decide
+
+
 def test_checks_evaluate_the_issue_targets() -> None:
     levels = [_row(100, 8.0), _row(500, 30.0), _row(1000, 150.0)]
     results = {"scenarios": {
@@ -92,3 +101,18 @@ async def test_floor_measures_a_loopback_hop_with_a_real_sink_process() -> None:
     assert row["sender_us"] > 0 and row["receiver_us"] > 0
     assert row["hop_us"] == pytest.approx(row["sender_us"] + row["receiver_us"], abs=0.2)
     assert row["ceiling_streams"] > 0
+
+
+async def test_thin_relay_sweep_runs_real_processes_and_delivers_the_offered_pace() -> None:
+    """bench/thin.py in its own process between the real fake LLM and the real load generator: answers
+    complete and correct, chunk latency measured, the delivered share near 1 at a light load."""
+    from bench.suite import Options, Progress, sweep
+
+    o = Options(tps=40.0, tokens=20, levels=[5], level_s=1.5, warm_s=0.5, progress=False)
+    out = await sweep(o, "thin", Progress(False))
+    (row,) = out["levels"]
+    assert row["errors"] == 0 and row["asks"] >= 5
+    assert row["chunk_ms"]["n"] > 100
+    assert 0.8 <= row["delivered"] <= 1.05
+    assert set(row["cpu"]) == {"relay", "llm", "load"}
+    assert out["knee"] == 5 and "delivered" in out["knee_rule"]

@@ -108,6 +108,35 @@ async def test_texts_pushed_while_in_flight_are_one_chunk_sent_after_the_ack() -
     assert co.sent == 3 and not s.overlap
 
 
+async def test_first_us_is_when_the_oldest_text_of_the_chunk_arrived() -> None:
+    """What the node stamps as ``timing.n_tok``: the gathering is part of a chunk's latency."""
+    import time
+
+    seen: list[tuple[str, int]] = []
+    s = Sender()
+    co = make(s, window=0.0)
+
+    def send(text: str) -> asyncio.Future[None]:
+        seen.append((text, co.first_us))
+        return s(text)
+
+    co._send = send  # the worker's send reads co.first_us the same way  # noqa: SLF001
+    t0 = time.time_ns() // 1000
+    co.push("a")
+    assert seen[0][0] == "a" and t0 <= seen[0][1] <= time.time_ns() // 1000
+    await asyncio.sleep(0.03)
+    t_b0 = time.time_ns() // 1000
+    co.push("b")  # "a" is in flight: "b" waits ...
+    t_b1 = time.time_ns() // 1000
+    await asyncio.sleep(0.03)
+    t_c = time.time_ns() // 1000
+    co.push("c")  # ... and "c" joins it; the chunk's oldest text is still "b"
+    await asyncio.sleep(0.03)
+    await s.ack()
+    assert seen[1][0] == "bc"
+    assert t_b0 <= seen[1][1] <= t_b1 < t_c  # b's arrival, not c's nor the send's
+
+
 async def test_after_an_ack_text_waits_for_the_window() -> None:
     s = Sender()
     window = 0.05
