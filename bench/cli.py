@@ -3,7 +3,8 @@
 The suite (``bench/suite.py``: every part in its own process, results as JSON + an HTML report):
 
 * ``latency`` -- one user, ask → first delta and per-chunk relay, against the direct baseline;
-* ``sweep`` -- 1 → 2000 concurrent streams, the knee where p99 per-chunk relay passes 100 ms;
+* ``sweep`` -- 1 → 2000 concurrent streams, the knee where p99 per-chunk relay passes 100 ms (or less than
+  90 % of the offered text arrives); ``--broker thin`` sweeps the thin relay (bench/thin.py) instead;
 * ``brokers`` -- the sweep over the embedded amqtt, over Mosquitto and over the thin relay (bench/thin.py,
   the ceiling), knee ratio and share;
 * ``direct`` -- the client reads the fake LLM's SSE itself (the floor);
@@ -99,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="log level of the system under test (default %(default)s)")
     helps = {"latency": "one user: first delta and chunk relay vs the direct baseline",
              "sweep": "concurrent streams 1 → 2000: the knee where p99 chunk relay passes 100 ms",
-             "brokers": "the sweep over embedded amqtt and over Mosquitto, in one run",
+             "brokers": "the sweep over embedded amqtt, over Mosquitto and over the thin relay, in one run",
              "direct": "the client reads the fake LLM's SSE itself: the floor",
              "memory": "server A's RSS per idle WebSocket client and per idle MQTT device",
              "devices": "MQTT devices asking the node over the broker (the edge not on their path): a sweep",
@@ -208,6 +209,11 @@ def _suite(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .suite import Options, run
+
+    if args.broker == "thin" and args.scenario != "sweep":
+        print(f"claw bench {args.scenario}: --broker thin is for sweep only (the thin relay is no broker; "
+              "brokers and all sweep it anyway)", file=sys.stderr)
+        return 2
 
     o = Options(tokens=args.tokens, tps=args.tps, token_chars=args.token_chars, ttft=args.ttft,
                 coalesce_ms=args.coalesce_ms, batch_linger_ms=args.batch_linger_ms, level_s=args.level_s,

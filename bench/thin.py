@@ -1,4 +1,5 @@
-"""The thinnest relay this stack can build: the ceiling the sweep's knee is compared with (``claw bench thin``).
+"""The thinnest relay this stack can build: the ceiling the sweep's knee is compared with
+(``claw bench sweep --broker thin``, and the third sweep of ``claw bench brokers``).
 
 One process does what the edge and the node do between them on a token's path, and nothing else: it takes a
 WebSocket ask (the edge's ``/api/ws`` protocol, as far as the bench's load generator uses it), streams the

@@ -122,7 +122,6 @@ class ReplyBatcher:
                             f.set_result(None)
                     # Let the acknowledgement callbacks run before the next batch is cut: a task's coalescer
                     # holds its text while its chunk is in flight and sends it from that callback; without
-                    # this the text missed the batch leaving now and waited a whole round trip more
-                    # (measured: p99 chunk relay at 300 streams, from the text's arrival, see
-                    # docs/performance.md).
+                    # this the text missed the batch leaving now and waited a whole round trip more. (In
+                    # the bench's A/B at 300 and 500 streams the difference was within the noise.)
                     await asyncio.sleep(0)

@@ -14,7 +14,8 @@ and at most one ``call_at``.
 the coalescer never has two in flight. ``acked(n, ns)`` is called as chunk ``n`` (1, 2, …) is acknowledged,
 ``ns`` after it was sent. A failure is kept and raised by the next :meth:`push` or by the future
 :meth:`finish` returns. ``first_us`` is when the oldest text of the chunk being sent arrived (wall clock,
-µs): what ``send`` reads to say how long the chunk's text waited here (the gathering is latency too).
+µs): what ``send`` reads to say how long the chunk's text waited here (the gathering is latency too). The
+remainder of a text cut at ``max_chunk`` keeps the time of the text it was cut from.
 """
 
 from __future__ import annotations

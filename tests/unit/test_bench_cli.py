@@ -63,6 +63,7 @@ def test_usage_errors() -> None:
     assert main(["nope"]) == 2
     assert main(["tunnel", "--asks", "0"]) == 2
     assert main(["tunnel", "--help"]) == 0
+    assert main(["latency", "--broker", "thin", "--quiet"]) == 2  # the thin relay is for sweep only
 
 
 def test_percentiles_nearest_rank() -> None:

@@ -60,6 +60,17 @@ def test_knee_rule_also_needs_the_offered_pace_delivered() -> None:
     assert not _bad(_row(1000, 6.0))  # no offered pace known (e.g. tps 0): latency and errors decide
 
 
+def test_offered_pace_is_the_fake_llms_own_answer_cycle() -> None:
+    from bench.suite import Options, offered_chars_per_s
+
+    # 40 tokens of 4 chars, the last 39/20 s after the first: 160 chars per 1.95 s per stream
+    assert offered_chars_per_s(Options(tokens=40, tps=20.0, token_chars=4), 10) == pytest.approx(10 * 160 / 1.95)
+    # a time to first token is part of every answer's cycle
+    assert offered_chars_per_s(Options(tokens=40, tps=20.0, token_chars=4, ttft=0.5), 1) == pytest.approx(160 / 2.45)
+    assert offered_chars_per_s(Options(tps=0.0), 10) == 0.0  # unpaced: no delivered share
+    assert offered_chars_per_s(Options(tokens=1, tps=20.0, token_chars=4), 1) == pytest.approx(4 / 0.05)
+
+
 def test_checks_evaluate_the_issue_targets() -> None:
     levels = [_row(100, 8.0), _row(500, 30.0), _row(1000, 150.0)]
     results = {"scenarios": {
@@ -113,6 +124,6 @@ async def test_thin_relay_sweep_runs_real_processes_and_delivers_the_offered_pac
     (row,) = out["levels"]
     assert row["errors"] == 0 and row["asks"] >= 5
     assert row["chunk_ms"]["n"] > 100
-    assert 0.8 <= row["delivered"] <= 1.05
+    assert 0.8 <= row["delivered"] <= 1.1  # window edges: a few % either way
     assert set(row["cpu"]) == {"relay", "llm", "load"}
     assert out["knee"] == 5 and "delivered" in out["knee_rule"]

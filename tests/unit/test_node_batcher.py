@@ -120,3 +120,24 @@ def test_batch_linger_ms_is_bounded(bad: float) -> None:
     with pytest.raises((ConfigError, ValueError), match="batch_linger_ms"):
         load_settings(env={}, overrides={"node": {"batch_linger_ms": bad}})
     assert load_settings(env={}, overrides={"node": {"batch_linger_ms": 5}}).node.batch_linger_ms == 5
+
+
+async def test_a_reply_sent_from_an_acknowledgement_callback_joins_the_next_batch() -> None:
+    """A coalescer sends its held text from the callback of its chunk's acknowledgement. That text must go in
+    the batch cut right after, with what was already waiting, not one round trip later."""
+    broker = FakeBroker(delay=0.02)
+    b = ReplyBatcher("n1", broker.publish)
+    b.start()
+    try:
+        first = b.enqueue(wire.Delta(id=ID, seq=1, text="a"))  # batch 1, in flight at once
+        await asyncio.sleep(0.005)
+        other = os.urandom(16)
+        b.enqueue(wire.Delta(id=other, seq=1, text="x"))  # waits for batch 2
+        later: list[asyncio.Future[None]] = []
+        first.add_done_callback(lambda _: later.append(b.enqueue(wire.Delta(id=ID, seq=2, text="b"))))
+        await first
+        await asyncio.wait_for(later[0], 5)
+        assert [[(it.id, it.seq) for it in m.items] for _, m in broker.sent] == [
+            [(ID, 1)], [(other, 1), (ID, 2)]]
+    finally:
+        await b.close()
