@@ -9,8 +9,8 @@ in the read callback) and writes every delta to the client's socket at once, fra
 process: a token costs one loopback read and one loopback write plus the least Python that relays it.
 
 Whatever knee this relay reaches with the same fake LLM and load generator, on the same machine, in the same
-run, is the most any design on Python + uvloop + aiohttp can reach here; SmartClaw's knee is reported as a
-share of it. It is a measuring instrument, not a product path: it has no authentication (``/api/login``
+run, is about the most a relay on Python + uvloop + aiohttp can reach here; SmartClaw's knee is reported as
+a share of it. It is a measuring instrument, not a product path: it has no authentication (``/api/login``
 hands out the user name as the token) and listens on 127.0.0.1 only.
 """
 
@@ -26,7 +26,7 @@ from aiohttp import WSMsgType, web
 
 from node.llm import LLMClient, LLMError, chat
 
-__all__ = ["make_app"]
+__all__ = ["make_app", "serve"]
 
 _json = msgspec.json.Encoder()
 _LEN1 = struct.Struct("!BB").pack
