@@ -139,6 +139,7 @@ class Bridge:
         self._chunk_buf: list[tuple[bytes, int, str]] | None = None  # while a batch is handled (see _on_message)
         self._drop_buf: set[bytes] = set()  # tasks finished in that batch: their chunks go in its transaction
         self._out_buf: list[tuple[Any, dict[str, Any]]] | None = None  # frames for sinks, ditto
+        self._fin_buf: list[LiveTask] = []  # tasks finished in that batch: on_finished runs after its frames
         self._store_full = False  # the last add was refused (StoreFull): publish only after the commit then
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -558,12 +559,18 @@ class Bridge:
                     buf, self._chunk_buf = self._chunk_buf, None
                     out, self._out_buf = self._out_buf, None
                     drop, self._drop_buf = self._drop_buf, set()
+                    fin, self._fin_buf = self._fin_buf, []
                     try:
                         if buf or drop:
                             self.store.add_chunks(buf, drop)
                     finally:
                         for sink, frame in out:
                             sink.push(frame)
+                        # Only now are the finished tasks announced: every sink has had every frame of the
+                        # batch, so a listener (the WeCom channel) sees the text before the end, as it does
+                        # when the replies come one by one. A replayed answer arrives as one batch.
+                        for live in fin:
+                            self._announce_finished(live)
             else:
                 self.stats.bad_messages += 1
             return
@@ -730,8 +737,17 @@ class Bridge:
         if (live.trace or live.held is not None) and timing is not None:  # the Done's timing + e_fwd, as for deltas
             traced = {**frame, "timing": {**timing, "e_fwd": now_us()}}
         self._emit(live, frame, traced)
+        if self._out_buf is not None:  # in a batch: after the batch's frames reached the sinks
+            self._fin_buf.append(live)
+        else:
+            self._announce_finished(live)
+
+    def _announce_finished(self, live: LiveTask) -> None:
         for cb in self.on_finished:
-            cb(live)
+            try:
+                cb(live)
+            except Exception:  # noqa: BLE001 - one listener's bug must not cost the others (or the batch)
+                log.exception("edge: on_finished callback failed for task %s", live.hex[:8])
 
 
 def done_frame(rec: TaskRecord) -> dict[str, Any]:

@@ -74,6 +74,7 @@ class WeComChannel:
         self._bg: set[asyncio.Task[Any]] = set()
         self._housekeeper: asyncio.Task[None] | None = None
         self._delivering: set[bytes] = set()
+        self._chains: dict[bytes, asyncio.Task[Any]] = {}  # per task, its last ordered step (_spawn_in_order)
         self.stats: dict[str, int] = {}
         bridge.on_finished.append(self._on_finished)
 
@@ -82,6 +83,31 @@ class WeComChannel:
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        task.add_done_callback(_log_failure)
+
+    def _spawn_in_order(self, tid: bytes, coro: Any) -> None:
+        """Run ``coro`` after every step spawned before it for task ``tid`` has ended: a task's parts are
+        prepared (numbered, keyed in the outbox) and committed in the order its text came, whatever the
+        scheduling of the steps (progressive paragraphs, then the final delivery)."""
+        prev = self._chains.get(tid)
+
+        async def step() -> None:
+            started = False
+            try:
+                if prev is not None:
+                    await asyncio.wait([prev])  # never raises: a failed step is logged by its own callback
+                started = True
+                await coro
+            finally:
+                if not started:
+                    coro.close()  # cancelled while waiting (shutdown): the step never ran
+                if self._chains.get(tid) is task:
+                    del self._chains[tid]
+
+        task = asyncio.create_task(step())
+        self._chains[tid] = task
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
         task.add_done_callback(_log_failure)
@@ -350,7 +376,7 @@ class WeComChannel:
     def _on_finished(self, live: LiveTask) -> None:
         if live.rec.ch != CH:
             return
-        self._spawn(self.deliver(live.rec.id))
+        self._spawn_in_order(live.rec.id, self.deliver(live.rec.id))
 
     async def deliver(self, tid: bytes) -> None:
         """Queue a finished task's answer for its user (once: the task's delivery state says so)."""
@@ -416,7 +442,7 @@ class WeComChannel:
         for rec in self.store.scan():
             if rec.ch == CH and rec.status in FINAL and (rec.done_ts or 0) >= horizon and (
                     not (rec.delivery or {}).get("final")):
-                self._spawn(self.deliver(rec.id))
+                self._spawn_in_order(rec.id, self.deliver(rec.id))
                 n += 1
             elif self.cfg.progressive and rec.ch == CH and rec.status not in FINAL and rec.id not in self.progressive:
                 live = self.bridge.get(rec.id)  # still being answered: go on sending its paragraphs
@@ -458,8 +484,9 @@ class _ProgressiveSink:
             return
         ready = self._feed(frame["text"])
         if ready:
-            self.ch._spawn(self.ch._progressive_out(self.live.rec.id, self.user, ready, self.prog.sent,
-                                                    self.base + self.prog.consumed))
+            tid = self.live.rec.id
+            self.ch._spawn_in_order(tid, self.ch._progressive_out(tid, self.user, ready, self.prog.sent,
+                                                                  self.base + self.prog.consumed))
 
     def rest(self, answer: str) -> list[str]:
         """The parts still to send once the answer is final (``answer`` may hold text this sink never
