@@ -1,4 +1,4 @@
-"""Topic ACL for the embedded broker: pure functions, no I/O (rules: DESIGN §2 topic table).
+"""Topic ACL for the embedded broker: pure functions, no I/O (rules: the topic table of docs/protocol.md).
 
 ``allowed(role, username, topic, action)`` with action ``subscribe`` (``topic`` is the requested filter),
 ``publish`` or ``receive`` (``topic`` is the concrete topic of a message about to be delivered):

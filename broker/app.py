@@ -9,7 +9,7 @@ Listeners: ``default`` is an unbound template (amqtt copies its fields into ever
 TLS on ``broker.listen`` (if non-empty) for nodes and devices. Plugins: only ours (auth + topic ACL); no
 loggers, no ``$SYS``.
 
-amqtt traps (DESIGN §5) and what :class:`ClawBroker` does about them, each pinned by a test in
+amqtt traps (docs/broker.md) and what :class:`ClawBroker` does about them, each pinned by a test in
 ``tests/integration/test_broker.py``:
 
 (a) Retained messages leak to every connecting client without an ACL check -> retained messages are disabled:
@@ -34,7 +34,7 @@ amqtt traps (DESIGN §5) and what :class:`ClawBroker` does about them, each pinn
 (f) Keepalive was not enforced (half-open clients stayed forever, their will never fired) -> a client silent
     for 1.5 x its keepalive is disconnected and its will published (:class:`_ClawHandler`).
 
-Not fixed here (documented; see DESIGN §5): QoS1 in-flight messages are not redelivered after reconnect and are
+Not fixed here (documented in docs/broker.md): QoS1 in-flight messages are not redelivered after reconnect and are
 dropped after a 5 s PUBACK timeout, delivery uses the subscription's QoS, offline queues are unbounded and in
 memory, ``max_connections`` makes extra clients hang (we do not set it), MQTT 5 / ``$share`` are unsupported.
 

@@ -1,6 +1,6 @@
 """aiomqtt client construction and the reconnect loop shared by the edge and the node.
 
-Facts designed around (DESIGN.md §5): aiomqtt never reconnects by itself, a ``Client`` is
+Facts designed around (docs/broker.md): aiomqtt never reconnects by itself, a ``Client`` is
 reusable but not re-entrant, Nagle's algorithm turns a QoS 1 round trip into ~88 ms unless
 ``TCP_NODELAY`` is set, and every publish beyond ``pending_calls_threshold`` logs a warning.
 """

@@ -1,4 +1,4 @@
-"""broker.acl: the topic rules of DESIGN §2, table-driven (pure, no broker)."""
+"""broker.acl: the topic rules of docs/protocol.md, table-driven (pure, no broker)."""
 
 from __future__ import annotations
 
