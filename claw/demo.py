@@ -52,7 +52,7 @@ async def _llm_answers(url: str) -> list[str] | None:
 
 
 def run_demo(args: Any) -> int:
-    from .runtime import configure_logging, run
+    from .runtime import claw_command, configure_logging, run
 
     data = Path(args.data).resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def run_demo(args: Any) -> int:
             print(
                 "\n智控未来 SmartClaw demo is running / 演示已启动\n"
                 f"  chat page 聊天页面:   {url}/\n"
-                f"  terminal 终端聊天:    claw chat --url {url}\n"
+                f"  terminal 终端聊天:    {claw_command()} chat --url {url}\n"
                 f"  MQTT over TLS:       {args.mqtt} (CA: {data / 'pki' / 'ca.crt'})\n"
                 f"  data 数据目录:        {data}\n"
                 f"  {llm_note}\n"

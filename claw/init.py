@@ -368,7 +368,9 @@ def _init(args: Any) -> int:
 
 def _summary(out: Path, hosts: list[str], node: str, username: str, ca_pem: bytes, *, ca_kept: bool,
              cred_kept: bool) -> None:
-    a, b = out / "a", out / "b"
+    from .runtime import claw_command
+
+    a, b, claw = out / "a", out / "b", claw_command()
     print(f"""\
 SmartClaw deployment written to {out.resolve()}
   {a}/  server A -- keep it there (holds the CA key)
@@ -384,10 +386,12 @@ SmartClaw deployment written to {out.resolve()}
 Next steps:
   1. Copy {b}/ to server B (e.g. scp -r {b} user@serverB:smartclaw-b).
   2. Server A firewall: allow TCP {MQTT_TLS_PORT} (MQTT over TLS) and 443 (HTTPS reverse proxy -> {EDGE_HTTP}).
-  3. Server A: claw edge --config {a / 'a.toml'}
-  4. Server B: start LM Studio's server (127.0.0.1:1234), then in the copied directory: claw node --config b.toml
+  3. Server A: {claw} edge --config {a / 'a.toml'}
+  4. Server B: install SmartClaw (docs/deploy.md), start LM Studio's server (127.0.0.1:1234), then in the
+     copied directory: <SmartClaw's venv>/bin/claw node --config b.toml
   5. Check on A: curl http://{EDGE_HTTP}/healthz  -> "node_online": true
   Details: docs/deploy.md
 
 下一步：把 {b}/ 复制到服务器 B；A 的防火墙开放 {MQTT_TLS_PORT}（MQTT over TLS）和 443（HTTPS 反向代理）；
-  A 上运行 claw edge --config {a / 'a.toml'}，B 上启动 LM Studio 后运行 claw node --config b.toml。""")
+  A 上运行 {claw} edge --config {a / 'a.toml'}；B 上安装 SmartClaw、启动 LM Studio 后，在复制的目录中运行
+  <SmartClaw 虚拟环境>/bin/claw node --config b.toml。""")

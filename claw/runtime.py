@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging.config
+import os
+import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 from aiohttp import web
@@ -83,3 +87,32 @@ async def start_http(app: web.Application, listen: str, what: str) -> tuple[web.
         raise RuntimeError(f"{what}: cannot listen on {listen}: {exc.strerror}") from None
     sockets = getattr(site._server, "sockets", None) or []
     return runner, sockets[0].getsockname()[1] if sockets else int(port)
+
+
+def claw_command() -> str:
+    """How the user can run ``claw`` again from the shell this process was started from.
+
+    ``claw`` when the ``claw`` on PATH is this very program; else the path of the running script (relative
+    to the working directory when it is under it, e.g. ``.venv/bin/claw`` after ``make demo``); else, when
+    started as ``python -m claw.cli``, that command with this interpreter.
+    """
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is not None and script.stem == "claw" and script.exists():
+        on_path = shutil.which("claw")
+        if on_path is not None and Path(on_path).resolve() == script.resolve():
+            return "claw"
+        return _shell_path(script.absolute(), Path.cwd())
+    return f"{_shell_path(Path(sys.executable), Path.cwd())} -m claw.cli"
+
+
+def _shell_path(path: Path, cwd: Path) -> str:
+    """``path`` relative to ``cwd`` when it is inside it (``.venv/bin/claw``), else absolute; quoted for a shell."""
+    try:
+        text = str(path.relative_to(cwd))
+        if os.sep not in text:
+            text = f".{os.sep}{text}"  # a bare name would be looked up on PATH
+    except ValueError:
+        text = str(path)
+    if os.name == "nt":
+        return f'"{text}"' if " " in text else text
+    return shlex.quote(text)

@@ -102,6 +102,15 @@ def test_make_demo_then_claw_chat_uses_the_demo_model_when_lm_studio_is_absent(t
         token = httpx.post(url + "/api/login", json={"dev_user": "readme"}, timeout=5).json()["token"]
         tasks = httpx.get(url + "/api/tasks", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
         assert tasks["tasks"][0]["status"] == "ok" and "演示模型" in tasks["tasks"][0]["answer"]
+        # the banner's terminal command works as printed, from a shell without the venv on PATH
+        printed = re.search(r"终端聊天:\s+(.+?) chat --url (\S+)", log.read_text())
+        assert printed is not None, log.read_text()
+        env = {**_env(), "PATH": "/usr/bin:/bin"}
+        env.pop("VIRTUAL_ENV", None)
+        r = subprocess.run(f"{printed.group(1)} chat --url {printed.group(2)} --user banner 你好", shell=True,
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (printed.group(0), r.stderr)
+        assert "演示模型" in r.stdout
     text = log.read_text()
     assert "BUILT-IN DEMO MODEL" in text and "内置演示模型" in text
     assert proc.returncode in (0, 130, 2, -signal.SIGINT), text  # make itself dies of the SIGINT too

@@ -348,3 +348,30 @@ async def test_wrong_password_and_wrong_ca_are_refused(tmp_path: Path) -> None:
                 assert h is not None and h["node_online"] is False and h["nodes"] == {}, h
                 for n in ("bad-pw", "bad-ca"):
                     assert "connected to MQTT broker" not in logs[n].read_text(), n
+
+
+# ---- the printed next steps work as printed -----------------------------------------------------------------
+
+def _printed_claw(out: str, marker: str) -> str:
+    line = next(ln for ln in out.splitlines() if marker in ln)
+    return line.split(marker, 1)[1].split(" edge --config", 1)[0].strip()
+
+
+@pytest.mark.skipif(not POSIX, reason="runs the printed command with /bin/sh")
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_init_prints_a_claw_command_that_runs_from_where_it_was_started(tmp_path: Path, how: str) -> None:
+    """``claw`` is not on PATH after ``make demo``/``make test`` (``.venv/bin/claw`` is): the next steps name the
+    program the user actually ran, so that copying the line works from the same shell."""
+    script = Path(sys.executable).parent / "claw"
+    argv = [str(script)] if how == "script" else list(CLAW)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = "/usr/bin:/bin"  # no venv on PATH, as in a fresh shell
+    r = subprocess.run([*argv, "init", "--public-host", "a.example.com", "--dir", "deploy"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    claw = _printed_claw(r.stdout, "3. Server A: ")
+    assert claw != "claw"
+    check = subprocess.run(f"{claw} --help", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0, (claw, check.stderr)
+    assert "init" in check.stdout
