@@ -38,13 +38,42 @@ def _err(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+MAX_BODY = 256 * 1024  # the largest request body the edge reads (the app's client_max_size)
+# The errors aiohttp itself raises (router, body limit), in the API's JSON shape. WeCom's callback keeps its own
+# plain answers (WeCom reads only the status).
+_HTTP_ERRORS = {
+    400: ("bad_request", "请求格式不正确"),
+    404: ("not_found", "没有这个地址"),
+    405: ("method_not_allowed", "不支持该请求方法"),
+    413: ("too_large", "请求体过大"),
+}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn the HTTP errors raised by aiohttp (404, 405, 413 …) into ``{"error": {"code", "message"}}``."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json" or request.path.startswith("/wecom/"):
+            raise
+        code, message = _HTTP_ERRORS.get(exc.status, (f"http_{exc.status}", exc.reason))
+        if exc.status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
+            message += f"（允许：{', '.join(sorted(exc.allowed_methods))}）"
+        elif exc.status == 413:
+            message += f"（上限 {MAX_BODY // 1024} KiB）"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return web.json_response({"error": {"code": code, "message": message}}, status=exc.status,
+                                 headers=headers)
+
+
 # ---- HTTP ------------------------------------------------------------------------------------
 async def healthz(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     body = {"ok": bridge.connected, "mqtt": bridge.connected, "node_online": bridge.node_online,
             "nodes": {k: {"state": v.state, "active": v.active, "capacity": v.capacity}
                       for k, v in bridge.nodes.items()},
-            "live_tasks": len(bridge.live)}
+            "live_tasks": bridge.open_count}
     return web.json_response(body, status=200 if bridge.connected else 503)
 
 
@@ -122,7 +151,8 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE claw_edge_bad_messages_total counter", f"claw_edge_bad_messages_total {st.bad_messages}",
         "# TYPE claw_edge_tasks_finished_total counter",
         *[f'claw_edge_tasks_finished_total{{status="{k}"}} {v}' for k, v in sorted(st.finished.items())],
-        "# TYPE claw_edge_live_tasks gauge", f"claw_edge_live_tasks {len(b.live)}",
+        "# TYPE claw_edge_live_tasks gauge", f"claw_edge_live_tasks {b.open_count}",
+        "# TYPE claw_edge_recent_tasks gauge", f"claw_edge_recent_tasks {len(b.live)}",
         "# TYPE claw_edge_ws_sessions gauge", f"claw_edge_ws_sessions {len(request.app[SESSIONS])}",
         "# TYPE claw_edge_node_online gauge", f"claw_edge_node_online {int(b.node_online)}",
         "# TYPE claw_edge_mqtt_connected gauge", f"claw_edge_mqtt_connected {int(b.connected)}",

@@ -40,7 +40,7 @@ INFO = web.AppKey("info", EdgeInfo)
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=256 * 1024)
+    app = web.Application(client_max_size=api.MAX_BODY, middlewares=[api.json_errors])
     app[SETTINGS] = settings
     app[INFO] = EdgeInfo()
     app[SESSIONS] = weakref.WeakSet()

@@ -370,6 +370,11 @@ class Bridge:
         else:
             self._expiry.append((live.finished_at, tid))
 
+    @property
+    def open_count(self) -> int:
+        """How many tasks are not finished yet (queued at the edge or a node, or running)."""
+        return len(self._open)
+
     def unfinished(self) -> list[LiveTask]:
         """The tasks not finished yet (a copy)."""
         return list(self._open.values())
