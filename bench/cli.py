@@ -6,7 +6,8 @@ The suite (``bench/suite.py``: every part in its own process, results as JSON + 
 * ``sweep`` -- 1 → 2000 concurrent streams, the knee where p99 per-chunk relay passes 100 ms (or less than
   90 % of the offered text arrives); ``--broker thin`` sweeps the thin relay (bench/thin.py) instead;
 * ``brokers`` -- the sweep over the embedded amqtt, over Mosquitto and over the thin relay (bench/thin.py,
-  the ceiling), knee ratio and share;
+  the ceiling) in one run: the knee ratio and the two targets relative to the thin relay (CPU per chunk,
+  knee share; ``bench.suite.vs_thin``);
 * ``direct`` -- the client reads the fake LLM's SSE itself (the floor);
 * ``memory`` -- server A's RSS per idle WebSocket client and per idle MQTT device;
 * ``devices`` -- MQTT devices asking the node over the broker: a sweep of their own;
@@ -66,8 +67,11 @@ def _levels(value: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="claw bench", description="SmartClaw bench suite (see bench/README.md)")
-    sub = p.add_subparsers(dest="scenario", metavar="SCENARIO")
+    p = argparse.ArgumentParser(
+        prog="claw bench", description="SmartClaw bench suite (see bench/README.md and docs/performance.md)",
+        epilog="'claw bench SCENARIO --help' lists a scenario's options. Suite scenarios write "
+               "bench-results/<time>-<scenario>/results.json and report.html and print the targets.")
+    sub = p.add_subparsers(dest="scenario", metavar="SCENARIO", title="scenarios")
     for name, help_ in (("tunnel", "latency WebSocket → edge → broker → node → client, per ask and per chunk"),):
         d = _DEFAULTS[name]
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -99,16 +103,17 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level of the system under test (default %(default)s)")
     helps = {"latency": "one user: first delta and chunk relay vs the direct baseline",
-             "sweep": "concurrent streams 1 → 2000: the knee where p99 chunk relay passes 100 ms",
-             "brokers": "the sweep over embedded amqtt, over Mosquitto and over the thin relay, in one run",
+             "sweep": "concurrent streams 1 → 2000: the knee (p99 chunk relay <= 100 ms, >= 90 %% delivered)",
+             "brokers": "the sweep over embedded amqtt, Mosquitto and the thin relay in one run: the ratio targets",
              "direct": "the client reads the fake LLM's SSE itself: the floor",
              "memory": "server A's RSS per idle WebSocket client and per idle MQTT device",
              "devices": "MQTT devices asking the node over the broker (the edge not on their path): a sweep",
              "floor": "what one loopback TCP hop costs this machine: the ceiling the knee is measured against",
              "smoke": "CI: a few seconds at 1 and 10 streams; fails only on a large ratio to direct",
-             "all": "floor, latency, brokers, memory and wecom; one JSON + HTML report"}
+             "all": "floor, latency, brokers, memory and wecom; one JSON + HTML report with every target"}
     for name in SUITE:
-        sp = sub.add_parser(name, help=helps[name], description=helps[name])
+        # help= is %-formatted by argparse (hence "%%" in it), description= is not
+        sp = sub.add_parser(name, help=helps[name], description=helps[name].replace("%%", "%"))
         sp.add_argument("--levels", type=_levels, default=None,
                         help="concurrent streams per level, e.g. 1,10,100 (default 1,10,50,100,200,500,1000,1500,2000)")
         sp.add_argument("--level-s", type=_non_negative, default=6.0, help="measured seconds per level (default %(default)s)")
@@ -248,15 +253,18 @@ def _summary(results: dict[str, Any]) -> str:
              f"{results.get('elapsed_s')} s"]
     for c in results.get("checks", []):
         v = c.get("value")
-        lines.append(f"  [{'PASS' if c['ok'] else 'MISS'}] {c['name']}: {v if v is not None else '-'} {c.get('unit', '')}"
-                     f" (target {c['target']})")
-    thin = (results["scenarios"].get("brokers") or {}).get("thin") or (
-        results["scenarios"].get("sweep") if (results["scenarios"].get("sweep") or {}).get("broker") == "thin"
-        else None)
-    if thin:
-        share = (results["scenarios"].get("brokers") or {}).get("knee_share_of_thin")
-        lines.append(f"  [INFO] thin relay (bench/thin.py, no SmartClaw) knee: {thin.get('knee') or '-'} streams"
-                     + (f"; amqtt's knee is {share:.0%} of it" if share is not None else ""))
+        mark = "PASS" if c["ok"] is True else "MISS" if c["ok"] is False else "----"
+        shown = "not measured" if c["ok"] is None and v is None else f"{v if v is not None else '-'} {c.get('unit', '')}"
+        detail = f"; {c['detail']}" if c.get("detail") else ""
+        lines.append(f"  [{mark}] {c['name']}: {shown.strip()} (target {c['target']}){detail}")
+    sw = results["scenarios"].get("sweep") or {}
+    if sw.get("broker") == "thin":  # the thin relay alone: its knee is the figure
+        lines.append(f"  [INFO] thin relay (bench/thin.py, no SmartClaw) knee: {sw.get('knee') or '-'} streams")
+    per_level = ((results.get("vs_thin") or {}).get("cpu_per_chunk") or {}).get("levels") or []
+    if per_level:
+        lines.append("  [INFO] CPU µs per delivered chunk, SmartClaw / thin relay: " + ", ".join(
+            f"{lv['streams']}: {lv['smartclaw_us']} / {lv['thin_us']}"
+            + (f" ({lv['ratio']:g}x)" if lv.get("ratio") is not None else "") for lv in per_level))
     sm = results["scenarios"].get("smoke")
     if sm:
         for v in sm["verdicts"]:

@@ -14,7 +14,13 @@ as "not run", a missing number as "—", a value of the wrong type is skipped; r
              "platform": "Linux-...", "loop": "uvloop"},
      "settings": {...a flat dict, shown as a key/value table...},
      "checks": [{"name": "added TTFT p99 at 100 streams", "target": "<= 20 ms", "value": 7.3,
-                 "unit": "ms", "ok": true}, ...],
+                 "unit": "ms", "ok": true, "status": "pass", "detail": "optional text"}, ...],
+                # ok null with status "not measured": the run had nothing to evaluate it on
+     "vs_thin": {"measured": true, "cpu_ratio_max": 1.5, "knee_share_min": 0.7,
+                 "knee": {"smartclaw": 200, "thin": 500, "share": 0.4, ...},
+                 "cpu_per_chunk": {"streams": 200, "smartclaw_us": 250.0, "thin_us": 75.0, "ratio": 3.33,
+                                   "carried_by_both": true, "levels": [{"streams": 1, ...}, ...]}},
+                # or {"measured": false, "reason": "..."}
      "scenarios": {
        "latency": {"streams": 1,
                    "ours": {"first_delta_ms": STATS, "chunk_relay_ms": STATS},
@@ -67,6 +73,7 @@ _STAT_LABELS = {"p999": "p99.9"}
 LOG_FLOOR = 1e-3  # where values <= 0 (or below it) go on a log axis
 VALUE_CAP = 1e12  # larger magnitudes are drawn at this value (keeps axis arithmetic finite)
 KNEE_RULE_MS = 100.0  # the knee rule's threshold when ``sweep.knee_rule`` does not name one
+NOT_MEASURED = "not measured"  # a check's result when this run had nothing to evaluate it on
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
           "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 
@@ -652,9 +659,19 @@ def _settings_section(settings: Any) -> str:
 def _check_row(c: Mapping[str, Any]) -> tuple[list[str], str]:
     value, unit = c.get("value"), c.get("unit")
     measured = _fmt(value) + (f" {_fmt(unit)}" if unit is not None and value is not None else "")
+    detail = c.get("detail")
+    if isinstance(detail, str) and detail:
+        measured += f" ({detail})"
     ok = c.get("ok")
-    result, cls = ("PASS", "pass") if ok is True else ("FAIL", "fail") if ok is False else ("—", "")
-    cell = f'<span class="{cls}">{result}</span>' if cls else result
+    if ok is True:
+        result, cls = "PASS", "pass"
+    elif ok is False:
+        result, cls = "FAIL", "fail"
+    elif c.get("status") == NOT_MEASURED:
+        result, cls = NOT_MEASURED, "notmeasured"
+    else:
+        result, cls = "—", ""
+    cell = f'<span class="{cls}">{_esc(result)}</span>' if cls else result
     return [_esc(_fmt(c.get("name"))), _esc(_fmt(c.get("target"))), _esc(measured), cell], cls
 
 
@@ -665,15 +682,52 @@ def _checks_section(checks: Any) -> str:
     rows = [_check_row(c) for c in items]
     passed = sum(1 for _, cls in rows if cls == "pass")
     failed = sum(1 for _, cls in rows if cls == "fail")
+    unmeasured = sum(1 for _, cls in rows if cls == "notmeasured")
     summary = (f'<p class="summary"><span class="pass">{passed} passed</span>, '
-               f'<span class="fail">{failed} failed</span> of {len(rows)}</p>')
+               f'<span class="fail">{failed} failed</span>'
+               + (f', <span class="notmeasured">{unmeasured} not measured</span>' if unmeasured else "")
+               + f" of {len(rows)}</p>")
     row_classes = ["bad" if cls == "fail" else "" for _, cls in rows]
     table = _table(("check", "target", "measured", "result"), [r for r, _ in rows], row_classes)
     return _section("checks", "checks", summary + table)
 
 
-def _nav(scen: Mapping[str, Any], names: Sequence[str]) -> str:
-    items = []
+def _vs_thin_section(v: Any) -> str:
+    """SmartClaw against the thin relay of the same run (``vs_thin``); "" when the run has none."""
+    d = _dict(v)
+    if not d:
+        return ""
+    head = "SmartClaw vs the thin relay (same run)"
+    if d.get("measured") is not True:
+        reason = d.get("reason")
+        text = NOT_MEASURED + (f": {_fmt(reason)}" if reason is not None else "")
+        return _section("vs-thin", head, f'<p class="notrun">{_esc(text)}</p>')
+    knee, cpu = _dict(d.get("knee")), _dict(d.get("cpu_per_chunk"))
+    summary = _kv_table({
+        "knee, SmartClaw (amqtt) / thin relay (streams)": f"{_fmt(knee.get('smartclaw'))} / {_fmt(knee.get('thin'))}",
+        "knee share (target >= " + _fmt(d.get("knee_share_min")) + ")": knee.get("share"),
+        "CPU per chunk compared at (streams)": cpu.get("streams"),
+        "… a level both carried": cpu.get("carried_by_both"),
+        "CPU µs per delivered chunk, SmartClaw / thin relay":
+            f"{_fmt(cpu.get('smartclaw_us'))} / {_fmt(cpu.get('thin_us'))}",
+        "CPU ratio (target <= " + _fmt(d.get("cpu_ratio_max")) + ")": cpu.get("ratio"),
+    })
+    levels = [lv for lv in _list(cpu.get("levels")) if isinstance(lv, Mapping)]
+    cols = (("streams", "streams"), ("smartclaw_us", "SmartClaw µs/chunk"), ("thin_us", "thin relay µs/chunk"),
+            ("ratio", "ratio"), ("smartclaw_chars_per_chunk", "SmartClaw chars/chunk"),
+            ("thin_chars_per_chunk", "thin chars/chunk"), ("carried_by_both", "carried by both"))
+    rows = [[_esc(_fmt(lv.get(k))) for k, _ in cols] for lv in levels]
+    picked = _num(cpu.get("streams"))
+    classes = ["knee" if picked is not None and _num(lv.get("streams")) == picked else "" for lv in levels]
+    note = ('<p class="sub">CPU of the relay\'s own processes (SmartClaw: edge with its embedded broker + '
+            'node; the thin relay: its one process) ÷ chunks delivered per second, at every level both '
+            'sweeps measured; the highlighted row is the one the target is evaluated at.</p>')
+    table = _table([h for _, h in cols], rows, classes) if rows else ""
+    return _section("vs-thin", head, summary + note + table)
+
+
+def _nav(scen: Mapping[str, Any], names: Sequence[str], vs_thin: bool = False) -> str:
+    items = ['<li><a href="#vs-thin">vs the thin relay</a></li>'] if vs_thin else []
     for n in names:
         ran = isinstance(scen.get(n), Mapping)
         note = "" if ran else ' <span class="notrun">(not run)</span>'
@@ -694,7 +748,7 @@ h3{font-size:15px}.sub{color:#666;margin:0 0 12px}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:13px;background:#fff}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f0f0f0}td{font-variant-numeric:tabular-nums;word-break:break-word}
-.pass{color:#137333;font-weight:bold}.fail{color:#c5221f;font-weight:bold}
+.pass{color:#137333;font-weight:bold}.fail{color:#c5221f;font-weight:bold}.notmeasured{color:#888;font-style:italic}
 tr.bad td{background:#fde8e7}tr.knee td{background:#fff4d6}
 .notrun,.nodata{color:#888;font-style:italic}.error{color:#c5221f}
 nav ul{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:4px 16px;font-size:13px}
@@ -715,7 +769,8 @@ def render_html(results: dict[str, Any]) -> str:
     r = _dict(results)
     scen = _dict(r.get("scenarios"))
     names = list(SCENARIOS) + [str(k) for k in scen if k not in SCENARIOS]
-    body = [_safe(_header, r), _safe(_nav, scen, names), _safe(_checks_section, r.get("checks"))]
+    body = [_safe(_header, r), _safe(_nav, scen, names, bool(_dict(r.get("vs_thin")))), _safe(_checks_section, r.get("checks")),
+            _safe(_vs_thin_section, r.get("vs_thin"))]
     for name in names:
         body.append(_safe(_scenario_section, name, scen.get(name), scen))
         if name == "brokers":

@@ -14,7 +14,8 @@ Scenarios (``claw bench NAME``):
    whose p99 chunk relay is ≤ 100 ms, with < 1 % errors and ≥ 90 % of the offered text delivered.
    ``--broker thin``: the same through the thin relay (``bench/thin.py``), the ceiling.
 3. ``brokers``  -- the sweep over the embedded amqtt, over Mosquitto and over the thin relay in one run;
-   knee ratio (Mosquitto / amqtt) and amqtt's knee as a share of the thin relay's.
+   knee ratio (Mosquitto / amqtt), and the two targets relative to the thin relay (:func:`vs_thin`):
+   SmartClaw's CPU per delivered chunk ≤ 1.5× the thin relay's, its knee ≥ 70 % of the thin relay's.
 4. ``direct``   -- the client reads the fake LLM's SSE itself: the floor (run inside 1–3 as well).
 5. ``wecom``    -- WeCom callback storm (``bench/wecom.py``), ack latency.
 6. ``memory``   -- RSS of server A per idle WebSocket client and per idle MQTT device.
@@ -555,7 +556,8 @@ def _level_row(res: LevelResult, direct: Hist | None, secs: float, cpu: dict[str
     row: dict[str, Any] = {"streams": res.streams, "asks": res.asks, "errors": res.errors,
                            "chunk_ms": res.chunk.stats(), "chunk_pub_ms": res.chunk_pub.stats(),
                            "first_delta_ms": res.first.stats(),
-                           "chunks_per_s": round(res.chunks / secs, 1) if secs else 0, "cpu": cpu,
+                           "chunks_per_s": round(res.chunks / secs, 1) if secs else 0,
+                           "chars_per_s": round(res.chars / secs, 1) if secs else 0, "cpu": cpu,
                            "rss_edge_mb": round(rss, 1)}
     if offered > 0 and secs:
         # share of the offered text that arrived in the window (the gap between one answer and the next ask
@@ -840,8 +842,126 @@ def environment(loop: str) -> dict[str, Any]:
             "platform": platform.platform(), "loop": loop}
 
 
+# ---- the targets --------------------------------------------------------------------------------------------
+
+CPU_RATIO_MAX = 1.5  # SmartClaw's CPU per delivered chunk at most this many times the thin relay's ...
+KNEE_SHARE_MIN = 0.7  # ... and its knee at least this share of the thin relay's, both in the same run
+_INSTRUMENTS = ("llm", "load")  # processes in a level's ``cpu`` that are not the system under test
+NOT_MEASURED = "not measured"
+
+
+def cpu_us_per_chunk(row: dict[str, Any]) -> float | None:
+    """CPU of the relay's own processes (every one in the level's ``cpu`` but the fake LLM and the load
+    generator: edge with its embedded broker + node for SmartClaw, ``relay`` for the thin relay), in µs per
+    chunk delivered to the clients: their mean CPU over the level ÷ the level's chunks/s. None if unknown."""
+    cpu = row.get("cpu") or {}
+    own = [v for k, v in cpu.items() if k not in _INSTRUMENTS and isinstance(v, (int, float))]
+    cps = row.get("chunks_per_s")
+    if not own or not isinstance(cps, (int, float)) or cps <= 0:
+        return None
+    return round(sum(own) / 100 / cps * 1e6, 1)
+
+
+def _chars_per_chunk(row: dict[str, Any]) -> float | None:
+    cps, chars = row.get("chunks_per_s"), row.get("chars_per_s")
+    return round(chars / cps, 2) if isinstance(chars, (int, float)) and cps else None
+
+
+def _sweeps(results: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(SmartClaw's sweep over the embedded amqtt, the thin relay's sweep) of this run; None where not run."""
+    sc = results.get("scenarios") or {}
+    br = sc.get("brokers") or {}
+    sw = sc.get("sweep") or None
+    ours = br.get("amqtt") or (sw if sw and sw.get("broker", "amqtt") == "amqtt" else None)
+    thin = br.get("thin") or (sw if sw and sw.get("broker") == "thin" else None)
+    return ours, thin
+
+
+def vs_thin(ours: dict[str, Any] | None, thin: dict[str, Any] | None) -> dict[str, Any]:
+    """SmartClaw (its amqtt sweep) against the thin relay swept in the same run: the two ratio targets.
+
+    * **CPU per chunk**: :func:`cpu_us_per_chunk` of both at one level, the highest level both sweeps
+      measured and both carried (at or below both knees): past a knee the machine is saturated and the CPU
+      per chunk measures the saturation, not the relay. If no level was carried by both (SmartClaw's first
+      level already past its knee), the lowest level both measured, flagged ``carried_by_both: false``.
+      ``levels`` has the ratio at every level both measured.
+    * **knee share**: SmartClaw's knee ÷ the thin relay's (a SmartClaw sweep with no knee counts 0).
+
+    ``measured`` is False (and both targets "not measured") when either sweep is missing."""
+    out: dict[str, Any] = {"measured": bool(ours and thin), "cpu_ratio_max": CPU_RATIO_MAX,
+                           "knee_share_min": KNEE_SHARE_MIN}
+    if not (ours and thin):
+        out["reason"] = ("the thin relay was not swept in this run (claw bench brokers or all sweeps it)"
+                         if ours else "SmartClaw over the embedded amqtt was not swept in this run")
+        return out
+    k_ours, k_thin = ours.get("knee"), thin.get("knee")
+    share = round((k_ours or 0) / k_thin, 2) if k_thin else None
+    out["knee"] = {"smartclaw": k_ours, "thin": k_thin, "share": share,
+                   "smartclaw_exceeded": ours.get("knee_exceeded", True),
+                   "thin_exceeded": thin.get("knee_exceeded", True)}
+    rows_o = {r["streams"]: r for r in ours.get("levels") or []}
+    rows_t = {r["streams"]: r for r in thin.get("levels") or []}
+    levels = []
+    for n in sorted(set(rows_o) & set(rows_t)):
+        a, b = cpu_us_per_chunk(rows_o[n]), cpu_us_per_chunk(rows_t[n])
+        levels.append({"streams": n, "smartclaw_us": a, "thin_us": b,
+                       "ratio": round(a / b, 2) if a is not None and b else None,
+                       "smartclaw_chars_per_chunk": _chars_per_chunk(rows_o[n]),
+                       "thin_chars_per_chunk": _chars_per_chunk(rows_t[n]),
+                       "carried_by_both": not _bad(rows_o[n]) and not _bad(rows_t[n])
+                       and n <= (k_ours or 0) and n <= (k_thin or 0)})
+    usable = [lv for lv in levels if lv["ratio"] is not None]
+    carried = [lv for lv in usable if lv["carried_by_both"]]
+    pick = carried[-1] if carried else (usable[0] if usable else None)
+    out["cpu_per_chunk"] = {**(pick or {"streams": None, "smartclaw_us": None, "thin_us": None, "ratio": None,
+                                        "carried_by_both": False}),
+                            "levels": levels}
+    return out
+
+
+def _ratio_checks(v: dict[str, Any]) -> list[dict[str, Any]]:
+    """The two targets relative to the thin relay; ``ok`` None ("not measured") without a thin relay sweep."""
+    cpu_name = "CPU per chunk vs the thin relay (same run)"
+    knee_name = "knee vs the thin relay's (same run)"
+    cpu_target, knee_target = f"<= {CPU_RATIO_MAX:g}x", f">= {KNEE_SHARE_MIN:.0%} of it"
+    if not v.get("measured"):
+        note = v.get("reason", "")
+        return [{"name": cpu_name, "target": cpu_target, "value": None, "unit": "x", "ok": None,
+                 "status": NOT_MEASURED, "detail": note},
+                {"name": knee_name, "target": knee_target, "value": None, "unit": "x", "ok": None,
+                 "status": NOT_MEASURED, "detail": note}]
+    c, k = v["cpu_per_chunk"], v["knee"]
+    out = []
+    if c["ratio"] is None:
+        out.append({"name": cpu_name, "target": cpu_target, "value": None, "unit": "x", "ok": None,
+                    "status": NOT_MEASURED, "detail": "no level with CPU and chunks/s in both sweeps"})
+    else:
+        detail = (f"at {c['streams']} streams: SmartClaw edge+broker+node {c['smartclaw_us']:g} µs, "
+                  f"thin relay {c['thin_us']:g} µs of CPU per delivered chunk")
+        if not c["carried_by_both"]:
+            detail += " (no level was carried by both: the lowest level both measured)"
+        out.append({"name": cpu_name, "target": cpu_target, "value": c["ratio"], "unit": "x",
+                    "ok": c["ratio"] <= CPU_RATIO_MAX, "status": "", "detail": detail})
+    if k["share"] is None:
+        out.append({"name": knee_name, "target": knee_target, "value": None, "unit": "x", "ok": None,
+                    "status": NOT_MEASURED, "detail": "the thin relay had no knee (its first level was past it)"})
+    else:
+        detail = f"SmartClaw {k['smartclaw'] or 'none'} / thin relay {k['thin']} streams"
+        if not k["thin_exceeded"]:
+            detail += "; the thin relay's sweep ended before its knee (its knee is at least that)"
+        if not k["smartclaw_exceeded"]:
+            detail += "; SmartClaw's sweep ended before its knee (its knee is at least that)"
+        out.append({"name": knee_name, "target": knee_target, "value": k["share"], "unit": "x",
+                    "ok": k["share"] >= KNEE_SHARE_MIN, "status": "", "detail": detail})
+    for c_ in out:
+        c_["status"] = c_["status"] or ("pass" if c_["ok"] else "miss")
+    return out
+
+
 def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, evaluated on what this run measured (absent scenarios are skipped)."""
+    """The project's targets, evaluated on what this run measured (absent scenarios are skipped; the two
+    targets relative to the thin relay are "not measured", ``ok`` None, when a SmartClaw sweep ran without
+    the thin relay's)."""
     out: list[dict[str, Any]] = []
     sc = results.get("scenarios", {})
     sw = sc.get("sweep") or (sc.get("brokers") or {}).get("amqtt")
@@ -859,8 +979,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         v = r500["chunk_ms"].get("p99") if r500 else None
         out.append({"name": "per-chunk relay p99 at 500 streams", "target": "<= 25 ms", "value": v, "unit": "ms",
                     "ok": v is not None and v <= 25})
-        out.append({"name": "knee (amqtt)", "target": ">= 1000 streams", "value": sw.get("knee"), "unit": "streams",
-                    "ok": (sw.get("knee") or 0) >= 1000})
+        out.extend(_ratio_checks(vs_thin(*_sweeps(results))))
         rss = max((r.get("rss_edge_mb", 0) for r in sw["levels"] if r["streams"] <= (sw.get("knee") or 0)),
                   default=None)
         out.append({"name": "edge+broker RSS up to the knee", "target": "< 1024 MB", "value": rss, "unit": "MB",
@@ -877,6 +996,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     for c in out:
         if isinstance(c.get("value"), float):
             c["value"] = round(c["value"], 3)
+        c.setdefault("status", "pass" if c["ok"] else "miss")
     return out
 
 
@@ -926,6 +1046,9 @@ async def run(names: list[str], o: Options) -> dict[str, Any]:
         else:
             raise ValueError(name)
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
+    ours, thin = _sweeps(results)
+    if ours or thin:
+        results["vs_thin"] = vs_thin(ours, thin)
     results["checks"] = checks(results)
     return results
 

@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # all of it, --help included, is bench.cli's (it lists the scenarios)
+        from bench.cli import main as bench_main
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     from .runtime import configure_logging
 
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_init(args)
         if args.cmd == "bench":
             from bench.cli import main as bench_main
-            return bench_main(args.args)
+            return bench_main(args.args)  # (not reached from main(): "bench" is dispatched above)
     except ConfigError as exc:
         print(f"配置错误 / config error: {exc}", file=sys.stderr)
         return 2

@@ -295,6 +295,8 @@ _LEVEL = st.fixed_dictionaries({}, optional={"streams": _JSON, "chunk_ms": _STAT
        other=_JSON)
 def test_arbitrary_json_never_breaks_a_section(levels: list[Any], knee: Any, cdf: Any, other: Any) -> None:
     results = {"env": other, "settings": other, "checks": [other, {"name": other, "ok": other}],
+               "vs_thin": {"measured": True, "knee": other, "cpu_ratio_max": other,
+                           "cpu_per_chunk": {"levels": [other, *levels], "streams": knee, "ratio": other}},
                "scenarios": {"sweep": {"levels": levels, "knee": knee, "knee_rule": other},
                              "brokers": {"a": {"levels": levels, "knee": other}, "b": other},
                              "latency": {"cdf": cdf, "ours": other}, "direct": {"levels": levels},
@@ -329,3 +331,66 @@ def test_floor_scenario_is_a_table_of_hop_costs() -> None:
     cells = re.findall(r"<td>([^<]*)</td>", section)
     assert "one hop µs" in section and "26.3" in cells and "1904" in cells
     assert section.index("774") < section.index("1904")  # rows by connections
+
+
+def _vs_thin_results() -> dict[str, Any]:
+    return {
+        "checks": [
+            {"name": "CPU per chunk vs the thin relay (same run)", "target": "<= 1.5x", "value": 3.5, "unit": "x",
+             "ok": False, "status": "miss",
+             "detail": "at 200 streams: SmartClaw edge+broker+node 262.5 µs, thin relay 75 µs of CPU per delivered chunk"},
+            {"name": "knee vs the thin relay's (same run)", "target": ">= 70% of it", "value": 0.4, "unit": "x",
+             "ok": False, "status": "miss", "detail": "SmartClaw 200 / thin relay 500 streams"},
+        ],
+        "vs_thin": {"measured": True, "cpu_ratio_max": 1.5, "knee_share_min": 0.7,
+                    "knee": {"smartclaw": 200, "thin": 500, "share": 0.4},
+                    "cpu_per_chunk": {"streams": 200, "smartclaw_us": 262.5, "thin_us": 75.0, "ratio": 3.5,
+                                      "carried_by_both": True, "levels": [
+                                          {"streams": 100, "smartclaw_us": 495.0, "thin_us": 105.0, "ratio": 4.71,
+                                           "carried_by_both": True},
+                                          {"streams": 200, "smartclaw_us": 262.5, "thin_us": 75.0, "ratio": 3.5,
+                                           "carried_by_both": True},
+                                          {"streams": 300, "smartclaw_us": 205.0, "thin_us": 71.0, "ratio": 2.89,
+                                           "carried_by_both": False}]}},
+    }
+
+
+def test_ratio_targets_show_in_the_checks_and_their_own_section() -> None:
+    page = render_html(_vs_thin_results())
+    assert "could not render" not in page
+    checks = page[page.index('id="checks"'):]
+    checks = checks[:checks.index("</section>")]
+    for text in ("CPU per chunk vs the thin relay (same run)", "&lt;= 1.5x", "3.5 x", "at 200 streams",
+                 "knee vs the thin relay&#x27;s (same run)", "&gt;= 70% of it", "0.4 x",
+                 "SmartClaw 200 / thin relay 500 streams", "0 passed", "2 failed"):
+        assert text in checks, text
+    assert '<a href="#vs-thin">' in page
+    section = page[page.index('id="vs-thin"'):]
+    section = section[:section.index("</section>")]
+    assert "SmartClaw vs the thin relay" in section
+    cells = re.findall(r"<td>([^<]*)</td>", section)
+    for text in ("200 / 500", "262.5 / 75", "3.5", "4.71", "2.89"):
+        assert text in cells, text
+    assert '<tr class="knee"><td>200</td>' in section  # the level the target is evaluated at is marked
+
+
+def test_ratio_targets_not_measured_without_the_thin_relay() -> None:
+    reason = "the thin relay was not swept in this run (claw bench brokers or all sweeps it)"
+    page = render_html({
+        "checks": [{"name": "CPU per chunk vs the thin relay (same run)", "target": "<= 1.5x", "value": None,
+                    "unit": "x", "ok": None, "status": "not measured", "detail": reason},
+                   {"name": "WeCom ack p99 at ~200/s", "target": "<= 50 ms", "value": 12.0, "unit": "ms",
+                    "ok": True, "status": "pass"}],
+        "vs_thin": {"measured": False, "reason": reason}})
+    checks = page[page.index('id="checks"'):]
+    checks = checks[:checks.index("</section>")]
+    assert '<span class="notmeasured">not measured</span>' in checks
+    assert "1 passed" in checks and "0 failed" in checks and "1 not measured" in checks
+    assert "PASS" in checks and "FAIL" not in checks
+    section = page[page.index('id="vs-thin"'):]
+    assert "not measured: the thin relay was not swept in this run" in section[:section.index("</section>")]
+
+
+def test_no_vs_thin_no_section() -> None:
+    page = render_html(_sample())
+    assert 'id="vs-thin"' not in page and "#vs-thin" not in page
