@@ -219,7 +219,7 @@ async def cluster(o: Options, *, broker: str | None = None, with_node: bool = Tr
                 "mqtt": {"host": "localhost", "port": tls_port, "tls": True, "ca_file": str(pki.ca_cert),
                          "username": node_user, "password": node_pw, "reconnect_min": 0.1, "reconnect_max": 1.0},
                 "node": {"id": "bench", "llm_url": llm.info["url"], "model": "fake-model",
-                         "concurrency": o.node_slots,
+                         "concurrency": o.node_slots, "max_tokens": 0,  # any --tokens streams whole
                          **({"coalesce_ms": o.coalesce_ms} if o.coalesce_ms is not None else {}),
                          **({"batch_linger_ms": o.batch_linger_ms} if o.batch_linger_ms is not None else {})},
             }

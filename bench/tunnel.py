@@ -339,7 +339,8 @@ async def _run(cfg: TunnelConfig) -> dict[str, Any]:
     def expected(question: str) -> str:
         return "".join(reply_tokens(fake_cfg, [{"role": "user", "content": question}]))
 
-    node_over: dict[str, Any] = {"concurrency": cfg.node_slots or max(2, cfg.concurrency)}
+    # max_tokens 0: not sent, so an answer of any --tokens is streamed whole (the fake honours max_tokens)
+    node_over: dict[str, Any] = {"concurrency": cfg.node_slots or max(2, cfg.concurrency), "max_tokens": 0}
     if cfg.coalesce_ms is not None:
         node_over["coalesce_ms"] = cfg.coalesce_ms
     progress = _Progress(cfg.asks, cfg.progress)

@@ -128,9 +128,10 @@ class NodeSettings(_Section):
     connect_timeout_s: float = 5.0
     first_token_timeout_s: float = 300.0  # first request may load the model
     stall_timeout_s: float = 60.0  # no bytes for this long mid-stream = error
-    max_tokens: int = -1
+    max_tokens: int = 2048  # an answer's token limit sent to the LLM; 0 or less = not sent (the server's own)
     beat_s: float = 5.0
-    history_turns: int = 10
+    history_turns: int = 10  # previous turns of a conversation sent with a question, at most ...
+    history_tokens: int = 1500  # ... and within this many estimated tokens (node/history.py); 0 = none sent
     stop_grace_s: float = 20.0  # on stop, running answers get this long to finish
     batch_replies: bool = True  # replies for the edge go in batches on claw/v1/batch/{id} (the edge must know them)
     batch_linger_ms: float = 0.0  # a batch leaves at least this long after the previous one (0 = when acked)
@@ -149,6 +150,8 @@ class NodeSettings(_Section):
             raise ValueError("node timeouts and node.beat_s must be > 0")
         if self.stop_grace_s < 0:
             raise ValueError("node.stop_grace_s must be >= 0")
+        if self.history_turns < 0 or self.history_tokens < 0:
+            raise ValueError("node.history_turns and node.history_tokens must be >= 0 (0 = no history sent)")
         if not 0 <= self.batch_linger_ms <= 1000:
             raise ValueError("node.batch_linger_ms must be within 0..1000")
         _check_hostport(self.metrics_listen, "node.metrics_listen", allow_empty=True)

@@ -269,12 +269,17 @@ coalesce_bytes = {n.coalesce_bytes}
 connect_timeout_s = {n.connect_timeout_s}
 first_token_timeout_s = {n.first_token_timeout_s}
 stall_timeout_s = {n.stall_timeout_s}
-# Max tokens per answer; -1 = no limit.
+# Max tokens per answer, sent to the LLM server; 0 = not sent (the server's own limit). An answer that hits
+# it ends with a short note saying so.
 max_tokens = {n.max_tokens}
 # Heartbeat to the edge every beat_s seconds.
 beat_s = {n.beat_s}
-# Conversation turns sent as context.
+# Previous turns of a conversation sent with each question: at most history_turns turns, and only the newest
+# that fit history_tokens (estimated: one per Chinese character, one per 3 other characters; 0 = no history).
+# Keep history_tokens + a long question + max_tokens within the model's context length (per parallel slot);
+# the defaults fit a 4096-token context. A prompt that still does not fit is sent again without the history.
 history_turns = {n.history_turns}
+history_tokens = {n.history_tokens}
 # On stop (systemctl stop, service stop, Ctrl-C) running answers get this many seconds to
 # finish; the rest end with a clear "server B is stopping" error. New questions wait at A.
 stop_grace_s = {n.stop_grace_s}

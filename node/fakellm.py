@@ -19,6 +19,17 @@ field names; they replace the server's config for that request only (``stream_ch
 extra={"fake": {...}})``).  Statistics (:class:`FakeLLMStats`) are in ``app[STATS]`` and on
 ``FakeLLM.stats``.
 
+Shapes of real servers it can take on (see :class:`FakeLLMConfig`): a running answer ended by a clean
+``[DONE]`` without any ``finish_reason`` (``done_after``; llama-cpp-python's server does this when another
+request arrives), ``finish_reason: "length"`` (``max_tokens`` in the request, or the context filling up), and
+a context window (``n_ctx``, in prompt tokens estimated from characters: see :func:`prompt_tokens`) whose
+overflow is reported the way ``ctx_error`` says: ``"http"`` (llama.cpp's HTTP 400 "request (N tokens) exceeds
+the available context size (M tokens)"), ``"http500"`` (HTTP 500 "Context size has been exceeded."),
+``"empty"`` (a 200 stream with no event at all), ``"done"`` (a 200 stream of just ``[DONE]``) or ``"stream"``
+(a 200 stream whose first event is an ``error`` object with LM Studio's "context length" message). An answer
+that would not fit after its prompt stops where the context is full: with ``ctx_error="stream"`` an ``error``
+object "Context size has been exceeded." follows its last token, otherwise ``finish_reason: "length"``.
+
 Run standalone: ``python -m node.fakellm --port 1234 [--demo] [--ttft S] [--tps N]``.
 """
 
@@ -31,6 +42,7 @@ import json
 import random
 import time
 import zlib
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -48,6 +60,8 @@ __all__ = [
     "make_app",
     "run_fake_llm",
     "reply_tokens",
+    "prompt_tokens",
+    "CTX_ERRORS",
     "main",
 ]
 
@@ -61,6 +75,8 @@ NO_MODELS_MESSAGE = (
 )
 _DEFAULT_MODELS = ["fake-model"]
 _POLL = 0.05  # seconds between "is the client still there?" checks while stalled
+CTX_ERRORS = ("http", "http500", "empty", "done", "stream")  # how a context overflow is reported (ctx_error)
+CTX_FULL_MESSAGE = "Context size has been exceeded."
 
 _WORDS = (
     "the quick brown fox jumps over lazy dog model token stream server client reply test "
@@ -87,6 +103,9 @@ class FakeLLMConfig:
     drop_after: int | None = None  # close the connection abruptly after N tokens (no finish, no [DONE])
     stall_after: int | None = None  # stop after N tokens and hang until the client disconnects
     bad_json_after: int | None = None  # send an unparseable data: line after N tokens, then end
+    done_after: int | None = None  # data: [DONE] and a clean end after N tokens, no finish_reason ever sent
+    n_ctx: int | None = None  # context window in tokens (prompt_tokens() + answer tokens); None = unlimited
+    ctx_error: str = "http"  # how a prompt over n_ctx is refused: one of CTX_ERRORS (see the module docs)
     content_type: str = "text/event-stream"  # Content-Type of the stream response
     require_key: str | None = None  # 401 unless Authorization: Bearer <require_key>
     demo: bool = False  # the built-in demo model (Chinese reply saying it is a demo)
@@ -103,8 +122,10 @@ class FakeLLMStats:
     max_active_streams: int = 0
     client_closed: int = 0  # streams the client closed before the server finished
     errors_injected: int = 0
+    context_errors: int = 0  # chat requests refused or cut short because of n_ctx
     tokens_sent: int = 0
     last_request: dict | None = None  # body of the last chat request
+    recent_requests: deque[dict] = field(default_factory=lambda: deque(maxlen=64))  # bodies of the last chat requests
     last_headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -184,12 +205,16 @@ def reply_tokens(cfg: FakeLLMConfig, messages: Any) -> list[str]:
     return [text[i : i + chars] for i in range(0, len(text), chars)]
 
 
-def _prompt_tokens(messages: Any) -> int:
+def prompt_tokens(messages: Any) -> int:
+    """The fake's token count of a prompt: per message 4, plus one per non-ASCII character (a CJK character is
+    about one token) and one per 4 ASCII characters (rounded up)."""
     n = 0
     if isinstance(messages, list):
         for m in messages:
             if isinstance(m, dict):
-                n += 4 + (len(_text_of(m.get("content"))) + 3) // 4
+                text = _text_of(m.get("content"))
+                ascii_chars = len(text.encode("ascii", "ignore"))
+                n += 4 + (ascii_chars + 3) // 4 + (len(text) - ascii_chars)
     return n
 
 
@@ -268,6 +293,7 @@ async def _handle_chat(request: web.Request) -> web.StreamResponse:
             _error_body(400, f"Invalid JSON body: {exc}", type_="invalid_request_error", code=None), status=400
         )
     stats.last_request = body
+    stats.recent_requests.append(body)
     cfg = base
     over = body.get("fake")
     if isinstance(over, dict) and over:
@@ -288,21 +314,33 @@ async def _handle_chat(request: web.Request) -> web.StreamResponse:
         model = models[0]  # LM Studio answers with the loaded model when only one is loaded
 
     messages = body.get("messages")
+    n_prompt = prompt_tokens(messages)
+    if cfg.n_ctx is not None and n_prompt > cfg.n_ctx:
+        stats.context_errors += 1
+        stats.errors_injected += 1
+        return await _context_error(request, cfg, n_prompt)
     tokens = reply_tokens(cfg, messages)
     finish = "stop"
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, int) and 0 <= max_tokens < len(tokens):
         tokens = tokens[:max_tokens]
         finish = "length"
+    ctx_full_after = None  # the answer fills the context after this many tokens
+    if cfg.n_ctx is not None and n_prompt + len(tokens) > cfg.n_ctx:
+        stats.context_errors += 1
+        if cfg.ctx_error == "stream":
+            ctx_full_after = cfg.n_ctx - n_prompt
+        else:
+            tokens = tokens[: cfg.n_ctx - n_prompt]
+            finish = "length"
     tps, _ = _effective(cfg)
     n = stats.chat_requests
     cid = f"chatcmpl-{zlib.crc32(str(n).encode()):08x}{n:06d}"
     created = int(time.time())
-    prompt_tokens = _prompt_tokens(messages)
     usage = {
-        "prompt_tokens": prompt_tokens,
+        "prompt_tokens": n_prompt,
         "completion_tokens": len(tokens),
-        "total_tokens": prompt_tokens + len(tokens),
+        "total_tokens": n_prompt + len(tokens),
     }
 
     if not body.get("stream"):
@@ -329,7 +367,35 @@ async def _handle_chat(request: web.Request) -> web.StreamResponse:
 
     so = body.get("stream_options")
     want_usage = cfg.include_usage and isinstance(so, dict) and bool(so.get("include_usage"))
-    return await _stream(request, cfg, stats, tokens, finish, usage if want_usage else None, cid, created, model, tps)
+    return await _stream(request, cfg, stats, tokens, finish, usage if want_usage else None, cid, created, model, tps,
+                         ctx_full_after)
+
+
+async def _context_error(request: web.Request, cfg: FakeLLMConfig, n_prompt: int) -> web.StreamResponse:
+    """A prompt over ``cfg.n_ctx``, refused the way ``cfg.ctx_error`` says (see the module docs)."""
+    n_ctx = cfg.n_ctx
+    if cfg.ctx_error == "http500":
+        return web.json_response({"error": {"code": 500, "message": CTX_FULL_MESSAGE, "type": "server_error"}},
+                                 status=500)
+    if cfg.ctx_error not in ("empty", "done", "stream"):  # "http": llama.cpp's server
+        return web.json_response({"error": {
+            "code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": n_prompt, "n_ctx": n_ctx,
+            "message": f"request ({n_prompt} tokens) exceeds the available context size ({n_ctx} tokens), "
+                       f"try increasing it"}}, status=400)
+    resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    try:
+        await resp.prepare(request)
+        if cfg.ctx_error == "done":
+            await resp.write(b"data: [DONE]\n\n")
+        elif cfg.ctx_error == "stream":  # LM Studio's wording
+            msg = (f"Trying to keep the first {n_prompt} tokens when context the overflows. However, the model is "
+                   f"loaded with context length of only {n_ctx} tokens, which is not enough. Try to load the model "
+                   f"with a larger context length, or provide a shorter input")
+            await resp.write(b"data: " + json.dumps({"error": {"message": msg}}).encode() + b"\n\n")
+        await resp.write_eof()
+    except ConnectionError:
+        pass
+    return resp
 
 
 async def _paced(request: web.Request, resp: web.StreamResponse, stats: FakeLLMStats, frames: list[bytes],
@@ -389,6 +455,7 @@ async def _stream(
     created: int,
     model: str,
     tps: float,
+    ctx_full_after: int | None = None,
 ) -> web.StreamResponse:
     head = json.dumps(
         {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": model},
@@ -412,7 +479,8 @@ async def _stream(
         t0 = loop.time()
         if cfg.reasoning:
             await resp.write(pre_r + json.dumps(cfg.reasoning, ensure_ascii=False).encode() + post)
-        faults = [x for x in (cfg.error_after, cfg.bad_json_after, cfg.drop_after, cfg.stall_after) if x is not None]
+        faults = [x for x in (cfg.error_after, cfg.bad_json_after, cfg.drop_after, cfg.stall_after, cfg.done_after,
+                              ctx_full_after) if x is not None]
         k = max(0, min([n, *faults]))  # tokens before the first injected fault (n: none)
         frames = [pre + json.dumps(t, ensure_ascii=False).encode() + post for t in tokens[:k]]
         await _paced(request, resp, stats, frames, t0, interval)
@@ -421,6 +489,16 @@ async def _stream(
             if i == cfg.error_after:
                 stats.errors_injected += 1
                 await resp.write(b'data: {"error":{"message":"Compute error."}}\n\n')
+                await resp.write_eof()
+                return resp
+            if i == ctx_full_after:  # llama.cpp's server when the answer fills the context
+                await resp.write(b"data: " + json.dumps({"error": {"code": 500, "message": CTX_FULL_MESSAGE,
+                                                                   "type": "server_error"}}).encode() + b"\n\n")
+                await resp.write_eof()
+                return resp
+            if i == cfg.done_after:  # llama-cpp-python's server when another request interrupts this one
+                stats.errors_injected += 1
+                await resp.write(b"data: [DONE]\n\n")
                 await resp.write_eof()
                 return resp
             if i == cfg.bad_json_after:
@@ -541,6 +619,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reply", default=None, help="fixed reply text")
     p.add_argument("--model", action="append", dest="models", help="model id (repeatable)")
     p.add_argument("--require-key", default=None, help="require Authorization: Bearer KEY")
+    p.add_argument("--n-ctx", type=int, default=None, help="context window in tokens (default: unlimited)")
+    p.add_argument("--ctx-error", choices=CTX_ERRORS, default="http", help="how a prompt over --n-ctx is refused")
     a = p.parse_args(argv)
     cfg = FakeLLMConfig(
         ttft=a.ttft,
@@ -550,6 +630,8 @@ def main(argv: list[str] | None = None) -> None:
         reply=a.reply,
         require_key=a.require_key,
         demo=a.demo,
+        n_ctx=a.n_ctx,
+        ctx_error=a.ctx_error,
     )
     if a.models:
         cfg.models = a.models

@@ -11,10 +11,18 @@ through unchanged, and in :func:`chat` an exception raised by ``on_event`` itsel
 Facts this is built on (DESIGN.md §4, platform-apis.md §5):
 
 * LM Studio streams OpenAI ``chat.completion.chunk`` objects as SSE ``data:`` lines and ends with
-  ``data: [DONE]`` -- or with just a close.  A close after a chunk with a non-null
-  ``finish_reason`` (or after ``[DONE]``) is a normal end; a close before either is a drop.
+  ``data: [DONE]`` -- or with just a close.  An answer is complete only when a chunk carried a non-null
+  ``finish_reason`` (the model said it ended): a stream that ends without one -- even with a clean
+  ``[DONE]``, which llama-cpp-python's server sends when another request interrupts a running answer -- is
+  ``LLM_DROPPED``. ``finish_reason: "length"`` (``max_tokens`` or the context filled up) is returned to the
+  caller, who tells the user.
 * Errors come either as an HTTP error before the stream (404 ``model_not_found`` /
   "No models loaded") or as ``data: {"error": {...}}`` inside a 200 stream.
+* A request that does not fit the model's context window (``LLM_CONTEXT``) shows up in three shapes: an
+  HTTP error whose body says so (llama.cpp: 400 "request (N tokens) exceeds the available context size",
+  500 "Context size has been exceeded."), an ``error`` object inside a 200 stream saying so, or a 200 stream
+  that ends with no chunk at all (some servers just close it). The message test is :func:`is_context_error`
+  (a short list of case-insensitive phrases, ``CONTEXT_PATTERNS``).
 * The first request may load the model, so the first token may take long
   (``first_token_timeout``); after that a gap of ``stall_timeout`` means the server is stuck.
 * Closing the HTTP stream makes LM Studio stop generating: closing this generator (``aclose()``
@@ -63,7 +71,10 @@ __all__ = [
     "LLM_DROPPED",
     "LLM_EMPTY",
     "LLM_BAD_RESPONSE",
+    "LLM_CONTEXT",
     "ERROR_CODES",
+    "CONTEXT_PATTERNS",
+    "is_context_error",
 ]
 
 LLM_UNREACHABLE = "llm_unreachable"
@@ -74,6 +85,7 @@ LLM_STALL = "llm_stall"
 LLM_DROPPED = "llm_dropped"
 LLM_EMPTY = "llm_empty"
 LLM_BAD_RESPONSE = "llm_bad_response"
+LLM_CONTEXT = "llm_context"
 
 #: Default user-facing messages (Simplified Chinese), by code.
 USER_MESSAGES: dict[str, str] = {
@@ -85,11 +97,36 @@ USER_MESSAGES: dict[str, str] = {
     LLM_DROPPED: "与模型的连接意外中断，回答不完整，请重试。",
     LLM_EMPTY: "模型没有返回任何内容，请换个问法再试。",
     LLM_BAD_RESPONSE: "模型服务返回了无法识别的数据，请检查服务器 B 上的 LM Studio 配置。",
+    LLM_CONTEXT: "问题太长，超出了模型一次能处理的长度（上下文长度），请缩短问题后再试。",
 }
 ERROR_CODES = frozenset(USER_MESSAGES)
 
 _USER_AUTH = "LM Studio 拒绝了请求（认证失败），请检查服务器 B 上配置的 LM Studio API 密钥。"
 _USER_FIRST_TOKEN = "模型响应超时（可能正在加载模型或服务器繁忙），请稍后再试。"
+_USER_UNFINISHED = "模型服务中途结束了本次回答（没有说明回答已完成），回答不完整，请重试。"
+_USER_CONTEXT_EMPTY = "模型没有返回任何内容，可能是问题太长、超出了模型的上下文长度，请缩短问题后再试。"
+_USER_CONTEXT_MID = "回答超出了模型的上下文长度，已被中断，回答不完整。"
+
+#: Case-insensitive phrases that mark an error message (HTTP error body or in-stream ``error`` object) as
+#: "the request does not fit the model's context window": llama.cpp's server ("request (3892 tokens) exceeds
+#: the available context size (2048 tokens)", type ``exceed_context_size_error``, "Context size has been
+#: exceeded."), and the OpenAI / LM Studio wordings ("maximum context length", ``context_length_exceeded``,
+#: ``n_ctx``, "context window").
+CONTEXT_PATTERNS = (
+    "exceeds the available context size",
+    "exceed_context_size",
+    "context size has been exceeded",
+    "context length",
+    "context_length_exceeded",
+    "context window",
+    "n_ctx",
+)
+
+
+def is_context_error(text: str) -> bool:
+    """Whether a server's error text says the request does not fit the model's context window."""
+    low = text.lower()
+    return any(p in low for p in CONTEXT_PATTERNS)
 
 _MAX_DETAIL = 300  # chars of a server-provided message kept in the operator detail
 _MAX_ERROR_BODY = 64 * 1024  # bytes of a non-2xx body read to extract the error message
@@ -164,6 +201,8 @@ def _status_error(status: int, body: bytes, *, what: str, no_model_on_404: bool 
         detail += f" [{code}]"
     if msg:
         detail += f": {_trunc(msg)}"
+    if status not in (401, 403) and is_context_error(body[:_MAX_ERROR_BODY].decode("utf-8", "replace")):
+        return LLMError(LLM_CONTEXT, detail, status=status)
     if (
         (status == 404 and no_model_on_404)
         or code == "model_not_found"
@@ -340,6 +379,7 @@ class _Exchange:
         self.event = b""
         self.rest = b""
         self.n_events = 0
+        self.n_chunks = 0  # chunk objects read (every event but [DONE])
         self.done = False
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
@@ -398,14 +438,27 @@ class _Exchange:
             self._settle(None, reuse=reuse)
         elif not 200 <= self.status < 300:
             self._settle(exc=_status_error(self.status, bytes(self.body), what=self.what), reuse=reuse)
-        elif not self.done and self.finish is None:
-            self._settle(exc=LLMError(LLM_DROPPED, f"{self.what}: stream ended without [DONE] or finish_reason "
-                                                   f"after {self.n_events} events"))
         else:
             self._finished(reuse=reuse)
 
-    def _finished(self, *, reuse: bool) -> None:
-        if not self.text_seen:
+    def _finished(self, *, reuse: bool, how: str = "") -> None:
+        """A 200 stream ended (``how``: why, when it was not a clean end of the body): the answer, or why not."""
+        if self.n_chunks == 0:  # not one chunk: what some servers do with a request over the context size
+            seen = "[DONE] only" if self.done else "no events"
+            self._settle(exc=LLMError(
+                LLM_CONTEXT, f"{self.what}: stream ended with no chunk at all ({seen}{how}); taken as a request "
+                             f"over the model's context size", status=self.status, user_message=_USER_CONTEXT_EMPTY))
+        elif self.finish is None:  # the model never said it ended: the answer is cut short
+            if self.done:
+                detail = (f"stream ended with [DONE] but no finish_reason after {self.n_chunks} chunks: the answer "
+                          f"is incomplete (a server ending a running answer early, e.g. when another request "
+                          f"arrives, does this)")
+            else:
+                detail = (f"stream ended ({how.lstrip('; ') or 'end of the body'}) without [DONE] or finish_reason "
+                          f"after {self.n_chunks} chunks: the answer is incomplete")
+            self._settle(exc=LLMError(LLM_DROPPED, f"{self.what}: {detail}", status=self.status,
+                                      user_message=_USER_UNFINISHED if self.done else None))
+        elif not self.text_seen:
             self._settle(exc=LLMError(
                 LLM_EMPTY, f"{self.what}: stream ended with no content (finish_reason={self.finish!r}, "
                            f"reasoning={'yes' if self.reasoning_seen else 'no'}, events={self.n_events})"))
@@ -430,11 +483,9 @@ class _Exchange:
         elif self.framing == "close":
             self._complete(reuse=False)
         elif not self.collect and 200 <= self.status < 300:
-            if self.done or self.finish is not None:
-                self._finished(reuse=False)  # closed after the end of the answer: normal
-            else:
-                self.fail(LLMError(LLM_DROPPED, f"{self.what}: connection closed mid-stream without [DONE] or "
-                                                f"finish_reason{name or ' (the response body was cut short)'}"))
+            # closed after the end of the answer: normal; before it, a drop (before any chunk: see _finished)
+            cut = name or " (the response body was cut short)"
+            self._finished(reuse=False, how=f"; connection closed mid-stream{cut}")
         elif self.collect:
             self.fail(LLMError(LLM_DROPPED, f"{self.what}: connection closed mid-body{name}"))
         else:
@@ -704,8 +755,12 @@ class _Exchange:
             err = obj.get("error")
             if err is not None:
                 msg, code = _error_fields(obj)
-                raise LLMError(LLM_STREAM_ERROR, f"{self.what}: error in stream" + (f" [{code}]" if code else "")
-                               + f": {_trunc(msg)}", status=self.status)
+                detail = f"{self.what}: error in stream" + (f" [{code}]" if code else "") + f": {_trunc(msg)}"
+                if is_context_error(data.decode("utf-8", "replace")):
+                    raise LLMError(LLM_CONTEXT, detail + f" (after {self.n_chunks} chunks)", status=self.status,
+                                   user_message=_USER_CONTEXT_MID if self.text_seen else None)
+                raise LLMError(LLM_STREAM_ERROR, detail, status=self.status)
+            self.n_chunks += 1
             content = reasoning = None
             choices = obj.get("choices")
             if choices:
@@ -727,6 +782,9 @@ class _Exchange:
             raise
         except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError) as exc:
             text = data.decode("utf-8", "replace")
+            if event == b"error" and is_context_error(text):
+                raise LLMError(LLM_CONTEXT, f"{self.what}: error event in stream: {_trunc(text)}",
+                               user_message=_USER_CONTEXT_MID if self.text_seen else None) from None
             if event == b"error":
                 raise LLMError(LLM_STREAM_ERROR, f"{self.what}: error event in stream: {_trunc(text)}") from None
             raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: unparseable stream chunk ({type(exc).__name__}): "
@@ -812,7 +870,7 @@ def _request_body(model: str, messages: list[dict], max_tokens: int, extra: dict
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if max_tokens is not None and max_tokens >= 0:
+    if max_tokens is not None and max_tokens > 0:  # 0 or less: not sent (the server's own limit applies)
         body["max_tokens"] = max_tokens
     if extra:
         body.update(extra)
@@ -856,7 +914,9 @@ async def chat(
     """Stream a chat completion, calling ``on_event(kind, text)`` (``"text"`` or ``"reasoning"``) from the
     connection's read callback for each delta, as it arrives; return ``(usage, finish_reason)`` (usage None
     when the server sent none). Raises LLMError; an exception from ``on_event`` ends the stream and is
-    raised as it is. Cancelling the caller closes the HTTP stream at once (LM Studio stops generating)."""
+    raised as it is. Cancelling the caller closes the HTTP stream at once (LM Studio stops generating).
+    ``max_tokens`` > 0 is sent as the answer's token limit (0 or less: not sent). The call returns only when the
+    model said the answer ended (``finish_reason``, e.g. ``"stop"`` or ``"length"``); see the module docs."""
     _, result = await _run(client, "POST", base_url, "/chat/completions",
                            _request_body(model, messages, max_tokens, extra), api_key, on_event=on_event,
                            first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,

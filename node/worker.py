@@ -31,7 +31,8 @@ from claw.store import Writer, open_env
 
 from .batcher import ReplyBatcher
 from .coalescer import Coalescer
-from .llm import LLMClient, LLMError, chat, list_models
+from .history import message_tokens, trim_history
+from .llm import LLM_CONTEXT, LLM_HTTP, LLM_STALL, LLM_UNREACHABLE, LLMClient, LLMError, chat, list_models
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ REPLY_LOG_AGE_S = 86_400  # ... and in node.lmdb for at most this long
 # llm_first_token = n_ft - n_rx (task received -> first LLM token, queueing included), publish = one
 # Delta's QoS 1 publish until its PUBACK, answer_total = n_done - n_rx (every task, whatever its status).
 NODE_STAGES = ("llm_first_token", "publish", "answer_total")
+# The last chunk of an answer the model ended with finish_reason "length" (max_tokens, or its context full).
+LENGTH_NOTE = "\n\n（回答已达到长度上限，可能不完整。）"
+# Added to the message of an answer cut off because it filled the model's context (the history is dropped).
+CONTEXT_RESET_NOTE = "之前的对话记录已清除，下一个问题将开始新的对话。"
+PROBE_TIMEOUT_S = 5.0  # the start-up check of the LLM server waits at most this long
 
 
 def now_us() -> int:
@@ -75,6 +81,8 @@ class NodeStats:
     replays: int = 0  # tasks whose answer (so far) was sent again because the edge asked again
     bad_messages: int = 0
     reconnects: int = 0
+    context_retries: int = 0  # questions sent again without history after a context-size error
+    length_limited: int = 0  # answers the model ended with finish_reason "length" (sent with LENGTH_NOTE)
     by_code: dict[str, int] = field(default_factory=dict)
 
 
@@ -125,6 +133,7 @@ class Node:
                  self.s.mqtt.host, self.s.mqtt.port, self.s.mqtt.tls)
         self._open_reply_log()
         pruner = asyncio.create_task(self._prune_loop())
+        probe = asyncio.create_task(self._probe_llm(), name="llm-probe")
         if self.cfg.batch_replies:
             self._batcher = ReplyBatcher(self.id, self._publish_payload, linger=self.cfg.batch_linger_ms / 1000)
             self._batcher.start()
@@ -144,6 +153,7 @@ class Node:
             if jobs:
                 await asyncio.wait(jobs, timeout=5)
             pruner.cancel()
+            probe.cancel()
             if self._batcher is not None:
                 await self._batcher.close()
                 self._batcher = None
@@ -156,6 +166,41 @@ class Node:
             if self._metrics is not None:
                 await self._metrics.cleanup()
                 self._metrics, self.metrics_port = None, None
+
+    async def _probe_llm(self) -> None:
+        """At start: ask the LLM server for its models and warn, naming the URL and what to do, when it cannot
+        be reached or has no model loaded. Never stops the node (the server may come later)."""
+        url = self.cfg.llm_url
+        assert self._http is not None
+        try:
+            models = await list_models(self._http, url, api_key=self.cfg.api_key,
+                                       timeout=min(self.cfg.connect_timeout_s, PROBE_TIMEOUT_S))
+        except LLMError as exc:
+            if exc.code in (LLM_UNREACHABLE, LLM_STALL):
+                todo = ("start LM Studio and its local server (Developer -> Start Server; port 1234 by default) or "
+                        "the llama.cpp server, or correct node.llm_url")
+            elif exc.code == LLM_HTTP and exc.status in (401, 403):
+                todo = "set node.api_key / node.api_key_file to the server's API token"
+            else:
+                todo = "check that node.llm_url is the server's OpenAI-compatible base URL (ending in /v1)"
+            log.warning("node %s: the LLM server at %s cannot be used (%s: %s). To fix: %s. The node runs on; "
+                        "questions fail with %s until the server answers.", self.id, url, exc.code, exc, todo,
+                        exc.code)
+            return
+        except Exception as exc:  # noqa: BLE001 - a check must never take the node down
+            log.warning("node %s: checking the LLM server at %s failed: %r", self.id, url, exc)
+            return
+        self._models = models
+        if not models:
+            log.warning("node %s: the LLM server at %s has no model loaded: load one (LM Studio: the model picker "
+                        "or `lms load <model>`); until then questions fail with llm_no_model.", self.id, url)
+        elif self.cfg.model and self.cfg.model not in models:
+            log.warning("node %s: node.model %r is not among the models the LLM server at %s lists (%s): load it, "
+                        "or set node.model to one of them (\"\" = the first).", self.id, self.cfg.model, url,
+                        ", ".join(models[:8]))
+        else:
+            log.info("node %s: LLM server at %s lists %d model(s): %s", self.id, url, len(models),
+                     ", ".join(models[:8]))
 
     # ---- GET /metrics (node.metrics_listen) -------------------------------------------------
     async def _start_metrics(self, listen: str) -> None:
@@ -528,17 +573,25 @@ class Node:
             self._model_at = loop.time()
         return self._model
 
-    def _messages(self, task: wire.Task) -> list[dict[str, str]]:
+    def _history_for(self, task: wire.Task) -> list[dict[str, str]]:
+        """The conversation's previous turns to send: the newest that fit ``node.history_tokens`` (estimated)
+        and ``node.history_turns``."""
+        return trim_history(self._history.get((task.uid, task.conv or ""), []), self.cfg.history_tokens,
+                            self.cfg.history_turns)
+
+    def _messages(self, task: wire.Task, history: list[dict[str, str]]) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
-        msgs += self._history.get((task.uid, task.conv or ""), [])
+        msgs += history
         msgs.append({"role": "user", "content": task.text})
         return msgs
 
-    def _remember(self, task: wire.Task, answer: str) -> None:
+    def _remember(self, task: wire.Task, history: list[dict[str, str]], answer: str) -> None:
+        """The conversation is now ``history`` (what was sent with the question: older turns that no longer fit,
+        or all of them after a context-size error, are gone for good) plus this turn."""
         key = (task.uid, task.conv or "")
-        hist = self._history.setdefault(key, [])
-        hist += [{"role": "user", "content": task.text}, {"role": "assistant", "content": answer}]
-        del hist[: max(0, len(hist) - 2 * self.cfg.history_turns)]
+        self._history.pop(key, None)  # re-inserted last: the oldest conversations go first
+        hist = history + [{"role": "user", "content": task.text}, {"role": "assistant", "content": answer}]
+        self._history[key] = trim_history(hist, self.cfg.history_tokens, self.cfg.history_turns)
         if len(self._history) > 10000:
             self._history.pop(next(iter(self._history)))
 
@@ -592,15 +645,40 @@ class Node:
                 co.push(text)  # raises a failed publish (which ends the stream and is raised by chat())
                 answer.append(text)
 
+        history = self._history_for(task)
         try:
-            # Cancelling this (a stop, a stopping node) or an error closes the HTTP stream at once, which
-            # makes LM Studio stop generating and frees its slot.
-            raw_usage, _ = await chat(self._http, self.cfg.llm_url, on_event=on_event, model=model,
-                                      messages=self._messages(task), api_key=self.cfg.api_key,
-                                      max_tokens=self.cfg.max_tokens,
-                                      first_token_timeout=self.cfg.first_token_timeout_s,
-                                      stall_timeout=self.cfg.stall_timeout_s,
-                                      connect_timeout=self.cfg.connect_timeout_s)
+            while True:
+                try:
+                    # Cancelling this (a stop, a stopping node) or an error closes the HTTP stream at once, which
+                    # makes LM Studio stop generating and frees its slot.
+                    raw_usage, finish = await chat(
+                        self._http, self.cfg.llm_url, on_event=on_event, model=model,
+                        messages=self._messages(task, history), api_key=self.cfg.api_key,
+                        max_tokens=self.cfg.max_tokens, first_token_timeout=self.cfg.first_token_timeout_s,
+                        stall_timeout=self.cfg.stall_timeout_s, connect_timeout=self.cfg.connect_timeout_s)
+                    break
+                except LLMError as exc:
+                    if exc.code != LLM_CONTEXT:
+                        raise
+                    if answer:  # cut off mid-answer (text already sent): no retry; this history must not return
+                        self._history.pop((task.uid, task.conv or ""), None)
+                        exc.user_message += CONTEXT_RESET_NOTE
+                        raise
+                    if not history:
+                        raise  # the question alone does not fit: the user is told (llm_context)
+                    # The prompt does not fit the model's context: once more without the history (the next
+                    # question starts from this one, so the conversation never stays over the limit).
+                    self.stats.context_retries += 1
+                    log.warning("node %s: task %s: the prompt with %d previous turn(s) (~%d tokens estimated) "
+                                "does not fit the model's context (%s); sending the question again without them "
+                                "(lower node.history_tokens to avoid this)", self.id, task.id.hex()[:8],
+                                len(history) // 2, sum(message_tokens(m) for m in history), exc)
+                    history = []
+            if finish == "length":  # max_tokens reached (or the context filled up): say so, in every channel
+                self.stats.length_limited += 1
+                log.info("node %s: task %s: the model stopped at its length limit (finish_reason length, "
+                         "node.max_tokens = %d)", self.id, task.id.hex()[:8], self.cfg.max_tokens)
+                co.push(LENGTH_NOTE)
             if raw_usage is not None:
                 usage = {k: int(v) for k, v in raw_usage.items() if isinstance(v, int)}
         finally:
@@ -611,5 +689,5 @@ class Node:
                 co.abandon()  # stopping without a broker: nothing more goes out, not even after a reconnect
             else:
                 await asyncio.shield(drained)
-        self._remember(task, "".join(answer))
+        self._remember(task, history, "".join(answer))
         return run.last_seq, usage  # type: ignore[attr-defined]

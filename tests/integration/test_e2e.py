@@ -264,7 +264,9 @@ async def test_llm_faster_than_the_publisher_never_makes_an_oversize_chunk(tmp_p
     """Tokens of 500 characters as fast as possible: the coalescer used to join everything waiting into one
     Delta of ~400 KB, over the wire limit (256 KiB), and the answer died with an internal error."""
     cfg = FakeLLMConfig(n_tokens=4000, tokens_per_s=0, token_chars=500)  # 2 MB of text
-    async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
+    # (max_tokens 0: not sent, so the fake's 4000 "tokens" are not cut at the default 2048)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"max_tokens": 0}) as sys_, \
+            aiohttp.ClientSession() as s:
         token = await sys_.login(s)
         async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0) as ws:
             await ws.receive_json()
@@ -282,7 +284,7 @@ async def test_slow_websocket_client_is_cut_off_instead_of_growing_the_edge(tmp_
     later", resume) instead of buffering the answer; what it did receive is in order, with no gap."""
     from edge.api import WS_QUEUE_CHARS
     cfg = FakeLLMConfig(n_tokens=20000, tokens_per_s=0, token_chars=500)
-    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"coalesce_ms": 1}) as sys_, \
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"coalesce_ms": 1, "max_tokens": 0}) as sys_, \
             aiohttp.ClientSession() as s:
         token = await sys_.login(s)
         ws = await s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0)
@@ -320,7 +322,7 @@ async def test_resuming_a_huge_answer_is_paced_not_cut_off(tmp_path: Path, pki_d
     from edge.keys import BRIDGE
     n, size = 5000, 1000  # 5 M characters
     cfg = FakeLLMConfig(n_tokens=n, tokens_per_s=2500 if when == "mid_answer" else 0, token_chars=size)
-    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"coalesce_ms": 5}) as sys_, \
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"coalesce_ms": 5, "max_tokens": 0}) as sys_, \
             aiohttp.ClientSession() as s:
         token = await sys_.login(s)
         async with asyncio.timeout(10):

@@ -11,10 +11,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node.fakellm import DEMO_INTRO, DEMO_MODEL, FakeLLM, FakeLLMConfig, reply_tokens, run_fake_llm
+from node.fakellm import DEMO_INTRO, DEMO_MODEL, FakeLLM, FakeLLMConfig, prompt_tokens, reply_tokens, run_fake_llm
 from node.llm import (
     LLMClient,
     LLM_BAD_RESPONSE,
+    LLM_CONTEXT,
     LLM_DROPPED,
     LLM_EMPTY,
     LLM_HTTP,
@@ -25,6 +26,7 @@ from node.llm import (
     LLMError,
     StreamEvent,
     chat,
+    is_context_error,
     list_models,
     stream_chat,
 )
@@ -425,6 +427,9 @@ async def _raw_server(body: bytes) -> tuple[asyncio.base_events.Server, str]:
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
 
 
+_STOP = '{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}'
+
+
 def _chunk(content: str) -> str:
     import json
     return json.dumps({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]})
@@ -515,7 +520,8 @@ async def test_connect_timeout_is_unreachable_not_a_stall(client: LLMClient) -> 
 
 
 async def test_sse_event_with_empty_data_is_not_dispatched(client: LLMClient) -> None:
-    server, url = await _raw_server(f"data:\n\ndata: {_chunk('hi')}\n\ndata:\n\ndata: [DONE]\n\n".encode())
+    server, url = await _raw_server(f"data:\n\ndata: {_chunk('hi')}\n\ndata:\n\ndata: {_STOP}\n\n"
+                                    f"data: [DONE]\n\n".encode())
     try:
         assert text_of(await collect(client, url)) == "hi"
     finally:
@@ -1199,3 +1205,139 @@ async def test_cancelling_chat_stops_the_callbacks_at_once(fake: FakeLLM, client
         await task
     await asyncio.sleep(0.05)
     assert len(got) <= n + 1  # nothing more after the cancellation took effect
+
+
+# --------------------------------------------------------------------------- an answer is complete only when the
+# model said so (finish_reason); the context window's errors in every shape servers use
+
+
+async def test_done_without_finish_reason_is_dropped_and_the_text_before_it_delivered(
+        fake: FakeLLM, client: LLMClient) -> None:
+    """llama-cpp-python's server ends a running answer with a clean [DONE] (no finish_reason) when another
+    request arrives: not a complete answer."""
+    got: list[str] = []
+    with pytest.raises(LLMError) as ei:
+        async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, stall_timeout=2,
+                                    first_token_timeout=3, extra={"fake": {"done_after": 5, "n_tokens": 20}}):
+            got.append(ev.text)
+    assert ei.value.code == LLM_DROPPED, (ei.value.code, str(ei.value))
+    assert "[DONE]" in str(ei.value) and "finish_reason" in str(ei.value)
+    assert "不完整" in ei.value.user_message
+    assert got == reply_tokens(FakeLLMConfig(n_tokens=20), MSGS)[:5]
+    # chat() too: the deltas were delivered, the call fails
+    seen: list[str] = []
+    with pytest.raises(LLMError) as ei:
+        await chat(client, fake.url, on_event=lambda k, t: seen.append(t), model="m", messages=MSGS,
+                   extra={"fake": {"done_after": 3}})
+    assert ei.value.code == LLM_DROPPED and len(seen) == 3
+
+
+async def test_close_after_text_without_finish_reason_or_done_is_dropped(client: LLMClient) -> None:
+    server, url = await _raw_server(f"data: {_chunk('partial')}\n\n".encode())
+    try:
+        err, _ = await fails(client, url, LLM_DROPPED)
+    finally:
+        server.close()
+    assert "finish_reason" in str(err)
+
+
+async def test_max_tokens_is_sent_only_when_positive(fake: FakeLLM, client: LLMClient) -> None:
+    for limit in (0, -1):
+        await collect(client, fake.url, max_tokens=limit)
+        assert "max_tokens" not in fake.stats.last_request  # 0 or less: the server's own limit
+    events = await collect(client, fake.url, max_tokens=2048)
+    assert fake.stats.last_request["max_tokens"] == 2048
+    assert events[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("request (3892 tokens) exceeds the available context size (2048 tokens), try increasing it", True),
+    ('{"error": {"code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": 3892}}', True),
+    ("Context size has been exceeded.", True),
+    ("This model's maximum context length is 8192 tokens. However, you requested 9100 tokens", True),
+    ("CONTEXT_LENGTH_EXCEEDED", True),
+    ("slot unavailable, n_ctx too small", True),
+    ("the prompt does not fit in the context window", True),
+    ("Compute error.", False),
+    ("No models loaded. Please load a model in the developer page", False),
+    ("Invalid or missing API token.", False),
+    ("", False),
+])
+def test_is_context_error(text: str, expected: bool) -> None:
+    assert is_context_error(text) is expected
+
+
+@pytest.mark.parametrize("shape, status", [("http", 400), ("http500", 500)])
+async def test_context_error_as_an_http_error_before_the_stream(fake: FakeLLM, client: LLMClient, shape: str,
+                                                                status: int) -> None:
+    err, _ = await fails(client, fake.url, LLM_CONTEXT, fake={"n_ctx": 10, "ctx_error": shape})
+    assert err.status == status
+    if shape == "http":  # llama.cpp's words, with the numbers, for the operator
+        assert f"request ({prompt_tokens(MSGS)} tokens) exceeds the available context size (10 tokens)" in str(err)
+    else:
+        assert "Context size has been exceeded." in str(err)
+    assert "太长" in err.user_message
+    assert fake.stats.context_errors == 1
+
+
+@pytest.mark.parametrize("shape", ["empty", "done"])
+async def test_a_200_stream_without_any_chunk_is_a_context_error(fake: FakeLLM, client: LLMClient,
+                                                                 shape: str) -> None:
+    """Headers then the end of the body (or just [DONE]): what a server does with a request over its context."""
+    err, _ = await fails(client, fake.url, LLM_CONTEXT, fake={"n_ctx": 10, "ctx_error": shape})
+    assert "no chunk" in str(err) and ("[DONE] only" in str(err)) is (shape == "done")
+    assert "上下文" in err.user_message
+
+
+async def test_headers_then_a_close_is_a_context_error(client: LLMClient) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server, url, _ = await _piecewise_server(head, [])  # then the connection closes, the body unterminated
+    try:
+        err, _ = await fails(client, url, LLM_CONTEXT)
+    finally:
+        server.close()
+    assert "no chunk" in str(err)
+
+
+async def test_context_error_object_at_the_start_of_the_stream(fake: FakeLLM, client: LLMClient) -> None:
+    err, _ = await fails(client, fake.url, LLM_CONTEXT, fake={"n_ctx": 10, "ctx_error": "stream"})
+    assert "context length of only 10 tokens" in str(err)
+    assert "太长" in err.user_message
+
+
+async def test_context_error_event_with_unparseable_data(client: LLMClient) -> None:
+    server, url = await _raw_server(b"event: error\ndata: n_ctx exceeded\n\n")
+    try:
+        await fails(client, url, LLM_CONTEXT)
+    finally:
+        server.close()
+
+
+async def test_context_filling_up_mid_answer(fake: FakeLLM, client: LLMClient) -> None:
+    """The prompt fits, the answer does not: llama.cpp's in-stream error after the tokens that fit (the text
+    before it delivered, the message says the answer was cut off), or finish_reason "length"."""
+    n_ctx = prompt_tokens(MSGS) + 3
+    got: list[str] = []
+    with pytest.raises(LLMError) as ei:
+        async for ev in stream_chat(client, fake.url, model="m", messages=MSGS,
+                                    extra={"fake": {"n_ctx": n_ctx, "ctx_error": "stream", "n_tokens": 10}}):
+            got.append(ev.text)
+    assert ei.value.code == LLM_CONTEXT and "Context size has been exceeded." in str(ei.value)
+    assert len(got) == 3 and "回答不完整" in ei.value.user_message
+    events = await collect(client, fake.url, fake={"n_ctx": n_ctx, "n_tokens": 10})
+    assert len([e for e in events if e.kind == "text"]) == 3 and events[-1].finish_reason == "length"
+    events = await collect(client, fake.url, fake={"n_ctx": n_ctx + 7, "n_tokens": 10})
+    assert len([e for e in events if e.kind == "text"]) == 10 and events[-1].finish_reason == "stop"
+
+
+async def test_fake_counts_prompt_tokens_from_characters(fake: FakeLLM, plain_http: aiohttp.ClientSession) -> None:
+    msgs = [{"role": "system", "content": "你好"}, {"role": "user", "content": "abcdefgh世界"}]
+    assert prompt_tokens(msgs) == (4 + 2) + (4 + 2 + 2)
+    async with plain_http.post(f"{fake.url}/chat/completions", json={
+            "model": "fake-model", "messages": msgs, "stream": True, "stream_options": {"include_usage": True},
+            "fake": {"n_ctx": 13}}) as r:
+        assert r.status == 400
+        body = await r.json()
+    assert body["error"]["type"] == "exceed_context_size_error"
+    assert body["error"]["n_prompt_tokens"] == 14 and body["error"]["n_ctx"] == 13
+    assert list(fake.stats.recent_requests)[-1]["messages"] == msgs
