@@ -8,7 +8,7 @@ network, HTTP status, error chunk inside the stream, stall, drop, empty or malfo
 English operator detail as ``str()``. Only ``CancelledError`` (and ``GeneratorExit`` on ``aclose``) pass
 through unchanged, and in :func:`chat` an exception raised by ``on_event`` itself.
 
-Facts this is built on (DESIGN.md §4, platform-apis.md §5):
+Facts this is built on (LM Studio's and llama.cpp's servers, as observed; docs/reliability.md):
 
 * LM Studio streams OpenAI ``chat.completion.chunk`` objects as SSE ``data:`` lines and ends with
   ``data: [DONE]`` -- or with just a close.  An answer is complete only when a chunk carried a non-null
