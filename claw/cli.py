@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="terminal chat client (streams answers; Ctrl-C stops an answer)")
     c.add_argument("--url", default="http://127.0.0.1:8080", help="edge base URL (default %(default)s)")
     c.add_argument("--user", default="terminal", help="dev-login user name (default %(default)s)")
+    c.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="give up when the edge has been unreachable this long after a disconnect (default %(default)g)")
     c.add_argument("question", nargs="*", help="ask this once and exit (default: interactive)")
 
     cr = sub.add_parser("cred", help="broker credentials (usable while the edge runs)")
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "chat":
             configure_logging(args.log_level or "WARNING")
             from .chat import run_chat
-            return run_chat(args.url, args.user, " ".join(args.question) or None)
+            # A question given but empty (claw chat "") is refused by run_chat, not taken for interactive mode.
+            return run_chat(args.url, args.user, " ".join(args.question) if args.question else None,
+                            reconnect_timeout=args.reconnect_timeout)
         if args.cmd == "cred":
             configure_logging(args.log_level or "WARNING")
             return _cred(args)
