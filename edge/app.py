@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from claw.runtime import start_http
 from . import api
 from .auth import Tokens, load_or_create_secret
 from .bridge import Bridge
-from .keys import BRIDGE, SESSIONS, SETTINGS, STORE, TOKENS, WECOM
-from .store import TaskStore
+from .keys import BRIDGE, RETENTION, SESSIONS, SETTINGS, STORE, TOKENS, WECOM
+from .store import Retention, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -94,34 +93,19 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     app[STORE] = TaskStore(s.data_dir, map_size=s.edge.store_map_mb << 20)
     app[TOKENS] = Tokens(load_or_create_secret(s.edge.token_secret, s.data_dir), s.edge.token_ttl)
-    retention = asyncio.create_task(_retention(app[STORE], s.edge.history_days), name="edge-retention")
+    app[RETENTION] = retention = Retention(app[STORE], s.edge.history_days, first_s=RETENTION_FIRST_S,
+                                           every_s=RETENTION_EVERY_S)
+    retention.start()
     try:
         yield
     finally:
-        retention.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await retention
+        await retention.close()
         await app[STORE].flush()
         app[STORE].close()
 
 
-RETENTION_FIRST_S = 60.0
-RETENTION_EVERY_S = 3600.0
-
-
-async def _retention(store: TaskStore, days: float) -> None:
-    """``edge.history_days``: delete finished tasks older than that, 60 s after start and then hourly."""
-    if days <= 0:
-        return
-    await asyncio.sleep(RETENTION_FIRST_S)
-    while True:
-        try:
-            n = await store.prune_history(int((time.time() - days * 86400) * 1000))
-            if n:
-                log.info("edge: deleted %d task(s) older than edge.history_days = %g", n, days)
-        except Exception as exc:  # noqa: BLE001 - housekeeping must not die
-            log.error("edge: history retention failed: %r", exc)
-        await asyncio.sleep(RETENTION_EVERY_S)
+RETENTION_FIRST_S = 60.0  # edge.history_days: the first retention pass, seconds after start ...
+RETENTION_EVERY_S = 3600.0  # ... then one every this many (edge.store.Retention)
 
 
 async def _mqtt_ctx(app: web.Application) -> AsyncIterator[None]:

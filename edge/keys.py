@@ -10,7 +10,7 @@ from aiohttp import web
 from claw.config import Settings
 
 from .auth import Tokens
-from .store import TaskStore
+from .store import Retention, TaskStore
 
 if TYPE_CHECKING:
     from .api import WsSession
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", TaskStore)
+RETENTION = web.AppKey("retention", Retention)  # edge.history_days (run_once: one pass now)
 TOKENS = web.AppKey("tokens", Tokens)
 BRIDGE = web.AppKey("bridge", "Bridge")
 SESSIONS = web.AppKey("sessions", "weakref.WeakSet[WsSession]")

@@ -17,7 +17,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -441,3 +441,67 @@ class TaskStore:
                 if rec.status not in FINAL:
                     out.append(rec)
         return out
+
+
+class Retention:
+    """``edge.history_days``: finished tasks that ended more than ``days`` ago are deleted from the store,
+    ``first_s`` after :meth:`start` and then every ``every_s`` (the edge: 60 s, then hourly).
+
+    :meth:`run_once` is one such pass, the one the schedule runs, for a caller that wants it now instead of
+    at the next tick (a test that filled the store and must decide when room is made). ``now`` (wall
+    clock, seconds) and ``sleep`` are the clock the cutoff and the schedule read: a caller may pass its
+    own to step through the schedule without waiting. ``days`` <= 0 keeps everything: no pass is
+    scheduled and :meth:`run_once` deletes nothing."""
+
+    def __init__(self, store: TaskStore, days: float, *, first_s: float = 60.0, every_s: float = 3600.0,
+                 now: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+        self.store = store
+        self.days = days
+        self.first_s = first_s
+        self.every_s = every_s
+        self.passes = 0  # passes completed (scheduled or run_once), failed ones included
+        self._now = now
+        self._sleep = sleep
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.days > 0
+
+    @property
+    def scheduled(self) -> bool:
+        """The periodic passes are running (started, retention on, not closed)."""
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Schedule the periodic passes (nothing when retention is off)."""
+        if self.enabled and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="edge-retention")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def run_once(self) -> int:
+        """One pass now: delete the finished tasks that ended before ``now() - days``; returns how many."""
+        if not self.enabled:
+            return 0
+        try:
+            n = await self.store.prune_history(int((self._now() - self.days * 86400) * 1000))
+        finally:
+            self.passes += 1
+        if n:
+            log.info("edge: deleted %d task(s) older than edge.history_days = %g", n, self.days)
+        return n
+
+    async def _run(self) -> None:
+        await self._sleep(self.first_s)
+        while True:
+            try:
+                await self.run_once()
+            except Exception as exc:  # noqa: BLE001 - housekeeping must not die
+                log.error("edge: history retention failed: %r", exc)
+            await self._sleep(self.every_s)

@@ -16,6 +16,9 @@ the coalescer never has two in flight. ``acked(n, ns)`` is called as chunk ``n``
 :meth:`finish` returns. ``first_us`` is when the oldest text of the chunk being sent arrived (wall clock,
 µs): what ``send`` reads to say how long the chunk's text waited here (the gathering is latency too). The
 remainder of a text cut at ``max_chunk`` keeps the time of the text it was cut from.
+
+Time comes from a :class:`Clock`: by default the running loop's (:class:`LoopClock`); a test passes one it
+advances by hand, to step through windows exactly instead of waiting for them.
 """
 
 from __future__ import annotations
@@ -23,8 +26,42 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
-__all__ = ["Coalescer"]
+__all__ = ["Clock", "Coalescer", "LoopClock"]
+
+
+class Clock(Protocol):
+    """What a :class:`Coalescer` reads time from and arms its window's timer with."""
+
+    def time(self) -> float:
+        """Monotonic seconds (the window's clock)."""
+
+    def call_at(self, when: float, callback: Callable[[], Any]) -> Any:
+        """Run ``callback`` at ``time()`` ``when``; returns a handle with ``cancel()``."""
+
+    def wall_us(self) -> int:
+        """Wall-clock µs (``first_us``)."""
+
+    def perf_ns(self) -> int:
+        """A high-resolution counter in ns (how long an acknowledgement took, for ``acked``)."""
+
+
+class LoopClock:
+    """The real clock: the running loop's ``time()`` and timers, ``time.time_ns()``, ``time.perf_counter_ns()``."""
+
+    __slots__ = ("time", "call_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        loop = loop or asyncio.get_running_loop()
+        self.time = loop.time
+        self.call_at = loop.call_at
+
+    @staticmethod
+    def wall_us() -> int:
+        return time.time_ns() // 1000
+
+    perf_ns = staticmethod(time.perf_counter_ns)
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:
@@ -35,10 +72,11 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
 class Coalescer:
     __slots__ = ("window", "max_bytes", "max_chunk", "sent", "error", "_send", "_loop", "_buf", "_size",
                  "_inflight", "_last", "_timer", "_closed", "_drained", "_acked", "_t_sent", "_abandoned",
-                 "first_us")
+                 "_clock", "first_us")
 
     def __init__(self, send: Callable[[str], asyncio.Future[None]], *, window: float, max_bytes: int,
-                 max_chunk: int, acked: Callable[[int, int], None] | None = None) -> None:
+                 max_chunk: int, acked: Callable[[int, int], None] | None = None,
+                 clock: Clock | None = None) -> None:
         self.window = window
         self.max_bytes = max_bytes
         self.max_chunk = max_chunk  # bytes of UTF-8 in one chunk at most (the wire limit)
@@ -46,6 +84,7 @@ class Coalescer:
         self.error: BaseException | None = None
         self._send = send
         self._loop = asyncio.get_running_loop()
+        self._clock = clock if clock is not None else LoopClock(self._loop)
         self._buf: list[str] = []
         self._size = 0  # bytes waiting (UTF-8)
         self._inflight: asyncio.Future[None] | None = None
@@ -63,7 +102,7 @@ class Coalescer:
         if self.error is not None:
             raise self.error
         if not self._buf:
-            self.first_us = time.time_ns() // 1000
+            self.first_us = self._clock.wall_us()
         self._buf.append(text)
         self._size += len(text) if text.isascii() else len(text.encode())
         if self._inflight is None:
@@ -107,13 +146,13 @@ class Coalescer:
         if not self._buf or self.error is not None:
             self._settle()
             return
-        if self._closed or self._size >= self.max_bytes or self._loop.time() - self._last >= self.window:
+        if self._closed or self._size >= self.max_bytes or self._clock.time() - self._last >= self.window:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             self._flush()
         elif self._timer is None:
-            self._timer = self._loop.call_at(self._last + self.window, self._on_timer)
+            self._timer = self._clock.call_at(self._last + self.window, self._on_timer)
 
     def _on_timer(self) -> None:
         # The window is over: send. (Not _kick: uvloop runs a timer up to 1 ms early -- its clock has ms
@@ -133,8 +172,8 @@ class Coalescer:
                 self._buf.append(text[len(head):])
                 self._size = len(raw) - len(head.encode())
                 text = head
-        self._last = self._loop.time()
-        self._t_sent = time.perf_counter_ns()
+        self._last = self._clock.time()
+        self._t_sent = self._clock.perf_ns()
         try:
             fut = self._send(text)
         except Exception as exc:  # noqa: BLE001 - kept, raised by the next push() and by finish()'s future
@@ -153,7 +192,7 @@ class Coalescer:
         else:
             self.sent += 1
             if self._acked is not None:
-                self._acked(self.sent, time.perf_counter_ns() - self._t_sent)
+                self._acked(self.sent, self._clock.perf_ns() - self._t_sent)
         self._kick()
 
     def _settle(self) -> None:

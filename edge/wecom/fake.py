@@ -42,7 +42,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +214,21 @@ class FakeWeCom:
                     await self._cond.wait_for(enough)
         except TimeoutError:
             raise AssertionError(self._wait_report(n, user, timeout)) from None
+        return self.delivered(user)
+
+    async def wait_delivered(self, predicate: Callable[[list[Sent]], bool], user: str | None = None,
+                             timeout: float = 10.0) -> list[Sent]:
+        """Wait until ``predicate(delivered)`` holds for the messages delivered (to ``user``, or to everyone),
+        checked again at each delivery (no polling); returns them. Raises :class:`AssertionError` with what
+        was delivered when ``timeout`` seconds pass first."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._cond:
+                    await self._cond.wait_for(lambda: predicate(self.delivered(user)))
+        except TimeoutError:
+            got = ", ".join(f"{m.user}: {_short(m.content)!r}" for m in self.delivered(user)[-10:])
+            raise AssertionError(f"fake WeCom: condition not met within {timeout:g} s; delivered "
+                                 f"(last 10) [{got}]") from None
         return self.delivered(user)
 
     def expire_tokens(self) -> None:

@@ -23,11 +23,11 @@ from broker.app import BrokerHandle, BrokerStartError, run_broker
 from broker.creds import CredentialStore
 from claw.config import Settings, load_settings
 from claw.pki import ensure_ca, issue_server_cert
+from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-QUIET = 0.4  # seconds we wait to be sure that nothing is delivered
 MAX_PACKET = 4096
 
 
@@ -70,12 +70,6 @@ async def next_message(client: aiomqtt.Client, timeout: float = 3.0) -> aiomqtt.
         async for msg in client.messages:
             return msg
     raise AssertionError("unreachable")
-
-
-async def assert_nothing(client: aiomqtt.Client, wait: float = QUIET) -> None:
-    with contextlib.suppress(TimeoutError):
-        msg = await next_message(client, wait)
-        raise AssertionError(f"unexpected delivery on {msg.topic}: {msg.payload!r}")
 
 
 async def assert_disconnected(client: aiomqtt.Client, timeout: float = 3.0) -> None:
@@ -212,7 +206,9 @@ async def test_device_cannot_subscribe_to_other_reply_topics(env: Env) -> None:
             rc = await dev.subscribe(f, qos=1)
             assert rc[0].is_failure, f
         await node.publish("claw/v1/reply/wc.bob", b"secret", qos=1)
-        await assert_nothing(dev)
+        await dev.subscribe("claw/v1/reply/dev.alice", qos=1)
+        await node.publish("claw/v1/reply/dev.alice", b"marker", qos=1)
+        assert (await next_message(dev)).payload == b"marker"  # first: the secret, sent before it, never came
 
 
 async def test_device_publish_to_other_task_topic_delivers_nothing(env: Env) -> None:
@@ -222,9 +218,8 @@ async def test_device_publish_to_other_task_topic_delivers_nothing(env: Env) -> 
         await node.subscribe("claw/v1/task/+", qos=1)
         await dev.publish("claw/v1/task/wc.bob", b"forged", qos=1)
         await dev.publish("claw/v1/reply/wc.bob", b"forged", qos=1)
-        await assert_nothing(node)
-        await dev.publish("claw/v1/task/dev.alice", b"ok", qos=1)  # the connection still works
-        assert (await next_message(node)).payload == b"ok"
+        await dev.publish("claw/v1/task/dev.alice", b"ok", qos=1)  # the connection still works ...
+        assert (await next_message(node)).payload == b"ok"  # ... and the forged ones, sent before, never came
 
 
 async def test_device_will_on_other_topic_refused(env: Env) -> None:
@@ -264,8 +259,12 @@ async def test_retained_message_not_replayed(env: Env) -> None:
         async with env.tls_client(du, dpw) as dev, env.tls_client(nu, npw, identifier="n1-b") as node2:
             await dev.subscribe("claw/v1/reply/dev.alice", qos=1)
             await node2.subscribe("claw/v1/task/+", qos=1)
-            await assert_nothing(dev, 0.2)
-            await assert_nothing(node2, 0.2)
+            # markers, published after both connected and subscribed: each is the first thing its client gets
+            # (a retained message would have been sent on connecting or subscribing, before them)
+            await node.publish("claw/v1/reply/dev.alice", b"marker", qos=1)
+            await edge.publish("claw/v1/task/wc.bob", b"marker", qos=1)
+            assert (await next_message(dev)).payload == b"marker"
+            assert (await next_message(node2)).payload == b"marker"
         assert env.h.broker.retained_messages == {}
 
 
@@ -276,8 +275,7 @@ async def test_publish_to_sys_topic_closes_connection(env: Env) -> None:
         await node.subscribe("claw/v1/task/+", qos=1)
         await node.publish("$SYS/x", b"x", qos=0)
         await assert_disconnected(node)
-    await asyncio.sleep(0.05)
-    assert not any(s.transitions.is_connected() for s, _ in env.h.broker.sessions.values())
+    await wait_until(lambda: not any(s.transitions.is_connected() for s, _ in env.h.broker.sessions.values()), 5)
 
 
 async def test_clean_session_takeover_closes_old_connection(env: Env) -> None:
@@ -291,7 +289,8 @@ async def test_clean_session_takeover_closes_old_connection(env: Env) -> None:
                 await new.subscribe("claw/v1/task/+", qos=1)
                 await edge.publish("claw/v1/task/wc.bob", b"t", qos=1)
                 assert (await next_message(new)).payload == b"t"
-                await assert_nothing(new, 0.2)  # exactly once: the old session's subscription is gone
+                await edge.publish("claw/v1/task/wc.bob", b"marker", qos=1)
+                assert (await next_message(new)).payload == b"marker"  # "t" came once: the old subscription is gone
 
 
 async def test_persistent_session_takeover(env: Env) -> None:
@@ -313,7 +312,8 @@ async def test_offline_queued_messages_arrive_without_retain_flag(env: Env) -> N
         async with env.tls_client(nu, npw, identifier="node-q", clean_session=False) as node:
             await node.subscribe("claw/v1/task/+", qos=1)
         await edge.publish("claw/v1/task/wc.bob", b"queued", qos=1)
-        await asyncio.sleep(0.1)
+        session = env.h.broker.sessions["node-q"][0]
+        await wait_until(lambda: session.retained_messages.qsize() == 1, 5)  # queued for the offline session
         async with env.tls_client(nu, npw, identifier="node-q", clean_session=False) as node:
             msg = await next_message(node)
             assert msg.payload == b"queued" and msg.retain is False
@@ -330,7 +330,10 @@ async def test_exact_subscriptions_follow_subscribe_and_unsubscribe(env: Env) ->
             assert (await next_message(dev)).payload == b"on"
             await dev.unsubscribe("claw/v1/reply/dev.alice")
             await node.publish("claw/v1/reply/dev.alice", b"off", qos=1)
-            await assert_nothing(dev, 0.2)
+        # subscribed again, dev's first message is "on" (the next turn's, or this marker): never an "off"
+        await dev.subscribe("claw/v1/reply/dev.alice", qos=1)
+        await node.publish("claw/v1/reply/dev.alice", b"marker", qos=1)
+        assert (await next_message(dev)).payload == b"marker"
 
 
 async def test_unauthenticated_or_foreign_connect_cannot_touch_a_session(env: Env) -> None:
@@ -359,12 +362,29 @@ async def test_oversize_publish_closes_connection(env: Env) -> None:
             assert len((await next_message(edge)).payload) == MAX_PACKET - 100  # type: ignore[arg-type]
             await node.publish("claw/v1/reply/wc.bob", b"x" * (MAX_PACKET * 4), qos=0)
             await assert_disconnected(node)
-        await assert_nothing(edge, 0.2)
+        async with env.tls_client(nu, npw) as node:
+            await node.publish("claw/v1/reply/wc.bob", b"marker", qos=1)
+        assert (await next_message(edge)).payload == b"marker"  # the oversize one, sent before, never came
 
 
-async def test_bare_tcp_connect_close_is_not_an_error(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+async def test_bare_tcp_connect_close_is_not_an_error(env: Env, caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """(e) amqtt logged every health check (connect, close) at ERROR."""
     caplog.set_level(logging.INFO)
+    broker = env.h.broker
+    handled = 0
+    more = asyncio.Event()
+    client_connected = broker._client_connected
+
+    async def counting(*args: object) -> None:  # the broker's handling of one connection, start to end
+        nonlocal handled
+        try:
+            await client_connected(*args)  # type: ignore[arg-type]
+        finally:
+            handled += 1
+            more.set()
+
+    monkeypatch.setattr(broker, "_client_connected", counting)
     for port in (env.h.local_port, env.h.tls_port):
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
@@ -373,7 +393,15 @@ async def test_bare_tcp_connect_close_is_not_an_error(env: Env, caplog: pytest.L
     writer.write(b"GET / HTTP/1.0\r\n\r\n")  # garbage instead of CONNECT
     await writer.drain()
     writer.close()
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(10):  # the broker is done with both on the plain port (and logged what it had to say)
+        while handled < 2:
+            more.clear()
+            await more.wait()
+    # The TLS one ended in its handshake, before the broker's handler: a later connection on that listener, served
+    # to its CONNACK, is the barrier (the bare one's end was read long before it)
+    nu, npw = env.store.add("node", "n1")
+    async with env.tls_client(nu, npw):
+        pass
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert noisy == [], [r.getMessage() for r in noisy]
     async with env.edge_client():  # the broker is fine
@@ -466,19 +494,22 @@ async def test_local_link_receives_and_publishes_like_a_client(env: Env) -> None
     got: list[tuple[str, bytes]] = []
     async with LocalLink(env.h.broker) as link, env.tls_client(user, pw) as node:
         await link.subscribe([("claw/v1/reply/+", 1), ("claw/v1/batch/+", 1)])
-        link.on_message = lambda topic, data: got.append((topic, bytes(data)))
-        await node.subscribe("claw/v1/task/+", qos=1)
-        await asyncio.sleep(0.1)
+        five = asyncio.Event()
+
+        def on_message(topic: str, data: bytes) -> None:
+            got.append((topic, bytes(data)))
+            if len(got) == 5:
+                five.set()
+
+        link.on_message = on_message
+        await node.subscribe("claw/v1/task/+", qos=1)  # (the broker adds a subscription before its SUBACK)
         for i in range(5):
             await node.publish("claw/v1/reply/web.alice", f"r{i}".encode(), qos=1)
         await node.publish("claw/v1/node/n1", b"beat", qos=1)  # not subscribed: not delivered
         await link.publish("claw/v1/task/web.alice", b"task-1")
         msg = await next_message(node)
         assert msg.topic.value == "claw/v1/task/web.alice" and msg.payload == b"task-1" and msg.qos == 1
-        for _ in range(50):
-            if len(got) == 5:
-                break
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(five.wait(), 5)
     assert got == [("claw/v1/reply/web.alice", f"r{i}".encode()) for i in range(5)]
     with pytest.raises(ValueError):
         env.h.broker.local_publish("claw/v1/task/+", b"x")
@@ -491,26 +522,24 @@ async def test_local_link_handler_failure_does_not_stop_the_broker(env: Env,
     from broker.local import LocalLink
     user, pw = env.store.add("node", "n1")
     got: list[bytes] = []
+    good = asyncio.Event()
 
     def handler(topic: str, data: bytes) -> None:
         if data == b"bad":
             raise RuntimeError("bridge bug")
         got.append(bytes(data))
+        good.set()
 
     async with LocalLink(env.h.broker) as link, env.tls_client(user, pw) as node, \
             env.edge_client() as watcher:
         await link.subscribe([("claw/v1/reply/+", 1)])
         link.on_message = handler
-        await watcher.subscribe("claw/v1/reply/+", qos=1)
-        await asyncio.sleep(0.1)
+        await watcher.subscribe("claw/v1/reply/+", qos=1)  # (the broker adds a subscription before its SUBACK)
         for payload in (b"bad", b"good"):
             await node.publish("claw/v1/reply/web.alice", payload, qos=1)
         assert (await next_message(watcher)).payload == b"bad"
         assert (await next_message(watcher)).payload == b"good"
-        for _ in range(50):
-            if got:
-                break
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(good.wait(), 5)
         assert got == [b"good"] and link.failed == 1 and link.delivered == 1
     assert "bridge bug" in caplog.text
 
@@ -524,7 +553,8 @@ async def test_local_link_ends_when_the_broker_stops_and_shutdown_is_prompt(tmp_
         h = await stack.enter_async_context(run_broker(_settings(tmp_path)))
         link = await stack.enter_async_context(LocalLink(h.broker))
         waiter = asyncio.ensure_future(link.wait_closed())
-        await asyncio.sleep(0.05)
+        for _ in range(10):  # loop passes (no time) for the waiter to start and wait
+            await asyncio.sleep(0)
         assert not waiter.done()
         t0 = time.monotonic()
         await h.broker.shutdown()

@@ -114,8 +114,8 @@ async def test_stop_cancels_end_to_end(tmp_path: Path, pki_dir: Path) -> None:
             frames, done = await collect(ws, task, timeout=10)
         assert done["status"] == "cancelled"
         assert len(done["text"]) < 400 * 4
-        await asyncio.sleep(0.3)
-        assert sys_.fake.stats.client_closed >= 1  # the LM Studio stream was closed (GPU freed)
+        # the LM Studio stream was closed (GPU freed); the fake notices the closed connection a moment later
+        await wait_until(lambda: sys_.fake.stats.client_closed >= 1, 10)
 
 
 async def _first_delta(ws: aiohttp.ClientWebSocketResponse) -> tuple[str, list[dict[str, Any]]]:
@@ -148,8 +148,7 @@ async def test_node_stop_cuts_long_answer_with_clear_error(tmp_path: Path, pki_d
             assert "停止" in done["error"]["message"]
             assert 0 < len(done["text"]) < 400 * 4  # what was streamed is kept, the rest was not made
             assert not sys_.app[BRIDGE].node_online
-            await asyncio.sleep(0.3)
-        assert sys_.fake.stats.client_closed >= 1  # LM Studio's stream closed: its slot is free
+        await wait_until(lambda: sys_.fake.stats.client_closed >= 1, 10)  # LM Studio's stream closed: its slot is free
 
 
 async def test_node_stop_drains_then_new_node_takes_queued_task(tmp_path: Path, pki_dir: Path) -> None:
@@ -178,7 +177,8 @@ async def test_node_stop_drains_then_new_node_takes_queued_task(tmp_path: Path, 
                 while (f := await ws.receive_json())["type"] != "accepted":
                     pass
             queued = f["task"]
-            await asyncio.sleep(0.5)
+            live = sys_.app[BRIDGE].get(bytes.fromhex(queued))
+            assert live is not None and live.finished_at is None and live.rec.status == "pending"  # waits at the edge
             node2 = Node(sys_.node.s)
             sys_.node, sys_.node_task = node2, asyncio.create_task(node2.run())
             _, done2 = await collect(ws, queued, timeout=15)
@@ -203,19 +203,39 @@ async def test_node_cancelled_mid_answer_ends_promptly_and_leaves_nothing_runnin
             t0 = time.monotonic()
             done, _ = await asyncio.wait([sys_.node_task], timeout=8)
             assert done and time.monotonic() - t0 < 8
-            await asyncio.sleep(0.1)
-            assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("task-")]
-            assert sys_.fake.stats.active_streams == 0  # LM Studio's stream was closed
+            runs = [t for t in asyncio.all_tasks() if t.get_name().startswith("task-")]  # the node's task runs
+            if runs:  # cancelled with run(): they end (each may still be unwinding its cancellation)
+                _, pending = await asyncio.wait(runs, timeout=5)
+                assert not pending, pending
+            await wait_until(lambda: sys_.fake.stats.active_streams == 0, 10)  # LM Studio's stream was closed
             sys_.node_task = None
 
 
-async def test_stop_while_broker_link_is_down_is_sent_on_reconnect(tmp_path: Path, pki_dir: Path) -> None:
+async def test_stop_while_broker_link_is_down_is_sent_on_reconnect(tmp_path: Path, pki_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop asked while the edge's broker link is down is not lost: it goes out when the link is back
     (the edge's reconnect republishes pending work), and the answer ends cancelled."""
+    import wire
     from edge.keys import BRIDGE
     cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=50)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
         bridge = sys_.app[BRIDGE]
+        published: list[Any] = []  # everything the bridge publishes, decoded
+        send, cancel = bridge._send, bridge.cancel
+        stopped = asyncio.Event()
+
+        def spy_send(topic: str, payload: bytes) -> None:
+            published.append(wire.decode(payload))
+            send(topic, payload)
+
+        def spy_cancel(tid: bytes, uid: str) -> bool:
+            try:
+                return cancel(tid, uid)
+            finally:
+                stopped.set()
+
+        monkeypatch.setattr(bridge, "_send", spy_send)
+        monkeypatch.setattr(bridge, "cancel", spy_cancel)
         token = await sys_.login(s)
         async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
             await ws.receive_json()
@@ -223,10 +243,14 @@ async def test_stop_while_broker_link_is_down_is_sent_on_reconnect(tmp_path: Pat
             task, _ = await _first_delta(ws)
             bridge._connected.clear()  # the edge sees its broker link as down: nothing can be published
             await ws.send_json({"type": "stop", "task": task})
-            await asyncio.sleep(0.5)
-            assert sys_.fake.stats.client_closed == 0  # the stop could not reach the node yet
+            await asyncio.wait_for(stopped.wait(), 10)  # the edge handled the stop (and published what it could)
+            live = bridge.get(bytes.fromhex(task))
+            assert live is not None and live.cancel_requested and live.finished_at is None
+            assert not [m for m in published if isinstance(m, wire.Cancel)]  # the stop could not go out ...
+            assert sys_.fake.stats.client_closed == 0  # ... so the answer still streams
             bridge._connected.set()  # link back: what the session start does
             bridge._republish_pending(force=True)
+            assert [m.id for m in published if isinstance(m, wire.Cancel)] == [live.rec.id]  # sent now
             frames, done = await collect(ws, task, timeout=10)
         assert done["status"] == "cancelled"
         await wait_until(lambda: sys_.fake.stats.client_closed >= 1, 5)
@@ -362,18 +386,20 @@ async def test_resuming_a_huge_answer_is_paced_not_cut_off(tmp_path: Path, pki_d
 
 async def test_a_task_answered_before_its_commit_still_reaches_the_client_in_order(
         tmp_path: Path, pki_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A WS ask is sent to the node while its LMDB commit runs. Here the commit is slowed to 0.5 s, so the whole
-    answer comes back before it: the client still gets the edge's `accepted` first (the task is durable),
+    """A WS ask is sent to the node while its LMDB commit runs. Here the commit is held until the whole answer
+    has come back (the edge finished the task): the client still gets the edge's `accepted` first (the task is durable),
     then the node's `accepted`, every delta once in order with its timing, and the `done`."""
-    from edge.keys import STORE
+    from edge.keys import BRIDGE, STORE
     cfg = FakeLLMConfig(n_tokens=10, tokens_per_s=0)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
         store = sys_.app[STORE]
         add = store.add
+        answered = asyncio.Event()
+        sys_.app[BRIDGE].on_finished.append(lambda live: answered.set())
 
         async def slow_add(rec: Any, dedup: Any = None) -> Any:
             got = await add(rec, dedup=dedup)
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(answered.wait(), 15)  # the commit "ends" only once the whole answer is back
             return got
 
         monkeypatch.setattr(store, "add", slow_add)

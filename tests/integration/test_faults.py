@@ -438,6 +438,7 @@ async def test_edge_killed_mid_progressive_wecom_answer_sends_the_rest_once(tmp_
 
     paras = [f"第{i}段：" + "这一段讲述一个要点，并给出解释。" * 12 for i in range(1, 9)]
     answer = "\n\n".join(paras)
+    marker = "标记：前一个回答已全部发出。"
     cfg = FakeLLMConfig(reply=answer, tokens_per_s=25, token_chars=20)  # ~4 s of generation
     fw_cfg = FakeWeComConfig(corp_id=CORP, secret=SECRET, agent_id=AGENT)
     async with run_fake_llm(cfg) as fake, run_fake_wecom(fw_cfg) as fw, aiohttp.ClientSession() as s:
@@ -460,13 +461,18 @@ async def test_edge_killed_mid_progressive_wecom_answer_sends_the_rest_once(tmp_
             assert before < 8
             with edge_process(env, tmp_path):
                 await _wait_health(s, http, "node_online")
-                loop = asyncio.get_running_loop()
-                end = loop.time() + 30
-                while not any("/" in m.content.split(" ", 1)[0] for m in fw.delivered("wangwu")):
-                    assert loop.time() < end, [m.content[:12] for m in fw.delivered("wangwu")]
-                    await asyncio.sleep(0.1)
-                await asyncio.sleep(0.5)
-                msgs = [m.content for m in fw.delivered("wangwu")]
+                await fw.wait_delivered(lambda got: any("/" in m.content.split(" ", 1)[0] for m in got),
+                                        user="wangwu", timeout=30)  # the last part, "(n/n)", arrived
+                # Then a marker: the answer to a later question. The outbox sends a user's messages in the order
+                # they were queued, so once the marker is delivered, everything queued before it (a repeat, a
+                # part sent twice) has been delivered too: nothing of the first answer can still come.
+                fake.config.reply = marker
+                status, _ = await sim().text("wangwu", "还有吗").post(s, f"{http}/wecom/callback")
+                assert status == 200
+                got = await fw.wait_delivered(lambda got: any(marker in m.content for m in got), user="wangwu",
+                                              timeout=30)
+                msgs = [m.content for m in got]
+                assert marker in msgs.pop()  # the marker came last
         finally:
             if node_task is not None:
                 node_task.cancel()

@@ -3,7 +3,9 @@
 Every test that needs the binary is marked ``integration`` + ``mosquitto`` and skipped without it; the generator
 tests at the end need no binary. One Mosquitto per module, on 127.0.0.1 and a free port, users ``edge``, ``node.t1``, ``dev.alice``, ``dev.bob``.
 Mosquitto's acl_file never refuses a SUBSCRIBE (it grants it and delivers nothing the subscriber may not read),
-so the ACL tests assert "nothing delivered within QUIET seconds", next to a positive control that is delivered.
+so the ACL tests check that nothing was delivered with a marker: Mosquitto queues a QoS 1 message for its
+subscribers before it acknowledges it, and sends each subscriber its messages in the order queued, so once a
+marker published after the messages under test has arrived, any of them that was going to arrive has.
 """
 
 from __future__ import annotations
@@ -55,7 +57,19 @@ def mosquitto_test(f: F) -> F:
     return f
 
 
-QUIET = 1.0  # seconds we wait to be sure that nothing is delivered
+MARK = b"marker"
+
+
+async def markers(c: dict[str, tuple[aiomqtt.Client, Inbox]], sends: dict[str, tuple[str, str]]) -> None:
+    """For each subscriber, ``sends[subscriber] = (publisher, topic)``: publish a marker the subscriber may read
+    (after the messages under test were acknowledged) and wait until every subscriber has its marker."""
+    for who, (publisher, topic) in sends.items():
+        await c[publisher][0].publish(topic, MARK, qos=1)
+    await wait_until(lambda: all(any(p == MARK for _, p in c[who][1].got) for who in sends), 5)
+
+
+def unmarked(got: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    return [(t, p) for t, p in got if p != MARK]
 PASSWORDS = {"edge": "edge-pw-1", "node.t1": "node-pw-1", "dev.alice": "alice-pw-1", "dev.bob": "bob-pw-1"}
 ROLES = {"edge": "edge", "node.t1": "node", "dev.alice": "device", "dev.bob": "device"}
 
@@ -234,10 +248,10 @@ async def test_device_cannot_read_other_users_replies(mosq: Mosq) -> None:
     }) as c:
         node = c["node.t1"][0]
         await node.publish("claw/v1/reply/dev.alice", b"for alice", qos=1)
-        await wait_until(lambda: c["dev.alice"][1].got, 5)  # positive control: alice gets it
-        await asyncio.sleep(QUIET)
-        assert c["dev.alice"][1].got == [("claw/v1/reply/dev.alice", b"for alice")]
-        assert c["dev.bob"][1].got == []  # SUBACK granted, nothing delivered
+        await markers(c, {"dev.alice": ("node.t1", "claw/v1/reply/dev.alice"),
+                          "dev.bob": ("node.t1", "claw/v1/reply/dev.bob")})
+        assert c["dev.alice"][1].got == [("claw/v1/reply/dev.alice", b"for alice"), ("claw/v1/reply/dev.alice", MARK)]
+        assert unmarked(c["dev.bob"][1].got) == []  # SUBACK granted, nothing delivered (bar its own marker)
 
 
 @mosquitto_test
@@ -246,11 +260,10 @@ async def test_device_cannot_publish_tasks_for_other_users(mosq: Mosq) -> None:
         bob = c["dev.bob"][0]
         await bob.publish("claw/v1/task/dev.alice", b"forged", qos=1)  # PUBACKed, then dropped by the broker
         await bob.publish("claw/v1/task/wc.someone", b"forged", qos=1)
-        await asyncio.sleep(QUIET)
-        assert c["node.t1"][1].got == [] and c["edge"][1].got == []
-        await bob.publish("claw/v1/task/dev.bob", b"mine", qos=1)  # control: the connection still works
-        await wait_until(lambda: c["node.t1"][1].got, 5)
-        assert c["node.t1"][1].got == [("claw/v1/task/dev.bob", b"mine")]
+        await bob.publish("claw/v1/task/dev.bob", b"mine", qos=1)  # control (and marker): the connection works
+        await wait_until(lambda: c["node.t1"][1].got and c["edge"][1].got, 5)
+        assert c["node.t1"][1].got == [("claw/v1/task/dev.bob", b"mine")]  # the forged ones never came
+        assert c["edge"][1].got == [("claw/v1/task/dev.bob", b"mine")]
 
 
 @mosquitto_test
@@ -318,10 +331,13 @@ async def test_delivery_matches_the_embedded_broker_acl(mosq: Mosq) -> None:
                       if allowed(ROLES[s], s, t, "publish") and allowed(ROLES[u], u, t, "receive"))
             for u in users
         }
-        total = sum(map(len, expected.values()))
-        await wait_until(lambda: sum(len(c[u][1].got) for u in users) >= total, 5)
-        await asyncio.sleep(QUIET)  # and nothing more arrives
-        got = {u: sorted(p.decode() for _, p in c[u][1].got) for u in users}
+        # Every publish above was acknowledged, so queued for its subscribers: a marker to each comes after
+        # all of it (a user with a marker has everything it is going to get)
+        await markers(c, {"edge": ("node.t1", "claw/v1/reply/wc.marker"),
+                          "node.t1": ("edge", "claw/v1/task/wc.marker"),
+                          "dev.alice": ("node.t1", "claw/v1/reply/dev.alice"),
+                          "dev.bob": ("node.t1", "claw/v1/reply/dev.bob")})
+        got = {u: sorted(p.decode() for _, p in unmarked(c[u][1].got)) for u in users}
     assert got == expected
     assert all(expected[u] for u in users)  # the matrix is not trivially empty for anyone
     for dev in ("dev.alice", "dev.bob"):  # spelled out: a device gets its own replies and nothing else
@@ -359,10 +375,11 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-async def _connect_with_will_and_vanish(mosq: Mosq, username: str, will_topic: str, will: bytes) -> None:
+async def _connect_with_will_and_vanish(mosq: Mosq, username: str, will_topic: str, will: bytes,
+                                        client_id: str | None = None) -> None:
     """A raw MQTT 3.1.1 CONNECT with a QoS 1 will, then a TCP abort (no DISCONNECT): the broker fires the will."""
     flags = 0x80 | 0x40 | 0x08 | 0x04 | 0x02  # username, password, will QoS 1, will flag, clean session
-    body = (_mqtt_str("MQTT") + bytes([4, flags]) + struct.pack("!H", 30) + _mqtt_str(f"raw-{username}")
+    body = (_mqtt_str("MQTT") + bytes([4, flags]) + struct.pack("!H", 30) + _mqtt_str(client_id or f"raw-{username}")
             + _mqtt_str(will_topic) + _mqtt_str(will) + _mqtt_str(username) + _mqtt_str(PASSWORDS[username]))
     reader, writer = await asyncio.open_connection("127.0.0.1", mosq.port, ssl=tls_context(mosq.ca),
                                                    server_hostname="localhost")
@@ -378,13 +395,16 @@ async def _connect_with_will_and_vanish(mosq: Mosq, username: str, will_topic: s
 @mosquitto_test
 async def test_device_last_will_cannot_reach_other_users(mosq: Mosq) -> None:
     async with connected(mosq, {"dev.alice": ["claw/v1/reply/dev.alice"], "node.t1": ["claw/v1/task/+"]}) as c:
-        await _connect_with_will_and_vanish(mosq, "dev.bob", "claw/v1/reply/dev.alice", b"evil will")
-        await asyncio.sleep(0.2)
-        await _connect_with_will_and_vanish(mosq, "dev.bob", "claw/v1/task/dev.bob", b"own will")
+        await _connect_with_will_and_vanish(mosq, "dev.bob", "claw/v1/reply/dev.alice", b"evil will", "raw-bob-1")
+        # (another client id: no session takeover, each connection's end fires its own will)
+        await _connect_with_will_and_vanish(mosq, "dev.bob", "claw/v1/task/dev.bob", b"own will", "raw-bob-2")
         await wait_until(lambda: c["node.t1"][1].got, 5)  # control: a will on its own task topic is delivered
-        await asyncio.sleep(QUIET)
-        assert c["node.t1"][1].got == [("claw/v1/task/dev.bob", b"own will")]
-        assert c["dev.alice"][1].got == []
+        # The first connection ended before the second began, so its will was handled before the control
+        # arrived; markers queued now come after anything either will sent to alice or to the node.
+        await markers(c, {"dev.alice": ("node.t1", "claw/v1/reply/dev.alice"),
+                          "node.t1": ("dev.alice", "claw/v1/task/dev.alice")})
+        assert c["node.t1"][1].got == [("claw/v1/task/dev.bob", b"own will"), ("claw/v1/task/dev.alice", MARK)]
+        assert c["dev.alice"][1].got == [("claw/v1/reply/dev.alice", MARK)]
 
 
 # ---- 5. users change while it runs (SIGHUP reloads passwd and acl) ---------------------------------------------

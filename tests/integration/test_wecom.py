@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from edge.keys import BRIDGE, STORE, WECOM
+from edge.store import FINAL
 from edge.wecom.fake import FakeWeComConfig, WeComSim, run_fake_wecom
 from node.fakellm import FakeLLMConfig
 from tests.conftest import System, run_system, wait_until
@@ -108,12 +109,12 @@ async def test_callback_to_message_send_and_retries_give_one_answer(tmp_path: Pa
             times.append(time.perf_counter() - t0)
             assert status == 200 and text == ""
         assert max(times) < 1.0
-        await fw.wait_sends(1, user="zhangsan")
-        await asyncio.sleep(0.5)
+        [task] = tasks_of(sys_, "zhangsan")  # each callback is answered after it was recorded: one task
+        await wait_until(lambda: (sys_.app[STORE].get(task.id).delivery or {}).get("status") == "sent", 10)
+        await _all_sent(sys_, "zhangsan")  # nothing else is left to send: every delivery happened
         assert [m.content for m in fw.delivered("zhangsan")] == [reply]  # exactly one answer
-        [task] = tasks_of(sys_, "zhangsan")
+        task = sys_.app[STORE].get(task.id)
         assert task.status == "ok" and task.answer == reply and task.ch == "wc"
-        await wait_until(lambda: (sys_.app[STORE].get(task.id).delivery or {}).get("status") == "sent", 5)
         assert sys_.app[WECOM].stats.get("duplicates") == 2
         assert fw.stats.gettoken == 1
     logs = caplog.text
@@ -134,9 +135,11 @@ async def test_retry_after_edge_restart_still_one_answer(tmp_path: Path, pki_dir
         # edge (and everything) restarted on the same data dir; WeCom retries the same message
         async with run_system(tmp_path, pki_dir, fake_cfg=FakeLLMConfig(reply="答一"), **wecom_over(fw.url)) as sys_, \
                 aiohttp.ClientSession() as s:
+            await _all_sent(sys_, "lisi")  # the restarted outbox has nothing left for lisi (nothing to send again)
             assert (await cb.again(fresh_signature=True).post(s, f"{sys_.http}/wecom/callback"))[0] == 200
-            await asyncio.sleep(1.0)
-            assert len(tasks_of(sys_, "lisi")) == 1
+            [task] = tasks_of(sys_, "lisi")  # the retry is answered after the dedup check: no second task
+            assert (sys_.app[STORE].get(task.id).delivery or {}).get("status") == "sent"
+            await _all_sent(sys_, "lisi")
         assert [m.content for m in fw.delivered("lisi")] == ["答一"]
         assert fw.stats.gettoken == 1  # the access_token came from the LMDB cache after the restart
 
@@ -171,6 +174,20 @@ async def _wait_tasks(sys_: System, user: str, n: int = 1) -> list[Any]:
     return tasks_of(sys_, user)
 
 
+async def _all_sent(sys_: System, user: str) -> None:
+    """A barrier instead of "wait a moment, then check that nothing more came": every task of ``user`` has
+    ended and its delivery is over, and the outbox holds nothing for ``user`` and is not sending. With no
+    callback coming in, nothing more can be delivered to ``user`` after this."""
+    store, outbox = sys_.app[STORE], sys_.app[WECOM].outbox
+
+    def over() -> bool:
+        tasks = [store.get(t.id) for t in tasks_of(sys_, user)]
+        return (all(t.status in FINAL and (t.delivery or {}).get("status") in ("sent", "failed") for t in tasks)
+                and not outbox.pending(user) and user not in outbox._sending)
+
+    await wait_until(over, 15)
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 async def test_bad_callbacks_are_refused_and_create_nothing(tmp_path: Path, pki_dir: Path) -> None:
@@ -200,8 +217,9 @@ async def test_bad_callbacks_are_refused_and_create_nothing(tmp_path: Path, pki_
         await fw.wait_sends(1, user="mallory")
         for _ in range(3):
             assert (await good.again(fresh_signature=True).post(s, url))[0] == 200
-        await asyncio.sleep(0.5)
-        assert len(tasks_of(sys_, "mallory")) == 1 and len(fw.delivered("mallory")) == 1
+        assert len(tasks_of(sys_, "mallory")) == 1  # each callback is answered after its dedup check
+        await _all_sent(sys_, "mallory")
+        assert len(fw.delivered("mallory")) == 1
         st = sys_.app[WECOM].stats
         assert st["http_403"] == 1 and st["http_400"] == 5 and st["http_413"] == 1
 
@@ -250,12 +268,25 @@ async def test_permanent_and_operator_errors_are_recorded_with_hints(tmp_path: P
 
 # ---- pacing, offline, events, commands ----------------------------------------------------------
 
-async def test_excess_messages_wait_instead_of_being_dropped(tmp_path: Path, pki_dir: Path) -> None:
+async def test_excess_messages_wait_instead_of_being_dropped(tmp_path: Path, pki_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     async with wecom_system(tmp_path, pki_dir, wecom={"per_user_per_min": 5}) as (sys_, fw, url):
         outbox = sys_.app[WECOM].outbox
+        calls: list[str] = []  # send attempts, counted as the worker makes them
+        send_text = outbox.api.send_text
+
+        def counting(user: str, text: str) -> Any:
+            calls.append(text)
+            return send_text(user, text)
+
+        monkeypatch.setattr(outbox.api, "send_text", counting)
+        fifth = asyncio.Event()
+        outbox.on_sent.append(lambda msg: fifth.set() if outbox.sent == 5 else None)
         await outbox.put("pacer", [f"消息 {i}" for i in range(8)])
-        await fw.wait_sends(5, user="pacer")
-        await asyncio.sleep(1.0)
+        await asyncio.wait_for(fifth.wait(), 15)
+        # The worker ran on from the fifth's record (in the same step) to its next message: it either started
+        # sending it (a call counted above) or is waiting for the pace. Waiting it is:
+        assert calls == [f"消息 {i}" for i in range(5)]
         assert [m.content for m in fw.delivered("pacer")] == [f"消息 {i}" for i in range(5)]
         assert outbox.pending("pacer") == 3 and fw.stats.dropped == 0
         assert 55 < outbox.wait_time("pacer") <= 60
@@ -290,7 +321,7 @@ async def test_pending_questions_per_user_are_bounded_with_a_clear_reply(tmp_pat
         assert [t.text for t in tasks_of(sys_, "zhouqi")] == ["二", "一"]
         sys_.node_task = asyncio.create_task(sys_.node.run())
         await fw.wait_sends(3, user="zhouqi", timeout=15)
-        await asyncio.sleep(0.3)
+        await _all_sent(sys_, "zhouqi")
         assert [m.content for m in fw.delivered("zhouqi")][1:] == ["答", "答"]
 
 
@@ -332,8 +363,7 @@ async def test_events_media_and_commands(tmp_path: Path, pki_dir: Path) -> None:
         await w.text("zhou", "新问题").post(s, url)
         tasks = await _wait_tasks(sys_, "zhou", 2)
         assert tasks[0].conv and tasks[0].conv != tasks[1].conv
-        await asyncio.sleep(0.3)
-        assert fw.stats.dropped == 0
+        assert fw.stats.dropped == 0  # (a message the fake dropped would not be among those waited for above)
 
 
 async def test_progressive_mode_sends_finished_paragraphs_while_generating(tmp_path: Path, pki_dir: Path) -> None:

@@ -11,6 +11,31 @@ from aiohttp import WSMsgType, web
 
 from bench.wsload import WsError, connect
 
+BOUND = 10.0  # seconds: anything that must "eventually" happen does so well within this
+
+
+class Seen:
+    """``on_frame`` / ``on_close`` callbacks that record, with an event per arrival (no polling)."""
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+        self.closed: list[str] = []
+        self._more = asyncio.Event()
+
+    def on_frame(self, _user: Any, frame: Any) -> None:
+        self.frames.append(frame)
+        self._more.set()
+
+    def on_close(self, _user: Any, reason: str) -> None:
+        self.closed.append(reason)
+        self._more.set()
+
+    async def until(self, cond: Any) -> None:
+        async with asyncio.timeout(BOUND):
+            while not cond():
+                self._more.clear()
+                await self._more.wait()
+
 
 async def _server(handler: Any) -> tuple[web.AppRunner, int]:
     app = web.Application()
@@ -36,19 +61,16 @@ async def test_frames_of_every_length_class_arrive_whole_and_masked_frames_are_a
         return ws
 
     runner, port = await _server(handler)
-    got: list[Any] = []
-    closed: list[str] = []
+    seen = Seen()
+    got, closed = seen.frames, seen.closed
     try:
-        u = await connect("127.0.0.1", port, "/ws?x=1", lambda _u, f: got.append(f), lambda _u, r: closed.append(r))
+        u = await connect("127.0.0.1", port, "/ws?x=1", seen.on_frame, seen.on_close)
         u.send_text(json.dumps({"ask": "你好" * 100}))
-        for _ in range(200):
-            if len(got) == 1 + len(sizes):
-                break
-            await asyncio.sleep(0.02)
+        await seen.until(lambda: len(got) >= 1 + len(sizes))
         assert got[0] == {"echo": {"ask": "你好" * 100}}
         assert [(f["n"], len(f["s"])) for f in got[1:]] == [(n, n) for n in sizes]
         u.close()
-        await asyncio.sleep(0.05)
+        await seen.until(lambda: closed)
         assert closed and u.closed
     finally:
         await runner.cleanup()
@@ -66,14 +88,11 @@ async def test_ping_is_answered_and_a_close_frame_reports_its_code() -> None:
         return ws
 
     runner, port = await _server(handler)
-    got: list[Any] = []
-    closed: list[str] = []
+    seen = Seen()
+    got, closed = seen.frames, seen.closed
     try:
-        await connect("127.0.0.1", port, "/ws", lambda _u, f: got.append(f), lambda _u, r: closed.append(r))
-        for _ in range(100):
-            if closed:
-                break
-            await asyncio.sleep(0.02)
+        await connect("127.0.0.1", port, "/ws", seen.on_frame, seen.on_close)
+        await seen.until(lambda: closed)
         assert got == [{"type": "ok"}]
         assert closed == ["socket closed (1013)"]
     finally:
@@ -101,13 +120,11 @@ async def test_a_binary_frame_ends_the_connection_with_a_reason() -> None:
         return ws
 
     runner, port = await _server(handler)
-    closed: list[str] = []
+    seen = Seen()
+    closed = seen.closed
     try:
-        await connect("127.0.0.1", port, "/ws", lambda _u, f: None, lambda _u, r: closed.append(r))
-        for _ in range(100):
-            if closed:
-                break
-            await asyncio.sleep(0.02)
+        await connect("127.0.0.1", port, "/ws", seen.on_frame, seen.on_close)
+        await seen.until(lambda: closed)
         assert closed and "opcode 2" in closed[0]
     finally:
         await runner.cleanup()

@@ -1,6 +1,7 @@
-"""node.coalescer.Coalescer on a real asyncio loop: ``send`` returns a future the test resolves by hand (the
-acknowledgement), so every step of the rule (at once / gathered while in flight / the window / max_bytes /
-finish / failures / the wire limit) is observed exactly."""
+"""node.coalescer.Coalescer on a real asyncio loop with a clock the test advances by hand (:class:`FakeClock`):
+``send`` returns a future the test resolves (the acknowledgement) and time passes only when the test says so,
+so every step of the rule (at once / gathered while in flight / the window / max_bytes / finish / failures /
+the wire limit) is observed exactly, however slow the machine."""
 
 from __future__ import annotations
 
@@ -16,12 +17,63 @@ pytestmark = pytest.mark.timeout(20)
 BOUND = 5.0  # generous upper bound for anything that must "eventually" happen
 
 
+class _Timer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """The coalescer's clock (node.coalescer.Clock), moved on by hand: :meth:`advance` runs the timers that come
+    due, in time order, as the loop would. The wall clock and the performance counter move with it."""
+
+    WALL0_US = 1_700_000_000_000_000
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[_Timer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def wall_us(self) -> int:
+        return self.WALL0_US + round(self.now * 1e6)
+
+    def perf_ns(self) -> int:
+        return round(self.now * 1e9)
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> _Timer:
+        timer = _Timer(when, callback)
+        self.timers.append(timer)
+        return timer
+
+    @property
+    def armed(self) -> list[_Timer]:
+        return [t for t in self.timers if not t.cancelled]
+
+    def advance(self, seconds: float) -> None:
+        self.advance_to(self.now + seconds)
+
+    def advance_to(self, when: float) -> None:
+        assert when >= self.now
+        self.now = when
+        while due := sorted((t for t in self.armed if t.when <= when), key=lambda t: t.when):
+            self.timers.remove(due[0])
+            due[0].callback()
+        self.timers = self.armed
+
+
 class Sender:
-    """``send(text)``: records the chunk and its loop time, returns a future resolved by the test. Fails the
+    """``send(text)``: records the chunk and its (fake) time, returns a future resolved by the test. Fails the
     test at once if a chunk is sent while the previous one is not acknowledged (two in flight)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.clock = FakeClock()
         self.texts: list[str] = []
         self.times: list[float] = []
         self.futs: list[asyncio.Future[None]] = []
@@ -32,7 +84,7 @@ class Sender:
             self.overlap = True
         fut: asyncio.Future[None] = self.loop.create_future()
         self.texts.append(text)
-        self.times.append(self.loop.time())
+        self.times.append(self.clock.time())
         self.futs.append(fut)
         return fut
 
@@ -45,12 +97,6 @@ class Sender:
         """Acknowledge the chunk in flight and let the callbacks run."""
         self.inflight.set_result(None)
         await settle()
-
-    async def wait_sends(self, n: int, timeout: float = BOUND) -> None:
-        end = self.loop.time() + timeout
-        while len(self.texts) < n:
-            assert self.loop.time() < end, f"only {len(self.texts)} of {n} chunks sent within {timeout}s"
-            await asyncio.sleep(0.002)
 
 
 async def settle() -> None:
@@ -74,7 +120,7 @@ def acked_at_once(sent: list[str]) -> Callable[[str], asyncio.Future[None]]:
 def make(send: Sender, *, window: float = 0.05, max_bytes: int = 1 << 20, max_chunk: int = 64 * 1024,
          acked: list | None = None) -> Coalescer:
     cb = (lambda n, ns: acked.append((n, ns))) if acked is not None else None
-    return Coalescer(send, window=window, max_bytes=max_bytes, max_chunk=max_chunk, acked=cb)
+    return Coalescer(send, window=window, max_bytes=max_bytes, max_chunk=max_chunk, acked=cb, clock=send.clock)
 
 
 # --------------------------------------------------------------------------- the rule
@@ -95,12 +141,14 @@ async def test_texts_pushed_while_in_flight_are_one_chunk_sent_after_the_ack() -
     co.push("a")
     for t in ("b", "c", "d", "中文"):
         co.push(t)
-    await asyncio.sleep(0.1)  # the window passed long ago: still nothing, a chunk is in flight
+    s.clock.advance(0.1)  # the window passed long ago: still nothing, a chunk is in flight
+    await settle()
     assert s.texts == ["a"]
     await s.ack()
     assert s.texts == ["a", "bcd中文"]  # one chunk, sent right at the ack (the window had passed)
     co.push("e")
-    await asyncio.sleep(0.1)
+    s.clock.advance(0.1)
+    await settle()
     assert s.texts == ["a", "bcd中文"]  # "bcd中文" still unacknowledged: "e" waits
     await s.ack()
     assert s.texts == ["a", "bcd中文", "e"]
@@ -110,10 +158,9 @@ async def test_texts_pushed_while_in_flight_are_one_chunk_sent_after_the_ack() -
 
 async def test_first_us_is_when_the_oldest_text_of_the_chunk_arrived() -> None:
     """What the node stamps as ``timing.n_tok``: the gathering is part of a chunk's latency."""
-    import time
-
     seen: list[tuple[str, int]] = []
     s = Sender()
+    clock = s.clock
     co = make(s, window=0.0)
 
     def send(text: str) -> asyncio.Future[None]:
@@ -121,20 +168,17 @@ async def test_first_us_is_when_the_oldest_text_of_the_chunk_arrived() -> None:
         return s(text)
 
     co._send = send  # the worker's send reads co.first_us the same way  # noqa: SLF001
-    t0 = time.time_ns() // 1000
+    t_a = clock.wall_us()
     co.push("a")
-    assert seen[0][0] == "a" and t0 <= seen[0][1] <= time.time_ns() // 1000
-    await asyncio.sleep(0.03)
-    t_b0 = time.time_ns() // 1000
+    assert seen == [("a", t_a)]
+    clock.advance(0.03)
+    t_b = clock.wall_us()
     co.push("b")  # "a" is in flight: "b" waits ...
-    t_b1 = time.time_ns() // 1000
-    await asyncio.sleep(0.03)
-    t_c = time.time_ns() // 1000
+    clock.advance(0.03)
     co.push("c")  # ... and "c" joins it; the chunk's oldest text is still "b"
-    await asyncio.sleep(0.03)
+    clock.advance(0.03)
     await s.ack()
-    assert seen[1][0] == "bc"
-    assert t_b0 <= seen[1][1] <= t_b1 < t_c  # b's arrival, not c's nor the send's
+    assert seen[1] == ("bc", t_b)  # b's arrival, not c's (30 ms later) nor the send's (60 ms later)
 
 
 async def test_after_an_ack_text_waits_for_the_window() -> None:
@@ -146,12 +190,15 @@ async def test_after_an_ack_text_waits_for_the_window() -> None:
     co.push("b")
     co.push("c")
     assert s.texts == ["a"]  # not sent immediately
-    await asyncio.sleep(window / 5)
-    if s.loop.time() < s.times[0] + window:  # (unless this machine slept through the whole window)
-        assert s.texts == ["a"]  # still waiting
-    await s.wait_sends(2)
-    assert s.texts == ["a", "bc"]  # joined, sent once the window passed
-    assert s.times[1] - s.times[0] >= window * 0.99
+    s.clock.advance(window / 5)
+    await settle()
+    assert s.texts == ["a"]  # still waiting
+    s.clock.advance_to(s.times[0] + window - 1e-6)
+    await settle()
+    assert s.texts == ["a"]  # still waiting, just before the window ends
+    s.clock.advance_to(s.times[0] + window)
+    assert s.texts == ["a", "bc"]  # joined, sent as the window ended
+    assert s.times[1] == s.times[0] + window
     await s.ack()
     assert co.sent == 2 and not s.overlap
 
@@ -161,7 +208,7 @@ async def test_text_after_an_idle_window_goes_at_once() -> None:
     co = make(s, window=0.03)
     co.push("a")
     await s.ack()
-    await asyncio.sleep(0.06)  # idle longer than the window
+    s.clock.advance(0.06)  # idle longer than the window
     co.push("b")
     assert s.texts == ["a", "b"]  # no delay on an idle path
 
@@ -171,7 +218,8 @@ async def test_an_ack_that_comes_after_the_window_sends_at_once() -> None:
     co = make(s, window=0.03)
     co.push("a")
     co.push("b")
-    await asyncio.sleep(0.06)  # the window ran out while "a" was in flight
+    s.clock.advance(0.06)  # the window ran out while "a" was in flight
+    assert s.texts == ["a"]
     await s.ack()
     assert s.texts == ["a", "b"]  # by the ack's own callback, no further wait
 
@@ -193,7 +241,8 @@ async def test_max_bytes_reached_after_the_ack_sends_at_once_and_counts_utf8_byt
     co.push("x")
     await s.ack()
     co.push("中中中")  # 3 characters, 9 bytes: below max_bytes, waits for the (long) window
-    await asyncio.sleep(0.02)
+    s.clock.advance(0.02)
+    await settle()
     assert s.texts == ["x"]
     co.push("中")  # 12 bytes (4 characters): max_bytes is in bytes of UTF-8
     assert s.texts == ["x", "中中中中"]
@@ -255,9 +304,12 @@ async def test_finish_drop_cancels_the_window_timer() -> None:
     co.push("a")
     await s.ack()
     co.push("b")  # waiting for the window (a timer is armed)
+    assert len(s.clock.armed) == 1
     done = co.finish(drop=True)
     assert done.done() and done.result() is None
-    await asyncio.sleep(0.08)  # well past the window: the timer must not send "b" after all
+    assert s.clock.armed == []  # the timer is cancelled ...
+    s.clock.advance(0.08)  # ... so well past the window it does not send "b" after all
+    await settle()
     assert s.texts == ["a"]
 
 
@@ -273,7 +325,8 @@ async def test_a_failed_send_is_raised_by_the_next_push_and_by_finish() -> None:
     s.inflight.set_exception(boom)
     await settle()
     assert co.error is boom
-    await asyncio.sleep(0.03)
+    s.clock.advance(0.03)
+    await settle()
     assert s.texts == ["a"]  # nothing more is sent after a failure
     with pytest.raises(ConnectionError) as ei:
         co.push("c")
@@ -372,7 +425,8 @@ async def test_cut_remainder_keeps_its_place_before_later_text() -> None:
     assert s.texts == ["一二三四"]
     co.push("九十")  # after the remainder
     await s.ack()
-    await s.wait_sends(2)
+    s.clock.advance(0.01)
+    assert len(s.texts) == 2
     await s.ack()
     done = co.finish()
     for _ in range(20):
@@ -394,7 +448,8 @@ async def test_max_bytes_counts_the_remainder_of_a_cut() -> None:
     await s.ack()
     assert s.texts == ["a" * 8] * 3  # 14 bytes were left: sent at the ack
     await s.ack()
-    await asyncio.sleep(0.02)
+    s.clock.advance(0.02)
+    await settle()
     assert s.texts == ["a" * 8] * 3  # 6 bytes left, under max_bytes: they wait for the (10 s) window
     done = co.finish()
     assert s.texts == ["a" * 8] * 3 + ["a" * 6]
@@ -411,10 +466,10 @@ async def test_acked_is_called_with_1_2_3_in_order_and_sent_counts_acks() -> Non
     co = make(s, window=0.0, acked=acked)
     co.push("a")
     assert co.sent == 0 and acked == []
-    await asyncio.sleep(0.02)
+    s.clock.advance(0.02)
     await s.ack()
     assert co.sent == 1 and [n for n, _ in acked] == [1]
-    assert BOUND * 1e9 > acked[0][1] >= 0.02e9 * 0.9  # ns since "a" was sent
+    assert acked[0][1] == 20_000_000  # ns since "a" was sent
     for i, t in enumerate(("b", "c", "d"), start=2):
         co.push(t)
         assert s.texts[-1] == t
@@ -434,25 +489,20 @@ async def test_many_tokens_one_chunk_per_window_in_flight() -> None:
     s = Sender()
     co = make(s, window=0.005)
     tokens = [f"t{i}，" for i in range(300)]
-
-    async def acker() -> None:
-        while True:
-            await asyncio.sleep(0.003)
-            if s.futs and not s.futs[-1].done():
-                s.futs[-1].set_result(None)
-
-    job = asyncio.create_task(acker())
-    try:
-        for i, t in enumerate(tokens):
-            co.push(t)
-            if i % 10 == 0:
-                await asyncio.sleep(0.001)
-        done = co.finish()
-        await asyncio.wait_for(asyncio.shield(done), BOUND)
-    finally:
-        job.cancel()
+    for i, t in enumerate(tokens):  # 10 tokens a millisecond; an acknowledgement every 3 ms
+        co.push(t)
+        if i % 10 == 9:
+            s.clock.advance(0.001)
+            if i % 30 == 29 and s.futs and not s.futs[-1].done():
+                await s.ack()
+    done = co.finish()
+    for _ in range(len(tokens)):
+        if done.done():
+            break
+        await s.ack()
+    assert done.done() and done.exception() is None
     assert "".join(s.texts) == "".join(tokens)
-    assert not s.overlap and co.sent == len(s.texts) < len(tokens)
+    assert not s.overlap and co.sent == len(s.texts) <= len(tokens) // 30 + 1
 
 
 async def test_a_max_chunk_below_one_character_still_makes_progress() -> None:
@@ -462,7 +512,7 @@ async def test_a_max_chunk_below_one_character_still_makes_progress() -> None:
 
     co = Coalescer(acked_at_once(sent), window=0.0, max_bytes=1, max_chunk=3)
     co.push("😀a")
-    await asyncio.wait_for(co.finish(), 2)
+    await asyncio.wait_for(co.finish(), BOUND)
     assert sent == ["😀", "a"]
 
 
@@ -515,12 +565,13 @@ async def test_a_send_that_raises_is_kept_as_the_error_not_lost() -> None:
     co.push("a")  # sent at once
     co.push("b")  # waits for the ack, then its send raises inside the ack callback
     with pytest.raises(RuntimeError, match="batcher closed"):
-        await asyncio.wait_for(co.finish(), 2)
+        await asyncio.wait_for(co.finish(), BOUND)
     with pytest.raises(RuntimeError, match="batcher closed"):
         co.push("c")
 
 
 async def test_abandon_sends_nothing_more_and_cancels_a_publish_task_in_flight() -> None:
+    sends: list[str] = []
     started: list[str] = []
     gate = asyncio.Event()
 
@@ -528,15 +579,22 @@ async def test_abandon_sends_nothing_more_and_cancels_a_publish_task_in_flight()
         started.append(text)
         await gate.wait()  # "waiting for the broker to come back"
 
-    co = Coalescer(lambda t: asyncio.ensure_future(publish(t)), window=0.0, max_bytes=1 << 20, max_chunk=1 << 16)
+    def send(text: str) -> asyncio.Future[None]:
+        sends.append(text)
+        return asyncio.ensure_future(publish(text))
+
+    co = Coalescer(send, window=0.0, max_bytes=1 << 20, max_chunk=1 << 16)
     co.push("a")
-    await asyncio.sleep(0)
+    await settle()
+    assert started == ["a"]  # the publish task runs (and waits at the gate)
     co.push("b")  # waiting behind "a"
     inflight = co._inflight
     co.finish()
     co.abandon()
-    await asyncio.sleep(0.01)
-    assert inflight is not None and inflight.cancelled()
+    assert inflight is not None
+    await asyncio.wait([inflight], timeout=BOUND)  # its done-callbacks (the coalescer's first) have run now
+    assert inflight.cancelled()
+    assert sends == ["a"]  # the cancelled chunk's callback sent nothing more
     gate.set()  # the link is back: still nothing more
-    await asyncio.sleep(0.01)
-    assert started == ["a"]
+    await settle()
+    assert sends == ["a"] and started == ["a"]

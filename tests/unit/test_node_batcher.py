@@ -125,16 +125,24 @@ def test_batch_linger_ms_is_bounded(bad: float) -> None:
 async def test_a_reply_sent_from_an_acknowledgement_callback_joins_the_next_batch() -> None:
     """A coalescer sends its held text from the callback of its chunk's acknowledgement. That text must go in
     the batch cut right after, with what was already waiting, not one round trip later."""
-    broker = FakeBroker(delay=0.02)
-    b = ReplyBatcher("n1", broker.publish)
+    broker = FakeBroker(delay=0.0)
+    publishing, acked = asyncio.Event(), asyncio.Event()  # batch 1 left / its PUBACK may come
+
+    async def publish(topic: str, payload: bytes) -> None:
+        publishing.set()
+        await acked.wait()
+        await broker.publish(topic, payload)
+
+    b = ReplyBatcher("n1", publish)
     b.start()
     try:
         first = b.enqueue(wire.Delta(id=ID, seq=1, text="a"))  # batch 1, in flight at once
-        await asyncio.sleep(0.005)
+        await asyncio.wait_for(publishing.wait(), 5)  # cut and in flight: what comes now waits for batch 2
         other = os.urandom(16)
         b.enqueue(wire.Delta(id=other, seq=1, text="x"))  # waits for batch 2
         later: list[asyncio.Future[None]] = []
         first.add_done_callback(lambda _: later.append(b.enqueue(wire.Delta(id=ID, seq=2, text="b"))))
+        acked.set()
         await first
         await asyncio.wait_for(later[0], 5)
         assert [[(it.id, it.seq) for it in m.items] for _, m in broker.sent] == [

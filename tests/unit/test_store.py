@@ -3,14 +3,57 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import lmdb
 import pytest
 
 from claw.store import Writer, close_env, open_env
-from edge.store import TaskRecord, TaskStore
+from edge.store import Retention, TaskRecord, TaskStore
+
+BOUND = 10.0  # seconds: anything that must "eventually" happen does so well within this
+
+
+@contextlib.asynccontextmanager
+async def writer_held(st: TaskStore) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+    """Hold the store's writer thread inside one op until the block ends: the writes submitted meanwhile wait in
+    its queue and are committed after it, together, in one batch. Yields ``queued(n)``, which returns once
+    ``n`` writes were submitted since the hold began (an event: no sleeping, no polling)."""
+    running, release = threading.Event(), threading.Event()
+    submitted = 0
+    more = asyncio.Event()
+    submit = st.writer.submit
+
+    def hold(txn: object) -> None:
+        running.set()
+        release.wait(BOUND)
+
+    def counting(fn: Callable[..., object]) -> object:  # (ops are submitted from the event loop's thread)
+        nonlocal submitted
+        fut = submit(fn)
+        submitted += 1
+        more.set()
+        return fut
+
+    async def queued(n: int) -> None:
+        async with asyncio.timeout(BOUND):
+            while submitted < n:
+                more.clear()
+                await more.wait()
+
+    held = submit(hold)
+    assert await asyncio.to_thread(running.wait, BOUND)  # the writer is inside hold(): later ops queue up
+    st.writer.submit = counting  # type: ignore[method-assign]
+    try:
+        yield queued
+    finally:
+        st.writer.submit = submit  # type: ignore[method-assign]
+        release.set()
+        await asyncio.wrap_future(held)
 
 
 async def test_writer_batches_concurrent_writes_into_few_commits(tmp_path: Path) -> None:
@@ -202,10 +245,13 @@ async def test_an_update_committed_with_the_prune_that_deletes_its_task_is_not_s
         await st.add(rec)
         st.update(rec.id, status="ok", answer="a", done_ts=2000)
         await st.flush()
-        st.writer.submit(lambda txn: time.sleep(0.3))  # hold the writer: the next two ops share one batch
-        await asyncio.sleep(0.05)
-        st.update(rec.id, delivery={"status": "sent"})
-        assert await st.prune_history(before_ms=int(time.time() * 1000)) == 1
+        batches = st.writer.batches
+        async with writer_held(st) as queued:  # the next two ops wait behind the hold and share one batch
+            st.update(rec.id, delivery={"status": "sent"})
+            prune = asyncio.ensure_future(st.prune_history(before_ms=int(time.time() * 1000)))
+            await queued(2)  # the prune's delete is queued behind the update
+        assert await prune == 1
+        assert st.writer.batches == batches + 2  # the hold's batch, then update + prune in one
         await st.flush()
         assert st.get(rec.id) is None
     finally:
@@ -236,22 +282,20 @@ async def test_the_record_cache_is_bounded_by_characters_too(tmp_path: Path, mon
 async def test_a_cancelled_await_of_a_write_does_not_make_the_store_forget_it(tmp_path: Path) -> None:
     """The write goes on in the writer thread whatever the caller does: until it commits, get() still sees
     it (the overlay stays), and an update built on it keeps its changes."""
-    import time
-
     st = TaskStore(tmp_path)
     try:
         rec = _rec()
         await st.add(rec)
-        st.writer.submit(lambda txn: time.sleep(0.3))  # hold the writer
-        task = asyncio.ensure_future(st.update_durable(rec.id, status="accepted", node="n1"))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        got = st.get(rec.id)
-        assert got is not None and got.node == "n1"  # not the record on disk (pending, no node)
-        new = st.update(rec.id, status="ok", answer="a")
-        assert new is not None and new.node == "n1"
+        async with writer_held(st) as queued:  # nothing commits until the block ends
+            task = asyncio.ensure_future(st.update_durable(rec.id, status="accepted", node="n1"))
+            await queued(1)  # its write is submitted (and waits behind the hold)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            got = st.get(rec.id)
+            assert got is not None and got.node == "n1"  # not the record on disk (pending, no node)
+            new = st.update(rec.id, status="ok", answer="a")
+            assert new is not None and new.node == "n1"
         await st.flush()
         st.close()
         close_env(tmp_path / "edge.lmdb")
@@ -259,5 +303,78 @@ async def test_a_cancelled_await_of_a_write_does_not_make_the_store_forget_it(tm
         got = st.get(rec.id)
         assert got is not None and got.node == "n1" and got.status == "ok"
     finally:
+        st.close()
+        close_env(tmp_path / "edge.lmdb")
+
+
+async def test_retention_passes_run_on_its_schedule_and_delete_only_finished_tasks_past_the_cutoff(
+        tmp_path: Path) -> None:
+    """edge.history_days through :class:`Retention` with its clock injected: the first pass ``first_s`` after
+    start, then one every ``every_s``; each deletes the finished tasks that ended more than ``days`` before
+    ``now()``; a failing pass does not end the schedule. The test decides when each nap ends."""
+    loop = asyncio.get_running_loop()
+    naps: asyncio.Queue[tuple[float, asyncio.Future[None]]] = asyncio.Queue()
+
+    async def sleep(seconds: float) -> None:
+        fut = loop.create_future()
+        naps.put_nowait((seconds, fut))
+        await fut
+
+    async def nap() -> tuple[float, asyncio.Future[None]]:
+        return await asyncio.wait_for(naps.get(), BOUND)
+
+    now = 100 * 86400.0
+    cutoff_ms = int((now - 2 * 86400) * 1000)
+    st = TaskStore(tmp_path)
+    r = Retention(st, 2, first_s=60, every_s=3600, now=lambda: now, sleep=sleep)
+    try:
+        old, young, running = _rec(ts=1000), _rec(ts=1000), _rec(ts=1000)
+        for rec in (old, young, running):
+            await st.add(rec)
+        st.update(old.id, status="ok", answer="a", done_ts=cutoff_ms - 1)
+        st.update(young.id, status="error", done_ts=cutoff_ms + 1000)
+        st.update(running.id, status="accepted")  # unfinished: kept whatever its age
+        await st.flush()
+        r.start()
+        assert r.scheduled
+        seconds, wake = await nap()
+        assert (seconds, r.passes) == (60, 0)  # nothing deleted before the first pass
+        assert st.get(old.id) is not None
+        wake.set_result(None)
+        seconds, wake = await nap()
+        assert (seconds, r.passes) == (3600, 1)
+        assert st.get(old.id) is None and st.get(young.id) is not None and st.get(running.id) is not None
+        now += 3600  # an hour later: young is past the cutoff too
+        wake.set_result(None)
+        seconds, wake = await nap()
+        assert (seconds, r.passes) == (3600, 2)
+        assert st.get(young.id) is None and st.get(running.id) is not None
+
+        async def broken(before_ms: int, batch: int = 2000) -> int:
+            raise lmdb.Error("disk trouble")
+
+        st.prune_history = broken  # type: ignore[method-assign]
+        wake.set_result(None)
+        seconds, wake = await nap()
+        assert (seconds, r.passes) == (3600, 3) and r.scheduled  # logged, and the schedule goes on
+    finally:
+        await r.close()
+        assert not r.scheduled
+        st.close()
+        close_env(tmp_path / "edge.lmdb")
+
+
+async def test_retention_off_schedules_nothing_and_deletes_nothing(tmp_path: Path) -> None:
+    st = TaskStore(tmp_path)
+    r = Retention(st, 0, first_s=0, every_s=0)
+    try:
+        rec = _rec(ts=1)
+        await st.add(rec)
+        await st.update_durable(rec.id, status="ok", done_ts=1)
+        r.start()
+        assert not r.scheduled
+        assert await r.run_once() == 0 and st.get(rec.id) is not None
+    finally:
+        await r.close()
         st.close()
         close_env(tmp_path / "edge.lmdb")

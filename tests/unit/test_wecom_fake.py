@@ -230,7 +230,8 @@ async def test_wait_sends_wakes_up_and_times_out(api: tuple[FakeWeCom, aiohttp.C
     tok = (await gettoken(fw, s))["access_token"]
     waiter = asyncio.create_task(fw.wait_sends(2, user="u1", timeout=5))
     await send(fw, s, tok, content="one")
-    await asyncio.sleep(0.01)
+    for _ in range(20):  # loop passes (no time) for the waiter to wake up, look and wait again
+        await asyncio.sleep(0)
     assert not waiter.done()
     await send(fw, s, tok, content="two")
     assert [m.content for m in await waiter] == ["one", "two"]

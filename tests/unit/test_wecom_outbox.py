@@ -102,11 +102,10 @@ async def test_unexpected_send_error_backs_off_instead_of_spinning(tmp_path: Pat
     api = _FlakyApi()
     ob = Outbox(cfg, api, store)  # type: ignore[arg-type]
     try:
+        sent = asyncio.Event()
+        ob.on_sent.append(lambda msg: sent.set())
         await ob.put("u", ["答案"])
-        for _ in range(300):
-            if ob.sent:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(sent.wait(), 15)  # after one retry, ~1 s of backoff
         assert ob.sent == 1 and api.calls == ["答案", "答案"] and ob.retries == 1
     finally:
         await ob.close()
