@@ -10,6 +10,9 @@ busy one sends one MQTT message where it would have sent hundreds: the broker's 
 Order: items leave in the order they were sent, so each task's replies stay in order. A failed publish fails
 every item of that batch (the caller's publish fails as a plain one would); the edge repairs what is lost by
 asking for a replay (``Task.replay``).
+
+Time (the linger) comes from a :class:`node.coalescer.Clock`: by default the running loop's
+(:class:`node.coalescer.LoopClock`); a test passes one it advances by hand.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import wire
+from node.coalescer import Clock, LoopClock
 
 BATCH_BYTES = 192 * 1024  # a batch stays below this (+ one item of ≤ 64 KiB of text: under the 256 KiB limit)
 Reply = wire.Accept | wire.Delta | wire.Done
@@ -37,7 +41,8 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
 
 
 class ReplyBatcher:
-    def __init__(self, node_id: str, publish: Callable[[str, bytes], Awaitable[None]], linger: float = 0.0) -> None:
+    def __init__(self, node_id: str, publish: Callable[[str, bytes], Awaitable[None]], linger: float = 0.0, *,
+                 clock: Clock | None = None) -> None:
         self.node_id = node_id
         self.linger = linger  # seconds: a batch leaves at least this long after the previous one started
         self.topic = wire.batch_topic(node_id)
@@ -47,12 +52,15 @@ class ReplyBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._given_clock = clock  # None: the running loop's (LoopClock), bound in start()
+        self._clock: Clock | None = None
         self.batches = 0
         self.items = 0
 
     def start(self) -> None:
         if self._task is None:
             self._loop = asyncio.get_running_loop()
+            self._clock = self._given_clock or LoopClock(self._loop)
             self._task = self._loop.create_task(self._run(), name=f"reply-batcher-{self.node_id}")
 
     async def close(self) -> None:
@@ -84,17 +92,33 @@ class ReplyBatcher:
         self._wake.set()
         return fut
 
+    async def _until(self, when: float) -> None:
+        """Return at ``self._clock``'s time ``when`` (what ``asyncio.sleep`` does with the loop's clock)."""
+        assert self._loop is not None and self._clock is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def due() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        handle = self._clock.call_at(when, due)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        clock = self._clock
+        assert clock is not None
         last = float("-inf")
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._items:
-                wait = last + self.linger - loop.time()
-                if wait > 0:  # busy: gather a little longer (an idle node's lone reply never waits here)
-                    await asyncio.sleep(wait)
-                last = loop.time()
+                until = last + self.linger
+                if until > clock.time():  # busy: gather a little longer (an idle node's lone reply never waits)
+                    await self._until(until)
+                last = clock.time()
                 n, size = 0, 0
                 for m in self._items:
                     est = _size(m)

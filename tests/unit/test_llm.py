@@ -152,7 +152,7 @@ async def test_slow_consumer_is_not_a_stall(fake: FakeLLM, client: LLMClient) ->
     async for ev in stream_chat(client, fake.url, model="m", messages=MSGS, stall_timeout=0.1,
                                 first_token_timeout=0.1, extra={"fake": {"n_tokens": 4}}):
         n += ev.kind == "text"
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.15)  # the behaviour under test: a consumer slower than stall_timeout
     assert n == 4
 
 
@@ -477,7 +477,7 @@ async def test_list_models_reads_a_body_that_arrives_in_pieces(client: LLMClient
         await resp.prepare(request)
         body = json.dumps({"data": [{"id": f"model-{i}", "owned_by": "x" * 50} for i in range(40)]}).encode()
         await resp.write(body[:1000])
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the behaviour under test: the rest of the body comes in a later read
         await resp.write(body[1000:])
         await resp.write_eof()
         return resp
@@ -499,19 +499,22 @@ async def test_connect_timeout_is_unreachable_not_a_stall(client: LLMClient) -> 
     """A listener whose backlog is full drops the SYNs (127.0.0.1): the connect times out."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
-    srv.listen(0)
+    srv.listen(0)  # Linux: an accept queue of one, never accepted from
     port = srv.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        c = socket.socket()
-        c.setblocking(False)
-        try:
-            c.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(c)
-    await asyncio.sleep(0.2)
+    loop = asyncio.get_running_loop()
+    fillers: list[socket.socket] = []
     try:
+        for i in range(4):
+            c = socket.socket()
+            c.setblocking(False)
+            fillers.append(c)
+            if i == 0:  # its handshake done, it fills the queue: SYNs are dropped from now on (no timed wait)
+                await asyncio.wait_for(loop.sock_connect(c, ("127.0.0.1", port)), BOUND)
+            else:  # three more attempts on top: their SYNs are dropped, like the client's will be
+                try:
+                    c.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
         await fails(client, f"http://127.0.0.1:{port}/v1", LLM_UNREACHABLE, connect_timeout=0.5, first_token_timeout=4)
     finally:
         for c in fillers:
@@ -564,7 +567,7 @@ async def _piecewise_server(head: bytes, pieces: list[bytes], *, gap: float = 0.
                 writer.write(p)
                 await writer.drain()
                 written.append(len(p))
-                await asyncio.sleep(gap)
+                await asyncio.sleep(gap)  # the behaviour under test: each piece in its own read on the client
             if hold_open:
                 while await reader.read(65536):
                     pass
@@ -740,8 +743,10 @@ async def test_external_cancel_while_waiting_for_an_event_is_cancelled_error(
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(three.wait(), BOUND)
-    await asyncio.sleep(0.01)  # tokens are 50 ms apart: the consumer now waits in the read
-    assert len(got) == 3
+    # No timed wait: this task runs only while the consumer is suspended, and once events have come its only
+    # suspension point is stream_chat()'s wait for the next one. (A slow machine may have handed it a fourth
+    # token with the third: then it waits for the fifth.)
+    assert not task.done() and 3 <= len(got) < 500
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -763,7 +768,10 @@ async def test_external_cancel_near_the_stall_deadline_is_still_cancelled_error(
 
     task = asyncio.create_task(consume())
     assert await fake.wait_for(lambda s: s.errors_injected == 1, 2.0)
-    await asyncio.sleep(0.3)  # the deadline (0.6 s from the token) is half gone
+    # the behaviour under test: cancelled while the server is silent and the stall deadline (0.6 s from the
+    # token) is half gone; the 0.3 s either side keep the cancel inside that window on a slow machine
+    await asyncio.sleep(0.3)
+    assert not task.done()  # the deadline has not fired yet: the cancel below is the one the test is about
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -874,7 +882,14 @@ async def test_client_gone_mid_paced_stream_is_counted(fake: FakeLLM, how: str) 
     assert time.monotonic() - t0 < BOUND
     sent = fake.stats.tokens_sent
     assert 3 <= sent < 100 and fake.stats.streams_completed == 0
-    await asyncio.sleep(0.1)  # no timer callback is left writing to the closed socket
+    # No timer callback is left writing to the closed socket. The paced stream keeps one timer armed, never
+    # more than one interval (1/50 s) ahead, so any the fake failed to cancel is due by now + 1/50. The loop
+    # runs timers in deadline order, so once a timer armed for now + 2/50 has run, every such callback has run
+    # too: an ordering barrier, not a guess of how long is long enough.
+    loop = asyncio.get_running_loop()
+    barrier = loop.create_future()
+    loop.call_at(loop.time() + 2 / 50, barrier.set_result, None)
+    await barrier
     assert fake.stats.tokens_sent == sent
 
 
@@ -910,7 +925,7 @@ async def test_stall_counts_only_the_wait_for_the_server_not_the_consumers_time(
         if ev.kind == "text":
             got.append(ev.text)
             if len(got) == 1:
-                await asyncio.sleep(0.6)
+                await asyncio.sleep(0.6)  # the behaviour under test: a consumer busy longer than stall_timeout
     assert len(got) == 2
 
 
@@ -937,7 +952,7 @@ async def _keepalive_server(responses: list[bytes], *, close_after: float | None
                 per_conn[me] += 1
                 await writer.drain()
                 if close_after is not None:
-                    await asyncio.sleep(close_after)
+                    await asyncio.sleep(close_after)  # the server's own idle timeout (the behaviour under test)
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
@@ -969,14 +984,31 @@ async def test_a_stream_closed_early_is_not_reused(fake: FakeLLM, client: LLMCli
     assert client.connects == 2
 
 
-async def test_a_connection_the_server_closed_while_idle_is_not_reused(client: LLMClient) -> None:
+async def test_a_connection_the_server_closed_while_idle_is_not_reused(client: LLMClient,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     body = _sse_body("one", " two")
     resp = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
     server, url, per_conn = await _keepalive_server([resp], close_after=0.05)
     try:
         assert text_of(await collect(client, url)) == "one two"
-        await asyncio.sleep(0.3)  # the server has hung up on the idle connection
+        (conn, _), = client._idle[next(iter(client._idle))]  # pooled, idle
+        hung_up = asyncio.Event()
+        lost = conn.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            lost(exc)
+            hung_up.set()
+
+        conn.connection_lost = connection_lost  # type: ignore[method-assign]
+        if conn.closed:  # a slow machine: the hang-up came in already, before the hook
+            hung_up.set()
+        await asyncio.wait_for(hung_up.wait(), BOUND)  # the server hung up and the client has seen it
+        assert per_conn == [1]
+        taken: list[object] = []
+        take = client._take
+        monkeypatch.setattr(client, "_take", lambda key, now: taken.append(take(key, now)) or taken[-1])
         assert text_of(await collect(client, url)) == "one two"
+        assert taken == [None]  # not even tried (and then retried as stale): the pool dropped it
     finally:
         server.close()
     assert per_conn == [1, 1] and client.connects == 2
@@ -984,10 +1016,21 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(client: L
 
 async def test_a_connection_idle_too_long_is_not_reused(fake: FakeLLM, client: LLMClient,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import node.llm
-    monkeypatch.setattr(node.llm, "IDLE_S", 0.05)
+    """The pool judges idleness by the loop time handed to LLMClient._take: the test moves that time on by
+    hand instead of waiting IDLE_S."""
+    from node.llm import IDLE_S
+
+    ahead = 0.0
+    take = client._take
+    monkeypatch.setattr(client, "_take", lambda key, now: take(key, now + ahead))
     await collect(client, fake.url)
-    await asyncio.sleep(0.1)
+    ahead = IDLE_S / 2  # idle for half the limit (plus the real milliseconds): reused
+    await collect(client, fake.url)
+    assert client.connects == 1
+    ahead = IDLE_S  # idle for the limit: closed, a new connection
+    await collect(client, fake.url)
+    assert client.connects == 2
+    ahead = 0.0  # and the new one is pooled as usual
     await collect(client, fake.url)
     assert client.connects == 2
 
@@ -1203,7 +1246,10 @@ async def test_cancelling_chat_stops_the_callbacks_at_once(fake: FakeLLM, client
     n = len(got)
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.05)
+    # Barrier: the fake has seen the client hang up. The client stops reading the socket when it closes it,
+    # which comes before the fake can see the close; so every callback the stream could still have made
+    # (from bytes read before the close) has run by now. A client that never closed fails the wait.
+    assert await fake.wait_for(lambda s: s.active_streams == 0 and s.client_closed == 1, BOUND)
     assert len(got) <= n + 1  # nothing more after the cancellation took effect
 
 

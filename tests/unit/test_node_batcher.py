@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 import pytest
 
 import wire
 from node.batcher import BATCH_BYTES, ReplyBatcher
+from tests.unit.test_coalescer import FakeClock
+
+BOUND = 5.0  # generous upper bound for anything that must "eventually" happen
 
 ID = os.urandom(16)
 
@@ -92,23 +96,76 @@ async def test_send_before_start_or_after_close_is_refused() -> None:
         await b.send(wire.Accept(id=ID, node="n1"))
 
 
+class StepClock(FakeClock):
+    """node.coalescer's hand-moved test clock, telling the test when a timer is armed (the batcher waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timer_armed = asyncio.Event()
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> object:
+        self.timer_armed.set()
+        return super().call_at(when, callback)
+
+
 async def test_linger_spaces_batches_and_gathers_what_comes_meanwhile() -> None:
-    """node.batch_linger_ms: a lone reply still goes at once; the next batch leaves no earlier than the linger
-    after the previous one started, carrying everything produced in between."""
+    """node.batch_linger_ms: a lone reply still goes at once; the next batch leaves exactly the linger after
+    the previous one started (not after the reply that woke it), carrying everything produced in between.
+    Time is the test's clock: it moves only when the test says so."""
+    clock = StepClock()
+    published_at: list[float] = []
     broker = FakeBroker(delay=0.0)
-    b = ReplyBatcher("n1", broker.publish, linger=0.5)
+
+    async def publish(topic: str, payload: bytes) -> None:
+        published_at.append(clock.time())
+        await broker.publish(topic, payload)
+
+    b = ReplyBatcher("n1", publish, linger=0.5, clock=clock)
     b.start()
-    loop = asyncio.get_running_loop()
     try:
-        t0 = loop.time()
-        await b.send(wire.Delta(id=ID, seq=1, text="a"))
-        assert loop.time() - t0 < 0.4  # the first one did not wait for the linger
+        clock.advance_to(10.0)
+        await asyncio.wait_for(b.send(wire.Delta(id=ID, seq=1, text="a")), BOUND)  # no clock move needed
+        assert published_at == [10.0] and not clock.timer_armed.is_set()  # the first did not wait for the linger
+        clock.advance_to(10.2)  # some time after batch 1 started, the next replies come
         futs = [b.enqueue(wire.Delta(id=ID, seq=i, text=str(i))) for i in range(2, 6)]
-        await asyncio.sleep(0.05)
-        futs.append(b.enqueue(wire.Delta(id=ID, seq=6, text="6")))
-        await asyncio.gather(*futs)
-        assert loop.time() - t0 >= 0.49  # waited out the linger
+        await asyncio.wait_for(clock.timer_armed.wait(), BOUND)  # the batcher now waits for the linger
+        (timer,) = clock.armed
+        assert timer.when == 10.5  # the linger counts from the start of batch 1, not from reply 2
+        assert published_at == [10.0] and not any(f.done() for f in futs)
+        futs.append(b.enqueue(wire.Delta(id=ID, seq=6, text="6")))  # comes meanwhile: joins batch 2
+        clock.advance_to(10.49)  # not yet (the timer is the batcher's only way on, and it is not due)
+        assert clock.armed == [timer] and published_at == [10.0]
+        clock.advance_to(10.5)  # the timer runs, batch 2 is cut
+        await asyncio.wait_for(asyncio.gather(*futs), BOUND)
+        assert published_at == [10.0, 10.5]
         assert [[it.seq for it in m.items] for _, m in broker.sent] == [[1], [2, 3, 4, 5, 6]]
+        clock.timer_armed.clear()
+        clock.advance_to(15.5)  # idle again: a lone reply goes at once
+        await asyncio.wait_for(b.send(wire.Delta(id=ID, seq=7, text="7")), BOUND)
+        assert published_at == [10.0, 10.5, 15.5] and not clock.timer_armed.is_set()
+    finally:
+        await b.close()
+
+
+async def test_the_default_clock_is_the_loops() -> None:
+    """Without a clock the batcher lingers on the running loop's time and timers."""
+    broker = FakeBroker(delay=0.0)
+    loop = asyncio.get_running_loop()
+    published_at: list[float] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        published_at.append(loop.time())
+        await broker.publish(topic, payload)
+
+    b = ReplyBatcher("n1", publish, linger=0.05)
+    b.start()
+    try:
+        await b.send(wire.Delta(id=ID, seq=1, text="a"))
+        await b.send(wire.Delta(id=ID, seq=2, text="b"))
+        # batch 2 waited out the linger on the loop's clock (a lower bound holds on any machine; the slack
+        # covers the encoding between the batcher's reading of the clock and the publish, and uvloop's 1 ms)
+        assert published_at[1] - published_at[0] >= 0.04
+        assert [[it.seq for it in m.items] for _, m in broker.sent] == [[1], [2]]
     finally:
         await b.close()
 
