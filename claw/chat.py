@@ -28,11 +28,13 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from .runtime import Backoff
+
 MAX_ASK_CHARS = 8000  # the edge's limit on a question (``MAX_ASK_CHARS`` in edge/api.py; a test keeps them equal)
 MAX_FRAME_BYTES = 64 * 1024  # the edge's limit on one WebSocket frame
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 RECONNECT_TIMEOUT_S = 60.0  # default: give up when the edge has been unreachable this long
-BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 5.0  # reconnect delays: 0.25, 0.5, 1, 2, 4, 5, 5, ... seconds
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 5.0  # reconnect delays: up to 0.25, 0.5, 1, 2, 4, 5, 5, ... s (jittered)
 ATTEMPT_TIMEOUT_S = 10.0  # one login + WebSocket handshake
 STOP_WAIT_S = 10.0  # after Ctrl-C: how long to wait for the edge to confirm the stop
 HEARTBEAT_S = 20.0  # WebSocket ping interval (a half-open connection is noticed within about 1.5x this)
@@ -218,7 +220,7 @@ class ChatClient:
     async def _reconnect(self) -> aiohttp.ClientWebSocketResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.reconnect_timeout
-        delay = BACKOFF_FIRST_S
+        backoff = Backoff(BACKOFF_FIRST_S, BACKOFF_MAX_S)
         last = ""
         while True:
             left = deadline - loop.time()
@@ -234,8 +236,7 @@ class ChatClient:
             if left <= 0:
                 raise ChatError(f"无法连接服务器 {self.url}：已重试 {self.reconnect_timeout:g} 秒"
                                 f"仍未恢复（{last or '连接超时'}），退出。未完成的回答没有显示完整。")
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, BACKOFF_MAX_S)
+            await asyncio.sleep(min(backoff.next(), left))
 
     async def _send(self, frame: dict[str, Any]) -> bool:
         """Send a frame; False if there is no usable connection (the reconnect will take care of it)."""

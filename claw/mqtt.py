@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ import aiomqtt
 from aiomqtt.client import ProtocolVersion
 
 from .config import MqttSettings
+from .runtime import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +75,6 @@ def client_from_settings(m: MqttSettings, *, identifier: str, data_dir: str | Pa
     return make_client(host=m.host, port=m.port, username=m.username, password=m.password,
                        identifier=m.client_id or identifier, tls=tls, keepalive=m.keepalive, will=will,
                        max_queued=m.max_queued)
-
-
-class Backoff:
-    """Exponential backoff with full jitter, reset after a connection that lasted."""
-
-    def __init__(self, lo: float, hi: float) -> None:
-        self.lo, self.hi, self.n = lo, hi, 0
-
-    def next(self) -> float:
-        delay = min(self.hi, self.lo * (2 ** self.n))
-        self.n = min(self.n + 1, 30)
-        return random.uniform(self.lo, delay) if delay > self.lo else delay
-
-    def reset(self) -> None:
-        self.n = 0
 
 
 async def run_forever(

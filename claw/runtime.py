@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging.config
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -87,6 +88,21 @@ async def start_http(app: web.Application, listen: str, what: str) -> tuple[web.
         raise RuntimeError(f"{what}: cannot listen on {listen}: {exc.strerror}") from None
     sockets = getattr(site._server, "sockets", None) or []
     return runner, sockets[0].getsockname()[1] if sockets else int(port)
+
+
+class Backoff:
+    """Exponential backoff with full jitter, reset after a connection that lasted."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi, self.n = lo, hi, 0
+
+    def next(self) -> float:
+        delay = min(self.hi, self.lo * (2 ** self.n))
+        self.n = min(self.n + 1, 30)
+        return random.uniform(self.lo, delay) if delay > self.lo else delay
+
+    def reset(self) -> None:
+        self.n = 0
 
 
 def claw_command() -> str:

@@ -52,15 +52,14 @@ class ReplyBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._given_clock = clock  # None: the running loop's (LoopClock), bound in start()
-        self._clock: Clock | None = None
+        self._clock = clock  # None: the running loop's (LoopClock), bound in start()
         self.batches = 0
         self.items = 0
 
     def start(self) -> None:
         if self._task is None:
             self._loop = asyncio.get_running_loop()
-            self._clock = self._given_clock or LoopClock(self._loop)
+            self._clock = self._clock or LoopClock(self._loop)
             self._task = self._loop.create_task(self._run(), name=f"reply-batcher-{self.node_id}")
 
     async def close(self) -> None:

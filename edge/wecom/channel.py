@@ -81,11 +81,12 @@ class WeComChannel:
     def _count(self, what: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
         task.add_done_callback(_log_failure)
+        return task
 
     def _spawn_in_order(self, tid: bytes, coro: Any) -> None:
         """Run ``coro`` after every step spawned before it for task ``tid`` has ended: a task's parts are
@@ -106,11 +107,7 @@ class WeComChannel:
                 if self._chains.get(tid) is task:
                     del self._chains[tid]
 
-        task = asyncio.create_task(step())
-        self._chains[tid] = task
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-        task.add_done_callback(_log_failure)
+        task = self._chains[tid] = self._spawn(step())
 
     def start(self) -> None:
         self._housekeeper = asyncio.create_task(self._housekeeping(), name="wecom-housekeeping")

@@ -6,7 +6,6 @@ too long); the node warns at start when the LLM server cannot be used."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from node.fakellm import FakeLLMConfig, prompt_tokens, reply_tokens
 from node.history import message_tokens
 from node.worker import CONTEXT_RESET_NOTE, LENGTH_NOTE
 from tests.conftest import free_port, run_system, wait_until
+from tests.integration.test_e2e import collect
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -27,18 +27,10 @@ ANSWER_TOKENS = 30  # the fake's answers: 30 tokens of 4 ASCII characters (34 pr
 async def ask(ws: aiohttp.ClientWebSocketResponse, text: str, timeout: float = 15) -> tuple[str, dict[str, Any]]:
     """Ask one question; (the text of its deltas, its done frame)."""
     await ws.send_json({"type": "ask", "text": text})
-    task, deltas = None, []
-    async with asyncio.timeout(timeout):
-        while True:
-            f = await ws.receive_json()
-            if f["type"] == "accepted" and task is None:
-                task = f["task"]
-            if task is not None and f.get("task") == task:
-                if f["type"] == "delta":
-                    deltas.append(f["text"])
-                elif f["type"] == "done":
-                    assert f["text"] == "".join(deltas)
-                    return f["text"], f
+    frames, done = await collect(ws, timeout=timeout)
+    deltas = "".join(f["text"] for f in frames if f["type"] == "delta")
+    assert done["text"] == deltas
+    return deltas, done
 
 
 def answer_of(cfg: FakeLLMConfig, question: str) -> str:
