@@ -137,7 +137,6 @@ class Bridge:
         self._attached: dict[Sink, set[LiveTask]] = {}  # sink -> the tasks it is attached to (detach_all)
         self._pending: dict[str, int] = {}  # uid -> unfinished tasks (see pending())
         self._chunk_buf: list[tuple[bytes, int, str]] | None = None  # while a batch is handled (see _on_message)
-        self._drop_buf: set[bytes] = set()  # tasks finished in that batch: their chunks go in its transaction
         self._out_buf: list[tuple[Any, dict[str, Any]]] | None = None  # frames for sinks, ditto
         self._fin_buf: list[LiveTask] = []  # tasks finished in that batch: on_finished runs after its frames
         self._store_full = False  # the last add was refused (StoreFull): publish only after the commit then
@@ -151,6 +150,8 @@ class Bridge:
             self._count(rec.uid, 1)
         if self.live:
             log.info("edge: %d unfinished task(s) from the store will be re-dispatched", len(self.live))
+        if n := self.store.prune_chunks(frozenset(self.live)):
+            log.info("edge: dropped the kept chunks of %d finished task(s)", n)
         backoff = Backoff(self.s.mqtt.reconnect_min, self.s.mqtt.reconnect_max)
         housekeeping = asyncio.create_task(self._housekeeping())
         try:
@@ -563,11 +564,10 @@ class Bridge:
                 finally:
                     buf, self._chunk_buf = self._chunk_buf, None
                     out, self._out_buf = self._out_buf, None
-                    drop, self._drop_buf = self._drop_buf, set()
                     fin, self._fin_buf = self._fin_buf, []
                     try:
-                        if buf or drop:
-                            self.store.add_chunks(buf, drop)
+                        if buf:
+                            self.store.add_chunks(buf)
                     finally:
                         for sink, frame in out:
                             sink.push(frame)
@@ -689,6 +689,13 @@ class Bridge:
             if n_pub1 is not None:
                 stages.observe("first_token_to_publish", n_pub1 - n_ft)
 
+    def _drop_chunks_soon(self, tid: bytes) -> None:
+        """From the store's writer thread: drop the chunks on the loop (after any batch pass adding them)."""
+        try:
+            self._loop.call_soon_threadsafe(self._drop_chunks, tid)
+        except RuntimeError:  # the loop is closed (shutdown): the next start's prune_chunks drops them
+            pass
+
     def _drop_chunks(self, tid: bytes) -> None:
         try:
             self.store.drop_chunks(tid)
@@ -725,11 +732,12 @@ class Bridge:
         self._count(live.rec.uid, -1)
         if text is None:
             text = live.stream.text
-        if self._chunk_buf is not None:  # in a batch: its one transaction drops them (and adds none of them)
-            self._drop_buf.add(live.rec.id)
-        else:
-            self._drop_chunks(live.rec.id)
-        live.rec = self.store.update(live.rec.id, status=status, answer=text, err=err, usage=usage) or live.rec
+        # The chunks kept for the restart check go only once the final record is committed: dropped before it,
+        # an edge killed in between would find the task unfinished with no chunks, and could not tell a
+        # re-run of it (different text) from a replay.
+        tid = live.rec.id
+        live.rec = self.store.update(tid, on_durable=lambda: self._drop_chunks_soon(tid), status=status,
+                                     answer=text, err=err, usage=usage) or live.rec
         self._next(live.rec.uid)
         self.stats.finished[status] = self.stats.finished.get(status, 0) + 1
         frame: dict[str, Any] = {"type": "done", "task": live.hex, "seq": live.stream.next_seq - 1,

@@ -286,9 +286,11 @@ class TaskStore:
             raw = txn.get(tid, db=self.tasks)
         return None if raw is None else _unpack(tid, raw)
 
-    def update(self, tid: bytes, **changes: Any) -> TaskRecord | None:
-        """Change a task; the new record is returned (and readable) at once, the write follows."""
-        res = self._update(tid, None, changes)
+    def update(self, tid: bytes, *, on_durable: Callable[[], None] | None = None,
+               **changes: Any) -> TaskRecord | None:
+        """Change a task; the new record is returned (and readable) at once, the write follows.
+        ``on_durable()`` is called (in the writer thread) once the change is committed, never if it fails."""
+        res = self._update(tid, None, changes, on_durable)
         return None if res is None else res[0]
 
     async def update_durable(self, tid: bytes, also: Callable[[Any], Any] | None = None,
@@ -300,8 +302,8 @@ class TaskStore:
         await asyncio.wrap_future(res[1])
         return res[0]
 
-    def _update(self, tid: bytes, also: Callable[[Any], Any] | None,
-                changes: dict[str, Any]) -> tuple[TaskRecord, Any] | None:
+    def _update(self, tid: bytes, also: Callable[[Any], Any] | None, changes: dict[str, Any],
+                on_durable: Callable[[], None] | None = None) -> tuple[TaskRecord, Any] | None:
         rec = self.get(tid)
         if rec is None:
             return None
@@ -339,6 +341,8 @@ class TaskStore:
                 cur = self._overlay.get(tid)
                 if cur is not None and cur[1] == gen:
                     del self._overlay[tid]
+            if ok and f.result() and on_durable is not None:
+                on_durable()
 
         fut.add_done_callback(committed)
         return new, fut
@@ -420,6 +424,18 @@ class TaskStore:
         if cur.set_range(tid):
             while cur.key()[:len(tid)] == tid and cur.delete():
                 pass
+
+    def prune_chunks(self, keep: set[bytes] | frozenset[bytes]) -> int:
+        """Drop the chunks of every task not in ``keep`` (at start: the unfinished ones); returns how many
+        tasks had some. Chunks outlive their task only when the edge stopped between the task's final record
+        being committed and the drop that follows it."""
+        with self.chunk_env.begin(db=self.chunks) as txn:
+            stale = {bytes(key[:-4]) for key in txn.cursor().iternext(values=False)} - set(keep)  # id + 4-byte seq
+        if stale:
+            with self.chunk_env.begin(write=True, db=self.chunks) as txn:
+                for tid in stale:
+                    self._drop(txn, tid)
+        return len(stale)
 
     def chunk_texts(self, tid: bytes) -> list[str]:
         """The stored chunks of a task, seq 1… in order (stops at the first missing seq)."""
