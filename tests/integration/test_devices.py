@@ -13,7 +13,7 @@ import pytest
 
 import wire
 from node.fakellm import FakeLLMConfig
-from tests.conftest import run_system
+from tests.conftest import run_system, wait_until
 from tests.integration.test_e2e import collect
 
 pytestmark = pytest.mark.integration
@@ -90,7 +90,8 @@ async def test_a_batchs_chunks_are_kept_in_one_write_and_a_task_ending_in_it_lea
         bridge._on_message("claw/v1/batch/n1", wire.encode(wire.Batch(node="n1", items=[
             wire.Delta(id=tid_a, seq=3, text="A3"), wire.Done(id=tid_a, seq=3, status="ok"),
             wire.Delta(id=tid_b, seq=2, text="B2")])))
-        assert store.chunk_texts(tid_a) == []  # finished in the same batch: nothing left behind
+        # finished in the batch: nothing left behind once its final record is committed (not before)
+        await wait_until(lambda: store.chunk_texts(tid_a) == [], 10)
         assert store.chunk_texts(tid_b) == ["B1", "B2"]
         rec = store.get(tid_a)
         assert rec is not None and rec.status == "ok" and rec.answer == "A1A2A3"
