@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -38,6 +39,7 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 5.0  # reconnect delays: up to 0.25, 0.5,
 ATTEMPT_TIMEOUT_S = 10.0  # one login + WebSocket handshake
 STOP_WAIT_S = 10.0  # after Ctrl-C: how long to wait for the edge to confirm the stop
 HEARTBEAT_S = 20.0  # WebSocket ping interval (a half-open connection is noticed within about 1.5x this)
+RENEW_BEFORE_S = 60.0  # renew the access token when it has less than this left
 
 MSG_EMPTY = "问题不能为空。不带问题运行 claw chat 即进入交互模式。"
 MSG_DISCONNECTED = "连接已断开，正在重连…"
@@ -131,6 +133,9 @@ class ChatClient:
         self.sigint = asyncio.Event()
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._conn: asyncio.Task[None] | None = None
+        self.token: str | None = None  # the access token (renewed before expiry, see _access_token)
+        self.token_expires = 0.0
+        self.refresh: str | None = None  # the refresh token (one use: every renewal rotates it)
 
     # ---- output ---------------------------------------------------------------------------------
     def write(self, text: str) -> None:
@@ -153,20 +158,63 @@ class ChatClient:
             self.write("你> ")
 
     # ---- connection -----------------------------------------------------------------------------
-    async def _open(self) -> aiohttp.ClientWebSocketResponse:
-        """Log in and open the WebSocket (one attempt)."""
+    async def _post(self, path: str, body: dict[str, Any] | None, token: str | None = None) -> tuple[int, Any]:
         assert self.session is not None
-        async with self.session.post(f"{self.url}/api/login", json={"dev_user": self.user}) as r:
-            body = await r.json(content_type=None)
-        if r.status != 200:
-            msg = body.get("error", {}).get("message") if isinstance(body, dict) else None
-            if 400 <= r.status < 500 and r.status != 429:
-                raise _Refused(f"登录失败：{msg or r.status}")
-            raise aiohttp.ClientResponseError(r.request_info, (), status=r.status, message=str(msg or r.reason))
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        async with self.session.post(f"{self.url}{path}", json=body or {}, headers=headers) as r:
+            return r.status, await r.json(content_type=None)
+
+    def _keep(self, body: Any) -> None:
         if not isinstance(body, dict) or not isinstance(body.get("token"), str):
             raise ValueError("登录应答缺少 token")
-        return await self.session.ws_connect(self.ws_url, params={"token": body["token"]}, heartbeat=HEARTBEAT_S,
-                                             max_msg_size=64 << 20)  # a done frame carries the whole answer
+        self.token = body["token"]
+        self.token_expires = float(body.get("expires") or 0)
+        self.refresh = body.get("refresh") if isinstance(body.get("refresh"), str) else None
+
+    async def _login(self) -> None:
+        status, body = await self._post("/api/login", {"dev_user": self.user})
+        if status != 200:
+            msg = body.get("error", {}).get("message") if isinstance(body, dict) else None
+            if 400 <= status < 500 and status != 429:
+                raise _Refused(f"登录失败：{msg or status}")
+            raise aiohttp.ClientError(f"HTTP {status}：{msg or '登录失败'}")
+        self._keep(body)
+
+    async def _access_token(self) -> str:
+        """A valid access token: the one held while it has a minute left, else renewed with the refresh token
+        (rotated), else a new login (the refresh token expired or was revoked)."""
+        if self.token is not None and time.time() < self.token_expires - RENEW_BEFORE_S:
+            return self.token
+        self.token = None
+        if self.refresh is not None:
+            refresh, self.refresh = self.refresh, None  # used up whatever happens
+            status, body = await self._post("/api/refresh", {"refresh": refresh})
+            if status == 200:
+                self._keep(body)
+            elif status >= 500 or status == 429:
+                self.refresh = refresh  # not used up: the edge could not answer
+                raise aiohttp.ClientError(f"HTTP {status}：续期失败")
+        if self.token is None:
+            await self._login()
+        assert self.token is not None
+        return self.token
+
+    async def _open(self) -> aiohttp.ClientWebSocketResponse:
+        """Get a one-time ticket (logging in or renewing the access token as needed) and open the WebSocket
+        with it (one attempt): no long-lived credential goes into the URL."""
+        assert self.session is not None
+        for attempt in range(2):
+            status, body = await self._post("/api/ws-ticket", None, await self._access_token())
+            if status == 200 and isinstance(body, dict) and isinstance(body.get("ticket"), str):
+                return await self.session.ws_connect(self.ws_url, params={"ticket": body["ticket"]},
+                                                     heartbeat=HEARTBEAT_S,
+                                                     max_msg_size=64 << 20)  # a done frame carries the whole answer
+            if status == 401 and attempt == 0:
+                self.token = None  # revoked: renew (or log in again) once
+                continue
+            msg = body.get("error", {}).get("message") if isinstance(body, dict) else None
+            raise ValueError(f"无法获取连接票据：{msg or status}")
+        raise AssertionError("unreachable")
 
     async def connect(self) -> None:
         """The first connection: fails at once (a wrong URL should not make the user wait)."""

@@ -1,4 +1,4 @@
-"""The ``claw`` command: demo, edge, node, chat, cred, init, bench."""
+"""The ``claw`` command: demo, edge, node, chat, cred, token, init, bench."""
 
 from __future__ import annotations
 
@@ -59,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--data", help="data directory of server A (default: from --config or .claw)")
         sp.add_argument("--config", help="a.toml of server A")
 
+    tk = sub.add_parser("token", help="client tokens and sessions (usable while the edge runs)")
+    tks = tk.add_subparsers(dest="token_cmd", required=True, metavar="ACTION")
+    trv = tks.add_parser("revoke", help="revoke a user's (or everybody's) access tokens and sessions")
+    who = trv.add_mutually_exclusive_group(required=True)
+    who.add_argument("uid", nargs="?", help="the user id, e.g. web.alice or wc.zhangsan")
+    who.add_argument("--all", action="store_true", help="every user")
+    trv.add_argument("--data", help="data directory of server A (default: from --config or .claw)")
+    trv.add_argument("--config", help="a.toml of server A")
+
     i = sub.add_parser("init", help="write commented a.toml and b.toml, the CA, the broker certificate and a node credential")
     i.add_argument("--public-host", required=True, action="append",
                    help="server A's public DNS name or IP as nodes will dial it (repeatable)")
@@ -96,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "cred":
             configure_logging(args.log_level or "WARNING")
             return _cred(args)
+        if args.cmd == "token":
+            configure_logging(args.log_level or "WARNING")
+            return _token(args)
         if args.cmd == "init":
             configure_logging(args.log_level or "INFO")
             from .init import run_init
@@ -156,6 +168,21 @@ def _cred(args: Any) -> int:
         return 0
     print(f"no such credential: {args.name}", file=sys.stderr)
     return 1
+
+
+def _token(args: Any) -> int:
+    import wire
+    from edge.auth import Revocations
+
+    if not args.all and not wire.is_uid(args.uid):
+        print(f"error: not a user id: {args.uid!r} (e.g. web.alice)", file=sys.stderr)
+        return 2
+    data = args.data or (load_settings(args.config).data_dir if args.config else load_settings().data_dir)
+    value = Revocations(data).revoke(None if args.all else args.uid)
+    who = "every user" if args.all else args.uid
+    print(f"revoked the tokens and sessions of {who} (generation {value}); open WebSockets close within "
+          "10 s, the next request needs a new login")
+    return 0
 
 
 if __name__ == "__main__":

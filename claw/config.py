@@ -15,6 +15,7 @@ current directory; this holds for values from the environment too.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -23,7 +24,7 @@ import msgspec
 
 ENV_PREFIX = "CLAW_"
 SECRET_KEYS = frozenset(
-    {"password", "token_secret", "api_key", "secret", "token", "encoding_aes_key"}
+    {"password", "token_secret", "api_key", "secret", "token", "encoding_aes_key", "metrics_token"}
 )
 # non-secret file paths that, like data_dir and the secret *_file keys, are relative to the config file
 PATH_KEYS = (("mqtt", "ca_file"), ("broker", "cert_file"), ("broker", "key_file"))
@@ -93,11 +94,19 @@ class MqttSettings(_Section):
 
 
 class EdgeSettings(_Section):
-    http: str = "0.0.0.0:8080"
+    http: str = "127.0.0.1:8080"  # loopback: an HTTPS reverse proxy in front (docs/deploy.md)
     dev_login: bool = False  # POST /api/login {dev_user} without WeChat (demo/tests only)
     token_secret: str = ""  # HMAC key for client tokens; default: generated into <data_dir>/edge.secret
     token_secret_file: str = ""
-    token_ttl: int = 7 * 86400
+    token_ttl: int = 900  # access token lifetime, seconds (renewed with the refresh token)
+    session_ttl: int = 7 * 86400  # refresh token (login session) lifetime, seconds; rotated on every use
+    public_url: str = ""  # e.g. https://claw.example.com: its origin may open the WebSocket
+    allowed_origins: list[str] = msgspec.field(default_factory=list)  # more origins allowed on /api/ws
+    metrics_token: str = ""  # Bearer token for /metrics and /healthz details from non-loopback peers
+    metrics_token_file: str = ""
+    header_timeout_s: float = 10.0  # request line + headers must arrive within this (also the idle keep-alive)
+    body_timeout_s: float = 30.0  # a request body must arrive within this
+    max_conns_per_ip: int = 64  # open HTTP connections per peer address; more are closed at once
     republish_s: float = 5.0  # re-send a task not yet accepted by a node after this long
     node_timeout_s: float = 15.0  # a node whose beats stop this long is offline
     max_ws_per_user: int = 5
@@ -109,6 +118,13 @@ class EdgeSettings(_Section):
         _check_hostport(self.http, "edge.http")
         if self.republish_s <= 0 or self.node_timeout_s <= 0 or self.token_ttl <= 0:
             raise ValueError("edge.republish_s, edge.node_timeout_s and edge.token_ttl must be > 0")
+        if self.session_ttl < self.token_ttl:
+            raise ValueError("edge.session_ttl must be >= edge.token_ttl")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0 or self.max_conns_per_ip < 1:
+            raise ValueError("edge.header_timeout_s and edge.body_timeout_s must be > 0, edge.max_conns_per_ip >= 1")
+        for origin in ([self.public_url] if self.public_url else []) + list(self.allowed_origins):
+            if not re.fullmatch(r"https?://[^/?#\s]+/?", origin):
+                raise ValueError(f"edge.public_url / edge.allowed_origins: want scheme://host[:port], got {origin!r}")
         if self.history_days < 0:
             raise ValueError("edge.history_days must be >= 0 (0 = keep for ever)")
         if not 1 <= self.store_map_mb <= 1 << 20:
@@ -177,7 +193,7 @@ class WecomSettings(_Section):
     offline_notice: str = "助手暂时离线，您的消息已排队，恢复后会自动回答。"
     token_refresh_margin_s: int = 600  # refresh the access_token this long before it expires
     send_max_age_s: int = 86400  # a message that could not be delivered for this long is given up
-    replay_window_s: int = 86400  # a callback whose (signed) timestamp is older than this is refused; 0 = off
+    replay_window_s: int = 300  # a callback whose (signed) timestamp is further than this from our clock is refused; 0 = off
 
     @property
     def enabled(self) -> bool:

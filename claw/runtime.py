@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -74,11 +74,17 @@ def stop_event() -> asyncio.Event:
     return ev
 
 
-async def start_http(app: web.Application, listen: str, what: str) -> tuple[web.AppRunner, int]:
+async def start_http(app: web.Application, listen: str, what: str,
+                     on_setup: Callable[[web.AppRunner], None] | None = None,
+                     **server_kwargs: Any) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``listen`` (``HOST:PORT``, port 0 = any free one): (its runner, the bound port).
-    An address in use (or not ours) is a RuntimeError naming ``what``, never a traceback."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    An address in use (or not ours) is a RuntimeError naming ``what``, never a traceback. ``server_kwargs`` go
+    to aiohttp's request handler (e.g. ``keepalive_timeout``, ``logger``); ``on_setup(runner)`` runs before
+    the socket is bound."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, **server_kwargs)
     await runner.setup()
+    if on_setup is not None:
+        on_setup(runner)
     host, _, port = listen.rpartition(":")
     site = web.TCPSite(runner, host, int(port), reuse_address=True)
     try:

@@ -1,12 +1,17 @@
-"""Client API: ``/api/login``, ``/api/ws`` (streaming), ``/api/tasks``, ``/healthz``, ``/metrics``, chat page."""
+"""Client API: ``/api/login``, ``/api/refresh``, ``/api/ws-ticket``, ``/api/ws`` (streaming), ``/api/tasks``,
+``/healthz``, ``/metrics``, chat page."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
+import math
 import re
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 import wire
 
+from .auth import Claims
 from .bridge import Bridge, LiveTask, done_frame
 from .keys import BRIDGE, SESSIONS, SETTINGS, STORE, TOKENS
 from .store import StoreFull
@@ -67,24 +73,83 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
                                  headers=headers)
 
 
+@web.middleware
+async def body_timeout(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Read a request's body within ``edge.body_timeout_s`` (a slow sender is answered 408 and cut off) before
+    its handler runs. (Headers: aiohttp's keep-alive timer, set to ``edge.header_timeout_s``, closes a
+    connection whose request line and headers have not arrived; see edge.app.) WeCom's callback reads its
+    own body, under the same timeout (edge.wecom.channel)."""
+    if request.can_read_body and not request.path.startswith("/wecom/"):
+        try:
+            async with asyncio.timeout(request.app[SETTINGS].edge.body_timeout_s):
+                await request.read()
+        except TimeoutError:
+            _quiet_log("body_timeout", "edge: request body from %s not received within %g s; closing",
+                       request.remote, request.app[SETTINGS].edge.body_timeout_s)
+            resp = _err(408, "body_timeout", "请求体接收超时")
+            resp.force_close()
+            return resp
+    return await handler(request)
+
+
+_QUIET: dict[str, list[float]] = {}  # kind -> [last logged (monotonic), lines suppressed since]
+QUIET_EVERY_S = 10.0
+
+
+def _quiet_log(kind: str, msg: str, *args: Any) -> None:
+    """A WARNING about a misbehaving client, at most one per QUIET_EVERY_S per kind (a flood of them must not
+    flood the log), with the number suppressed since the last one."""
+    now = time.monotonic()
+    slot = _QUIET.setdefault(kind, [-math.inf, 0])
+    if now - slot[0] < QUIET_EVERY_S:
+        slot[1] += 1
+        return
+    more = f" (+{int(slot[1])} similar in the last {QUIET_EVERY_S:g} s)" if slot[1] else ""
+    slot[0], slot[1] = now, 0
+    log.warning(msg + more, *args)
+
+
 # ---- HTTP ------------------------------------------------------------------------------------
+def _privileged(request: web.Request) -> bool:
+    """A loopback peer, or ``Authorization: Bearer <edge.metrics_token>``. X-Forwarded-For is not trusted: behind
+    a reverse proxy on the same host every peer is loopback (docs/deploy.md: keep /metrics off the proxy)."""
+    token = request.app[SETTINGS].edge.metrics_token
+    header = request.headers.get("Authorization", "")
+    if token and header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(), token.encode()):
+        return True
+    try:
+        return ipaddress.ip_address((request.remote or "").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 async def healthz(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
+    status = 200 if bridge.connected else 503
+    if not _privileged(request):
+        return web.json_response({"ok": bridge.connected}, status=status)
     body = {"ok": bridge.connected, "mqtt": bridge.connected, "node_online": bridge.node_online,
             "nodes": {k: {"state": v.state, "active": v.active, "capacity": v.capacity}
                       for k, v in bridge.nodes.items()},
             "live_tasks": bridge.open_count}
-    return web.json_response(body, status=200 if bridge.connected else 503)
+    return web.json_response(body, status=status)
 
 
-async def login(request: web.Request) -> web.Response:
-    s = request.app[SETTINGS]
+async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
     try:
         body = await request.json()
     except ValueError:
         return _err(400, "bad_json", "请求体不是有效的 JSON")
     if not isinstance(body, dict):
         return _err(400, "bad_json", "请求体必须是 JSON 对象")
+    return body
+
+
+async def login(request: web.Request) -> web.Response:
+    s = request.app[SETTINGS]
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
     if "dev_user" in body:
         if not s.edge.dev_login:
             return _err(403, "dev_login_disabled", "未启用开发登录（edge.dev_login = false）")
@@ -96,33 +161,91 @@ async def login(request: web.Request) -> web.Response:
         return _err(501, "miniapp_login_unavailable", "小程序登录尚未配置（[miniapp] appid/secret）")
     else:
         return _err(400, "missing_code", "缺少 code")
-    token, expires = request.app[TOKENS].issue(uid)
-    return web.json_response({"token": token, "uid": uid, "expires": expires})
+    return web.json_response(await request.app[TOKENS].login(uid))
 
 
-def _auth_uid(request: web.Request) -> str | None:
+async def refresh(request: web.Request) -> web.Response:
+    """``{refresh}`` → a new ``{token, expires, refresh, refresh_expires}``; the refresh token given is used up."""
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    value = body.get("refresh")
+    if not isinstance(value, str) or not value or len(value) > 256:
+        return _err(400, "missing_refresh", "缺少 refresh")
+    got = await request.app[TOKENS].refresh(value)
+    if got is None:
+        return _err(401, "refresh_invalid", "登录已失效，请重新登录")
+    return web.json_response(got)
+
+
+async def logout(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    value = body.get("refresh")
+    if isinstance(value, str) and value and len(value) <= 256:
+        await request.app[TOKENS].logout(value)
+    return web.json_response({"ok": True})
+
+
+UNAUTHORIZED = (401, "unauthorized", "未登录或登录已过期")
+TOKEN_IN_QUERY = (401, "token_in_query", "令牌不能放在网址中：请使用 Authorization: Bearer 请求头")
+
+
+def _bearer(request: web.Request) -> Claims | web.Response:
+    """The claims of the request's ``Authorization: Bearer`` access token, or the 401 to answer. A token in the
+    query (``?token=``, which ends up in proxy logs) is refused outside ``/api/ws``."""
+    if "token" in request.query:
+        return _err(*TOKEN_IN_QUERY)
     header = request.headers.get("Authorization", "")
-    token = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
-    return request.app[TOKENS].verify(token) if token else None
+    claims = request.app[TOKENS].check(header[7:]) if header.startswith("Bearer ") else None
+    return claims if claims is not None else _err(*UNAUTHORIZED)
+
+
+async def ws_ticket(request: web.Request) -> web.Response:
+    """A one-time ticket (30 s) for ``GET /api/ws?ticket=``, so the access token stays out of URLs."""
+    claims = _bearer(request)
+    if isinstance(claims, web.Response):
+        return claims
+    got = request.app[TOKENS].ticket(claims)
+    if got is None:
+        return _err(429, "too_many_tickets", "请求过于频繁，请稍后再试", )
+    return web.json_response({"ticket": got[0], "expires": got[1]})
+
+
+MAX_TS = 2**63 - 1  # the store's key holds a 64-bit timestamp
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    uid = _auth_uid(request)
-    if uid is None:
-        return _err(401, "unauthorized", "未登录或登录已过期")
+    claims = _bearer(request)
+    if isinstance(claims, web.Response):
+        return claims
+    uid = claims.uid
     try:
+        # limit is clamped to 1..200; before (ms since the epoch) to 0..2^63-1 (1e30 or -5 are not errors)
         limit = min(200, max(1, int(request.query.get("limit", "50"))))
-        before = int(request.query["before"]) if "before" in request.query else None
+        before = None
+        if "before" in request.query:
+            raw = request.query["before"]
+            try:
+                value = int(raw)
+            except ValueError:
+                num = float(raw)
+                if math.isnan(num):
+                    raise
+                value = MAX_TS if num > MAX_TS else 0 if num < 0 else int(num)
+            before = min(MAX_TS, max(0, value))
     except ValueError:
-        return _err(400, "bad_query", "limit/before 必须是整数")
+        return _err(400, "bad_query", "limit/before 必须是数字")
     recs = request.app[STORE].history(uid, limit=limit, before_ts=before)
     return web.json_response({"tasks": [r.to_api() for r in recs]})
 
 
 async def get_task(request: web.Request) -> web.Response:
-    uid = _auth_uid(request)
-    if uid is None:
-        return _err(401, "unauthorized", "未登录或登录已过期")
+    claims = _bearer(request)
+    if isinstance(claims, web.Response):
+        return claims
+    uid = claims.uid
     tid_hex = request.match_info["id"]
     if not _HEX32.fullmatch(tid_hex):
         return _err(400, "bad_task_id", "任务 ID 应为 32 位十六进制")
@@ -137,6 +260,8 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    if not _privileged(request):
+        return _err(403, "forbidden", "仅限本机或持有监控令牌（edge.metrics_token）访问")
     b = request.app[BRIDGE]
     st = b.stats
     lines = [
@@ -179,9 +304,11 @@ class WsSession:
     only happens when the queue is empty and its writer idle) and the bounds.
     """
 
-    def __init__(self, ws: web.WebSocketResponse, uid: str, transport: asyncio.Transport | None = None) -> None:
+    def __init__(self, ws: web.WebSocketResponse, uid: str, transport: asyncio.Transport | None = None,
+                 claims: Claims | None = None) -> None:
         self.ws = ws
         self.uid = uid
+        self.claims = claims  # what opened it: rechecked every WS_CHECK_S (a revoke closes the socket)
         self.transport = transport
         self._busy = False  # the writer task is sending a frame
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(WS_QUEUE)
@@ -260,10 +387,61 @@ class WsSession:
             await asyncio.wait_for(self.writer, 2)
 
 
+def allowed_origins(settings: Any) -> set[str]:
+    """``edge.public_url``'s origin and ``edge.allowed_origins``, normalised (lower case, no trailing slash)."""
+    return {o.rstrip("/").lower() for o in ([settings.edge.public_url] if settings.edge.public_url else [])
+            + list(settings.edge.allowed_origins)}
+
+
+def origin_ok(request: web.Request) -> bool:
+    """No Origin (not a browser), the same host as the request's Host header, or an allowed origin."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in allowed_origins(request.app[SETTINGS]):
+        return True
+    scheme, sep, authority = origin.partition("://")
+    return bool(sep) and scheme in ("http", "https") and authority == (request.host or "").lower()
+
+
+def _ws_claims(request: web.Request) -> Claims | None:
+    """``?ticket=`` (one use), else ``Authorization: Bearer``, else ``?token=`` (kept for non-browser clients;
+    the access token is short-lived, but a ticket keeps it out of URLs)."""
+    tokens = request.app[TOKENS]
+    if "ticket" in request.query:
+        return tokens.take_ticket(request.query["ticket"])
+    header = request.headers.get("Authorization", "")
+    token = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
+    return tokens.check(token) if token else None
+
+
+WS_CHECK_S = 10.0  # open sockets are checked against revocations this often
+WS_REVOKED = 4401  # close code: the user's tokens were revoked (log in again)
+
+
+async def watch_revocations(app: web.Application) -> None:
+    """Close every open socket whose user's tokens were revoked (``claw token revoke``), within WS_CHECK_S.
+    An access token that merely expires does not end a socket it opened: it authenticated the handshake."""
+    tokens = app[TOKENS]
+    while True:
+        await asyncio.sleep(WS_CHECK_S)
+        for sess in list(app[SESSIONS]):
+            if sess.claims is not None and not sess.ws.closed and not tokens.still_valid(sess.claims):
+                log.info("edge: closing a WebSocket of %s: tokens revoked", sess.uid)
+                with contextlib.suppress(Exception):
+                    await sess.ws.close(code=WS_REVOKED, message=b"token revoked")
+
+
 async def ws_handler(request: web.Request) -> web.StreamResponse:
-    uid = _auth_uid(request)
-    if uid is None:
-        return _err(401, "unauthorized", "未登录或登录已过期")
+    if not origin_ok(request):
+        _quiet_log("origin", "edge: WebSocket from a foreign origin %r refused [%s]",
+                   request.headers.get("Origin", "")[:100], request.remote)
+        return _err(403, "bad_origin", "不允许从该网站连接")
+    claims = _ws_claims(request)
+    if claims is None:
+        return _err(*UNAUTHORIZED)
+    uid = claims.uid
     app = request.app
     sessions = app[SESSIONS]
     if sum(1 for s in sessions if s.uid == uid) >= app[SETTINGS].edge.max_ws_per_user:
@@ -272,7 +450,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=64 * 1024, compress=False)
     await ws.prepare(request)
     bridge = app[BRIDGE]
-    sess = WsSession(ws, uid, request.transport)
+    sess = WsSession(ws, uid, request.transport, claims)
     sessions.add(sess)
     bridge.presence.add(sess)
     sess.push({"type": "node", "online": bridge.node_online})
@@ -442,6 +620,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/login", login)
+    app.router.add_post("/api/refresh", refresh)
+    app.router.add_post("/api/logout", logout)
+    app.router.add_post("/api/ws-ticket", ws_ticket)
     app.router.add_get("/api/ws", ws_handler)
     app.router.add_get("/api/tasks", list_tasks)
     app.router.add_get("/api/tasks/{id}", get_task)

@@ -1,6 +1,7 @@
 """The WeCom callback endpoint and what happens to each message.
 
-``GET /wecom/callback``: URL verification (signature check + decrypt echostr; answered in < 1 ms).
+``GET /wecom/callback``: URL verification (signature check, timestamp within ``wecom.replay_window_s``, decrypt
+echostr; answered in < 1 ms).
 ``POST /wecom/callback``: an encrypted message. Order of checks, each with nothing processed on
 failure: body over 64 KiB → 413; envelope not XML / no ``Encrypt`` → 400; bad signature → 403;
 stale timestamp (signed, so not forgeable) → 403; not decryptable / wrong CorpID / bad inner XML
@@ -149,6 +150,11 @@ class WeComChannel:
         log.warning("wecom: callback rejected (%d): %s [from %s]", status, why, request.remote)
         return web.Response(status=status, text=why)
 
+    def _fresh(self, ts: str) -> bool:
+        """The (signed) timestamp is within wecom.replay_window_s of our clock, either way (0: no check)."""
+        window = self.cfg.replay_window_s
+        return ts.isdigit() and len(ts) <= 12 and (not window or abs(time.time() - int(ts)) <= window)
+
     async def handle_get(self, request: web.Request) -> web.Response:
         q = self._query(request)
         sig, ts, nonce, echo = (q.get(k, "") for k in ("msg_signature", "timestamp", "nonce", "echostr"))
@@ -161,6 +167,8 @@ class WeComChannel:
         except Exception as exc:  # noqa: BLE001 - undecryptable echostr
             return self._reject(400, f"cannot decrypt echostr ({type(exc).__name__}; check encoding_aes_key "
                                      "and corp_id)", request)
+        if not self._fresh(ts):
+            return self._reject(403, "stale or bad timestamp (check server A's clock; wecom.replay_window_s)", request)
         self._count("url_verified")
         log.info("wecom: callback URL verified")
         return web.Response(text=plain if isinstance(plain, str) else plain.decode())
@@ -170,12 +178,18 @@ class WeComChannel:
             return self._reject(413, f"body over {MAX_BODY} bytes", request)
         chunks: list[bytes] = []
         size = 0
-        while size <= MAX_BODY:  # read() returns what has arrived so far: loop until EOF (or too much)
-            chunk = await request.content.read(MAX_BODY + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        try:
+            async with asyncio.timeout(self.s.edge.body_timeout_s):  # a slow sender is cut off
+                while size <= MAX_BODY:  # read() returns what has arrived so far: loop until EOF (or too much)
+                    chunk = await request.content.read(MAX_BODY + 1 - size)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+        except TimeoutError:
+            resp = self._reject(408, f"body not received within {self.s.edge.body_timeout_s:g} s", request)
+            resp.force_close()
+            return resp
         if size > MAX_BODY:
             return self._reject(413, f"body over {MAX_BODY} bytes", request)
         body = b"".join(chunks)
@@ -193,8 +207,7 @@ class WeComChannel:
         expected = _signature(self.cfg.token, ts, nonce, encrypt)
         if not hmac.compare_digest(expected.encode(), sig.lower().encode("utf-8", "replace")):
             return self._reject(403, "bad signature (check wecom.token)", request)
-        window = self.cfg.replay_window_s
-        if not ts.isdigit() or (window and abs(time.time() - int(ts)) > window):
+        if not self._fresh(ts):
             return self._reject(403, "stale or bad timestamp (replayed callback?)", request)
         try:
             xml = self.crypto.decrypt_message({"Encrypt": encrypt}, sig, ts, nonce)
