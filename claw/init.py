@@ -163,8 +163,19 @@ http = {_q(EDGE_HTTP)}
 dev_login = false
 # HMAC key for client tokens. Default: generated into data/edge.secret on first start.
 # token_secret_file = "edge-token.secret"
-# Client token lifetime in seconds.
+# Access token lifetime in seconds (renewed with the refresh token), and the login session's (refresh token).
 token_ttl = {ed.token_ttl}
+session_ttl = {ed.session_ttl}
+# The HTTPS address users open (its origin may open the WebSocket; pages of other sites may not).
+# public_url = "https://a.example.com"
+# allowed_origins = []   # more "https://host[:port]" origins allowed to open the WebSocket
+# /metrics and /healthz details from other hosts than loopback need "Authorization: Bearer <this>".
+# metrics_token_file = "metrics.secret"
+# Slow clients: request line + headers within header_timeout_s, a body within body_timeout_s; connections per IP
+# (behind a proxy on this host all connections come from the proxy).
+header_timeout_s = {ed.header_timeout_s}
+body_timeout_s = {ed.body_timeout_s}
+max_conns_per_ip = {ed.max_conns_per_ip}
 # Re-send a task that no node has accepted after this many seconds.
 republish_s = {ed.republish_s}
 # A node whose heartbeats stop for this long is shown as offline.
