@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import sys
 import time
@@ -180,9 +181,17 @@ class _ServerLog:
         return getattr(self._base, name)
 
 
+def _loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def _limit_per_ip(runner: web.AppRunner, cap: int) -> None:
     """At most ``cap`` open connections per peer address (edge.max_conns_per_ip); more are closed at once.
-    Behind a reverse proxy on the same host every peer is the proxy: keep the cap above its connection pool."""
+    Loopback peers are not counted: a reverse proxy on the same host (every connection comes from it) and local
+    tools such as the bench must not be capped; limit per client in the proxy instead."""
     server = runner.server
     assert server is not None
     counts: dict[str, int] = {}
@@ -194,6 +203,8 @@ def _limit_per_ip(runner: web.AppRunner, cap: int) -> None:
         made(handler, transport)  # type: ignore[arg-type]
         peer = transport.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) and peer else "?"
+        if _loopback(ip):
+            return
         if counts.get(ip, 0) >= cap:
             if time.monotonic() - last_log[0] > 10:
                 last_log[0] = time.monotonic()

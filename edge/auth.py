@@ -31,7 +31,7 @@ from typing import NamedTuple
 import lmdb
 
 import wire
-from claw.store import Writer, open_env
+from claw.store import Writer, close_env, open_env
 
 ENV_DIR = "auth.lmdb"
 MAP_SIZE = 256 << 20  # ~2 M sessions of ~100 bytes
@@ -78,7 +78,8 @@ class Revocations:
     edge and ``claw token revoke`` (another process): reads always go to LMDB."""
 
     def __init__(self, data_dir: str | Path) -> None:
-        self.env = open_env(Path(data_dir) / ENV_DIR, max_dbs=4, map_size=MAP_SIZE)
+        self.path = Path(data_dir) / ENV_DIR
+        self.env = open_env(self.path, max_dbs=4, map_size=MAP_SIZE)
         self.gen_db = self.env.open_db(b"gen")
         self.sess_db = self.env.open_db(b"sessions")
 
@@ -264,3 +265,6 @@ class Tokens:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.revocations is not None:
+            close_env(self.revocations.path)
+            self.revocations = None
