@@ -101,7 +101,8 @@ class EdgeSettings(_Section):
     token_ttl: int = 900  # access token lifetime, seconds (renewed with the refresh token)
     session_ttl: int = 7 * 86400  # refresh token (login session) lifetime, seconds; rotated on every use
     public_url: str = ""  # e.g. https://claw.example.com: its origin may open the WebSocket
-    allowed_origins: list[str] = msgspec.field(default_factory=list)  # more origins allowed on /api/ws
+    # more origins allowed on /api/ws (a TOML array, or one comma-separated string, e.g. from the environment)
+    allowed_origins: list[str] | str = msgspec.field(default_factory=list)
     metrics_token: str = ""  # Bearer token for /metrics and /healthz details from non-loopback peers
     metrics_token_file: str = ""
     header_timeout_s: float = 10.0  # request line + headers must arrive within this (also the idle keep-alive)
@@ -122,6 +123,8 @@ class EdgeSettings(_Section):
             raise ValueError("edge.session_ttl must be >= edge.token_ttl")
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0 or self.max_conns_per_ip < 1:
             raise ValueError("edge.header_timeout_s and edge.body_timeout_s must be > 0, edge.max_conns_per_ip >= 1")
+        if isinstance(self.allowed_origins, str):
+            self.allowed_origins = [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
         for origin in ([self.public_url] if self.public_url else []) + list(self.allowed_origins):
             if not re.fullmatch(r"https?://[^/?#\s]+/?", origin):
                 raise ValueError(f"edge.public_url / edge.allowed_origins: want scheme://host[:port], got {origin!r}")

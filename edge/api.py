@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -117,10 +118,17 @@ def _privileged(request: web.Request) -> bool:
     header = request.headers.get("Authorization", "")
     if token and header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(), token.encode()):
         return True
+    return is_loopback(request.remote or "")
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or ::ffff:127.x.y.z (an IPv4 loopback peer on a dual-stack socket)."""
     try:
-        return ipaddress.ip_address((request.remote or "").split("%", 1)[0]).is_loopback
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
         return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -161,7 +169,11 @@ async def login(request: web.Request) -> web.Response:
         return _err(501, "miniapp_login_unavailable", "小程序登录尚未配置（[miniapp] appid/secret）")
     else:
         return _err(400, "missing_code", "缺少 code")
-    return web.json_response(await request.app[TOKENS].login(uid))
+    try:
+        return web.json_response(await request.app[TOKENS].login(uid))
+    except lmdb.Error as exc:
+        log.error("edge: cannot store a login session in auth.lmdb: %s", exc)
+        return _err(503, "auth_store", "服务器暂时无法登录，请稍后再试")
 
 
 async def refresh(request: web.Request) -> web.Response:
@@ -172,7 +184,11 @@ async def refresh(request: web.Request) -> web.Response:
     value = body.get("refresh")
     if not isinstance(value, str) or not value or len(value) > 256:
         return _err(400, "missing_refresh", "缺少 refresh")
-    got = await request.app[TOKENS].refresh(value)
+    try:
+        got = await request.app[TOKENS].refresh(value)
+    except lmdb.Error as exc:
+        log.error("edge: cannot renew a login session in auth.lmdb: %s", exc)
+        return _err(503, "auth_store", "服务器暂时无法续期登录，请稍后再试")
     if got is None:
         return _err(401, "refresh_invalid", "登录已失效，请重新登录")
     return web.json_response(got)
@@ -209,7 +225,7 @@ async def ws_ticket(request: web.Request) -> web.Response:
         return claims
     got = request.app[TOKENS].ticket(claims)
     if got is None:
-        return _err(429, "too_many_tickets", "请求过于频繁，请稍后再试", )
+        return _err(429, "too_many_tickets", "请求过于频繁，请稍后再试")
     return web.json_response({"ticket": got[0], "expires": got[1]})
 
 

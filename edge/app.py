@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import sys
 import time
@@ -181,13 +180,6 @@ class _ServerLog:
         return getattr(self._base, name)
 
 
-def _loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
 def _limit_per_ip(runner: web.AppRunner, cap: int) -> None:
     """At most ``cap`` open connections per peer address (edge.max_conns_per_ip); more are closed at once.
     Loopback peers are not counted: a reverse proxy on the same host (every connection comes from it) and local
@@ -203,7 +195,7 @@ def _limit_per_ip(runner: web.AppRunner, cap: int) -> None:
         made(handler, transport)  # type: ignore[arg-type]
         peer = transport.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) and peer else "?"
-        if _loopback(ip):
+        if api.is_loopback(ip):
             return
         if counts.get(ip, 0) >= cap:
             if time.monotonic() - last_log[0] > 10:

@@ -37,6 +37,7 @@ ENV_DIR = "auth.lmdb"
 MAP_SIZE = 256 << 20  # ~2 M sessions of ~100 bytes
 TICKET_TTL_S = 30.0
 MAX_TICKETS = 10_000  # outstanding WebSocket tickets (all users); more → the request is refused
+MAX_TICKETS_PER_USER = 16  # ... and per user (one user cannot use up everybody's)
 _EPOCH_KEY = b"\0epoch"  # in db "gen"; uids never start with NUL
 PRUNE_EVERY_S = 3600.0  # expired sessions are deleted at most this often (on a login)
 
@@ -121,6 +122,7 @@ class Tokens:
         self.revocations = Revocations(data_dir) if data_dir is not None else None
         self._writer: Writer | None = None
         self._tickets: dict[str, tuple[Claims, float]] = {}
+        self._per_user: dict[str, int] = {}  # outstanding tickets per uid
         self._pruned = 0.0
 
     # ---- access tokens -----------------------------------------------------------------------
@@ -245,18 +247,29 @@ class Tokens:
         """A one-time ticket for ``GET /api/ws?ticket=``, valid TICKET_TTL_S; None when too many are
         outstanding."""
         now = time.monotonic()
-        if len(self._tickets) >= MAX_TICKETS:
+        if len(self._tickets) >= MAX_TICKETS or self._per_user.get(claims.uid, 0) >= MAX_TICKETS_PER_USER:
             for t in [t for t, (_, exp) in self._tickets.items() if exp < now]:
-                del self._tickets[t]
-            if len(self._tickets) >= MAX_TICKETS:
+                self._drop(t)
+            if len(self._tickets) >= MAX_TICKETS or self._per_user.get(claims.uid, 0) >= MAX_TICKETS_PER_USER:
                 return None
         value = secrets.token_urlsafe(24)
         self._tickets[value] = (claims, now + TICKET_TTL_S)
+        self._per_user[claims.uid] = self._per_user.get(claims.uid, 0) + 1
         return value, int(time.time() + TICKET_TTL_S)
+
+    def _drop(self, ticket: str) -> tuple[Claims, float] | None:
+        got = self._tickets.pop(ticket, None)
+        if got is not None:
+            left = self._per_user[got[0].uid] - 1
+            if left:
+                self._per_user[got[0].uid] = left
+            else:
+                del self._per_user[got[0].uid]
+        return got
 
     def take_ticket(self, ticket: str) -> Claims | None:
         """The ticket's claims, once; None if unknown, used, expired or revoked meanwhile."""
-        got = self._tickets.pop(ticket, None)
+        got = self._drop(ticket)
         if got is None or got[1] < time.monotonic() or not self.still_valid(got[0]):
             return None
         return got[0]

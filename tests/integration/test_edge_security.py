@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -107,15 +108,20 @@ async def test_revoke_per_user_and_for_all(tmp_path: Path, pki_dir: Path, capsys
     async with run_system(tmp_path, pki_dir, **EDGE_ONLY) as sys_, aiohttp.ClientSession() as s:
         alice, bob = await login(s, sys_, "alice"), await login(s, sys_, "bob")
         data = sys_.settings.data_dir
-        # the CLI, as an operator runs it while the edge runs (same LMDB)
-        assert claw_main(["token", "revoke", "web.alice", "--data", data]) == 0
-        assert "web.alice" in capsys.readouterr().out
+        # the CLI in another process, as an operator runs it while the edge runs (same LMDB, no restart)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "claw.cli", "token", "revoke", "web.alice",
+                                                    "--data", data, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert "web.alice" in out.decode()
         assert await tasks_status(s, sys_, alice["token"]) == 401
         assert (await refresh(s, sys_, alice["refresh"]))[0] == 401
         assert await tasks_status(s, sys_, bob["token"]) == 200  # others are not affected
         alice2 = await login(s, sys_, "alice")  # a new login works
         assert await tasks_status(s, sys_, alice2["token"]) == 200
-        assert claw_main(["token", "revoke", "--all", "--data", data]) == 0
+        assert claw_main(["token", "revoke", "--all", "--data", data]) == 0  # in this process (same environment)
+        assert "every user" in capsys.readouterr().out
         for who in (alice2, bob):
             assert await tasks_status(s, sys_, who["token"]) == 401
             assert (await refresh(s, sys_, who["refresh"]))[0] == 401
@@ -157,6 +163,13 @@ async def test_ws_ticket_is_one_time_and_short_lived(tmp_path: Path, pki_dir: Pa
         assert exc.value.status == 401
         async with s.post(f"{sys_.http}/api/ws-ticket") as r:  # no bearer
             assert r.status == 401
+        monkeypatch.setattr(auth, "TICKET_TTL_S", 30.0)
+        for _ in range(auth.MAX_TICKETS_PER_USER):
+            await ticket(s, sys_, token)
+        async with s.post(f"{sys_.http}/api/ws-ticket", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 429  # unused tickets per user are bounded
+        other = (await login(s, sys_, "bob"))["token"]
+        await ticket(s, sys_, other)  # ... per user
 
 
 async def test_query_token_is_refused_outside_the_websocket(tmp_path: Path, pki_dir: Path) -> None:
