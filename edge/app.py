@@ -15,6 +15,7 @@ from aiohttp import WSCloseCode, web
 from broker.local import LocalLink
 from claw.config import Settings
 from claw.mqtt import client_from_settings
+from claw.perms import secure_tree
 from claw.runtime import start_http
 
 from . import api
@@ -145,6 +146,7 @@ async def _close_websockets(app: web.Application) -> None:
 @contextlib.asynccontextmanager
 async def run_edge(settings: Settings) -> AsyncIterator[web.Application]:
     """Start the edge (HTTP + bridge + embedded broker), yield the app, then shut down in order."""
+    secure_tree(settings.data_dir)  # files 0600, directories 0700 (claw.perms)
     app = create_app(settings)
     log.info("edge: waiting for application startup")
     runner, app[INFO].http_port = await start_http(app, settings.edge.http, "edge")
