@@ -169,6 +169,7 @@ async def cluster(o: Options, *, broker: str | None = None, with_node: bool = Tr
                   devices: int = 0) -> AsyncIterator[Cluster]:
     """llm + edge (+ Mosquitto) + node as separate processes in a temporary directory; removed afterwards."""
     from broker.creds import CredentialStore
+    from claw.perms import private_dir
     from claw.pki import issue_server_cert
 
     broker = broker or o.broker
@@ -177,8 +178,8 @@ async def cluster(o: Options, *, broker: str | None = None, with_node: bool = Tr
     mosq: subprocess.Popen[bytes] | None = None
     try:
         a, b = tmp / "a", tmp / "b"
-        a.mkdir()
-        b.mkdir()
+        private_dir(a)  # data directories are 0700 (claw.perms)
+        private_dir(b)
         pki = issue_server_cert(a / "pki", ["localhost", "127.0.0.1"])
         common = {"log_level": o.log_level, "loop": o.loop}
         llm = Proc("llm", {**common, "fake": fake_cfg(o)}, tmp)

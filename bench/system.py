@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from claw.config import Settings, load_settings
+from claw.perms import private_dir
 from claw.pki import issue_server_cert
 
 
@@ -65,8 +66,8 @@ async def run_system(data: Path, *, fake_cfg: Any = None, edge: dict[str, Any] |
     from node.worker import Node
 
     a_dir, b_dir = data / "a", data / "b"
-    a_dir.mkdir(parents=True, exist_ok=True)
-    b_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(a_dir)  # data directories are 0700 (claw.perms; else the edge tightens them with a warning)
+    private_dir(b_dir)
     pki = issue_server_cert(a_dir / "pki", ["localhost", "127.0.0.1"])
     async with run_fake_llm(fake_cfg or FakeLLMConfig()) as fake:
         edge_settings = load_settings(env={}, overrides=_deep({

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from .config import load_settings
+from .perms import private_dir
 from .pki import issue_server_cert
 
 log = logging.getLogger("claw.demo")
@@ -55,7 +56,7 @@ def run_demo(args: Any) -> int:
     from .runtime import claw_command, configure_logging, run
 
     data = Path(args.data).resolve()
-    data.mkdir(parents=True, exist_ok=True)
+    private_dir(data)  # 0700, like everything SmartClaw writes (claw.perms)
     mqtt_host, _, mqtt_port = args.mqtt.rpartition(":")
     overrides = {
         "data_dir": str(data),

@@ -21,18 +21,18 @@ existing CA is kept (nodes already deployed keep trusting the broker) unless it 
 certificate is re-issued for the given host names, the node credential is kept if ``b/node.secret`` still
 matches it (else a new password is issued), and the two config files are rewritten (the old ones are kept as
 ``*.bak``). The password is never printed.
+
+Every file written is mode 0600 and every directory 0700, whatever the umask (the configs invite secrets, the
+data directory holds keys and credentials); with ``--force`` an older, more open deployment is tightened too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .config import (BrokerSettings, EdgeSettings, LogSettings, MiniappSettings, MqttSettings, NodeSettings,
                      WecomSettings)
+from .perms import private_dir, secure_tree, write_private
 from .pki import PkiPaths, ensure_ca, issue_server_cert
 
 MQTT_TLS_PORT = 8883
@@ -83,19 +84,9 @@ def _check_node(name: str) -> str:
         raise InitError(f"--node: {exc}") from None
 
 
-def _write_file(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write atomically (temp file + rename) with mode 0600 for secrets, 0644 otherwise."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o600 if private else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def _write_file(path: Path, data: bytes) -> None:
+    """Write atomically (temp file + rename), mode 0600 in a directory made 0700."""
+    write_private(path, data)
 
 
 def _backup(path: Path) -> None:
@@ -347,14 +338,13 @@ def _init(args: Any) -> int:
         raise InitError("refusing to overwrite existing files (use --force; the CA is kept):\n  "
                         + "\n  ".join(existing))
 
-    data.mkdir(parents=True, exist_ok=True)
-    if os.name != "nt":
-        os.chmod(data, 0o700)
+    for d in (a_dir, b_dir):
+        private_dir(d)  # and a new --dir, 0700 too
+        secure_tree(d, "claw init: existing")
+    private_dir(data)
     ca_kept = pki.ca_cert.exists() and pki.ca_key.exists()
     ensure_ca(pki.dir)
     issue_server_cert(pki.dir, hosts, force=True)
-    for key in (pki.ca_key, pki.server_key):
-        os.chmod(key, 0o600)
 
     store = CredentialStore(data)
     password = None
@@ -375,7 +365,7 @@ def _init(args: Any) -> int:
             _backup(path)
         _write_file(path, text.encode("utf-8"))
     _write_file(b_ca, ca_pem)
-    _write_file(b_secret, password.encode("utf-8"), private=True)
+    _write_file(b_secret, password.encode("utf-8"))
     del password
 
     _summary(out, hosts, node, username, ca_pem, ca_kept=ca_kept, cred_kept=cred_kept)

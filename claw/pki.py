@@ -1,4 +1,6 @@
-"""A small private CA for the A<->B tunnel: CA, broker server certificate (cryptography, no openssl CLI)."""
+"""A small private CA for the A<->B tunnel: CA, broker server certificate (cryptography, no openssl CLI).
+
+Keys and certificates are written mode 0600 in a directory created mode 0700 (:mod:`claw.perms`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .perms import write_private
 
 
 @dataclass(frozen=True)
@@ -33,13 +37,6 @@ class PkiPaths:
     @property
     def server_key(self) -> Path:
         return self.dir / "server.key"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -74,9 +71,8 @@ def ensure_ca(pki_dir: str | os.PathLike[str], *, days: int = 3650) -> PkiPaths:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(paths.ca_key, _key_pem(key))
-    paths.ca_cert.parent.mkdir(parents=True, exist_ok=True)
-    paths.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(paths.ca_key, _key_pem(key))
+    write_private(paths.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
     return paths
 
 
@@ -110,6 +106,6 @@ def issue_server_cert(pki_dir: str | os.PathLike[str], names: list[str], *, days
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
-    _write_private(paths.server_key, _key_pem(key))
-    paths.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(paths.server_key, _key_pem(key))
+    write_private(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM))
     return paths

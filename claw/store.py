@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from .perms import PRIVATE_DIR, private_dir, secure_tree
+
 T = TypeVar("T")
 
 _ENVS: dict[str, lmdb.Environment] = {}
@@ -24,15 +26,19 @@ def open_env(path: str | os.PathLike[str], *, max_dbs: int = 16, map_size: int =
              sync: bool = True, writemap: bool = False) -> lmdb.Environment:
     """Open (or return the already open) LMDB environment in directory ``path``. ``writemap``: commits write
     into the shared memory map instead of with ``pwrite`` (not on Windows, where it would allocate the whole
-    map size on disk)."""
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
+    map size on disk).
+
+    The directory (and missing parents) is created mode 0700 and the data and lock files 0600; an existing
+    environment that is more open is tightened with a warning (:mod:`claw.perms`)."""
+    p = private_dir(path)
     key = str(p.resolve())
     with _LOCK:
         env = _ENVS.get(key)
         if env is None:
+            secure_tree(p, "LMDB environment")
+            # mode: the directory's; LMDB creates data.mdb and lock.mdb with it minus the x bits, i.e. 0600
             env = lmdb.open(key, max_dbs=max_dbs, map_size=map_size, subdir=True, sync=sync,
-                            metasync=sync, lock=True, max_readers=256,
+                            metasync=sync, lock=True, max_readers=256, mode=PRIVATE_DIR,
                             writemap=writemap and sys.platform != "win32")
             _ENVS[key] = env
         return env

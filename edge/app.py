@@ -18,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from broker.local import LocalLink
 from claw.config import Settings
 from claw.mqtt import client_from_settings
+from claw.perms import secure_tree
 from claw.runtime import start_http
 
 from . import api
@@ -221,6 +222,7 @@ def _limit_per_ip(runner: web.AppRunner, cap: int) -> None:
 @contextlib.asynccontextmanager
 async def run_edge(settings: Settings) -> AsyncIterator[web.Application]:
     """Start the edge (HTTP + bridge + embedded broker), yield the app, then shut down in order."""
+    secure_tree(settings.data_dir)  # files 0600, directories 0700 (claw.perms)
     app = create_app(settings)
     log.info("edge: waiting for application startup")
     # keepalive_timeout: aiohttp arms it at connection start and after each response, and closes the connection

@@ -26,6 +26,7 @@ import wire
 from claw.config import Settings
 from claw.metrics import Stages, escape_label
 from claw.mqtt import Backoff, client_from_settings, run_forever
+from claw.perms import secure_tree
 from claw.runtime import start_http
 from claw.store import Writer, open_env
 
@@ -502,6 +503,7 @@ class Node:
     def _open_reply_log(self) -> None:
         if self._writer is not None:
             return
+        secure_tree(self.s.data_dir)  # files 0600, directories 0700 (claw.perms)
         self._log_env = open_env(Path(self.s.data_dir) / "node.lmdb", max_dbs=2)
         self._log_db = self._log_env.open_db(b"replies")
         self._writer = Writer(self._log_env, name="node-lmdb-writer")

@@ -263,7 +263,24 @@ async def health(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | N
         return None
 
 
-async def test_init_then_edge_and_node_processes_answer(tmp_path: Path) -> None:
+def group_or_other_access(root: Path) -> list[str]:
+    """Paths under ``root`` (root included) that group or others may access, with their modes."""
+    return [f"{p} {oct(stat.S_IMODE(p.lstat().st_mode))}" for p in [root, *root.rglob("*")]
+            if not p.is_symlink() and stat.S_IMODE(p.lstat().st_mode) & 0o077]
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask (files 0644, directories 0755 unless the program asks for less), inherited by the
+    processes a test starts."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+async def test_init_then_edge_and_node_processes_answer(tmp_path: Path, umask_022: None) -> None:
     d = deploy(tmp_path)
     server_b = tmp_path / "serverB" / "smartclaw-b"  # "copy b/ to server B"
     shutil.copytree(d / "b", server_b)
@@ -307,6 +324,9 @@ async def test_init_then_edge_and_node_processes_answer(tmp_path: Path) -> None:
         assert not (tmp_path / ".claw").exists() and not (tmp_path / "data").exists()
     if POSIX:
         assert edge.returncode == 0 and node.returncode == 0, "both stop cleanly on SIGTERM"
+        # with umask 022: configs, keys, certificates, secrets, LMDB data and lock files 0600, directories 0700
+        assert (server_b / "data" / "node.lmdb" / "data.mdb").is_file()
+        assert group_or_other_access(d) == [] and group_or_other_access(server_b) == []
 
 
 async def test_wrong_password_and_wrong_ca_are_refused(tmp_path: Path) -> None:
