@@ -220,12 +220,13 @@ async def test_a_full_node_refuses_devices_and_leaves_edge_tasks_with_the_edge(t
         async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
             await ws.receive_json()
             await ws.send_json({"type": "ask", "text": "你好"})
-            assert (await ws.receive_json())["type"] == "accepted"  # the edge has it ...
+            accepted = await ws.receive_json()
+            assert accepted["type"] == "accepted"  # the edge has it ...
             await wait_until(lambda: node.stats.deferred >= 1, 10)  # ... the node does not take it yet
             assert len(node._runs) == 2
             cfg.n_tokens, cfg.tokens_per_s = 10, 0
             await a.send(wire.encode(wire.Cancel(id=ta)))  # room again: the edge's next republish gets in
-            _, done_web = await collect(ws)
+            _, done_web = await collect(ws, accepted["task"])
         assert done_web["status"] == "ok" and done_web["text"] == expected(cfg, "你好")
         assert (await a.wait_done(ta)).status == "cancelled"
 
