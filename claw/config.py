@@ -155,10 +155,14 @@ class NodeSettings(_Section):
     batch_replies: bool = True  # replies for the edge go in batches on claw/v1/batch/{id} (the edge must know them)
     batch_linger_ms: float = 0.0  # a batch leaves at least this long after the previous one (0 = when acked)
     metrics_listen: str = ""  # HOST:PORT of the node's Prometheus GET /metrics ("" = off)
+    max_pending_per_uid: int = 20  # tasks of one uid held at once (running + queued); more are refused
+    max_pending: int = 4000  # tasks held at once in all (running + queued); more are refused
 
     def __post_init__(self) -> None:
         import re
 
+        if self.max_pending_per_uid < 1 or self.max_pending < 1:
+            raise ValueError("node.max_pending_per_uid and node.max_pending must be >= 1")
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.id):
             raise ValueError(f"node.id must match [A-Za-z0-9_-]{{1,64}}, got {self.id!r}")
         if not self.llm_url.startswith(("http://", "https://")):

@@ -293,6 +293,11 @@ batch_linger_ms = {n.batch_linger_ms:g}
 # Prometheus GET /metrics of this node (counters, running tasks, stage latencies) on HOST:PORT, e.g.
 # "127.0.0.1:9464"; "" = off. Keep it on loopback or a private network: it has no authentication.
 metrics_listen = {_q(n.metrics_listen)}
+# Tasks of one user held at once (running + queued). An MQTT device's task over it is answered at once with
+# done error rate_limited and not kept; the edge's tasks wait at the edge (keep >= edge.max_pending_per_user).
+max_pending_per_uid = {n.max_pending_per_uid}
+# Tasks held at once in all: over it a device gets done error node_busy, the edge's tasks wait at the edge.
+max_pending = {n.max_pending}
 """
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiomqtt
 import cbor2
+import lmdb
 from aiohttp import web
 
 import wire
@@ -41,6 +42,7 @@ TOKEN_WAIT_US = 1000  # a chunk whose text waited this long in the coalescer car
 MAX_CHUNK_BYTES = 64 * 1024  # one Delta's text at most (wire.MAX_PAYLOAD is 256 KiB for the whole message)
 _REPLY_PREFIX = f"{wire.PREFIX}/reply/"
 _DEVICE_REPLY = f"{wire.PREFIX}/reply/dev."  # a device reads its own reply topic: never batched
+_DEVICE_UID = "dev."  # a device's uid; every other uid's tasks come from the edge (the broker's ACL)
 REPLY_LOG_MAX = 10_000  # finished answers kept for replay (in memory and in node.lmdb) ...
 REPLY_LOG_BYTES = 32 * 1024 * 1024  # ... in memory at most this much of their text (characters) ...
 REPLY_LOG_AGE_S = 86_400  # ... and in node.lmdb for at most this long
@@ -53,6 +55,17 @@ LENGTH_NOTE = "\n\n（回答已达到长度上限，可能不完整。）"
 # Added to the message of an answer cut off because it filled the model's context (the history is dropped).
 CONTEXT_RESET_NOTE = "之前的对话记录已清除，下一个问题将开始新的对话。"
 PROBE_TIMEOUT_S = 5.0  # the start-up check of the LLM server waits at most this long
+# The reply log's LMDB table, keyed by uid + NUL + task id. The table of earlier versions ("replies", keyed by
+# the task id alone, so one user's id found another's answer) is dropped when the node opens its data dir.
+REPLY_DB = b"replies.uid"
+OLD_REPLY_DB = b"replies"
+LOG_EVERY_S = 10.0  # a warning about refused or malformed input is logged at most this often per kind
+# Answers to tasks the node does not take (done, status error; nothing is kept). Chinese: shown to users.
+RATE_LIMITED_MSG = "您进行中的问题过多（最多 {n} 个），请等前面的回答结束后再提问。"
+NODE_BUSY_MSG = "服务器 B 繁忙（进行中的问题已达上限），请稍后重试。"
+BAD_REQUEST_MSG = "请求格式不正确，未被处理。请按协议 claw/v1 检查消息（详见 hint）。"
+
+Key = tuple[str, bytes]  # (uid, task id): a task id means something only together with its user
 
 
 def now_us() -> int:
@@ -69,6 +82,52 @@ class _Run:
     chunks: list[str] = field(default_factory=list)  # text of every Delta published, seq = index + 1
     turn: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is this user's turn
 
+    @property
+    def key(self) -> Key:
+        return (self.task.uid, self.task.id)
+
+
+class _LogLimit:
+    """At most one record per ``every`` seconds per kind; the next one says how many were left out."""
+
+    def __init__(self, every: float = LOG_EVERY_S) -> None:
+        self.every = every
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, kind: str, fmt: str, *args: Any) -> None:
+        self.log(logging.WARNING, kind, fmt, *args)
+
+    def info(self, kind: str, fmt: str, *args: Any) -> None:
+        self.log(logging.INFO, kind, fmt, *args)
+
+    def log(self, level: int, kind: str, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        last, skipped = self._last.get(kind, (float("-inf"), 0))
+        if now - last < self.every:
+            self._last[kind] = (last, skipped + 1)
+            return
+        self._last[kind] = (now, 0)
+        if skipped:
+            fmt += " (%d more like it in the last %.0f s not logged)"
+            args = (*args, skipped, now - last)
+        log.log(level, fmt, *args)
+
+
+def _recover_id(payload: Any) -> bytes | None:
+    """The task id of a payload ``wire.decode`` refused, if it is a CBOR map with a 16-byte ``id``."""
+    if not isinstance(payload, (bytes, bytearray)):
+        return None
+    try:
+        raw = cbor2.loads(bytes(payload))
+    except Exception:  # noqa: BLE001 - not CBOR at all: no id
+        return None
+    tid = raw.get("id") if isinstance(raw, dict) else None
+    return tid if isinstance(tid, bytes) and len(tid) == wire.ID_LEN else None
+
+
+def _log_key(key: Key) -> bytes:
+    return key[0].encode() + b"\0" + key[1]
+
 
 @dataclass
 class NodeStats:
@@ -78,7 +137,11 @@ class NodeStats:
     cancelled: int = 0
     chunks: int = 0
     duplicates: int = 0
-    unknown_replays: int = 0  # replay requests for tasks this node does not have (ignored)
+    unknown_replays: int = 0  # replay requests for tasks this node does not have (for that uid; ignored)
+    unknown_cancels: int = 0  # cancels of tasks the uid does not have running here (ignored)
+    rate_limited: int = 0  # a device's tasks refused (done rate_limited / node_busy): over node.max_pending*
+    deferred: int = 0  # the edge's tasks not taken (over node.max_pending*): the edge sends them again later
+    bad_requests: int = 0  # malformed tasks answered with done bad_request (also counted in bad_messages)
     replays: int = 0  # tasks whose answer (so far) was sent again because the edge asked again
     bad_messages: int = 0
     reconnects: int = 0
@@ -102,14 +165,16 @@ class Node:
         self._own_http = http is None
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
-        self._runs: dict[bytes, _Run] = {}
-        # finished tasks: id -> (chunks, Done), replayed when the edge sends the task again (it lost the
+        # Every task is known by (uid, id): the uid is its topic's, which the broker's ACL binds to the
+        # publisher, so a device naming another user's task id never reaches that task.
+        self._runs: dict[Key, _Run] = {}
+        # finished tasks: (uid, id) -> (chunks, Done), replayed when the edge sends the task again (it lost the
         # stream, e.g. restarted); bounded by REPLY_LOG_MAX entries and REPLY_LOG_BYTES of text
-        self._recent: OrderedDict[bytes, tuple[list[str], wire.Done]] = OrderedDict()
+        self._recent: OrderedDict[Key, tuple[list[str], wire.Done]] = OrderedDict()
         self._recent_bytes = 0
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
         self._turns: dict[str, deque[_Run]] = {}  # uid -> its tasks in arrival order; the first one runs
-        self._waiting: list[bytes] = []
+        self._waiting: list[Key] = []
         self._model: str | None = None
         self._model_at = 0.0
         self._models: list[str] = []
@@ -120,7 +185,8 @@ class Node:
         self._log_db: Any = None
         self._writer: Writer | None = None
         self._batcher: ReplyBatcher | None = None
-        self._replaying: set[bytes] = set()  # tasks whose replay is being sent (one at a time each)
+        self._replaying: set[Key] = set()  # tasks whose replay is being sent (one at a time each)
+        self._warn = _LogLimit()
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -309,57 +375,108 @@ class Node:
     def _handle(self, msg: aiomqtt.Message) -> None:
         try:
             info = wire.parse_topic(str(msg.topic))
-            m = wire.decode(msg.payload)  # type: ignore[arg-type]
         except wire.WireError as exc:
             self.stats.bad_messages += 1
-            log.warning("node %s: dropped bad message on %s: %s", self.id, msg.topic, exc)
+            self._warn.warning("topic", "node %s: dropped a message on %s: %s", self.id, str(msg.topic)[:200], exc)
+            return
+        if info.kind != "task":
+            self.stats.bad_messages += 1
+            self._warn.warning("topic", "node %s: dropped a message on %s (not a task topic)", self.id, msg.topic)
+            return
+        uid = info.key  # the publisher's own uid (the ACL): the only user anything here may concern
+        try:
+            m = wire.decode(msg.payload)  # type: ignore[arg-type]
+        except wire.WireError as exc:
+            self._bad_request(uid, None if exc.hint == "too_large" else _recover_id(msg.payload), str(exc))
             return
         if isinstance(m, wire.Task):
-            if info.kind != "task" or m.uid != info.key:
-                self.stats.bad_messages += 1
-                log.warning("node %s: task uid %s does not match topic %s; dropped", self.id, m.uid, msg.topic)
+            if m.uid != uid:
+                self._bad_request(uid, m.id, f"task uid {m.uid!r} is not its topic's uid {uid!r}")
                 return
             self._on_task(m)
         elif isinstance(m, wire.Cancel):
-            run = self._runs.get(m.id)
-            if run is not None and run.job is not None and not run.cancelled:
+            run = self._runs.get((uid, m.id))  # only the uid's own task: another user's id is not found
+            if run is None:
+                self.stats.unknown_cancels += 1
+            elif run.job is not None and not run.cancelled:
                 run.cancelled = True
                 run.job.cancel()
         else:
-            self.stats.bad_messages += 1
+            self._bad_request(uid, getattr(m, "id", None),
+                              f"a {type(m).__name__.lower()} message on a task topic (only task and cancel go there)")
+
+    def _bad_request(self, uid: str, tid: bytes | None, hint: str) -> None:
+        """A malformed message on ``uid``'s task topic: counted, logged (at most every LOG_EVERY_S), and, when
+        its task id could be read, answered with ``done`` error ``bad_request`` on the uid's reply topic --
+        unless that id is one of the uid's own tasks here (running or answered): those are never ended by it."""
+        self.stats.bad_messages += 1
+        self._warn.warning("bad", "node %s: malformed message from %s dropped: %s", self.id, uid, hint[:300])
+        if tid is None:
+            return
+        key = (uid, tid)
+        if key in self._runs or key in self._recent or self._stored_reply(key) is not None:
+            return
+        self.stats.bad_requests += 1
+        self._refuse(uid, tid, "bad_request", BAD_REQUEST_MSG, hint)
+
+    def _refuse(self, uid: str, tid: bytes, code: str, msg: str, hint: str | None = None) -> None:
+        """End a task the node does not take with ``done`` error ``code``; nothing of it is kept."""
+        err = wire.Err(code=code, msg=msg, hint=hint[:256] if hint else None)
+        self._spawn_publish(wire.reply_topic(uid), wire.Done(id=tid, seq=0, status="error", err=err))
+
+    def _over_limit(self, uid: str) -> tuple[str, str] | None:
+        """(code, message) when a new task of ``uid`` would exceed node.max_pending_per_uid or node.max_pending."""
+        if len(self._turns.get(uid, ())) >= self.cfg.max_pending_per_uid:
+            return "rate_limited", RATE_LIMITED_MSG.format(n=self.cfg.max_pending_per_uid)
+        if len(self._runs) >= self.cfg.max_pending:
+            return "node_busy", NODE_BUSY_MSG
+        return None
 
     def _on_task(self, task: wire.Task) -> None:
+        key = (task.uid, task.id)
         topic = wire.reply_topic(task.uid)
         first = task.replay or 1
-        if task.id in self._runs:  # republished while we have it: re-confirm, replay what was sent
+        run = self._runs.get(key)
+        if run is not None:  # republished while we have it: re-confirm, replay what was sent
             self.stats.duplicates += 1
-            run = self._runs[task.id]
-            queue = 0 if run.started else self._position(task.id)
-            self._spawn_replay(topic, task.id, queue, list(run.chunks), None, first)
+            queue = 0 if run.started else self._position(key)
+            self._spawn_replay(topic, key, queue, list(run.chunks), None, first)
             return
-        stored = self._recent.get(task.id) or self._stored_reply(task.id)
+        stored = self._recent.get(key) or self._stored_reply(key)
         if stored is not None:  # already answered (maybe before a restart): replay it, never run it twice
             self.stats.duplicates += 1
             chunks, done = stored
-            self._spawn_replay(topic, task.id, 0, chunks, done, first)
+            self._spawn_replay(topic, key, 0, chunks, done, first)
             return
         if self._stopping:
             return  # a new task, not accepted: the edge re-sends it to a node that is up (replays still served)
         if task.replay is not None:  # a replay request for a task we do not have (we restarted): not a dispatch
             self.stats.unknown_replays += 1
-            log.info("node %s: replay of unknown task %s asked; ignored", self.id, task.id.hex()[:8])
+            self._warn.info("replay", "node %s: replay of unknown task %s of %s asked; ignored", self.id,
+                               task.id.hex()[:8], task.uid)
+            return
+        over = self._over_limit(task.uid)
+        if over is not None:
+            code, text = over
+            if task.uid.startswith(_DEVICE_UID):  # a device is told at once; its question is not kept
+                self.stats.rate_limited += 1
+                self._refuse(task.uid, task.id, code, text)
+            else:  # the edge's task is not accepted: the edge keeps it and sends it again every republish_s
+                self.stats.deferred += 1
+            self._warn.warning(code, "node %s: task of %s not taken (%s: %d of its tasks, %d in all held)", self.id,
+                               task.uid, code, len(self._turns.get(task.uid, ())), len(self._runs))
             return
         self.stats.tasks += 1
         run = _Run(task, topic)
-        self._runs[task.id] = run
-        self._waiting.append(task.id)
+        self._runs[key] = run
+        self._waiting.append(key)
         turns = self._turns.setdefault(task.uid, deque())
         turns.append(run)
         if len(turns) == 1:
             run.turn.set()
         run.job = asyncio.create_task(self._run_task(run), name=f"task-{task.id.hex()[:8]}")
 
-    def _spawn_replay(self, topic: str, tid: bytes, queue: int, chunks: list[str], done: wire.Done | None,
+    def _spawn_replay(self, topic: str, key: Key, queue: int, chunks: list[str], done: wire.Done | None,
                       first: int = 1) -> None:
         """Accept, then every chunk sent so far from seq ``first`` (and the Done if finished): the edge's
         stream drops what it has and fills its gaps (an edge that restarted mid-answer starts from seq 1
@@ -367,15 +484,16 @@ class Node:
         if chunks or done is not None:
             self.stats.replays += 1
 
-        if tid in self._replaying:
+        if key in self._replaying:
             return  # one replay per task at a time: the edge asks again if it still misses something
+        tid = key[1]
         msgs: list[wire.Message] = [wire.Accept(id=tid, node=self.id, queue=queue)]
         msgs += [wire.Delta(id=tid, seq=seq, text=chunks[seq - 1]) for seq in range(first, len(chunks) + 1)]
         if done is not None:
             msgs.append(done)
 
         async def go() -> None:
-            self._replaying.add(tid)
+            self._replaying.add(key)
             try:
                 with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                     if self._batched(topic):  # all queued at once (in order), one wait for the last batch
@@ -384,7 +502,7 @@ class Node:
                         for m in msgs:
                             await self._publish(topic, m)
             finally:
-                self._replaying.discard(tid)
+                self._replaying.discard(key)
         asyncio.create_task(go())
 
     def _next_turn(self, run: _Run) -> None:
@@ -399,9 +517,9 @@ class Node:
         else:
             del self._turns[run.task.uid]
 
-    def _position(self, task_id: bytes) -> int:
+    def _position(self, key: Key) -> int:
         try:
-            return self._waiting.index(task_id) + 1
+            return self._waiting.index(key) + 1
         except ValueError:
             return 0
 
@@ -448,7 +566,7 @@ class Node:
         status, err, seq, usage = "ok", None, 0, None
         timing: dict[str, int] = {"n_rx": t_rx}
         try:
-            queued = self._position(task.id) if self._slots.locked() or not run.turn.is_set() else 0
+            queued = self._position(run.key) if self._slots.locked() or not run.turn.is_set() else 0
             # Batched: queued now, not awaited — the LLM request starts at once instead of after a broker
             # round trip (the batcher keeps the order: this Accept leaves before the task's first Delta).
             accept = wire.Accept(id=task.id, node=self.id, queue=queued)
@@ -460,7 +578,7 @@ class Node:
             # overtake each other, and one user cannot take every slot); then a free slot.
             await run.turn.wait()
             async with self._slots:
-                self._waiting.remove(task.id)
+                self._waiting.remove(run.key)
                 run.started = True
                 if queued:
                     self._spawn_publish(run.topic, wire.Accept(id=task.id, node=self.id, queue=0))
@@ -480,8 +598,8 @@ class Node:
             err = wire.Err(code="node_internal", msg="服务器 B 内部错误，请稍后重试。")
             log.exception("node %s: task %s crashed: %s", self.id, task.id.hex()[:8], exc)
         finally:
-            if task.id in self._waiting:
-                self._waiting.remove(task.id)
+            if run.key in self._waiting:
+                self._waiting.remove(run.key)
             self._next_turn(run)
         timing["n_done"] = now_us()
         self.stages.observe("answer_total", timing["n_done"] - t_rx)
@@ -494,8 +612,8 @@ class Node:
             else:
                 await self._publish(run.topic, done)
         finally:
-            self._remember_reply(task.id, run.chunks[:seq], done)  # first: a replay request never finds neither
-            self._runs.pop(task.id, None)
+            self._remember_reply(run.key, run.chunks[:seq], done)  # first: a replay request never finds neither
+            self._runs.pop(run.key, None)
             setattr(self.stats, status if status != "error" else "errors",
                     getattr(self.stats, status if status != "error" else "errors") + 1)
 
@@ -505,14 +623,24 @@ class Node:
             return
         secure_tree(self.s.data_dir)  # files 0600, directories 0700 (claw.perms)
         self._log_env = open_env(Path(self.s.data_dir) / "node.lmdb", max_dbs=2)
-        self._log_db = self._log_env.open_db(b"replies")
+        self._log_db = self._log_env.open_db(REPLY_DB)
+        try:
+            old = self._log_env.open_db(OLD_REPLY_DB, create=False)
+        except lmdb.NotFoundError:
+            old = None
+        if old is not None:  # keyed by the task id alone: it cannot tell users apart, so it goes
+            with self._log_env.begin(write=True) as txn:
+                n = txn.stat(old)["entries"]
+                txn.drop(old, delete=True)
+            log.info("node %s: dropped the reply log of an earlier version (%d answers, not kept per user)",
+                     self.id, n)
         self._writer = Writer(self._log_env, name="node-lmdb-writer")
 
-    def _stored_reply(self, tid: bytes) -> tuple[list[str], wire.Done] | None:
+    def _stored_reply(self, key: Key) -> tuple[list[str], wire.Done] | None:
         if self._log_env is None:
             return None
         with self._log_env.begin(db=self._log_db) as txn:
-            raw = txn.get(tid)
+            raw = txn.get(_log_key(key))
         if raw is None:
             return None
         try:
@@ -552,11 +680,12 @@ class Node:
         excess = max(0, len(entries) - REPLY_LOG_MAX)
         return [k for i, (t, k) in enumerate(entries) if i < excess or t < horizon]
 
-    def _remember_reply(self, tid: bytes, chunks: list[str], done: wire.Done) -> None:
+    def _remember_reply(self, key: Key, chunks: list[str], done: wire.Done) -> None:
         if self._writer is not None:
-            raw, db = cbor2.dumps({"c": chunks, "d": wire.encode(done), "t": time.time()}), self._log_db
-            self._writer.submit(lambda txn: txn.put(tid, raw, db=db))
-        self._recent[tid] = (chunks, done)
+            k, db = _log_key(key), self._log_db
+            raw = cbor2.dumps({"c": chunks, "d": wire.encode(done), "t": time.time()})
+            self._writer.submit(lambda txn: txn.put(k, raw, db=db))
+        self._recent[key] = (chunks, done)
         self._recent_bytes += sum(len(c) for c in chunks)
         while len(self._recent) > REPLY_LOG_MAX or self._recent_bytes > REPLY_LOG_BYTES:
             _, (old, _) = self._recent.popitem(last=False)

@@ -74,9 +74,14 @@ class Delta(_Msg, tag="delta"):
     timing: Timing | None = None
 
 
-class Err(msgspec.Struct, frozen=True, kw_only=True):
+class Err(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Why a task failed: ``code`` (machine-readable), ``msg`` (for the user, Simplified Chinese) and, for a
+    request refused as malformed (``bad_request``), ``hint``: what was wrong with it, in English, for the
+    integrator."""
+
     code: Short
     msg: Annotated[str, msgspec.Meta(max_length=4096)]
+    hint: Short | None = None
 
 
 class Done(_Msg, tag="done"):

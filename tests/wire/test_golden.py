@@ -48,6 +48,10 @@ GOLDEN: dict[str, wire.Message] = {
         id=I0, seq=7, status="error", err=wire.Err(code="llm_down", msg="LM Studio did not answer"),
         usage={"prompt_tokens": 12, "completion_tokens": 0}, timing={"total": 1234567},
     ),
+    "done-bad-request": wire.Done(
+        id=I1, seq=0, status="error",
+        err=wire.Err(code="bad_request", msg="请求格式错误", hint="invalid message: missing required field `ts`"),
+    ),
     "beat-min": wire.Beat(node="node-1", state="online"),
     "beat-full": wire.Beat(node="node-1", state="draining", active=2, capacity=4, models=["qwen2.5-7b", "demo"]),
     "beat-last-will": wire.Beat(node="node-1", state="offline"),
