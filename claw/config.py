@@ -72,8 +72,8 @@ class BrokerSettings(_Section):
             raise ValueError("broker.session_expiry must be >= 0 and broker.max_packet >= 1024")
         if self.max_drop < self.max_packet:
             raise ValueError("broker.max_drop must be >= broker.max_packet")
-        if not 5 <= self.max_keepalive <= 65535:
-            raise ValueError("broker.max_keepalive must be 5-65535 seconds")
+        if not 1 <= self.max_keepalive <= 65535:
+            raise ValueError("broker.max_keepalive must be 1-65535 seconds")
         if self.max_connections < 0 or self.max_connections_per_ip < 0:
             raise ValueError("broker.max_connections and broker.max_connections_per_ip must be >= 0 (0 = no cap)")
         if self.auth_queue < 1:
