@@ -71,7 +71,9 @@ class PacketReader(ReaderAdapter):
         self._reader.feed_eof()
 
     async def read(self, n: int = -1) -> bytes:
-        if self._pos >= len(self._buf):
+        if n == 0:
+            return b""
+        if not self._buf:
             if self._broken:
                 raise ProtocolViolation(f"{self.who}: connection abandoned in the middle of a packet")
             try:
@@ -84,7 +86,10 @@ class PacketReader(ReaderAdapter):
         if n < 0 or end > len(self._buf):
             raise ProtocolViolation(f"{self.who}: malformed packet (a field runs past the end of the packet)")
         data = self._buf[self._pos:end]
-        self._pos = end
+        if end >= len(self._buf):  # packet consumed: do not keep up to max_packet bytes per idle connection
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = end
         return data
 
     async def _next_packet(self) -> None:
