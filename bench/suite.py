@@ -188,7 +188,9 @@ async def cluster(o: Options, *, broker: str | None = None, with_node: bool = Tr
         edge_over: dict[str, Any] = {
             "data_dir": str(a), "log": {"level": o.log_level},
             "edge": {"http": f"127.0.0.1:{http_port}", "dev_login": True, "max_ws_per_user": 5},
-            "broker": {"listen": f"127.0.0.1:{tls_port}", "local_listen": "127.0.0.1:0"},
+            # every simulated device connects from this one machine: no per-IP cap, room for login storms
+            "broker": {"listen": f"127.0.0.1:{tls_port}", "local_listen": "127.0.0.1:0",
+                       "max_connections_per_ip": 0, "auth_queue": 4096},
         }
         creds = CredentialStore(str(a))
         node_user, node_pw = creds.add("node", "bench", replace=True)

@@ -21,12 +21,13 @@ amqtt traps (docs/broker.md) and what :class:`ClawBroker` does about them, each 
 (c) Takeover: amqtt ran the session logic *before* authentication, so an unauthenticated CONNECT reusing a
     client id deleted (clean session) or hijacked (persistent session) the victim's session, and a clean-session
     takeover left the old connection open as a zombie. -> ``_initialize_client_session`` authenticates first;
-    refuses a client id held by a different username; on takeover it closes the old connection and waits until
-    its session is disconnected (will sent) before the new session is set up.
-(d) No maximum packet size on TCP (256 MB) -> every read from a client socket is capped at
-    ``broker.max_packet`` bytes; the PUBLISH payload (and any CONNECT field) is read in one piece, so a bigger
-    packet closes the connection before its body is buffered. Precisely: a PUBLISH whose *payload* exceeds
-    ``max_packet`` is refused (topic and header bytes are not counted).
+    a client id must belong to the credential (:func:`broker.guard.client_id_ok`: the username or
+    ``<username>:<suffix>``; an empty one gets ``<username>:<random>``), else CONNACK 2; on takeover it closes
+    the old connection and waits until its session is disconnected (will sent) before the new one is set up.
+(d) No maximum packet size on TCP (256 MB), and amqtt reads a packet in many small reads -> the socket is read
+    through :class:`broker.reader.PacketReader`, which checks every packet's remaining length before reading its
+    body (CONNECT and other control packets 64 KiB; a PUBLISH payload ``broker.max_packet``: a bigger one up to
+    ``broker.max_drop`` is read, dropped and acknowledged, beyond that the connection is closed).
 (e) A bare TCP connect-and-close (health check) was logged at ERROR -> logged at DEBUG by our own
     ``_client_connected``; a :class:`logging.Filter` on the ``amqtt.broker`` logger demotes amqtt's own line
     should it still be emitted. A client that sends no CONNECT within ``CONNECT_TIMEOUT`` s is dropped (an
@@ -34,9 +35,15 @@ amqtt traps (docs/broker.md) and what :class:`ClawBroker` does about them, each 
 (f) Keepalive was not enforced (half-open clients stayed forever, their will never fired) -> a client silent
     for 1.5 x its keepalive is disconnected and its will published (:class:`_ClawHandler`).
 
+Connection hygiene (docs/broker.md "Limits"): a keepalive of 0 or above ``broker.max_keepalive`` is treated as
+``max_keepalive``; ``broker.max_connections``/``max_connections_per_ip`` close extra connections at once
+(amqtt's own ``max_connections`` makes them hang: not set); failed logins are throttled and the number of
+password checks waiting is bounded (:class:`broker.guard.AuthThrottle`, CONNACK 3); PUBACK timeouts, oversize
+drops and refusals are counted (:attr:`ClawBroker.counters`) and logged at most once a minute per kind.
+
 Not fixed here (documented in docs/broker.md): QoS1 in-flight messages are not redelivered after reconnect and are
 dropped after a 5 s PUBACK timeout, delivery uses the subscription's QoS, offline queues are unbounded and in
-memory, ``max_connections`` makes extra clients hang (we do not set it), MQTT 5 / ``$share`` are unsupported.
+memory, MQTT 5 / ``$share`` are unsupported.
 
 Performance: the topic ACL is evaluated inline (no amqtt task per plugin call), memoised in
 :func:`broker.acl.allowed`; a publish looks up exact-topic subscriptions by dict and scans only wildcard
@@ -58,21 +65,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BrokerConfig, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
-from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import OutgoingApplicationMessage, Session
-from amqtt.utils import gen_client_id
 
 from broker import acl
+from broker.guard import CLIENT_ID_RULE, ConnectionLimiter, Counters, RateLimitedLog, client_id_ok
 from broker.local import LocalLink
-from broker.plugins import ROLE_KEY
+from broker.plugins import REFUSE_KEY, ROLE_KEY
 from broker.plugins.acl import ClawTopicPlugin
+from broker.plugins.auth import ClawAuthPlugin
+from broker.reader import PacketReader, PacketTooLargeError, ProtocolViolation
 from claw.config import Settings
 
 log = logging.getLogger(__name__)
@@ -88,37 +97,12 @@ class BrokerStartError(ValueError):
     """The broker could not start (a listener cannot bind, a certificate is missing ...); names the cause."""
 
 
-class PacketTooLargeError(Exception):
-    """A client sent a packet bigger than ``broker.max_packet`` (not an MQTTError: amqtt must close, not skip)."""
-
-
 class _ConnectRefused(Exception):
     """CONNECT refused and already answered/logged."""
 
 
 class _NoConnect(Exception):
     """The peer never sent a usable CONNECT (health check, port scan, garbage, timeout)."""
-
-
-class _LimitedReader(StreamReaderAdapter):
-    """Stream reader adapter that refuses any single read over ``limit`` bytes (max packet size).
-
-    amqtt reads a PUBLISH payload with one ``read(n)`` of the remaining length, so the check runs once per
-    packet body, before the bytes are buffered.
-    """
-
-    __slots__ = ("_limit", "_peer")
-
-    def __init__(self, reader: asyncio.StreamReader, limit: int, peer: object) -> None:
-        super().__init__(reader)
-        self._limit = limit
-        self._peer = peer
-
-    async def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > self._limit:
-            raise PacketTooLargeError(f"client {self._peer}: packet body of {n} bytes exceeds "
-                                      f"broker.max_packet={self._limit}; closing the connection")
-        return await self._reader.readexactly(n)
 
 
 class _ClawHandler(BrokerProtocolHandler):
@@ -130,6 +114,29 @@ class _ClawHandler(BrokerProtocolHandler):
     """
 
     _expiry_task: asyncio.Task[None] | None = None
+    counters: Counters | None = None  # set by ClawBroker
+    ratelog: RateLimitedLog | None = None
+
+    async def mqtt_publish(self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool,
+                           ack_timeout: int | None = None) -> OutgoingApplicationMessage | None:
+        """amqtt's, but a PUBACK timeout (the client did not acknowledge a QoS 1 message within 5 s; amqtt drops
+        the message) is counted and logged at most once a minute without a traceback, and None is returned
+        instead of raising (one non-acking client made a traceback per message)."""
+        try:
+            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        except TimeoutError as exc:
+            if not str(exc).startswith("Timeout waiting for PUBACK"):
+                raise
+        session = self.session
+        if self.counters is not None:
+            self.counters.puback_timeouts += 1
+        if self.ratelog is not None:
+            self.ratelog.log("puback-timeout", logging.WARNING,
+                             "client %r (user %r) did not acknowledge a QoS 1 message on %r within 5 s: dropped "
+                             "(%d such timeouts since start)", session.client_id if session else None,
+                             session.username if session else None, topic[:200],
+                             self.counters.puback_timeouts if self.counters is not None else 0)
+        return None
 
     def handle_read_timeout(self) -> None:
         if self._expiry_task is None:
@@ -189,12 +196,29 @@ class _HealthCheckNoise(logging.Filter):
         return True
 
 
+class _HandlerNoise(logging.Filter):
+    """Demote amqtt's per-event lines that ClawBroker counts and logs rate-limited itself (a PUBACK timeout per
+    message; the close after an oversize or malformed packet) to DEBUG."""
+
+    _MARKS = ("Timeout waiting for PUBACK", "PacketTooLargeError", "ProtocolViolation")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and isinstance(record.msg, str) and \
+                any(m in record.msg for m in self._MARKS):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def install_log_filter() -> None:
-    """Demote health-check noise on ``amqtt.broker``; quiet ``transitions`` (INFO lines on every CONNECT) unless
-    the application configured that logger itself."""
+    """Demote health-check noise on ``amqtt.broker`` and counted events on amqtt's protocol handler; quiet
+    ``transitions`` (INFO lines on every CONNECT) unless the application configured that logger itself."""
     amqtt_log = logging.getLogger("amqtt.broker")
     if not any(isinstance(f, _HealthCheckNoise) for f in amqtt_log.filters):
         amqtt_log.addFilter(_HealthCheckNoise())
+    handler_log = logging.getLogger("amqtt.mqtt.protocol.handler")
+    if not any(isinstance(f, _HandlerNoise) for f in handler_log.filters):
+        handler_log.addFilter(_HandlerNoise())
     transitions_log = logging.getLogger("transitions")
     if transitions_log.level == logging.NOTSET:
         transitions_log.setLevel(logging.WARNING)
@@ -206,9 +230,19 @@ BROADCAST_YIELD_EVERY = 16  # the broadcast loop lets the event loop run at leas
 class ClawBroker(Broker):
     """amqtt Broker with the traps listed in the module docstring fixed. Build it inside a running loop."""
 
-    def __init__(self, config: BrokerConfig | dict[str, Any], *, max_packet: int = 1024 * 1024) -> None:
+    def __init__(self, config: BrokerConfig | dict[str, Any], *, max_packet: int = 1024 * 1024,
+                 max_drop: int = 16 * 1024 * 1024, max_keepalive: int = 300, max_connections: int = 0,
+                 max_connections_per_ip: int = 0) -> None:
         super().__init__(config)
         self.max_packet = max_packet
+        self.max_drop = max_drop
+        self.max_keepalive = max_keepalive
+        self.counters = Counters()
+        self._ratelog = RateLimitedLog(log)
+        self._limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
+        for plugin in self.plugins_manager.plugins:
+            if isinstance(plugin, ClawAuthPlugin):
+                plugin.counters = self.counters  # one set of counters for the whole broker
         self._subscriptions = _Subscriptions()
         self._wild: list[str] = []
         self._wild_version = -1
@@ -291,8 +325,25 @@ class ClawBroker(Broker):
                                listener_name: str) -> None:
         peer = writer.get_extra_info("peername")
         peer_str = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
-        await self._client_connected(listener_name, _LimitedReader(reader, self.max_packet, peer_str),
-                                     StreamWriterAdapter(writer))
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        refused = self._limiter.acquire(ip)
+        if refused is not None:  # closed at once: amqtt's own cap made extra clients hang
+            if refused == "global":
+                self.counters.conn_refused_global += 1
+                what = f"broker.max_connections={self._limiter.max_total} reached"
+            else:
+                self.counters.conn_refused_ip += 1
+                what = f"broker.max_connections_per_ip={self._limiter.max_per_ip} reached for {ip}"
+            self._ratelog.log("conn-" + refused, logging.WARNING, "connection from %s on %r closed: %s",
+                              peer_str, listener_name, what)
+            writer.transport.abort()
+            return
+        try:
+            packets = PacketReader(reader, writer, max_packet=self.max_packet, drop_max=self.max_drop,
+                                   peer=peer_str, counters=self.counters, ratelog=self._ratelog)
+            await self._client_connected(listener_name, packets, StreamWriterAdapter(writer))
+        finally:
+            self._limiter.release(ip)
 
     async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
         server = self._servers.get(listener_name)
@@ -335,36 +386,53 @@ class ClawBroker(Broker):
             if isinstance(exc, (NoDataError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError)):
                 reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else "closed"
                 raise _NoConnect(reason) from None
+            if isinstance(exc, (PacketTooLargeError, ProtocolViolation)):
+                raise _NoConnect(str(exc)) from None  # counted and logged (rate-limited) by the reader
             log.info("bad CONNECT from %s:%s: %s: %s", remote_address, remote_port, type(exc).__name__, exc)
             raise _NoConnect(str(exc)) from None
 
-        client_id = incoming.client_id
         ok = await self._authenticate(incoming, None)  # type: ignore[arg-type]
+        code = incoming.attributes.pop(REFUSE_KEY, NOT_AUTHORIZED)
+        username = incoming.username or ""
+        if ok:
+            sent_id = getattr(reader, "connect_client_id", None)
+            if sent_id == "":  # no client id (clean session only; amqtt refused it otherwise): one of the user's
+                incoming.client_id = f"{username}:{secrets.token_hex(8)}"
+            elif not client_id_ok(username, incoming.client_id):
+                self.counters.client_id_refused += 1
+                log.warning("MQTT CONNECT refused (CONNACK 2, identifier rejected): user %r, client id %r from "
+                            "%s:%s: %s", username[:100], (incoming.client_id or "")[:100], remote_address,
+                            remote_port, CLIENT_ID_RULE)
+                ok, code = False, IDENTIFIER_REJECTED
+        client_id = incoming.client_id
         existing = self._sessions.get(client_id) if client_id else None
-        if ok and existing is not None and existing[0].username != incoming.username:
+        if ok and existing is not None and existing[0].username != incoming.username:  # cannot happen any more
             log.warning("MQTT CONNECT refused: user %r, client id %r from %s:%s: client id in use by another user",
-                        (incoming.username or "")[:100], client_id[:100], remote_address, remote_port)
+                        username[:100], client_id[:100], remote_address, remote_port)
             ok = False
         if not ok:
             with contextlib.suppress(Exception):
-                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+                await ConnackPacket.build(0, code).to_stream(writer)
             with contextlib.suppress(Exception):
                 await writer.close()
             raise _ConnectRefused
         incoming.password = None  # verified; do not keep it around
         incoming.attributes[_PREAUTH_KEY] = True
+        if isinstance(reader, PacketReader):
+            reader.who = f"client {client_id[:100]!r} (user {username[:100]!r}) at {remote_address}:{remote_port}"
+        if isinstance(handler, _ClawHandler):
+            handler.counters, handler.ratelog = self.counters, self._ratelog
 
         if existing is not None and existing[0].transitions.is_connected():
             await self._take_over(existing[0], existing[1])
-        if incoming.keep_alive > 0:
-            incoming.keep_alive = (incoming.keep_alive * 3 + 1) // 2  # 1.5 x, see _ClawHandler
+        keep_alive = incoming.keep_alive
+        if keep_alive <= 0 or keep_alive > self.max_keepalive:  # 0 = "never" would keep a dead client forever
+            keep_alive = self.max_keepalive
+        incoming.keep_alive = (keep_alive * 3 + 1) // 2  # 1.5 x, see _ClawHandler
 
         # -- from here on as amqtt's _initialize_client_session --
         if incoming.clean_session:
-            if client_id:
-                await self._delete_session(client_id)
-            else:
-                incoming.client_id = gen_client_id()
+            await self._delete_session(client_id)
             incoming.parent = 0
             client_session = incoming
         elif client_id in self._sessions:
@@ -594,7 +662,7 @@ def build_config(settings: Settings, *, internal_user: str, internal_hash: str) 
         "session_expiry_interval": b.session_expiry,
         "plugins": {
             AUTH_PLUGIN: {"data_dir": str(data_dir), "internal_user": internal_user,
-                          "internal_hash": internal_hash},
+                          "internal_hash": internal_hash, "auth_queue": b.auth_queue},
             TOPIC_PLUGIN: {},
         },
     })
@@ -617,7 +685,9 @@ async def run_broker(settings: Settings) -> AsyncIterator[BrokerHandle]:
     internal_hash = hashlib.sha256(internal_password.encode()).hexdigest()
     cfg = build_config(settings, internal_user=INTERNAL_USER, internal_hash=internal_hash)
     try:
-        broker = ClawBroker(cfg, max_packet=settings.broker.max_packet)
+        b = settings.broker
+        broker = ClawBroker(cfg, max_packet=b.max_packet, max_drop=b.max_drop, max_keepalive=b.max_keepalive,
+                            max_connections=b.max_connections, max_connections_per_ip=b.max_connections_per_ip)
     except Exception as exc:  # plugin load (e.g. LMDB cannot be opened)
         raise BrokerStartError(f"broker cannot be created: {exc}") from exc
     try:

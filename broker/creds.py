@@ -10,7 +10,13 @@ returned once by :meth:`CredentialStore.add` and never logged. The store may be 
 (``claw cred add/revoke`` while the edge runs): every :meth:`CredentialStore.verify` reads the current LMDB
 record, so a revoke or a replaced password takes effect at the next CONNECT. Successful *and* failed scrypt
 checks are cached in memory per (username, keyed digest of the password, stored record), so a reconnect costs
-one LMDB read and no scrypt, and a client hammering the same wrong password costs scrypt once.
+one LMDB read and no scrypt, and a client hammering the same wrong password costs scrypt once. The two caches
+are separate LRU tables (``_CACHE_MAX`` successes, ``_FAIL_CACHE_MAX`` failures): a flood of wrong passwords
+can evict only other failures, never a good login.
+
+:meth:`CredentialStore.averify` (the broker's path) runs scrypt in a worker thread, two at a time, and only
+after :class:`broker.guard.AuthThrottle` admitted it (failed-login buckets per (IP, username) and per username,
+a bound on waiting checks); a refused one raises :class:`broker.guard.AuthUnavailable` at once.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import os
 import re
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
 
+from broker.guard import AuthThrottle
 from claw.store import open_env
 
 Role = Literal["node", "device"]
@@ -43,7 +51,8 @@ SCRYPT_P = 1
 _DKLEN = 32
 _SALT_LEN = 16
 _MAX_PASSWORD = 256  # longer passwords are refused without hashing
-_CACHE_MAX = 4096
+_CACHE_MAX = 4096  # successful logins remembered (LRU)
+_FAIL_CACHE_MAX = 4096  # failed ones (LRU, a separate table)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +131,17 @@ class _Job:
 class CredentialStore:
     """Node and device credentials. Safe to use from several processes at once (LMDB)."""
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], *, throttle: AuthThrottle | None = None) -> None:
         self.path = Path(data_dir) / ENV_DIR
         self._env = open_env(self.path)
         self._db = self._env.open_db(DB_NAME)
         self._cache_key = secrets.token_bytes(32)
-        # (username, keyed digest of password) -> (raw LMDB record it was checked against, role or None)
-        self._cache: dict[tuple[str, bytes], tuple[bytes, Role | None]] = {}
+        # (username, keyed digest of password) -> (raw LMDB record it was checked against, role or None);
+        # successes and failures in separate LRU tables so failures never evict a good login
+        self._ok: OrderedDict[tuple[str, bytes], tuple[bytes, Role | None]] = OrderedDict()
+        self._bad: OrderedDict[tuple[str, bytes], tuple[bytes, Role | None]] = OrderedDict()
         self._scrypt_slots: asyncio.Semaphore | None = None
+        self.throttle = throttle if throttle is not None else AuthThrottle()
 
     # -- admin ---------------------------------------------------------------------------------------------
 
@@ -213,9 +225,13 @@ class CredentialStore:
         if raw is None:
             return None
         ck = (username, self._mac(password))
-        hit = self._cache.get(ck)
-        if hit is not None and hit[0] == raw:
-            return hit[1]
+        for cache in (self._ok, self._bad):
+            hit = cache.get(ck)
+            if hit is not None:
+                if hit[0] == raw:
+                    cache.move_to_end(ck)
+                    return hit[1]
+                del cache[ck]  # checked against a replaced record
         rec = _Record.decode(raw)
         if rec is None:
             return None
@@ -228,9 +244,11 @@ class CredentialStore:
         except (ValueError, MemoryError):
             return None
         role = rec.role if hmac.compare_digest(dk, rec.hash) else None
-        if len(self._cache) >= _CACHE_MAX:
-            self._cache.clear()
-        self._cache[ck] = (raw, role)
+        cache, limit = (self._ok, _CACHE_MAX) if role is not None else (self._bad, _FAIL_CACHE_MAX)
+        cache[ck] = (raw, role)
+        cache.move_to_end(ck)
+        while len(cache) > limit:
+            cache.popitem(last=False)
         return role
 
     def verify(self, username: str, password: str) -> Role | None:
@@ -240,12 +258,22 @@ class CredentialStore:
             return job
         return self._check(password, job)
 
-    async def averify(self, username: str, password: str) -> Role | None:
-        """Like :meth:`verify`, but runs scrypt (~50 ms) in a worker thread, at most two at a time."""
+    async def averify(self, username: str, password: str, ip: str = "") -> Role | None:
+        """Like :meth:`verify`, but runs scrypt (~50-90 ms) in a worker thread, at most two at a time.
+
+        A check that needs scrypt must first be admitted by :attr:`throttle` for (``ip``, ``username``);
+        if not, :class:`broker.guard.AuthUnavailable` is raised at once (the caller answers CONNACK 3).
+        """
         job = self._lookup(username, password)
         if not isinstance(job, _Job):
             return job
-        if self._scrypt_slots is None:
-            self._scrypt_slots = asyncio.Semaphore(2)
-        async with self._scrypt_slots:
-            return await asyncio.to_thread(self._check, password, job)
+        charged = self.throttle.admit(ip, username)
+        role: Role | None = None
+        try:
+            if self._scrypt_slots is None:
+                self._scrypt_slots = asyncio.Semaphore(2)
+            async with self._scrypt_slots:
+                role = await asyncio.to_thread(self._check, password, job)
+        finally:
+            self.throttle.done(ip, username, ok=role is not None, charged=charged)
+        return role

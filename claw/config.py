@@ -59,13 +59,26 @@ class BrokerSettings(_Section):
     cert_file: str = ""  # default: <data_dir>/pki/server.crt
     key_file: str = ""  # default: <data_dir>/pki/server.key
     session_expiry: int = 3600  # seconds a disconnected persistent session is kept
-    max_packet: int = 1024 * 1024  # bytes; bigger PUBLISH packets close the connection
+    max_packet: int = 1024 * 1024  # bytes; a bigger PUBLISH payload is dropped (up to max_drop) or closes
+    max_drop: int = 16 * 1024 * 1024  # bytes; PUBLISH payloads above max_packet up to this are read and dropped
+    max_keepalive: int = 300  # seconds; a client's keepalive of 0 or more is treated as this
+    max_connections: int = 10000  # open client connections in all (0 = no cap); more are closed at once
+    max_connections_per_ip: int = 500  # ... from one IP address (0 = no cap)
+    auth_queue: int = 64  # password checks (scrypt) waiting or running; more -> CONNACK 3 at once
 
     def __post_init__(self) -> None:
         _check_hostport(self.listen, "broker.listen", allow_empty=True)
         _check_hostport(self.local_listen, "broker.local_listen")
         if self.session_expiry < 0 or self.max_packet < 1024:
             raise ValueError("broker.session_expiry must be >= 0 and broker.max_packet >= 1024")
+        if self.max_drop < self.max_packet:
+            raise ValueError("broker.max_drop must be >= broker.max_packet")
+        if not 1 <= self.max_keepalive <= 65535:
+            raise ValueError("broker.max_keepalive must be 1-65535 seconds")
+        if self.max_connections < 0 or self.max_connections_per_ip < 0:
+            raise ValueError("broker.max_connections and broker.max_connections_per_ip must be >= 0 (0 = no cap)")
+        if self.auth_queue < 1:
+            raise ValueError("broker.auth_queue must be >= 1")
 
 
 class MqttSettings(_Section):

@@ -130,8 +130,17 @@ cert_file = "data/pki/server.crt"
 key_file = "data/pki/server.key"
 # Seconds a disconnected persistent MQTT session is kept.
 session_expiry = {br.session_expiry}
-# Largest PUBLISH payload in bytes; a bigger one closes the client's connection.
+# Largest PUBLISH payload in bytes; a bigger one up to max_drop is dropped (and acknowledged at QoS 1),
+# a bigger one still closes the client's connection.
 max_packet = {br.max_packet}
+max_drop = {br.max_drop}
+# A client's keepalive of 0 ("never") or above this many seconds counts as this.
+max_keepalive = {br.max_keepalive}
+# Open client connections in all and per IP address; more are closed at once (0 = no cap).
+max_connections = {br.max_connections}
+max_connections_per_ip = {br.max_connections_per_ip}
+# Password checks waiting at once; more are refused with "server unavailable" (the client retries).
+auth_queue = {br.auth_queue}
 
 # [mqtt] is used by the edge only with an external broker (broker.enabled = false, e.g. Mosquitto);
 # with the embedded broker the edge talks to it over the loopback listener. Keys as in b.toml:
@@ -242,7 +251,7 @@ ca_file = "ca.crt"
 # This node's credential (created on server A; rotate with `claw cred add node {node} --replace`).
 username = "node.{node}"
 password_file = "node.secret"
-# MQTT client id; "" = node-<node.id>.
+# MQTT client id; "" = the username. Server A accepts only the username or "<username>:<suffix>".
 client_id = ""
 # Seconds between MQTT keepalive pings (5-3600).
 keepalive = {m.keepalive}

@@ -71,6 +71,11 @@ def make_client(
 
 def client_from_settings(m: MqttSettings, *, identifier: str, data_dir: str | Path,
                          will: aiomqtt.Will | None = None) -> aiomqtt.Client:
+    from broker.guard import client_id_ok  # pure (no amqtt): the embedded broker's client-id rule
+
+    if m.client_id and m.username and not client_id_ok(m.username, m.client_id):
+        log.warning("mqtt.client_id %r is neither the username %r nor '%s:<suffix>': the embedded broker refuses "
+                    "it (CONNACK 2, identifier rejected)", m.client_id, m.username, m.username)
     tls = tls_context(m.ca_file or Path(data_dir) / "pki" / "ca.crt") if m.tls else None
     return make_client(host=m.host, port=m.port, username=m.username, password=m.password,
                        identifier=m.client_id or identifier, tls=tls, keepalive=m.keepalive, will=will,
@@ -95,7 +100,14 @@ async def run_forever(
                 await session(client)
         except aiomqtt.MqttCodeError as exc:
             rc = getattr(exc, "rc", None)
-            hint = " (bad username/password or not authorised)" if rc in (4, 5, 134, 135) else ""
+            hint = ""
+            if rc in (4, 5, 134, 135):
+                hint = " (bad username/password or not authorised)"
+            elif rc in (2, 133):
+                hint = (" (client id rejected: it must be the username or '<username>:<suffix>'; check "
+                        "mqtt.client_id)")
+            elif rc in (3, 136):
+                hint = " (server unavailable: busy, or too many failed logins; retrying)"
             log.warning("%s: MQTT connection refused or lost: %s%s", name, exc, hint)
         except aiomqtt.MqttError as exc:
             log.warning("%s: MQTT connection lost: %s", name, exc)

@@ -140,7 +140,7 @@ async def _mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
             # The bridge is in the broker's process: an in-process link, not a loopback MQTT client.
             client: aiomqtt.Client | LocalLink = LocalLink(handle.broker)
         else:
-            client = client_from_settings(s.mqtt, identifier="edge-bridge", data_dir=s.data_dir)
+            client = client_from_settings(s.mqtt, identifier=s.mqtt.username or "edge", data_dir=s.data_dir)
         bridge = Bridge(s, app[STORE], client)
         app[BRIDGE] = bridge
         task = asyncio.create_task(bridge.run(), name="edge-bridge")

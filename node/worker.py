@@ -194,7 +194,7 @@ class Node:
             # Kept-alive connections to LM Studio, one per answer running at once (node/llm.py LLMClient).
             self._http = LLMClient()
         will = aiomqtt.Will(wire.node_topic(self.id), wire.encode(self._beat("offline")), qos=1)
-        self._client = client_from_settings(self.s.mqtt, identifier=f"node-{self.id}", data_dir=self.s.data_dir,
+        self._client = client_from_settings(self.s.mqtt, identifier=self.s.mqtt.username or f"node.{self.id}", data_dir=self.s.data_dir,
                                             will=will)
         log.info("node %s: starting; LLM at %s; broker %s:%s (tls=%s)", self.id, self.cfg.llm_url,
                  self.s.mqtt.host, self.s.mqtt.port, self.s.mqtt.tls)

@@ -4,6 +4,11 @@ No anonymous access: a CONNECT without both username and password is refused. On
 in ``session.attributes[ROLE_KEY]`` for the topic ACL. A CONNECT whose last will the client could not publish
 itself is refused too, because amqtt broadcasts wills without any ACL check. Refusals are logged at WARNING
 with the username and the reason, never the password.
+
+A login the failed-login throttle or the bounded verification queue did not admit
+(:class:`broker.guard.AuthUnavailable`) is refused with CONNACK 3 "server unavailable": the code is left in
+``session.attributes[REFUSE_KEY]`` for :class:`broker.app.ClawBroker`, and the refusal is logged at most once a
+minute per kind.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from amqtt.session import Session
 
 from broker import acl
 from broker.creds import CredentialStore
-from broker.plugins import ROLE_KEY
+from broker.guard import AUTH_QUEUE, AuthThrottle, AuthUnavailable, Counters, RateLimitedLog
+from broker.plugins import REFUSE_KEY, ROLE_KEY
 
 log = logging.getLogger(__name__)
+SERVER_UNAVAILABLE = 3  # CONNACK return code
 
 
 def _peer(session: Session) -> str:
@@ -34,13 +41,16 @@ class ClawAuthPlugin(BaseAuthPlugin):
         data_dir: str
         internal_user: str = "edge"
         internal_hash: str = ""  # sha256 hex of the edge's per-start password ("" = no internal user)
+        auth_queue: int = AUTH_QUEUE  # password checks waiting or running at once (broker.auth_queue)
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         cfg: ClawAuthPlugin.Config = self.config
         self.internal_user = cfg.internal_user
         self._internal_hash = cfg.internal_hash.lower()
-        self.store = CredentialStore(cfg.data_dir)
+        self.store = CredentialStore(cfg.data_dir, throttle=AuthThrottle(queue=cfg.auth_queue))
+        self.counters = Counters()  # ClawBroker replaces it with its own
+        self._ratelog = RateLimitedLog(log)
 
     def _refuse(self, session: Session, reason: str) -> bool:
         log.warning("MQTT CONNECT refused: user %r, client id %r from %s: %s",
@@ -57,7 +67,18 @@ class ClawAuthPlugin(BaseAuthPlugin):
             ok = bool(self._internal_hash) and hmac.compare_digest(digest, self._internal_hash)
             role = "edge" if ok else None
         else:
-            role = await self.store.averify(username, password)
+            try:
+                role = await self.store.averify(username, password, str(session.remote_address or ""))
+            except AuthUnavailable as exc:
+                if exc.busy:
+                    self.counters.auth_busy += 1
+                else:
+                    self.counters.auth_throttled += 1
+                session.attributes[REFUSE_KEY] = SERVER_UNAVAILABLE
+                self._ratelog.log("busy" if exc.busy else "throttled", logging.WARNING,
+                                  "MQTT CONNECT refused (CONNACK 3): user %r from %s: %s",
+                                  username[:100], _peer(session), exc)
+                return False
         if role is None:
             return self._refuse(session, "bad username or password")
         if session.will_flag and not acl.will_allowed(role, username, session.will_topic):

@@ -69,7 +69,7 @@ def deltas(tid: bytes, parts: list[str], first: int = 1) -> list[wire.Delta]:
 async def scripted_node(settings: Any) -> AsyncIterator[ScriptedNode]:
     user, password = CredentialStore(settings.data_dir).add("node", NODE, replace=True)
     client = make_client(host="localhost", port=settings.mqtt.port, username=user, password=password,
-                         identifier=f"node-{NODE}", tls=tls_context(Path(settings.data_dir) / "pki" / "ca.crt"))
+                         identifier=user, tls=tls_context(Path(settings.data_dir) / "pki" / "ca.crt"))
     async with client:
         await client.subscribe(wire.TASK_FILTER, qos=1)
         node = ScriptedNode(client)

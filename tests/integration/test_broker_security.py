@@ -1,0 +1,416 @@
+"""Broker authentication and connection hygiene, with real brokers, TLS, LMDB and MQTT clients.
+
+- client ids belong to credentials: a device cannot hold, take over or squat the node's (or another device's) id;
+- failed logins are throttled and the verification queue is bounded: a flood of bad passwords does not starve a
+  legitimate login, nor evict it from the cache;
+- every packet's size is checked before its body is read (CONNECT, SUBSCRIBE, PUBLISH); an oversize PUBLISH is
+  dropped and acknowledged instead of closing the connection (which made clients resend it on every reconnect);
+- keepalive 0 is not "forever"; connection caps refuse at once; PUBACK timeouts are counted, not tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from aiomqtt.exceptions import MqttConnectError
+
+from broker.app import BrokerHandle, run_broker
+from broker.creds import CredentialStore
+from claw.config import Settings, load_settings
+from claw.pki import issue_server_cert
+from tests.conftest import run_system, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+MAX_PACKET = 4096
+CONNACK_OK = b"\x20\x02\x00\x00"
+CONNACK_UNAVAILABLE = b"\x20\x02\x00\x03"
+CONNACK_NOT_AUTHORIZED = b"\x20\x02\x00\x05"
+ID_REJECTED = 133  # paho's reason code for CONNACK 2 "identifier rejected"
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Env:
+    h: BrokerHandle
+    store: CredentialStore
+    ca: Path
+
+    def client(self, username: str, password: str, **kw: object) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "127.0.0.1", self.h.tls_port or 0, username=username, password=password,
+            tls_context=ssl.create_default_context(cafile=str(self.ca)),
+            protocol=aiomqtt.ProtocolVersion.V311, socket_options=NODELAY, timeout=5, **kw)  # type: ignore[arg-type]
+
+    def edge(self) -> aiomqtt.Client:
+        return aiomqtt.Client(self.h.local_host, self.h.local_port, username=self.h.internal_user,
+                              password=self.h.internal_password, protocol=aiomqtt.ProtocolVersion.V311,
+                              socket_options=NODELAY, timeout=5)
+
+    async def raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        return await asyncio.open_connection("127.0.0.1", self.h.tls_port, ssl=ctx)
+
+
+@contextlib.asynccontextmanager
+async def broker_env(tmp: Path, **broker: object) -> AsyncIterator[Env]:
+    pki = issue_server_cert(tmp / "pki", ["localhost", "127.0.0.1"])
+    settings = load_settings(env={}, overrides={"data_dir": str(tmp), "broker": {
+        "listen": "127.0.0.1:0", "max_packet": MAX_PACKET, **broker}})
+    async with run_broker(settings) as h:
+        yield Env(h, CredentialStore(tmp), pki.ca_cert)
+
+
+def _str(value: bytes) -> bytes:
+    return len(value).to_bytes(2, "big") + value
+
+
+def _remaining(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def connect_packet(client_id: str, username: str, password: str, *, keepalive: int = 60,
+                   clean: bool = True) -> bytes:
+    flags = 0x80 | 0x40 | (0x02 if clean else 0)
+    body = (_str(b"MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big") + _str(client_id.encode())
+            + _str(username.encode()) + _str(password.encode()))
+    return b"\x10" + _remaining(len(body)) + body
+
+
+async def raw_login(env: Env, client_id: str, username: str, password: str, **kw: object
+                    ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await env.raw()
+    writer.write(connect_packet(client_id, username, password, **kw))  # type: ignore[arg-type]
+    await writer.drain()
+    async with asyncio.timeout(20):
+        return await reader.readexactly(4), reader, writer
+
+
+async def assert_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while await reader.read(65536):
+            pass
+
+
+def _bad_pw(i: int) -> str:
+    return f"wrong-{i}-" + os.urandom(6).hex()
+
+
+# -- 1. client ids belong to credentials ---------------------------------------------------------------------------
+
+async def test_device_cannot_take_or_squat_the_nodes_client_id(tmp_path: Path, pki_dir: Path) -> None:
+    """A device credential used the node's predictable client id: it took over the node's connection (or held
+    the id while the node reconnected), and the node stayed offline. Now that id is refused with CONNACK 2."""
+    from edge.keys import BRIDGE
+    from node.worker import Node
+
+    async with run_system(tmp_path, pki_dir) as sys_:
+        bridge = sys_.app[BRIDGE]
+        broker = bridge.client._broker  # noqa: SLF001 - the embedded broker behind the in-process link
+        node_id = sys_.node._client.identifier  # noqa: SLF001 - "node.t1", its username (was "node-t1")
+        du, dpw = CredentialStore(sys_.settings.data_dir).add("device", "mallory")
+        ca = Path(sys_.settings.data_dir) / "pki" / "ca.crt"
+        port = sys_.settings.mqtt.port
+
+        def device(cid: str, clean: bool = True) -> aiomqtt.Client:
+            return aiomqtt.Client("localhost", port, username=du, password=dpw, identifier=cid, clean_session=clean,
+                                  tls_context=ssl.create_default_context(cafile=str(ca)),
+                                  protocol=aiomqtt.ProtocolVersion.V311, timeout=5)
+
+        ids = sorted({node_id, "node.t1", "node-t1", "node.t1:x", "dev.mallory-x"})
+        rcs = []
+        for cid in ids:  # while the node is connected: no takeover
+            with pytest.raises(MqttConnectError) as info:
+                async with device(cid):
+                    pass
+            rcs.append(info.value.rc)
+        assert broker.sessions[node_id][0].transitions.is_connected() and bridge.node_online
+
+        # the node goes away; the device tries to squat its ids with persistent sessions
+        assert sys_.node_task is not None
+        sys_.node_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sys_.node_task
+        await wait_until(lambda: not broker.sessions[node_id][0].transitions.is_connected(), 10)
+        for cid in ids:
+            with pytest.raises(MqttConnectError) as info:
+                async with device(cid, clean=False):
+                    pass
+            rcs.append(info.value.rc)
+        assert rcs == [ID_REJECTED] * (2 * len(ids))  # CONNACK 2 "identifier rejected", not "not authorized"
+        assert all(s.username != du for s, _ in broker.sessions.values())
+        async with device(""), device(f"{du}:spare"):  # its own ids are fine
+            pass
+
+        node = Node(sys_.node.s)  # the node comes back under its id
+        sys_.node, sys_.node_task = node, asyncio.create_task(node.run())
+        await wait_until(lambda: broker.sessions[node_id][0].transitions.is_connected(), 10)
+        await wait_until(lambda: bridge.node_online, 10)
+        assert node_id == "node.t1" and broker.counters.client_id_refused == 2 * len(ids)
+
+
+async def test_device_cannot_squat_another_devices_persistent_session(tmp_path: Path) -> None:
+    async with broker_env(tmp_path) as env:
+        au, apw = env.store.add("device", "alice")
+        mu, mpw = env.store.add("device", "mallory")
+        nu, npw = env.store.add("node", "n1")
+        async with env.client(au, apw, identifier=au, clean_session=False) as alice:
+            await alice.subscribe(f"claw/v1/reply/{au}", qos=1)
+        for cid in (au, f"{au}:1"):  # alice is offline: her persistent session waits for her
+            with pytest.raises(MqttConnectError) as info:
+                async with env.client(mu, mpw, identifier=cid, clean_session=False):
+                    pass
+            assert info.value.rc == ID_REJECTED
+        assert env.h.broker.sessions[au][0].username == au
+        async with env.client(nu, npw) as node:
+            await node.publish(f"claw/v1/reply/{au}", b"queued", qos=1)
+        async with env.client(au, apw, identifier=au, clean_session=False) as alice:
+            async with asyncio.timeout(5):
+                async for msg in alice.messages:
+                    assert msg.payload == b"queued"
+                    break
+
+
+async def test_empty_client_id_gets_one_of_the_users(tmp_path: Path) -> None:
+    async with broker_env(tmp_path) as env:
+        du, dpw = env.store.add("device", "d1")
+        async with env.client(du, dpw), env.client(du, dpw):  # paho sends an empty id for MQTT 3.1.1
+            ids = [cid for cid, (s, _) in env.h.broker.sessions.items() if s.transitions.is_connected()]
+            assert len(ids) == 2 and all(cid.startswith(f"{du}:") for cid in ids), ids
+
+
+async def test_node_with_a_foreign_client_id_logs_the_real_cause(tmp_path: Path, pki_dir: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """``mqtt.client_id`` must obey the rule too; the node's log names the cause (not "bad username/password")."""
+    from node.worker import Node
+
+    caplog.set_level(logging.INFO)
+    async with run_system(tmp_path, pki_dir, start_node=False, mqtt={"client_id": "node-t1"}) as sys_:
+        node = Node(sys_.node.s)
+        sys_.node, sys_.node_task = node, asyncio.create_task(node.run())
+
+        def logged(text: str) -> bool:
+            return any(text in r.getMessage() for r in caplog.records)
+
+        await wait_until(lambda: logged("client id rejected"), 10)
+        assert logged("mqtt.client_id 'node-t1' is neither the username")
+        assert logged("MQTT CONNECT refused (CONNACK 2, identifier rejected): user 'node.t1', client id 'node-t1'")
+        assert not logged("bad username/password")
+
+
+# -- 2. failed-login throttling ------------------------------------------------------------------------------------
+
+async def _flood(env: Env, username: str, n: int, sent: list[int] | None = None) -> list[bytes]:
+    """``n`` concurrent CONNECTs with wrong passwords; the CONNACK each got (b"" if closed). ``sent[0]`` counts
+    the CONNECTs written so far."""
+    async def one(i: int) -> bytes:
+        try:
+            reader, writer = await env.raw()
+            writer.write(connect_packet(f"{username}:f{i}", username, _bad_pw(i)))
+            await writer.drain()
+            if sent is not None:
+                sent[0] += 1
+            async with asyncio.timeout(30):
+                ack = await reader.readexactly(4)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            return b""
+        writer.close()
+        return ack
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def test_bad_password_flood_does_not_starve_a_legitimate_login(tmp_path: Path) -> None:
+    """300 concurrent bad-password CONNECTs used to queue 300 scrypt checks (two at a time) ahead of a
+    legitimate login, which then timed out. Now all but a few are refused at once with CONNACK 3."""
+    async with broker_env(tmp_path) as env:
+        nu, npw = env.store.add("node", "n1")
+        du, _ = env.store.add("device", "victim")
+        loop = asyncio.get_running_loop()
+        sent = [0]
+        flood = asyncio.create_task(_flood(env, du, 300, sent))
+        await wait_until(lambda: sent[0] == 300, 30)  # all 300 CONNECTs are on their way
+        t0 = loop.time()
+        async with env.client(nu, npw):  # first login: needs scrypt, from the same IP
+            took = loop.time() - t0
+        acks = await flood
+        assert took < 5, f"legitimate login took {took:.1f} s during the flood"
+        assert acks.count(CONNACK_UNAVAILABLE) >= 280, {a: acks.count(a) for a in set(acks)}
+        assert acks.count(CONNACK_OK) == 0
+
+
+async def test_good_login_survives_a_flood_on_its_own_username(tmp_path: Path) -> None:
+    """A flood of wrong passwords for the node's own username, from the node's IP, exhausts that (IP, username)
+    bucket, but the node's remembered good login needs no scrypt and still gets in at once."""
+    async with broker_env(tmp_path) as env:
+        nu, npw = env.store.add("node", "n1")
+        async with env.client(nu, npw):
+            pass
+        acks = await _flood(env, nu, 300)
+        assert acks.count(CONNACK_UNAVAILABLE) >= 290 and acks.count(CONNACK_NOT_AUTHORIZED) <= 10
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        async with env.client(nu, npw):
+            assert loop.time() - t0 < 2
+        with pytest.raises(MqttConnectError):  # and the throttle still holds for wrong passwords
+            async with env.client(nu, _bad_pw(-1)):
+                pass
+
+
+async def test_verification_queue_is_bounded(tmp_path: Path) -> None:
+    """With more password checks waiting than broker.auth_queue, the next one is refused at once (CONNACK 3)."""
+    async with broker_env(tmp_path, auth_queue=2) as env:
+        users = [env.store.add("device", f"d{i}") for i in range(6)]
+        acks = await asyncio.gather(*(raw_login(env, u, u, pw) for u, pw in users))
+        codes = [a for a, _, _ in acks]
+        for _, _, w in acks:
+            w.close()
+        assert codes.count(CONNACK_OK) >= 2 and codes.count(CONNACK_UNAVAILABLE) >= 1, codes
+        assert env.h.broker.counters.auth_busy == codes.count(CONNACK_UNAVAILABLE)
+        u, pw = users[-1]
+        async with env.client(u, pw):  # later, with the queue empty again, fine
+            pass
+
+
+# -- 3. packet sizes, keepalive, connection caps, PUBACK timeouts --------------------------------------------------
+
+async def test_oversize_connect_is_closed_before_its_body_is_read(tmp_path: Path) -> None:
+    async with broker_env(tmp_path) as env:
+        reader, writer = await env.raw()
+        writer.write(b"\x10" + _remaining(10 * 1024 * 1024) + b"\x00\x04MQTT\x04\xc2")  # 10 MiB announced
+        await writer.drain()
+        await assert_closed(reader)
+        assert env.h.broker.counters.oversize_closed == 1
+
+
+async def test_oversize_subscribe_is_closed_before_its_body_is_read(tmp_path: Path) -> None:
+    """A 38 MiB SUBSCRIBE (many small topic filters) was read and accepted; now the header alone closes it."""
+    async with broker_env(tmp_path) as env:
+        nu, npw = env.store.add("node", "n1")
+        ack, reader, writer = await raw_login(env, nu, nu, npw)
+        assert ack == CONNACK_OK
+        body = b"\x00\x01" + (_str(b"claw/v1/task/+") + b"\x01") * 4000  # the first ~68 KiB of it
+        writer.write(b"\x82" + _remaining(38 * 1024 * 1024) + body)
+        await writer.drain()
+        await assert_closed(reader)
+        assert env.h.broker.counters.oversize_closed == 1
+
+
+async def test_oversize_qos1_publish_is_acknowledged_and_dropped(tmp_path: Path) -> None:
+    """An oversize PUBLISH got a bare disconnect, and paho sent it again after every reconnect. Now it is read,
+    dropped and acknowledged: the client's publish completes, the connection stays usable, nothing repeats."""
+    async with broker_env(tmp_path) as env:
+        nu, npw = env.store.add("node", "n1")
+        async with env.edge() as edge:
+            await edge.subscribe("claw/v1/reply/+", qos=1)
+            async with env.client(nu, npw) as node:
+                async with asyncio.timeout(10):
+                    await node.publish("claw/v1/reply/wc.bob", b"x" * (MAX_PACKET * 64), qos=1)  # 256 KiB
+                await node.publish("claw/v1/reply/wc.bob", b"after", qos=1)
+                async with asyncio.timeout(5):
+                    async for msg in edge.messages:
+                        assert msg.payload == b"after"
+                        break
+                await node.publish("claw/v1/reply/wc.bob", b"again", qos=1)  # still the same connection
+        assert env.h.broker.counters.oversize_dropped == 1
+        assert env.h.broker.counters.oversize_closed == 0
+
+
+async def test_publish_above_max_drop_closes_the_connection(tmp_path: Path) -> None:
+    async with broker_env(tmp_path, max_drop=MAX_PACKET * 4) as env:
+        nu, npw = env.store.add("node", "n1")
+        ack, reader, writer = await raw_login(env, nu, nu, npw)
+        assert ack == CONNACK_OK
+        topic = _str(b"claw/v1/reply/wc.bob")
+        writer.write(b"\x30" + _remaining(len(topic) + MAX_PACKET * 100) + topic + b"x" * 1000)  # 400 KiB announced
+        await writer.drain()
+        await assert_closed(reader)
+        assert env.h.broker.counters.oversize_closed == 1
+
+
+async def test_keepalive_zero_gets_the_servers_maximum(tmp_path: Path) -> None:
+    """keepalive=0 meant "never drop me": a half-open client stayed for ever. Now 0 counts as max_keepalive."""
+    async with broker_env(tmp_path, max_keepalive=1) as env:
+        nu, npw = env.store.add("node", "n1")
+        ack, reader, writer = await raw_login(env, nu, nu, npw, keepalive=0)
+        assert ack == CONNACK_OK
+        await assert_closed(reader, timeout=10)  # silent: closed after 1.5 x 1 s
+        writer.close()
+
+
+async def test_connection_caps_refuse_at_once(tmp_path: Path) -> None:
+    async with broker_env(tmp_path, max_connections_per_ip=2) as env:
+        nu, npw = env.store.add("node", "n1")
+        a = await raw_login(env, nu, nu, f"{npw}")
+        b = await raw_login(env, f"{nu}:b", nu, npw)
+        assert a[0] == b[0] == CONNACK_OK
+        reader, writer = await env.raw()  # the third from this IP: closed without waiting for a CONNECT
+        await assert_closed(reader, timeout=3)
+        writer.close()
+        assert env.h.broker.counters.conn_refused_ip == 1
+        a[2].close()
+        await wait_until(lambda: env.h.broker._limiter.total == 1, 5)  # noqa: SLF001
+        c = await raw_login(env, f"{nu}:c", nu, npw)
+        assert c[0] == CONNACK_OK
+        for _, _, w in (b, c):
+            w.close()
+    async with broker_env(tmp_path / "g", max_connections=1) as env:
+        nu, npw = env.store.add("node", "n1")
+        a = await raw_login(env, nu, nu, npw)
+        reader, writer = await env.raw()
+        await assert_closed(reader, timeout=3)
+        assert env.h.broker.counters.conn_refused_global == 1
+        for w in (a[2], writer):
+            w.close()
+
+
+async def test_puback_timeouts_are_counted_and_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One device that never acknowledges made an ERROR traceback per message; now a count and one line."""
+    caplog.set_level(logging.INFO)
+    async with broker_env(tmp_path) as env:
+        du, dpw = env.store.add("device", "mute")
+        ack, reader, writer = await raw_login(env, du, du, dpw)
+        assert ack == CONNACK_OK
+        topic = f"claw/v1/reply/{du}".encode()
+        sub = b"\x00\x01" + _str(topic) + b"\x01"
+        writer.write(b"\x82" + _remaining(len(sub)) + sub)
+        await writer.drain()
+        assert await reader.readexactly(5) == b"\x90\x03\x00\x01\x01"  # SUBACK QoS 1
+        nu, npw = env.store.add("node", "n1")
+        async with env.client(nu, npw) as node:
+            for i in range(20):
+                await node.publish(f"claw/v1/reply/{du}", f"m{i}".encode(), qos=1)
+            await wait_until(lambda: env.h.broker.counters.puback_timeouts == 20, 20)  # never acknowledged
+        writer.close()
+    lines = [r for r in caplog.records if "did not acknowledge" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_limits_are_validated() -> None:
+    from claw.config import ConfigError
+
+    for bad in ({"max_drop": 1024, "max_packet": 4096}, {"max_keepalive": 0}, {"max_connections": -1},
+                {"auth_queue": 0}):
+        with pytest.raises(ConfigError):
+            load_settings(env={}, overrides={"broker": bad})
+    s: Settings = load_settings(env={})
+    assert (s.broker.max_keepalive, s.broker.auth_queue) == (300, 64)
