@@ -59,12 +59,20 @@ class BrokerSettings(_Section):
     key_file: str = ""  # default: <data_dir>/pki/server.key
     session_expiry: int = 3600  # seconds a disconnected persistent session is kept
     max_packet: int = 1024 * 1024  # bytes; bigger PUBLISH packets close the connection
+    max_inflight: int = 32  # unacknowledged QoS 1 messages per session before the broker waits for PUBACKs
+    max_queued: int = 1000  # messages queued per session (offline, or waiting for the window); more are dropped
+    device_publish_rate: float = 5.0  # messages/s a device account may publish on average (0 = no limit)
+    device_publish_burst: int = 20  # messages a device account may publish at once
 
     def __post_init__(self) -> None:
         _check_hostport(self.listen, "broker.listen", allow_empty=True)
         _check_hostport(self.local_listen, "broker.local_listen")
         if self.session_expiry < 0 or self.max_packet < 1024:
             raise ValueError("broker.session_expiry must be >= 0 and broker.max_packet >= 1024")
+        if not 1 <= self.max_inflight <= 65535 or self.max_queued < 0:
+            raise ValueError("broker.max_inflight must be 1-65535 and broker.max_queued >= 0")
+        if self.device_publish_rate < 0 or self.device_publish_burst < 1:
+            raise ValueError("broker.device_publish_rate must be >= 0 and broker.device_publish_burst >= 1")
 
 
 class MqttSettings(_Section):
