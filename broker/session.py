@@ -53,7 +53,7 @@ def encode_publish(topic: str, data: bytes | bytearray, qos: int, packet_id: int
     if qos:
         head += packet_id.to_bytes(2, "big")
     flags = 0x30 | (0x08 if dup else 0) | (qos << 1)
-    return bytes((flags,)) + _varint(len(head) + len(data)) + head + bytes(data)
+    return bytes((flags,)) + _varint(len(head) + len(data)) + head + data
 
 
 class Outbox:
@@ -132,6 +132,8 @@ class Outbox:
             self._dropped()
             return False
         self.queue.append((topic, data, qos))
+        if self._writer is not None:
+            self._pump()
         return True
 
     def acked(self, packet_id: int) -> None:
