@@ -390,3 +390,41 @@ async def test_rate_limit_can_be_turned_off(tmp_path: Path) -> None:
             got = [await next_message(node) for _ in range(30)]
             assert [m.payload for m in got] == [f"t{i}".encode() for i in range(30)]
 
+
+
+async def test_a_reader_that_stalls_costs_a_bounded_queue_and_keeps_the_order(tmp_path: Path) -> None:
+    """A subscriber that stops reading: the broker stops writing above its write-buffer mark, queues up to
+    broker.max_queued, drops (and counts) the rest, and delivers the queue in order once the reader goes on."""
+    n, size = 300, 60_000
+    async with broker_env(tmp_path, max_queued=20) as env:
+        du, dpw = env.store.add("device", "alice")
+        nu, npw = env.store.add("node", "n1")
+        dev = await Raw.connect(env, du, dpw, "dev-s", clean=True)
+        await dev.subscribe(REPLY, 0)
+        async with env.tls_client(nu, npw) as node:
+            for i in range(n):  # the device reads nothing meanwhile
+                await node.publish(REPLY, i.to_bytes(4, "big") + bytes(size), qos=0)
+            outbox = _outbox(env, "dev-s")
+            await wait_until(lambda: outbox.sent + len(outbox.queue) + outbox.dropped == n, 20)
+            assert outbox.dropped > 0 and len(outbox.queue) == 20
+            got = [int.from_bytes((await dev.next_publish(10)).payload[:4], "big") for _ in range(n - outbox.dropped)]
+            assert got == sorted(got) and len(set(got)) == len(got) and got[0] == 0
+            assert not outbox.queue
+            await node.publish(REPLY, b"\xff" * 4, qos=0)  # and the connection is healthy
+            assert (await dev.next_publish()).payload == b"\xff" * 4
+        dev.drop()
+
+
+def test_token_bucket_refills_at_the_rate_up_to_the_burst() -> None:
+    from broker.ratelimit import RateLimiter
+
+    now = [100.0]
+    lim = RateLimiter(2.0, 3, clock=lambda: now[0])
+    assert [lim.allow("dev.a") for _ in range(4)] == [True, True, True, False]
+    assert lim.allow("dev.b")  # another device has its own bucket
+    now[0] += 0.5  # one token back
+    assert [lim.allow("dev.a") for _ in range(2)] == [True, False]
+    now[0] += 60  # refilled, but never above the burst
+    assert [lim.allow("dev.a") for _ in range(4)] == [True, True, True, False]
+    assert lim.dropped == 3 and lim.dropped_for("dev.a") == 3 and lim.dropped_for("dev.b") == 0
+    assert all(RateLimiter(0, 1).allow("x") for _ in range(100))  # rate 0: no limit
