@@ -232,7 +232,8 @@ async def test_inflight_window_waits_for_pubacks_and_never_times_out(tmp_path: P
 # -- 2. a clean-session connection's session ends with it ---------------------------------------------------
 
 
-async def _paho_connect(env: Env, user: str, password: str, client_id: str, clean: bool) -> tuple[paho.Client, bool]:
+async def _paho_connect(env: Env, user: str, password: str, client_id: str, clean: bool,
+                        on_message: object = None) -> tuple[paho.Client, bool]:
     """Connect with paho-mqtt; returns the client (network loop running) and CONNACK's session-present flag."""
     got: dict[str, bool] = {}
     done = threading.Event()
@@ -248,6 +249,8 @@ async def _paho_connect(env: Env, user: str, password: str, client_id: str, clea
     c.username_pw_set(user, password)
     c.tls_set(ca_certs=str(env.ca))
     c.on_connect = on_connect
+    if on_message is not None:
+        c.on_message = on_message  # type: ignore[assignment]
     c.connect_async("127.0.0.1", env.h.tls_port or 0, keepalive=30)  # (the broker runs in this thread's loop)
     c.loop_start()
     assert await asyncio.to_thread(done.wait, 10), "no CONNACK"
@@ -293,6 +296,49 @@ async def test_clean_session_taken_over_by_a_persistent_one_is_not_resumed(tmp_p
         assert all(s.client_id != "dev-t" for s, _ in subs)  # the old clean session's subscription is gone
         await _paho_close(c)
         old.drop()
+
+
+async def test_paho_offline_message_queueing(tmp_path: Path) -> None:
+    """The paho interoperability suite's offline queueing scenario: subscribe (QoS 2 asked, 1 granted) with
+    clean session 0, disconnect, messages at QoS 0, 1 and 2 are published; on reconnect the QoS 1 and 2 ones
+    arrive (at QoS 1), the QoS 0 one is not queued."""
+    async with broker_env(tmp_path) as env:
+        du, dpw = env.store.add("device", "alice")
+        nu, npw = env.store.add("node", "n1")
+        granted: list[int] = []
+        subscribed = threading.Event()
+        c, present = await _paho_connect(env, du, dpw, "dev-o", clean=False)
+        assert present is False
+
+        def on_subscribe(client: paho.Client, userdata: object, mid: int, codes: list[object],
+                         props: object) -> None:
+            granted.extend(int(getattr(rc, "value", rc)) for rc in codes)  # type: ignore[call-overload]
+            subscribed.set()
+
+        c.on_subscribe = on_subscribe
+        c.subscribe(REPLY, qos=2)
+        assert await asyncio.to_thread(subscribed.wait, 10) and granted == [1]
+        await _paho_close(c)
+        await wait_until(lambda: _state(env, "dev-o") == "disconnected", 5)
+        async with env.tls_client(nu, npw) as node:
+            for qos in (0, 1, 2):
+                await node.publish(REPLY, f"qos{qos}".encode(), qos=qos)
+            await wait_until(lambda: len(_outbox(env, "dev-o").queue) == 2, 5)
+            got: list[tuple[bytes, int]] = []
+            arrived = threading.Event()
+
+            def on_message(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+                got.append((msg.payload, msg.qos))
+                if len(got) == 2:
+                    arrived.set()
+
+            c, present = await _paho_connect(env, du, dpw, "dev-o", clean=False, on_message=on_message)
+            assert present is True
+            assert await asyncio.to_thread(arrived.wait, 10)
+            await node.publish(REPLY, b"marker", qos=1)  # anything queued would have come before it
+            await wait_until(lambda: len(got) == 3, 5)
+            assert got == [(b"qos1", 1), (b"qos2", 1), (b"marker", 1)]
+            await _paho_close(c)
 
 
 # -- 3. delivery QoS = min(publish QoS, granted QoS); at most QoS 1 is granted ------------------------------
