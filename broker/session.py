@@ -16,7 +16,8 @@ offline queue was unbounded. :class:`Outbox` replaces that path. One outbox belo
 
 Messages are written synchronously (one ``write`` per packet, so they never interleave with amqtt's own
 packets) from the broker's broadcast step: no task, no future per message besides amqtt's PUBACK waiter.
-Outgoing QoS is at most 1 (the broker grants at most QoS 1 on SUBSCRIBE).
+Outgoing QoS is at most 1 (the broker grants at most QoS 1 on SUBSCRIBE). amqtt plugins get no
+``PACKET_SENT`` event for these PUBLISH packets (ours do not listen to it).
 """
 
 from __future__ import annotations
