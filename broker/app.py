@@ -35,15 +35,25 @@ amqtt traps (docs/broker.md) and what :class:`ClawBroker` does about them, each 
 (f) Keepalive was not enforced (half-open clients stayed forever, their will never fired) -> a client silent
     for 1.5 x its keepalive is disconnected and its will published (:class:`_ClawHandler`).
 
+(g) Session semantics (MQTT 3.1.1): unacknowledged QoS 1 messages were forgotten after a 5 s PUBACK timeout
+    and never re-sent on resume; offline queues were unbounded; a clean-session connection's session outlived
+    it (a clean-session-0 CONNECT right after reported session present = 1 and resumed it); delivery used the
+    subscription's QoS instead of min(publish QoS, granted QoS). -> outgoing messages go through one
+    :class:`broker.session.Outbox` per session (window ``broker.max_inflight``, queue ``broker.max_queued``,
+    re-send with DUP=1 on resume, in order); a clean session is discarded when its connection ends; delivery
+    QoS is min(publish, granted) and the broker grants at most QoS 1.
+(h) A device could flood the nodes with tasks -> per-device token bucket (:mod:`broker.ratelimit`,
+    ``broker.device_publish_rate`` / ``broker.device_publish_burst``): over the rate a PUBLISH is
+    acknowledged and dropped. (g) and (h) are pinned in ``tests/integration/test_broker_sessions.py``.
+
 Connection hygiene (docs/broker.md "Limits"): a keepalive of 0 or above ``broker.max_keepalive`` is treated as
 ``max_keepalive``; ``broker.max_connections``/``max_connections_per_ip`` close extra connections at once
 (amqtt's own ``max_connections`` makes them hang: not set); failed logins are throttled and the number of
-password checks waiting is bounded (:class:`broker.guard.AuthThrottle`, CONNACK 3); PUBACK timeouts, oversize
+password checks waiting is bounded (:class:`broker.guard.AuthThrottle`, CONNACK 3); full outgoing queues, oversize
 drops and refusals are counted (:attr:`ClawBroker.counters`) and logged at most once a minute per kind.
 
-Not fixed here (documented in docs/broker.md): QoS1 in-flight messages are not redelivered after reconnect and are
-dropped after a 5 s PUBACK timeout, delivery uses the subscription's QoS, offline queues are unbounded and in
-memory, MQTT 5 / ``$share`` are unsupported.
+Not fixed here (documented in docs/broker.md): nothing survives a broker restart, ``max_connections`` makes
+extra clients hang (we do not set it), MQTT 5 / ``$share`` are unsupported, outgoing QoS 2 is not offered.
 
 Performance: the topic ACL is evaluated inline (no amqtt task per plugin call), memoised in
 :func:`broker.acl.allowed`; a publish looks up exact-topic subscriptions by dict and scans only wildcard
@@ -69,6 +79,7 @@ from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BrokerConfig, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -81,7 +92,9 @@ from broker.local import LocalLink
 from broker.plugins import REFUSE_KEY, ROLE_KEY
 from broker.plugins.acl import ClawTopicPlugin
 from broker.plugins.auth import ClawAuthPlugin
+from broker.ratelimit import RateLimiter
 from broker.reader import PacketReader, PacketTooLargeError, ProtocolViolation
+from broker.session import MAX_QOS, OUTBOX_KEY, Outbox
 from claw.config import Settings
 
 log = logging.getLogger(__name__)
@@ -114,29 +127,6 @@ class _ClawHandler(BrokerProtocolHandler):
     """
 
     _expiry_task: asyncio.Task[None] | None = None
-    counters: Counters | None = None  # set by ClawBroker
-    ratelog: RateLimitedLog | None = None
-
-    async def mqtt_publish(self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool,
-                           ack_timeout: int | None = None) -> OutgoingApplicationMessage | None:
-        """amqtt's, but a PUBACK timeout (the client did not acknowledge a QoS 1 message within 5 s; amqtt drops
-        the message) is counted and logged at most once a minute without a traceback, and None is returned
-        instead of raising (one non-acking client made a traceback per message)."""
-        try:
-            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
-        except TimeoutError as exc:
-            if not str(exc).startswith("Timeout waiting for PUBACK"):
-                raise
-        session = self.session
-        if self.counters is not None:
-            self.counters.puback_timeouts += 1
-        if self.ratelog is not None:
-            self.ratelog.log("puback-timeout", logging.WARNING,
-                             "client %r (user %r) did not acknowledge a QoS 1 message on %r within 5 s: dropped "
-                             "(%d such timeouts since start)", session.client_id if session else None,
-                             session.username if session else None, topic[:200],
-                             self.counters.puback_timeouts if self.counters is not None else 0)
-        return None
 
     def handle_read_timeout(self) -> None:
         if self._expiry_task is None:
@@ -232,11 +222,15 @@ class ClawBroker(Broker):
 
     def __init__(self, config: BrokerConfig | dict[str, Any], *, max_packet: int = 1024 * 1024,
                  max_drop: int = 16 * 1024 * 1024, max_keepalive: int = 300, max_connections: int = 0,
-                 max_connections_per_ip: int = 0) -> None:
+                 max_connections_per_ip: int = 0, max_inflight: int = 32, max_queued: int = 1000,
+                 device_publish_rate: float = 0.0, device_publish_burst: int = 20) -> None:
         super().__init__(config)
         self.max_packet = max_packet
         self.max_drop = max_drop
         self.max_keepalive = max_keepalive
+        self.max_inflight = max_inflight
+        self.max_queued = max_queued
+        self.device_limiter = RateLimiter(device_publish_rate, device_publish_burst)
         self.counters = Counters()
         self._ratelog = RateLimitedLog(log)
         self._limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
@@ -273,7 +267,7 @@ class ClawBroker(Broker):
         """A message from the in-process link, broadcast like a client's (no wildcard, no ``$``)."""
         if not topic or "+" in topic or "#" in topic or topic.startswith("$"):
             raise ValueError(f"not a topic to publish to: {topic[:200]!r}")
-        self._broadcast_queue.put_nowait({"session": None, "topic": topic, "data": data})
+        self._broadcast_queue.put_nowait({"session": None, "topic": topic, "data": data, "qos": 1})
 
     async def shutdown(self) -> None:
         self._stopping = True  # no new in-process link from here on (a reconnecting bridge is refused)
@@ -420,9 +414,6 @@ class ClawBroker(Broker):
         incoming.attributes[_PREAUTH_KEY] = True
         if isinstance(reader, PacketReader):
             reader.who = f"client {client_id[:100]!r} (user {username[:100]!r}) at {remote_address}:{remote_port}"
-        if isinstance(handler, _ClawHandler):
-            handler.counters, handler.ratelog = self.counters, self._ratelog
-
         if existing is not None and existing[0].transitions.is_connected():
             await self._take_over(existing[0], existing[1])
         keep_alive = incoming.keep_alive
@@ -464,9 +455,11 @@ class ClawBroker(Broker):
         while old_session.transitions.is_connected() and loop.time() < deadline:
             await asyncio.sleep(0.005)
         if old_session.transitions.is_connected():  # its loop was not running yet: force it
+            self._detach_outbox(old_session, old_handler)
             with contextlib.suppress(Exception):
                 await self._stop_handler(old_handler)
             old_session.transitions.disconnect()
+            await self._discard_clean_session(old_session)
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         pre = session.attributes.pop(_PREAUTH_KEY, None)
@@ -478,13 +471,35 @@ class ClawBroker(Broker):
 
     async def _handle_message_delivery(self, client_session: Session, handler: BrokerProtocolHandler,
                                        wait_deliver: asyncio.Future[Any]) -> bool:
-        if await super()._handle_message_delivery(client_session, handler, wait_deliver):
+        """amqtt's step for a PUBLISH received from a client, keeping the publish QoS for the delivery
+        (amqtt dropped it) and applying the device rate limit (broker/ratelimit.py)."""
+        app_message = wait_deliver.result()
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id,
+                                              message=app_message)
+        if app_message is None:
             return True
-        # amqtt refused the topic ($…, wildcard, empty) and would stop reading but leave the socket open.
-        # Close it through the normal disconnect path instead (will, handler stop, session disconnected).
-        log.warning("closing connection of client %r (user %r): PUBLISH to an invalid topic",
-                    client_session.client_id, client_session.username)
-        await handler.handle_connection_closed()
+        topic = app_message.topic
+        if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
+            # amqtt would stop reading but leave the socket open. Close it through the normal disconnect path
+            # instead (will, handler stop, session disconnected).
+            log.warning("closing connection of client %r (user %r): PUBLISH to an invalid topic",
+                        client_session.client_id, client_session.username)
+            await handler.handle_connection_closed()
+            return True
+        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
+            log.info("client %r (user %r) may not publish to %r: dropped", client_session.client_id,
+                     client_session.username, topic[:200])
+            return True
+        limiter = self.device_limiter
+        if limiter.enabled and client_session.attributes.get(ROLE_KEY) == "device" and \
+                not limiter.allow(client_session.username or ""):
+            return True  # acknowledged (amqtt sent the PUBACK on reading it) and dropped
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id,
+                                              message=app_message)
+        self._broadcast_queue.put_nowait({"session": client_session, "topic": topic, "data": app_message.data,
+                                          "qos": app_message.qos or 0})
+        if app_message.publish_packet and app_message.publish_packet.retain_flag:
+            await self.retain_message(client_session, topic, app_message.data, app_message.qos)
         return True
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
@@ -557,9 +572,12 @@ class ClawBroker(Broker):
         if not targets:
             return
 
+        pub_qos = broadcast.get("qos")
+        if pub_qos is None:
+            pub_qos = MAX_QOS
         fast = self._fast_acl
         for target_session, sub_qos in targets:
-            qos = broadcast.get("qos", sub_qos)
+            qos = min(pub_qos, sub_qos, MAX_QOS)  # MQTT-3.8.4-6: never above what was published
             if fast:
                 role = target_session.attributes.get(ROLE_KEY)
                 sendable = role is not None and acl.allowed(role, target_session.username or "", topic, "receive")
@@ -567,15 +585,69 @@ class ClawBroker(Broker):
                 sendable = await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE)
             if not sendable:
                 continue
-            state = target_session.transitions.state
-            if state != "connected":
-                # queue for a disconnected persistent session (MQTT 3.1.2.4), as amqtt does
-                if not target_session.clean_session and qos in (QOS_1, QOS_2) and not target_session.is_anonymous:
-                    await self._retain_broadcast_message(broadcast, qos, target_session)
-                continue
-            handler = self._get_handler(target_session)
-            if handler:
-                running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
+            if target_session.transitions.state == "connected":
+                self._outbox(target_session).push(topic, data, qos)
+            elif not target_session.clean_session and qos and not target_session.is_anonymous:
+                # queued for a disconnected persistent session (MQTT 3.1.2.4), bounded by broker.max_queued
+                self._outbox(target_session).push(topic, data, qos, online=False)
+
+    # -- sessions: outgoing delivery, resume, end of a clean session (broker/session.py) ----------------------
+
+    def _outbox(self, session: Session) -> Outbox:
+        outbox = session.attributes.get(OUTBOX_KEY)
+        if outbox is None:
+            outbox = session.attributes[OUTBOX_KEY] = Outbox(session.client_id, max_inflight=self.max_inflight,
+                                                             max_queued=self.max_queued, counters=self.counters)
+        return outbox
+
+    @staticmethod
+    def _detach_outbox(session: Session, handler: BrokerProtocolHandler | None) -> None:
+        outbox = session.attributes.get(OUTBOX_KEY)
+        if outbox is not None:
+            outbox.detach(handler)
+
+    async def _discard_clean_session(self, session: Session) -> None:
+        """A clean-session connection ended: its session ends with it [MQTT-3.1.2-6], so a later CONNECT with
+        clean session 0 and the same client id gets session present = 0 and a fresh session (amqtt kept it
+        until its monitor ran, up to a second later, and resumed it)."""
+        if not session.clean_session or not session.client_id:
+            return
+        entry = self._sessions.get(session.client_id)
+        if entry is None or entry[0] is not session:
+            return  # already replaced by a newer connection's session
+        del self._sessions[session.client_id]
+        outbox = session.attributes.pop(OUTBOX_KEY, None)
+        if outbox is not None:
+            outbox.clear()
+        await self._del_all_subscriptions(session)
+        session.clear_queues()
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """Grant at most QoS 1 (the broker does not deliver with QoS 2); a repeated filter takes the new QoS."""
+        topic_filter, qos = subscription
+        granted = await super().add_subscription((topic_filter, min(qos, MAX_QOS)), session)
+        if granted <= MAX_QOS:  # the same filter again replaces the subscription's QoS [MQTT-3.8.4-3]
+            subs = self._subscriptions.get(topic_filter, [])
+            for i, (sub_session, _) in enumerate(subs):
+                if sub_session.client_id == session.client_id:
+                    subs[i] = (session, granted)
+        return granted
+
+    async def _handle_client_session(self, reader: ReaderAdapter, writer: WriterAdapter, client_session: Session,
+                                     handler: BrokerProtocolHandler, server: Any, listener_name: str) -> None:
+        try:
+            await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+        finally:  # also when the connection failed before its message loop ran
+            self._detach_outbox(client_session, handler)
+            if not client_session.transitions.is_connected():
+                await self._discard_clean_session(client_session)
+
+    async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
+                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+        self._detach_outbox(client_session, handler)  # nothing more is written to this connection
+        # before the session is marked disconnected: a takeover waiting for that must find it gone
+        await self._discard_clean_session(client_session)
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
     async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:
@@ -591,17 +663,16 @@ class ClawBroker(Broker):
         return  # nothing is ever retained
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
-        """Send messages queued while a persistent session was offline, with RETAIN=0 (amqtt set RETAIN=1)."""
+        """Called by amqtt right after CONNACK (and its handler start): the session's outbox starts writing to
+        this connection -- first the re-sends of what was in flight (DUP=1), then what was queued, in order."""
         handler = self._get_handler(session)
         if handler is None:
             return
-        tasks = []
-        while not session.retained_messages.empty():
+        outbox = self._outbox(session)
+        while not session.retained_messages.empty():  # amqtt's own offline queue (unused by our broadcast)
             queued = session.retained_messages.get_nowait()
-            tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos,
-                                                                    retain=False)))
-        if tasks:
-            await asyncio.wait(tasks)
+            outbox.push(queued.topic, queued.data, min(queued.qos or 0, MAX_QOS))
+        outbox.attach(handler)
 
 
 @dataclass(frozen=True)
@@ -687,7 +758,10 @@ async def run_broker(settings: Settings) -> AsyncIterator[BrokerHandle]:
     try:
         b = settings.broker
         broker = ClawBroker(cfg, max_packet=b.max_packet, max_drop=b.max_drop, max_keepalive=b.max_keepalive,
-                            max_connections=b.max_connections, max_connections_per_ip=b.max_connections_per_ip)
+                            max_connections=b.max_connections, max_connections_per_ip=b.max_connections_per_ip,
+                            max_inflight=b.max_inflight, max_queued=b.max_queued,
+                            device_publish_rate=b.device_publish_rate,
+                            device_publish_burst=b.device_publish_burst)
     except Exception as exc:  # plugin load (e.g. LMDB cannot be opened)
         raise BrokerStartError(f"broker cannot be created: {exc}") from exc
     try:

@@ -53,7 +53,7 @@ class Counters:
     conn_refused_ip: int = 0  # closed at once: broker.max_connections_per_ip reached for that IP
     oversize_dropped: int = 0  # PUBLISH payload above max_packet, read and dropped (acknowledged if QoS 1)
     oversize_closed: int = 0  # packet above its hard limit: connection closed
-    puback_timeouts: int = 0  # a QoS 1 delivery the client did not acknowledge within 5 s (dropped)
+    queue_dropped: int = 0  # messages to a client dropped: its session's queue was full (broker.max_queued)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -65,6 +65,10 @@ class BrokerSettings(_Section):
     max_connections: int = 10000  # open client connections in all (0 = no cap); more are closed at once
     max_connections_per_ip: int = 500  # ... from one IP address (0 = no cap)
     auth_queue: int = 64  # password checks (scrypt) waiting or running; more -> CONNACK 3 at once
+    max_inflight: int = 32  # unacknowledged QoS 1 messages per session before the broker waits for PUBACKs
+    max_queued: int = 1000  # messages queued per session (offline, or waiting for the window); more are dropped
+    device_publish_rate: float = 5.0  # messages/s a device account may publish on average (0 = no limit)
+    device_publish_burst: int = 20  # messages a device account may publish at once
 
     def __post_init__(self) -> None:
         _check_hostport(self.listen, "broker.listen", allow_empty=True)
@@ -79,6 +83,10 @@ class BrokerSettings(_Section):
             raise ValueError("broker.max_connections and broker.max_connections_per_ip must be >= 0 (0 = no cap)")
         if self.auth_queue < 1:
             raise ValueError("broker.auth_queue must be >= 1")
+        if not 1 <= self.max_inflight <= 65535 or self.max_queued < 0:
+            raise ValueError("broker.max_inflight must be 1-65535 and broker.max_queued >= 0")
+        if self.device_publish_rate < 0 or self.device_publish_burst < 1:
+            raise ValueError("broker.device_publish_rate must be >= 0 and broker.device_publish_burst >= 1")
 
 
 class MqttSettings(_Section):

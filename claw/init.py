@@ -141,6 +141,13 @@ max_connections = {br.max_connections}
 max_connections_per_ip = {br.max_connections_per_ip}
 # Password checks waiting at once; more are refused with "server unavailable" (the client retries).
 auth_queue = {br.auth_queue}
+# Per session: unacknowledged QoS 1 messages in flight, and messages queued (offline or behind them).
+max_inflight = {br.max_inflight}
+max_queued = {br.max_queued}
+# Messages per second a device account may publish on average, and at once (0 = no limit); above it the
+# broker acknowledges and drops them. Nodes are not limited.
+device_publish_rate = {br.device_publish_rate}
+device_publish_burst = {br.device_publish_burst}
 
 # [mqtt] is used by the edge only with an external broker (broker.enabled = false, e.g. Mosquitto);
 # with the embedded broker the edge talks to it over the loopback listener. Keys as in b.toml:
