@@ -23,7 +23,7 @@ import wire
 
 from .auth import Claims
 from .bridge import Bridge, LiveTask, done_frame
-from .keys import BRIDGE, SESSIONS, SETTINGS, STORE, TOKENS
+from .keys import BRIDGE, BROKER, SESSIONS, SETTINGS, STORE, TOKENS
 from .store import StoreFull
 
 log = logging.getLogger(__name__)
@@ -299,8 +299,19 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE claw_edge_mqtt_connected gauge", f"claw_edge_mqtt_connected {int(b.connected)}",
         *b.stages.prometheus("claw_edge_stage_seconds",
                              "Stage latency of answers seen by the edge, from the wire timing stamps (seconds)"),
+        *_broker_lines(request.app.get(BROKER)),
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _broker_lines(broker: Any) -> list[str]:
+    """The embedded broker's refusal counters (docs/broker.md "Limits"); none with an external broker."""
+    if broker is None:
+        return []
+    counts = broker.counters.as_dict()
+    counts["device_rate_dropped"] = broker.device_limiter.dropped
+    return ["# TYPE claw_broker_refused_total counter",
+            *[f'claw_broker_refused_total{{kind="{k}"}} {v}' for k, v in sorted(counts.items())]]
 
 
 async def index(request: web.Request) -> web.FileResponse:

@@ -24,7 +24,7 @@ from claw.runtime import start_http
 from . import api
 from .auth import Tokens, load_or_create_secret
 from .bridge import Bridge
-from .keys import BRIDGE, RETENTION, SESSIONS, SETTINGS, STORE, TOKENS, WECOM
+from .keys import BRIDGE, BROKER, RETENTION, SESSIONS, SETTINGS, STORE, TOKENS, WECOM
 from .store import Retention, TaskStore
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ async def _mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
             handle = await stack.enter_async_context(run_broker(s))
             app[INFO].mqtt_tls_port = handle.tls_port
             app[INFO].mqtt_local_port = handle.local_port
+            app[BROKER] = handle.broker
             # The bridge is in the broker's process: an in-process link, not a loopback MQTT client.
             client: aiomqtt.Client | LocalLink = LocalLink(handle.broker)
         else:

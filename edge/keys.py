@@ -24,3 +24,5 @@ TOKENS = web.AppKey("tokens", Tokens)
 BRIDGE = web.AppKey("bridge", "Bridge")
 SESSIONS = web.AppKey("sessions", "weakref.WeakSet[WsSession]")
 WECOM = web.AppKey("wecom", "WeComChannel")
+# the embedded broker (when it runs in this process): its refusal counters for /metrics
+BROKER = web.AppKey("broker", "ClawBroker")

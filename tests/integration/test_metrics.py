@@ -84,3 +84,31 @@ async def test_stage_histograms_on_edge_and_node(tmp_path: Path, pki_dir: Path) 
         with pytest.raises(aiohttp.ClientConnectionError):
             async with s.get(f"http://127.0.0.1:{port}/metrics"):
                 pass
+
+
+async def test_broker_refusals_are_on_the_edges_metrics(tmp_path: Path, pki_dir: Path) -> None:
+    """The embedded broker's refusal counters (client id, throttling, caps, oversize, full queues, device rate)
+    reach the edge's /metrics, so an operator sees an attack without reading logs."""
+    import ssl
+
+    import aiomqtt
+
+    from broker.creds import CredentialStore
+    from claw.mqtt import make_client
+
+    async with run_system(tmp_path, pki_dir, start_node=False) as sys_, aiohttp.ClientSession() as s:
+        user, password = CredentialStore(sys_.settings.data_dir).add("device", "m1")
+        tls = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
+        client = make_client(host="localhost", port=sys_.settings.mqtt.port, username=user, password=password,
+                             identifier="node.b1", tls=tls)  # not this credential's client id
+        with pytest.raises(aiomqtt.MqttError):
+            async with client:
+                pass
+        async with s.get(f"{sys_.http}/metrics") as r:
+            assert r.status == 200
+            text = await r.text()
+        refused = {m.group(1): float(m.group(2)) for m in
+                   re.finditer(r'^claw_broker_refused_total\{kind="(\w+)"\} (\S+)$', text, re.M)}
+        assert refused["client_id_refused"] == 1
+        assert {"auth_throttled", "auth_busy", "oversize_dropped", "queue_dropped",
+                "device_rate_dropped"} <= set(refused)
