@@ -194,7 +194,7 @@ class WeComChannel:
         if not hmac.compare_digest(expected.encode(), sig.lower().encode("utf-8", "replace")):
             return self._reject(403, "bad signature (check wecom.token)", request)
         window = self.cfg.replay_window_s
-        if not ts.isdigit() or (window and abs(time.time() - int(ts)) > window):
+        if not (ts.isascii() and ts.isdigit()) or (window and abs(time.time() - int(ts)) > window):  # not "²"
             return self._reject(403, "stale or bad timestamp (replayed callback?)", request)
         try:
             xml = self.crypto.decrypt_message({"Encrypt": encrypt}, sig, ts, nonce)
@@ -226,7 +226,10 @@ class WeComChannel:
             wire.check_uid(uid)
         except Exception:  # noqa: BLE001
             raise _Bad("FromUserName has characters WeCom UserIDs do not have") from None
-        agent = getattr(msg, "agent", None)
+        try:
+            agent = getattr(msg, "agent", None)  # wechatpy converts on access: int("abc") raises
+        except (TypeError, ValueError):
+            raise _Bad("message with a non-numeric AgentID") from None
         if self.cfg.agent_id and agent not in (None, "") and str(agent) != str(self.cfg.agent_id):
             raise _Bad(f"message for another app (AgentID {str(agent)[:12]})")
         mtype = msg.type
@@ -237,7 +240,7 @@ class WeComChannel:
             return
         try:
             msg_id = int(getattr(msg, "id", 0) or 0)
-            ts_ms = int(msg.time) * 1000
+            ts_ms = _ts_ms(msg.time)
         except (TypeError, ValueError):
             raise _Bad("message with a non-numeric MsgId or CreateTime") from None
         key = f"wc:m:{msg_id}".encode() if msg_id else f"wc:m:{user}:{ts_ms}".encode()
@@ -315,7 +318,7 @@ class WeComChannel:
     async def _on_event(self, user: str, msg: Any) -> None:
         event = str(getattr(msg, "event", "") or "").lower()
         try:
-            ts_ms = int(msg.time) * 1000
+            ts_ms = _ts_ms(msg.time)
         except (TypeError, ValueError):
             raise _Bad("event without a numeric CreateTime") from None
         key = f"wc:e:{user}:{ts_ms}".encode()
@@ -494,6 +497,14 @@ class _ProgressiveSink:
 
 class _Bad(Exception):
     pass
+
+
+def _ts_ms(create_time: Any) -> int:
+    """CreateTime (seconds) in ms; ValueError unless it fits the store's unsigned 64-bit stamp."""
+    ts_ms = int(create_time) * 1000
+    if not 0 <= ts_ms < 1 << 64:
+        raise ValueError("CreateTime out of range")
+    return ts_ms
 
 
 def _signature(token: str, ts: str, nonce: str, encrypt: str) -> str:
