@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_SEED = 20261203
-DEFAULT_BUDGET_S = 12.0  # seconds of fuzzing per suite (three suites: about a minute with start and checks)
+DEFAULT_BUDGET_S = 10.0  # seconds of fuzzing per suite (three suites + findings: about a minute in all)
 CANARY_STALL_S = 15.0  # the canary must finish a round at least this often while the fuzzer runs (generous)
 RSS_GROWTH_MAX = 256 << 20  # the test process (system + fuzzer) may not grow more than this while fuzzing
 MAX_ERROR_RECORDS = 0  # ERROR log records (tracebacks) the fuzz input may cause; see ErrorLog.allow
