@@ -52,6 +52,10 @@ class Fuzz:
         print(f"\nfuzz {self.suite}: seed {self.seed} (CLAW_FUZZ_SEED), budget {self.budget:g} s "
               f"(CLAW_FUZZ_BUDGET_S)", file=sys.stderr)
 
+    def begin(self) -> None:
+        """The budget counts from here (after the system started)."""
+        self.started = time.monotonic()
+
     def rng(self, i: int) -> random.Random:
         return random.Random(f"{self.seed}/{self.suite}/{i}")
 
@@ -185,6 +189,21 @@ class Canary:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+
+def alive(sys_: Any, where: str = "") -> None:
+    """The system's servers are still up: the node's task runs, the edge's broker link is connected and the
+    embedded broker runs (all in this process)."""
+    from edge.keys import BRIDGE
+
+    task = sys_.node_task
+    if task is not None and task.done():
+        exc = None if task.cancelled() else task.exception()
+        raise AssertionError(f"the node stopped {where}: {exc!r}")
+    bridge = sys_.app[BRIDGE]
+    assert bridge.connected, f"the edge lost its broker link {where}"
+    broker = getattr(bridge.client, "_broker", None)
+    assert broker is None or broker.running, f"the embedded broker stopped {where}"
 
 
 async def run_workers(n: int, worker: Callable[[int], Awaitable[Any]]) -> None:

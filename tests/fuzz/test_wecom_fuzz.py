@@ -12,7 +12,6 @@ bounded, and each round of the canary (a fresh member's text message) is answere
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -76,11 +75,14 @@ async def test_wecom_callback_fuzz_while_a_member_is_answered(tmp_path: Path, pk
                         if label == "get_ok":
                             assert status == 200, where
                         canary.check(where)
+                        harness.alive(sys_, where)
                         assert not errors.records, f"ERROR logged; {fuzz.in_flight()}\n{errors.report()}"
 
+                fuzz.begin()
                 await harness.run_workers(WORKERS, worker)
                 print(fuzz.summary())
                 canary.check("after fuzzing")
+                harness.alive(sys_, "after fuzzing")
                 await canary.wait_rounds(2)
                 rss1 = harness.rss()
                 print(canary.stats(), f"rss {rss0} -> {rss1}")
@@ -89,5 +91,4 @@ async def test_wecom_callback_fuzz_while_a_member_is_answered(tmp_path: Path, pk
                 async with s.get(f"{sys_.http}/healthz") as r:
                     assert r.status == 200
                 assert fuzz.cases >= 20, fuzz.summary()
-                await asyncio.sleep(0)
         assert not errors.records, errors.report()

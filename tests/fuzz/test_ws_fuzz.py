@@ -115,6 +115,7 @@ async def test_ws_fuzz_while_another_user_is_answered(tmp_path: Path, pki_dir: P
 
                     def healthy(where: str) -> None:
                         canary.check(where)
+                        harness.alive(sys_, where)
                         assert not errors.records, (f"ERROR logged; {fuzz.in_flight()}\n{jfuzz.in_flight()}\n"
                                                     f"{errors.report()}")
 
@@ -149,6 +150,8 @@ async def test_ws_fuzz_while_another_user_is_answered(tmp_path: Path, pki_dir: P
                                 healthy(where)
                                 await asyncio.sleep(0.005)  # one steady client, not a flood: the raw cases run too
 
+                    fuzz.begin()
+                    jfuzz.begin()
                     await harness.run_workers(RAW_WORKERS + 1,
                                               lambda k: raw_worker(k) if k < RAW_WORKERS else json_worker(k))
                     print(fuzz.summary())
