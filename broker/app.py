@@ -135,6 +135,20 @@ class _ClawHandler(BrokerProtocolHandler):
                      session.client_id if session else None, session.username if session else None)
             self._expiry_task = asyncio.get_running_loop().create_task(self.handle_connection_closed())
 
+    async def handle_publish(self, publish_packet: Any) -> None:
+        # Both QoS bits set is malformed [MQTT-3.3.1-4]: close the connection. amqtt kept it open and its
+        # publish task failed with a traceback logged at ERROR ("never retrieved"), one per such packet.
+        if publish_packet.qos == 3:
+            session = self.session
+            log.info("client %r (user %r) sent a PUBLISH with QoS 3: closing its connection",
+                     session.client_id if session else None, session.username if session else None)
+            await self.handle_connection_closed()  # will, session disconnected (as for a bad topic) ...
+            if self.writer is not None:  # ... and the socket (else it stays open until the peer closes it)
+                with contextlib.suppress(Exception):
+                    await self.writer.close()
+            return
+        await super().handle_publish(publish_packet)
+
 
 class _Subscriptions(dict[str, list[tuple[Session, int]]]):
     """amqtt's filter -> subscribers dict, with a version bumped whenever the set of filters changes."""

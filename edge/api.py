@@ -146,7 +146,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         return _err(400, "bad_json", "请求体不是有效的 JSON")
     if not isinstance(body, dict):
         return _err(400, "bad_json", "请求体必须是 JSON 对象")
@@ -497,7 +497,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
 async def _on_frame(app: web.Application, bridge: Bridge, sess: WsSession, data: str) -> None:
     try:
         frame = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deep (a 64 KiB frame can)
         sess.push({"type": "error", "code": "bad_json", "message": "帧不是有效的 JSON"})
         return
     if not isinstance(frame, dict):

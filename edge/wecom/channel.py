@@ -153,7 +153,8 @@ class WeComChannel:
     def _fresh(self, ts: str) -> bool:
         """The (signed) timestamp is within wecom.replay_window_s of our clock, either way (0: no check)."""
         window = self.cfg.replay_window_s
-        return ts.isdigit() and len(ts) <= 12 and (not window or abs(time.time() - int(ts)) <= window)
+        return (ts.isascii() and ts.isdigit() and len(ts) <= 12  # isdigit() alone accepts "²"
+                and (not window or abs(time.time() - int(ts)) <= window))
 
     async def handle_get(self, request: web.Request) -> web.Response:
         q = self._query(request)
@@ -239,7 +240,10 @@ class WeComChannel:
             wire.check_uid(uid)
         except Exception:  # noqa: BLE001
             raise _Bad("FromUserName has characters WeCom UserIDs do not have") from None
-        agent = getattr(msg, "agent", None)
+        try:
+            agent = getattr(msg, "agent", None)  # wechatpy converts on access: int("abc") raises
+        except (TypeError, ValueError):
+            raise _Bad("message with a non-numeric AgentID") from None
         if self.cfg.agent_id and agent not in (None, "") and str(agent) != str(self.cfg.agent_id):
             raise _Bad(f"message for another app (AgentID {str(agent)[:12]})")
         mtype = msg.type
@@ -250,7 +254,7 @@ class WeComChannel:
             return
         try:
             msg_id = int(getattr(msg, "id", 0) or 0)
-            ts_ms = int(msg.time) * 1000
+            ts_ms = _ts_ms(msg.time)
         except (TypeError, ValueError):
             raise _Bad("message with a non-numeric MsgId or CreateTime") from None
         key = f"wc:m:{msg_id}".encode() if msg_id else f"wc:m:{user}:{ts_ms}".encode()
@@ -328,7 +332,7 @@ class WeComChannel:
     async def _on_event(self, user: str, msg: Any) -> None:
         event = str(getattr(msg, "event", "") or "").lower()
         try:
-            ts_ms = int(msg.time) * 1000
+            ts_ms = _ts_ms(msg.time)
         except (TypeError, ValueError):
             raise _Bad("event without a numeric CreateTime") from None
         key = f"wc:e:{user}:{ts_ms}".encode()
@@ -507,6 +511,14 @@ class _ProgressiveSink:
 
 class _Bad(Exception):
     pass
+
+
+def _ts_ms(create_time: Any) -> int:
+    """CreateTime (seconds) in ms; ValueError unless it fits the store's unsigned 64-bit stamp."""
+    ts_ms = int(create_time) * 1000
+    if not 0 <= ts_ms < 1 << 64:
+        raise ValueError("CreateTime out of range")
+    return ts_ms
 
 
 def _signature(token: str, ts: str, nonce: str, encrypt: str) -> str:
