@@ -87,7 +87,7 @@ def _payload(rng: random.Random) -> bytes:
 
 def template(rng: random.Random, name: str, user: str) -> bytes:
     if name == "connect":
-        return connect(f"fz-{rng.getrandbits(32):08x}", user, "not-the-password")
+        return connect(f"{user}:fz-{rng.getrandbits(32):08x}", user, "not-the-password")
     if name in ("publish", "publish1"):
         return publish(_uid_topic(rng, user), _payload(rng), qos=1 if name == "publish1" else 0,
                        pid=rng.randint(0, 65535), retain=rng.random() < 0.1)
@@ -146,7 +146,8 @@ def make_case(rng: random.Random, cred: tuple[str, str]) -> tuple[list[bytes], s
     """One connection's worth of bytes. ``cred`` is a real device credential (post-CONNECT paths are reached
     with it); the case never uses the canary's client id."""
     user, password = cred
-    good_connect = connect(f"fz-{rng.getrandbits(32):08x}", user, password, keepalive=rng.choice([0, 5, 60]),
+    good_connect = connect(f"{user}:fz-{rng.getrandbits(32):08x}", user, password,
+                           keepalive=rng.choice([0, 5, 60]),
                            clean=rng.random() < 0.8)
     r = rng.random()
     if r < 0.10:
@@ -158,7 +159,7 @@ def make_case(rng: random.Random, cred: tuple[str, str]) -> tuple[list[bytes], s
         level = rng.choice([0, 1, 2, 3, 5, 6, 127, 255])
         name = rng.choice([b"MQTT", b"MQIsdp", b"MQTT5", b"", b"\xff\xfe", b"mqtt"])
         flags = rng.choice([None, 0x01, 0xFF, 0x20 | 0xC0, 0x18 | 0xC0])
-        return [connect(f"fz-{rng.getrandbits(32):08x}", user, password, level=level, name=name,
+        return [connect(f"{user}:fz-{rng.getrandbits(32):08x}", user, password, level=level, name=name,
                         flags=flags)], "connect_protocol"
     if r < 0.40:  # a packet before CONNECT
         return [template(rng, rng.choice(TEMPLATES[1:]), user)], "before_connect"
@@ -173,7 +174,8 @@ def make_case(rng: random.Random, cred: tuple[str, str]) -> tuple[list[bytes], s
         return [good_connect, pkt], "bad_utf8"
     if r < 0.60:  # a bad will, client id or username in CONNECT
         will = (rng.choice(["claw/v1/task/+", "claw/v1/node/t1", f"claw/v1/task/{user}", "#", ""]), b"w")
-        cid = rng.choice([b"", b"\xff\xfe", b"dev.lamp", b"x" * 5000, b"node-t1"])
+        cid = rng.choice([b"", b"\xff\xfe", b"dev.lamp", b"x" * 5000, b"node-t1", b"node.t1", user.encode(),
+                          f"{user}:".encode(), f"{user}:{'x' * 80}".encode()])
         return [connect(cid, user, password, will=will, clean=rng.random() < 0.5)], "connect_fields"
     # a good CONNECT, then a few (mostly mutated) packets
     pkts = [good_connect]

@@ -90,7 +90,7 @@ async def test_a_second_connect_is_not_logged_at_error(tmp_path: Path, pki_dir: 
     async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
         reader, writer, user = await _mqtt_session(sys_, "twice")
         try:
-            writer.write(connect("twice-1", user, "not-checked-again"))
+            writer.write(connect(f"{user}:1", user, "not-checked-again"))
             await _closed_by_peer(reader)  # the broker closes the connection
         finally:
             writer.close()
@@ -105,7 +105,7 @@ async def _mqtt_session(sys_: System, name: str) -> tuple[asyncio.StreamReader, 
     tls = ssl.create_default_context(cafile=str(Path(sys_.settings.data_dir) / "pki" / "ca.crt"))
     reader, writer = await asyncio.open_connection("127.0.0.1", sys_.settings.mqtt.port, ssl=tls,
                                                    server_hostname="localhost")
-    writer.write(connect(f"{name}-1", user, password))
+    writer.write(connect(f"{user}:1", user, password))
     assert (await asyncio.wait_for(reader.readexactly(4), 10)) == b"\x20\x02\x00\x00"  # CONNACK accepted
     return reader, writer, user
 

@@ -83,7 +83,10 @@ async def test_mqtt_fuzz_at_the_tls_port_while_a_device_is_answered(tmp_path: Pa
     errors.allow("[MQTT-3.1.0-2]")
     cfg = FakeLLMConfig(n_tokens=5, tokens_per_s=0, token_chars=2)
     with errors.installed():
-        async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_:
+        # the canary asks one question after the other, faster than a device's default publish rate (5/s): give
+        # it room, while the limiter stays on for the fuzzing device
+        async with run_system(tmp_path, pki_dir, fake_cfg=cfg,
+                              broker={"device_publish_rate": 100, "device_publish_burst": 200}) as sys_:
             port = sys_.settings.mqtt.port
             tls = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
             from claw.mqtt import make_client
@@ -159,7 +162,7 @@ async def test_mqtt_fuzz_at_the_tls_port_while_a_device_is_answered(tmp_path: Pa
                     # every fuzz connection is gone (none half-open, none keeping a session connected)
                     await wait_until(lambda: set(_connected(sys_)) <= base_sessions, 15)
                     # a fresh, well-behaved connection still gets its CONNACK and PINGRESP
-                    _, got = await _exchange(port, tls, [connect("fz-final", *cred), PINGREQ])
+                    _, got = await _exchange(port, tls, [connect(f"{cred[0]}:final", *cred), PINGREQ])
                     assert got == b"\x20\x02\x00\x00\xd0\x00", got.hex()
                     assert fuzz.cases >= 20, fuzz.summary()
                     assert errors.known <= fuzz.cases, "more than one known ERROR line per connection"

@@ -169,7 +169,10 @@ async def test_a_flooding_device_is_refused_over_its_bound_and_others_still_run(
                                                                                pki_dir: Path) -> None:
     cfg = FakeLLMConfig(n_tokens=2000, tokens_per_s=20, token_chars=3)  # the first answer outlasts the flood
     bound, sent = 5, 30
-    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"max_pending_per_uid": bound}) as sys_, \
+    # the broker's device publish rate is off here: this is the node's own bound, for a device on an external
+    # broker (or a burst within the rate)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"max_pending_per_uid": bound},
+                          broker={"device_publish_rate": 0}) as sys_, \
             device(sys_, pki_dir, "flood") as a, aiohttp.ClientSession() as s:
         node = sys_.node
         ids = [os.urandom(16) for _ in range(sent)]
@@ -204,7 +207,8 @@ async def test_a_flooding_device_is_refused_over_its_bound_and_others_still_run(
 async def test_a_full_node_refuses_devices_and_leaves_edge_tasks_with_the_edge(tmp_path: Path,
                                                                              pki_dir: Path) -> None:
     cfg = FakeLLMConfig(n_tokens=2000, tokens_per_s=20, token_chars=3)
-    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"max_pending": 2}) as sys_, \
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"max_pending": 2},
+                          broker={"device_publish_rate": 0}) as sys_, \
             device(sys_, pki_dir, "a") as a, device(sys_, pki_dir, "b") as b, device(sys_, pki_dir, "c") as c, \
             aiohttp.ClientSession() as s:
         node = sys_.node
