@@ -437,3 +437,37 @@ async def test_wecom_callbacks_outside_the_time_window_are_refused(tmp_path: Pat
                 assert r.status == 200 and await r.text() == "echo-2"
         status, _ = await sim.text("zhangsan", "你好").post(s, url)
         assert status == 200
+
+
+async def test_one_user_never_reads_resumes_or_stops_anothers_task(tmp_path: Path, pki_dir: Path) -> None:
+    """Bob holds a valid token of his own and Alice's task id: every way to reach her task is refused."""
+    from node.fakellm import FakeLLMConfig
+    from tests.integration.test_e2e import collect
+
+    cfg = FakeLLMConfig(n_tokens=30, tokens_per_s=300, token_chars=2)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
+        alice, bob = await sys_.login(s, "alice"), await sys_.login(s, "bob")
+        async with s.ws_connect(f"{sys_.http}/api/ws", headers={"Authorization": f"Bearer {alice}"}) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "ask", "text": "爱丽丝的问题"})
+            frames, done = await collect(ws)
+        task = done["task"]
+        assert done["status"] == "ok" and done["text"]
+
+        bearer = {"Authorization": f"Bearer {bob}"}
+        async with s.get(f"{sys_.http}/api/tasks/{task}", headers=bearer) as r:
+            assert r.status == 404
+        async with s.get(f"{sys_.http}/api/tasks", headers=bearer) as r:
+            assert r.status == 200 and (await r.json())["tasks"] == []
+        async with s.ws_connect(f"{sys_.http}/api/ws", headers=bearer) as ws:
+            await ws.receive_json()  # node presence
+            for frame in ({"type": "resume", "task": task, "seq": 0}, {"type": "stop", "task": task},
+                          {"type": "ask", "text": "偷看", "id": task}):
+                await ws.send_json(frame)
+                got = await asyncio.wait_for(ws.receive_json(), 10)
+                # (a stop answers not_running alike for a task that is not yours, unknown or finished)
+                assert got["type"] == "error" and got["code"] in ("forbidden", "not_found", "not_running"), \
+                    (frame, got)
+                assert done["text"] not in str(got)
+            await ws.send_json({"type": "ping"})
+            assert (await asyncio.wait_for(ws.receive_json(), 10)) == {"type": "pong"}  # nothing else came
