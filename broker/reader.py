@@ -17,8 +17,10 @@ Limits (docs/broker.md "Limits"):
 
 Protocol checks that amqtt gets wrong, each closing the connection (through amqtt's normal path, so a will
 fires) with a WARNING at most once a minute per kind: a second CONNECT [MQTT-3.1.0-2] (amqtt logged it at
-ERROR), and a PUBLISH whose topic name is empty, not UTF-8, holds U+0000 or a wildcard (amqtt's parser refused
-a wildcard in the middle of the packet and read on from there, leaving the connection half-dead).
+ERROR); a PUBLISH whose topic name is empty, not UTF-8, holds U+0000 or a wildcard (amqtt's parser refused
+a wildcard in the middle of the packet and read on from there, leaving the connection half-dead); a packet of
+a reserved type, or of a type with a fixed remaining length (PUBACK, PINGREQ, ...) but another one (amqtt
+parsed the rest of such a packet as further packets).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from broker.guard import Counters, RateLimitedLog
 log = logging.getLogger(__name__)
 
 CONNECT, PUBLISH = 1, 3
+# The remaining length MQTT 3.1.1 fixes for a packet type: CONNACK, PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK
+# (a packet id or two bytes), PINGREQ, PINGRESP, DISCONNECT (nothing). amqtt reads just that much and takes
+# whatever follows inside the packet for the next packet (a CONNECT hidden in a long PUBACK was handled).
+_FIXED_LENGTH = {2: 2, 4: 2, 5: 2, 6: 2, 7: 2, 11: 2, 12: 0, 13: 0, 14: 0}
 CONNECT_MAX = 64 * 1024
 CONTROL_MAX = 64 * 1024
 _DROP_CHUNK = 64 * 1024
@@ -126,6 +132,11 @@ class PacketReader(ReaderAdapter):
                 return
             if ptype == CONNECT:  # [MQTT-3.1.0-2]: a second CONNECT is a protocol violation
                 self._violation("second-connect", "sent a second CONNECT")
+            if ptype in (0, 15):  # reserved (amqtt read on after its header)
+                self._violation("malformed", f"sent a packet of reserved type {ptype}")
+            want = _FIXED_LENGTH.get(ptype)
+            if want is not None and rl != want:
+                self._violation("malformed", f"sent a packet of type {ptype} with remaining length {rl}, not {want}")
             if ptype != PUBLISH:
                 if rl > self.control_max:
                     self._too_large(f"packet of type {ptype} with {rl} bytes exceeds {self.control_max}")

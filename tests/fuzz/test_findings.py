@@ -214,6 +214,35 @@ async def test_a_publish_to_an_invalid_topic_closes_the_connection_will_fires(
     assert not _errors(caplog), _errors(caplog)
 
 
+@pytest.mark.parametrize("kind", ["puback", "pingreq", "reserved"])
+async def test_a_packet_longer_than_its_type_allows_closes_the_connection(
+        tmp_path: Path, pki_dir: Path, caplog: pytest.LogCaptureFixture, kind: str) -> None:
+    """Found by the MQTT fuzz suite once its cases got past CONNECT: amqtt reads only the bytes a PUBACK,
+    PINGREQ, ... has by definition and parsed the rest of a longer one as further packets (a CONNECT hidden in
+    a PUBACK was logged at ERROR, a PINGREQ in a PINGREQ answered twice); a reserved type's body likewise.
+    Now such a packet closes the connection through the normal path (the will fires)."""
+    async with run_system(tmp_path, pki_dir, start_node=False) as sys_, _watcher(sys_) as watch:
+        reader, writer, user = await _mqtt_session(sys_, "long", will=b"gone")
+        hidden = connect(f"{user}:2", user, "x") if kind == "puback" else PINGREQ
+        first = {"puback": 0x40, "pingreq": 0xC0, "reserved": 0xF0}[kind]
+        body = (b"\x00\x01" if kind == "puback" else b"") + hidden
+        try:
+            writer.write(bytes([first, len(body)]) + body + PINGREQ)
+            got = b""
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(1024):
+                    got += chunk
+            assert got == b"", got
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        msg = await asyncio.wait_for(anext(watch.messages), 10)
+        assert (msg.topic.value, msg.payload) == (f"claw/v1/task/{user}", b"gone")
+        await _still_served(sys_)
+    assert not _errors(caplog), _errors(caplog)
+
+
 async def test_a_large_publish_to_a_wildcard_topic_closes_the_connection(tmp_path: Path, pki_dir: Path) -> None:
     """The same for a PUBLISH above broker.max_packet (read and dropped, not passed to amqtt): not acknowledged."""
     async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
