@@ -14,6 +14,13 @@ Limits (docs/broker.md "Limits"):
   in 64 KiB pieces and thrown away, never buffered: QoS 0 is simply dropped, QoS 1 is acknowledged (PUBACK) so
   the client does not send it again on every reconnect; QoS 2 closes the connection. Every drop is counted
   (``Counters.oversize_dropped``) and logged at most once a minute. Above ``drop_max`` the connection is closed.
+
+Protocol checks that amqtt gets wrong, each closing the connection (through amqtt's normal path, so a will
+fires) with a WARNING at most once a minute per kind: a second CONNECT [MQTT-3.1.0-2] (amqtt logged it at
+ERROR); a PUBLISH whose topic name is empty, not UTF-8, holds U+0000 or a wildcard (amqtt's parser refused
+a wildcard in the middle of the packet and read on from there, leaving the connection half-dead); a packet of
+a reserved type, or of a type with a fixed remaining length (PUBACK, PINGREQ, ...) but another one (amqtt
+parsed the rest of such a packet as further packets).
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ from broker.guard import Counters, RateLimitedLog
 log = logging.getLogger(__name__)
 
 CONNECT, PUBLISH = 1, 3
+# The remaining length MQTT 3.1.1 fixes for a packet type: CONNACK, PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK
+# (a packet id or two bytes), PINGREQ, PINGRESP, DISCONNECT (nothing). amqtt reads just that much and takes
+# whatever follows inside the packet for the next packet (a CONNECT hidden in a long PUBACK was handled).
+_FIXED_LENGTH = {2: 2, 4: 2, 5: 2, 6: 2, 7: 2, 11: 2, 12: 0, 13: 0, 14: 0}
 CONNECT_MAX = 64 * 1024
 CONTROL_MAX = 64 * 1024
 _DROP_CHUNK = 64 * 1024
@@ -119,13 +130,22 @@ class PacketReader(ReaderAdapter):
                 self.connect_client_id = _connect_client_id(body)
                 self._buf = bytes(header) + body
                 return
+            if ptype == CONNECT:  # [MQTT-3.1.0-2]: a second CONNECT is a protocol violation
+                self._violation("second-connect", "sent a second CONNECT")
+            if ptype in (0, 15):  # reserved (amqtt read on after its header)
+                self._violation("malformed", f"sent a packet of reserved type {ptype}")
+            want = _FIXED_LENGTH.get(ptype)
+            if want is not None and rl != want:
+                self._violation("malformed", f"sent a packet of type {ptype} with remaining length {rl}, not {want}")
             if ptype != PUBLISH:
                 if rl > self.control_max:
                     self._too_large(f"packet of type {ptype} with {rl} bytes exceeds {self.control_max}")
                 self._buf = bytes(header) + await rd.readexactly(rl) if rl else bytes(header)
                 return
             if rl <= self.max_packet:  # the payload is smaller still
-                self._buf = bytes(header) + await rd.readexactly(rl)
+                body = await rd.readexactly(rl)
+                self._check_topic(body)
+                self._buf = bytes(header) + body
                 return
             if rl > self.drop_max + 2 + 65535 + 2:
                 self._too_large(f"PUBLISH of {rl} bytes exceeds broker.max_drop={self.drop_max}")
@@ -136,6 +156,7 @@ class PacketReader(ReaderAdapter):
             payload = rl - len(head)
             if payload < 0:
                 raise ProtocolViolation(f"{self.who}: malformed PUBLISH")
+            self._check_topic(head)
             if payload <= self.max_packet:
                 self._buf = bytes(header) + head + await rd.readexactly(payload)
                 return
@@ -160,10 +181,45 @@ class PacketReader(ReaderAdapter):
                              " (acknowledged so that it is not sent again)" if qos == 1 else "")
             # and on to the next packet: amqtt never sees this one
 
+    def _check_topic(self, body: bytes) -> None:
+        """Close the connection on a PUBLISH whose topic name is not one (the body starts with the topic).
+
+        amqtt's parser raised on a wildcard topic in the middle of the packet and read on from there, taking
+        the rest of the packet for the next one: no PUBACK, no PINGRESP, and the connection stayed open;
+        a topic of invalid UTF-8 was taken as the ``repr`` of its bytes."""
+        if len(body) < 2:
+            return  # amqtt reads past the end of the packet: ProtocolViolation
+        (tlen,) = struct.unpack_from("!H", body, 0)
+        if 2 + tlen > len(body):
+            return  # likewise
+        problem = topic_name_problem(body[2:2 + tlen])
+        if problem is not None:
+            self._violation("bad-topic", f"sent a PUBLISH with {problem}")
+
+    def _violation(self, kind: str, what: str) -> None:
+        self.ratelog.log(kind, logging.WARNING, "%s: %s; closing the connection", self.who, what)
+        raise ProtocolViolation(f"{self.who}: {what}")
+
     def _too_large(self, what: str) -> None:
         self.counters.oversize_closed += 1
         self.ratelog.log("oversize-close", logging.WARNING, "%s: %s; closing the connection", self.who, what)
         raise PacketTooLargeError(f"{self.who}: {what}")
+
+
+def topic_name_problem(raw: bytes) -> str | None:
+    """Why ``raw`` is not a valid MQTT 3.1.1 topic name, or None: at least one character [MQTT-4.7.3-1], UTF-8
+    without U+0000 [MQTT-1.5.3-1, -2] (Python's decoder refuses surrogates), no wildcard [MQTT-3.3.2-2]."""
+    if not raw:
+        return "an empty topic name"
+    try:
+        topic = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a topic name that is not valid UTF-8"
+    if "\x00" in topic:
+        return "U+0000 in the topic name"
+    if "+" in topic or "#" in topic:
+        return f"a wildcard in the topic name {topic[:200]!r}"
+    return None
 
 
 def _connect_client_id(body: bytes) -> str | None:

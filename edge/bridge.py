@@ -259,7 +259,8 @@ class Bridge:
 
         Idempotent on ``task_id`` and on ``dedup`` (an inbound message key such as WeCom's MsgId,
         checked in the same transaction as the insert, so it holds across restarts): a repeat
-        returns the task already recorded, with ``live.created`` False.
+        returns the task already recorded, with ``live.created`` False (a key recorded without a task, as
+        for a command, returns this new task untracked, finished and never sent, also with ``created`` False).
         """
         if task_id is not None:
             existing = self.get(task_id)
@@ -318,6 +319,10 @@ class Bridge:
         self._store_full = False
         if stored.id != tid:  # dedup hit: this message was recorded before (maybe before a restart)
             self._untrack(tid)
+            if not stored.id:  # ... but with no task (e.g. a command): nothing to return, nothing created
+                live.created = False
+                live.finished_at = self._loop.time()
+                return live
             old = self.get(stored.id) or self._revive(stored)
             old.created = False
             return old

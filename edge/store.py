@@ -128,7 +128,9 @@ class TaskStore:
 
     async def add(self, rec: TaskRecord, dedup: bytes | None = None) -> TaskRecord:
         """Store a new task durably. With ``dedup``: if that key was seen before, store nothing and
-        return the task recorded under it (check and insert are one transaction)."""
+        return the task recorded under it (check and insert are one transaction); if the key was recorded
+        without a task (:meth:`mark_seen`, :meth:`seen_op`: a command, an event, an unsupported message), a
+        finished record with an empty ``id`` (there is no task to return)."""
         tasks, by_user, seen = self.tasks, self.by_user, self.seen
 
         def op(txn: Any) -> bytes | None:
@@ -168,6 +170,8 @@ class TaskStore:
                         del self._overlay[rec.id]
         if old_id is None:
             return rec
+        if not old_id:  # the key holds a bare timestamp: seen, with no task (get(b"") would raise)
+            return TaskRecord(id=b"", uid=rec.uid, ch=rec.ch, text="", ts=0, status="ok")
         # The key outlived its task (history_days shorter than the key's retention): a finished duplicate.
         return self.get(old_id) or TaskRecord(id=old_id, uid=rec.uid, ch=rec.ch, text="", ts=0, status="ok")
 

@@ -1,5 +1,5 @@
 """MQTT 3.1.1 packets, valid and broken, for the broker fuzz test (no library: we need to write what no
-library would). ``make_case(rng, cred)`` returns one case: a list of byte strings sent in order on one
+library would). ``make_case(rng, cred, spare)`` returns one case: a list of byte strings sent in order on one
 fresh connection, and a label."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _payload(rng: random.Random) -> bytes:
 
 def template(rng: random.Random, name: str, user: str) -> bytes:
     if name == "connect":
-        return connect(f"{user}:fz-{rng.getrandbits(32):08x}", user, "not-the-password")
+        return connect(f"fz-{rng.getrandbits(32):08x}", user, "not-the-password")
     if name in ("publish", "publish1"):
         return publish(_uid_topic(rng, user), _payload(rng), qos=1 if name == "publish1" else 0,
                        pid=rng.randint(0, 65535), retain=rng.random() < 0.1)
@@ -142,24 +142,30 @@ def mutate(rng: random.Random, pkt: bytes) -> tuple[bytes, str]:
     return bytes(data), what
 
 
-def make_case(rng: random.Random, cred: tuple[str, str]) -> tuple[list[bytes], str]:
+def make_case(rng: random.Random, cred: tuple[str, str],
+              spare: tuple[str, str] | None = None) -> tuple[list[bytes], str]:
     """One connection's worth of bytes. ``cred`` is a real device credential (post-CONNECT paths are reached
-    with it); the case never uses the canary's client id."""
+    with it, under a client id the broker accepts for it: ``<username>:<suffix>``); ``spare`` (default
+    ``cred``), another one, is used by the CONNECTs likely to fail authentication, so that their failed logins
+    do not get ``cred`` throttled (CONNACK 3) for the rest of the run. The case never uses the canary's
+    client id."""
     user, password = cred
     good_connect = connect(f"{user}:fz-{rng.getrandbits(32):08x}", user, password,
-                           keepalive=rng.choice([0, 5, 60]),
-                           clean=rng.random() < 0.8)
+                           keepalive=rng.choice([0, 5, 60]), clean=rng.random() < 0.8)
+    s_user, s_password = spare or cred
+    spare_connect = connect(f"{s_user}:fz-{rng.getrandbits(32):08x}", s_user, s_password,
+                            keepalive=rng.choice([0, 5, 60]), clean=rng.random() < 0.8)
     r = rng.random()
     if r < 0.10:
         return [rng.randbytes(rng.randint(0, 300))], "random_bytes"
     if r < 0.25:  # a broken CONNECT (with the real credential, so a surviving mutation may log in)
-        data, what = mutate(rng, good_connect)
+        data, what = mutate(rng, spare_connect)
         return [data], f"connect_{what}"
     if r < 0.33:  # wrong protocol name / level, flags reserved bit, MQTT 5
         level = rng.choice([0, 1, 2, 3, 5, 6, 127, 255])
         name = rng.choice([b"MQTT", b"MQIsdp", b"MQTT5", b"", b"\xff\xfe", b"mqtt"])
         flags = rng.choice([None, 0x01, 0xFF, 0x20 | 0xC0, 0x18 | 0xC0])
-        return [connect(f"{user}:fz-{rng.getrandbits(32):08x}", user, password, level=level, name=name,
+        return [connect(f"{s_user}:fz-{rng.getrandbits(32):08x}", s_user, s_password, level=level, name=name,
                         flags=flags)], "connect_protocol"
     if r < 0.40:  # a packet before CONNECT
         return [template(rng, rng.choice(TEMPLATES[1:]), user)], "before_connect"
@@ -173,10 +179,9 @@ def make_case(rng: random.Random, cred: tuple[str, str]) -> tuple[list[bytes], s
         pkt = rng.choice([publish(topic, b"x", qos=rng.randint(0, 1)), subscribe([(topic, 1)]), unsubscribe([topic])])
         return [good_connect, pkt], "bad_utf8"
     if r < 0.60:  # a bad will, client id or username in CONNECT
-        will = (rng.choice(["claw/v1/task/+", "claw/v1/node/t1", f"claw/v1/task/{user}", "#", ""]), b"w")
-        cid = rng.choice([b"", b"\xff\xfe", b"dev.lamp", b"x" * 5000, b"node-t1", b"node.t1", user.encode(),
-                          f"{user}:".encode(), f"{user}:{'x' * 80}".encode()])
-        return [connect(cid, user, password, will=will, clean=rng.random() < 0.5)], "connect_fields"
+        will = (rng.choice(["claw/v1/task/+", "claw/v1/node/t1", f"claw/v1/task/{s_user}", "#", ""]), b"w")
+        cid = rng.choice([b"", b"\xff\xfe", b"dev.lamp", b"x" * 5000, b"node-t1", f"{s_user}:x".encode()])
+        return [connect(cid, s_user, s_password, will=will, clean=rng.random() < 0.5)], "connect_fields"
     # a good CONNECT, then a few (mostly mutated) packets
     pkts = [good_connect]
     labels = []

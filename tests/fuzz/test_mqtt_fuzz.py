@@ -77,22 +77,19 @@ async def test_mqtt_fuzz_at_the_tls_port_while_a_device_is_answered(tmp_path: Pa
     from edge.keys import BRIDGE
 
     fuzz = harness.Fuzz("mqtt")
-    errors = harness.ErrorLog()
-    # amqtt logs a second CONNECT on a connection at ERROR (no traceback) and closes it: one line per such
-    # connection, which any client can cause (reported; not patched here)
-    errors.allow("[MQTT-3.1.0-2]")
+    errors = harness.ErrorLog()  # no ERROR line at all (a second CONNECT is closed by broker/reader.py)
     cfg = FakeLLMConfig(n_tokens=5, tokens_per_s=0, token_chars=2)
     with errors.installed():
-        # the canary asks one question after the other, faster than a device's default publish rate (5/s): give
-        # it room, while the limiter stays on for the fuzzing device
-        async with run_system(tmp_path, pki_dir, fake_cfg=cfg,
-                              broker={"device_publish_rate": 100, "device_publish_burst": 200}) as sys_:
+        # the canary asks up to ~15 times a second, over broker.device_publish_rate's default of 5/s: its task
+        # would be dropped (acknowledged, never answered). 50/s keeps the limiter in play for the fuzz device.
+        async with run_system(tmp_path, pki_dir, fake_cfg=cfg, broker={"device_publish_rate": 50}) as sys_:
             port = sys_.settings.mqtt.port
             tls = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
             from claw.mqtt import make_client
 
             lamp_user, lamp_pw = device_credential(sys_, "lamp")
             cred = device_credential(sys_, "fuzz")
+            spare = device_credential(sys_, "fuzz2")  # for the CONNECTs that fail: cred is never throttled
             dev = make_client(host="localhost", port=port, username=lamp_user, password=lamp_pw,
                               identifier=lamp_user, tls=tls)
             node, bridge = sys_.node, sys_.app[BRIDGE]
@@ -139,7 +136,7 @@ async def test_mqtt_fuzz_at_the_tls_port_while_a_device_is_answered(tmp_path: Pa
                     async def worker(k: int) -> None:
                         for i in fuzz.indices():
                             rng = fuzz.rng(i)
-                            pkts, label = make_case(rng, cred)
+                            pkts, label = make_case(rng, cred, spare)
                             plain = rng.random() < 0.03  # TCP garbage at the TLS port
                             where = fuzz.start(k, f"{fuzz.where(i)} {label}{' (plain TCP)' if plain else ''} "
                                                   f"{[p.hex() for p in pkts]}")
@@ -165,5 +162,4 @@ async def test_mqtt_fuzz_at_the_tls_port_while_a_device_is_answered(tmp_path: Pa
                     _, got = await _exchange(port, tls, [connect(f"{cred[0]}:final", *cred), PINGREQ])
                     assert got == b"\x20\x02\x00\x00\xd0\x00", got.hex()
                     assert fuzz.cases >= 20, fuzz.summary()
-                    assert errors.known <= fuzz.cases, "more than one known ERROR line per connection"
     assert not errors.records, errors.report()
