@@ -427,7 +427,7 @@ async def test_wecom_callbacks_outside_the_time_window_are_refused(tmp_path: Pat
     async with run_system(tmp_path, pki_dir, **wecom, **EDGE_ONLY) as sys_, aiohttp.ClientSession() as s:
         url = f"{sys_.http}/wecom/callback"
         now = int(time.time())
-        for skew in (23 * 3600, -3600, 301, -301):
+        for skew in (23 * 3600, -3600, 360, -360):  # margins: the clock moves on while this runs
             async with s.get(url, params=sim.url_check("echo-1", timestamp=now + skew)) as r:
                 assert r.status == 403, skew
             status, _ = await sim.wrap(sim.text("zhangsan", "你好").inner, timestamp=now + skew).post(s, url)
