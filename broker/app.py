@@ -69,6 +69,7 @@ import ipaddress
 import logging
 import secrets
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import OutgoingApplicationMessage, Session
 
 from broker import acl
-from broker.guard import CLIENT_ID_RULE, ConnectionLimiter, Counters, RateLimitedLog, client_id_ok
+from broker.guard import CLIENT_ID_RULE, ConnectionLimiter, Counters, LogBudget, RateLimitedLog, client_id_ok
 from broker.local import LocalLink
 from broker.plugins import REFUSE_KEY, ROLE_KEY
 from broker.plugins.acl import ClawTopicPlugin
@@ -214,6 +215,35 @@ class _HandlerNoise(logging.Filter):
         return True
 
 
+class _AmqttFlood(logging.Filter):
+    """At most 5 WARNING-or-worse lines a minute per amqtt logger and level (10 at once): amqtt logs some
+    events a client can repeat at will (a corrupt TLS record, a protocol error) once per connection, with the
+    exception in the text. Lines left out are counted in the next line let through."""
+
+    PER_MINUTE, BURST = 5.0, 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buckets: dict[int, list[float]] = {}  # level -> [tokens, stamp, left out]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        now = time.monotonic()
+        b = self._buckets.setdefault(record.levelno, [self.BURST, now, 0])
+        b[0] = min(self.BURST, b[0] + (now - b[1]) * self.PER_MINUTE / 60.0)
+        b[1] = now
+        if b[0] < 1.0:
+            b[2] += 1
+            return False
+        b[0] -= 1.0
+        if b[2]:
+            left_out = f" ({int(b[2])} similar lines left out before this one)"
+            record.msg, record.args = record.getMessage() + left_out, None
+            b[2] = 0
+        return True
+
+
 def install_log_filter() -> None:
     """Demote health-check noise on ``amqtt.broker`` and counted events on amqtt's protocol handler; quiet
     ``transitions`` (INFO lines on every CONNECT) unless the application configured that logger itself."""
@@ -223,6 +253,10 @@ def install_log_filter() -> None:
     handler_log = logging.getLogger("amqtt.mqtt.protocol.handler")
     if not any(isinstance(f, _HandlerNoise) for f in handler_log.filters):
         handler_log.addFilter(_HandlerNoise())
+    for name in [n for n in list(logging.root.manager.loggerDict) if n == "amqtt" or n.startswith("amqtt.")]:
+        amqtt_logger = logging.getLogger(name)
+        if not any(isinstance(f, _AmqttFlood) for f in amqtt_logger.filters):
+            amqtt_logger.addFilter(_AmqttFlood())  # after the demotions above
     transitions_log = logging.getLogger("transitions")
     if transitions_log.level == logging.NOTSET:
         transitions_log.setLevel(logging.WARNING)
@@ -247,6 +281,7 @@ class ClawBroker(Broker):
         self.device_limiter = RateLimiter(device_publish_rate, device_publish_burst)
         self.counters = Counters()
         self._ratelog = RateLimitedLog(log)
+        self._refusal_log = LogBudget(log)  # refused client ids: 20 lines a minute at most
         self._limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
         for plugin in self.plugins_manager.plugins:
             if isinstance(plugin, ClawAuthPlugin):
@@ -408,9 +443,10 @@ class ClawBroker(Broker):
                 incoming.client_id = f"{username}:{secrets.token_hex(8)}"
             elif not client_id_ok(username, incoming.client_id):
                 self.counters.client_id_refused += 1
-                log.warning("MQTT CONNECT refused (CONNACK 2, identifier rejected): user %r, client id %r from "
-                            "%s:%s: %s", username[:100], (incoming.client_id or "")[:100], remote_address,
-                            remote_port, CLIENT_ID_RULE)
+                self._refusal_log.log(
+                    logging.WARNING, "MQTT CONNECT refused (CONNACK 2, identifier rejected): user %r, client id %r "
+                    "from %s:%s: %s", username[:100], (incoming.client_id or "")[:100], remote_address, remote_port,
+                    CLIENT_ID_RULE)
                 ok, code = False, IDENTIFIER_REJECTED
         client_id = incoming.client_id
         existing = self._sessions.get(client_id) if client_id else None

@@ -86,6 +86,37 @@ class RateLimitedLog:
         return True
 
 
+class LogBudget:
+    """At most ``burst`` log lines at once and ``per_minute`` a minute on average, for events an outsider can
+    repeat at will with ever new details (usernames, client ids, peers), so one key per kind would not bound
+    them; lines left out are counted and the count is added to the next line logged."""
+
+    def __init__(self, logger: logging.Logger, *, per_minute: float = 20.0, burst: int = 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._stamp = clock()
+        self.suppressed = 0
+
+    def log(self, level: int, msg: str, *args: object) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens < 1.0:
+            self.suppressed += 1
+            return False
+        self._tokens -= 1.0
+        if self.suppressed:
+            msg += " (%d similar lines left out before this one)"
+            args = (*args, self.suppressed)
+            self.suppressed = 0
+        self.logger.log(level, msg, *args)
+        return True
+
+
 # -- failed-login throttling -------------------------------------------------------------------------------------
 
 class AuthUnavailable(Exception):

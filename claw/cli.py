@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,8 @@ def _cred(args: Any) -> int:
         if not rows:
             print("(no credentials)")
         for c in rows:
-            print(f"{c.username:40s} {c.role:7s} {c.created}")
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created))
+            print(f"{c.username:40s} {c.role:7s} created {created}")
         return 0
     if store.revoke(args.name):
         print(f"revoked {args.name}")

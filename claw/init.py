@@ -108,7 +108,8 @@ def a_toml(hosts: list[str], node: str) -> str:
 # Secrets can be given directly or, better, in a file named by the matching *_file key (mode 0600).
 
 # Directory for everything the edge keeps: pki/ (CA + broker certificate), broker.lmdb (broker credentials),
-# edge.lmdb (the durable task inbox), edge.secret (client-token key, generated on first start). Back it up.
+# edge.lmdb (the durable task inbox), auth.lmdb (client sessions and revocations), edge.secret (client-token
+# key, generated on first start). Back it up.
 # pki/ca.key is the CA's private key: it never leaves this server.
 data_dir = "data"
 

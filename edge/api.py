@@ -137,7 +137,7 @@ async def healthz(request: web.Request) -> web.Response:
     if not _privileged(request):
         return web.json_response({"ok": bridge.connected}, status=status)
     body = {"ok": bridge.connected, "mqtt": bridge.connected, "node_online": bridge.node_online,
-            "nodes": {k: {"state": v.state, "active": v.active, "capacity": v.capacity}
+            "nodes": {k: {"state": bridge.node_state(v), "active": v.active, "capacity": v.capacity}
                       for k, v in bridge.nodes.items()},
             "live_tasks": bridge.open_count}
     return web.json_response(body, status=status)

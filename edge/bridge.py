@@ -184,6 +184,13 @@ class Bridge:
     def node_online(self) -> bool:
         return self._online
 
+    def node_state(self, node: NodeInfo) -> str:
+        """The state the node's last beat gave, or ``silent`` when an ``online`` node's beats stopped for
+        ``edge.node_timeout_s`` (it counts as offline; /healthz)."""
+        if node.state == "online" and node.last_seen < self._loop.time() - self.s.edge.node_timeout_s:
+            return "silent"
+        return node.state
+
     def _compute_online(self) -> bool:
         horizon = self._loop.time() - self.s.edge.node_timeout_s
         return any(n.state == "online" and n.last_seen >= horizon for n in self.nodes.values())

@@ -410,12 +410,12 @@ class Node:
         its task id could be read, answered with ``done`` error ``bad_request`` on the uid's reply topic --
         unless that id is one of the uid's own tasks here (running or answered): those are never ended by it."""
         self.stats.bad_messages += 1
-        self._warn.warning("bad", "node %s: malformed message from %s dropped: %s", self.id, uid, hint[:300])
-        if tid is None:
+        key = (uid, tid) if tid is not None else None
+        if key is None or key in self._runs or key in self._recent or self._stored_reply(key) is not None:
+            self._warn.warning("bad", "node %s: malformed message from %s dropped: %s", self.id, uid, hint[:300])
             return
-        key = (uid, tid)
-        if key in self._runs or key in self._recent or self._stored_reply(key) is not None:
-            return
+        self._warn.warning("bad", "node %s: malformed message from %s answered bad_request: %s", self.id, uid,
+                           hint[:300])
         self.stats.bad_requests += 1
         self._refuse(uid, tid, "bad_request", BAD_REQUEST_MSG, hint)
 

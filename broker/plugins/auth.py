@@ -24,7 +24,7 @@ from amqtt.session import Session
 
 from broker import acl
 from broker.creds import CredentialStore
-from broker.guard import AUTH_QUEUE, AuthThrottle, AuthUnavailable, Counters, RateLimitedLog
+from broker.guard import AUTH_QUEUE, AuthThrottle, AuthUnavailable, Counters, LogBudget, RateLimitedLog
 from broker.plugins import REFUSE_KEY, ROLE_KEY
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,12 @@ class ClawAuthPlugin(BaseAuthPlugin):
         self.store = CredentialStore(cfg.data_dir, throttle=AuthThrottle(queue=cfg.auth_queue))
         self.counters = Counters()  # ClawBroker replaces it with its own
         self._ratelog = RateLimitedLog(log)
+        self._refusal_log = LogBudget(log)  # refused CONNECTs: 20 lines a minute at most
 
     def _refuse(self, session: Session, reason: str) -> bool:
-        log.warning("MQTT CONNECT refused: user %r, client id %r from %s: %s",
-                    (session.username or "")[:100], (session.client_id or "")[:100], _peer(session), reason)
+        # an outsider can repeat this with ever new usernames: a log budget, not one line per attempt
+        self._refusal_log.log(logging.WARNING, "MQTT CONNECT refused: user %r, client id %r from %s: %s",
+                              (session.username or "")[:100], (session.client_id or "")[:100], _peer(session), reason)
         return False
 
     async def authenticate(self, *, session: Session) -> bool:

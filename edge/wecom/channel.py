@@ -30,6 +30,7 @@ from wechatpy.enterprise import parse_message
 from wechatpy.enterprise.crypto import WeChatCrypto
 from wechatpy.exceptions import InvalidSignatureException
 
+from broker.guard import LogBudget
 from claw.config import Settings
 from edge.bridge import Bridge, LiveTask
 from edge.store import FINAL, STORE_FULL_HINT, StoreFull, TaskStore
@@ -76,6 +77,7 @@ class WeComChannel:
         self._housekeeper: asyncio.Task[None] | None = None
         self._delivering: set[bytes] = set()
         self._chains: dict[bytes, asyncio.Task[Any]] = {}  # per task, its last ordered step (_spawn_in_order)
+        self._reject_log = LogBudget(log)
         self.stats: dict[str, int] = {}
         bridge.on_finished.append(self._on_finished)
 
@@ -147,7 +149,9 @@ class WeComChannel:
 
     def _reject(self, status: int, why: str, request: web.Request) -> web.Response:
         self._count(f"http_{status}")
-        log.warning("wecom: callback rejected (%d): %s [from %s]", status, why, request.remote)
+        # anyone can post junk here: a log budget (20 lines a minute), not one line per request
+        self._reject_log.log(logging.WARNING, "wecom: callback rejected (%d): %s [from %s]", status, why,
+                             request.remote)
         return web.Response(status=status, text=why)
 
     def _fresh(self, ts: str) -> bool:

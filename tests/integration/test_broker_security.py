@@ -419,3 +419,23 @@ def test_limits_are_validated() -> None:
             load_settings(env={}, overrides={"broker": bad})
     s: Settings = load_settings(env={})
     assert (s.broker.max_keepalive, s.broker.auth_queue) == (300, 64)
+
+
+async def test_refused_connects_cannot_flood_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every refused CONNECT was one WARNING: a credential holder (foreign client ids) or a stranger (ever new
+    usernames) could write lines without limit. Now at most a burst of 20 per kind, then 20 a minute."""
+    caplog.set_level(logging.INFO)
+    async with broker_env(tmp_path) as env:
+        du, dpw = env.store.add("device", "noisy")
+        for i in range(60):
+            ack, _, writer = await raw_login(env, f"node.b{i}", du, dpw)
+            assert ack == b"\x20\x02\x00\x02"  # identifier rejected, every time
+            writer.close()
+        for i in range(60):
+            ack, _, writer = await raw_login(env, f"dev.nobody{i}", f"dev.nobody{i}", "x")
+            assert ack in (b"\x20\x02\x00\x05", b"\x20\x02\x00\x03")  # not authorised (or throttled)
+            writer.close()
+        assert env.h.broker.counters.client_id_refused == 60
+    refusals = [r for r in caplog.records if "MQTT CONNECT refused" in r.getMessage()]
+    assert len([r for r in refusals if "identifier rejected" in r.getMessage()]) <= 21
+    assert len([r for r in refusals if "identifier rejected" not in r.getMessage()]) <= 21

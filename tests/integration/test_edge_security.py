@@ -471,3 +471,19 @@ async def test_one_user_never_reads_resumes_or_stops_anothers_task(tmp_path: Pat
                 assert done["text"] not in str(got)
             await ws.send_json({"type": "ping"})
             assert (await asyncio.wait_for(ws.receive_json(), 10)) == {"type": "pong"}  # nothing else came
+
+
+async def test_rejected_wecom_callbacks_cannot_flood_the_log(tmp_path: Path, pki_dir: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A stranger's unsigned POSTs were one WARNING each; now a burst of 20, then 20 a minute."""
+    caplog.set_level(logging.INFO)
+    wecom = {"wecom": {"corp_id": CORP, "agent_id": AGENT, "secret": "s-1", "token": TOKEN,
+                       "encoding_aes_key": AES, "api_base": "http://127.0.0.1:9"}}
+    async with run_system(tmp_path, pki_dir, **wecom, **EDGE_ONLY) as sys_, aiohttp.ClientSession() as s:
+        url = f"{sys_.http}/wecom/callback"
+        for i in range(100):
+            async with s.post(url, params={"msg_signature": "0" * 40, "timestamp": str(int(time.time())),
+                                           "nonce": str(i)}, data=b"<xml><Encrypt>x</Encrypt></xml>") as r:
+                assert r.status == 403
+    lines = [r for r in caplog.records if "wecom: callback rejected" in r.getMessage()]
+    assert 1 <= len(lines) <= 21

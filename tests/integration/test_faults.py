@@ -313,6 +313,10 @@ async def test_link_blackholed_mid_answer_gives_one_clear_error_then_recovers(tm
                 assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
                 assert done["text"] == "".join(d["text"] for d in deltas)
                 assert lost_after < sys_.settings.edge.node_timeout_s + 2
+                async with s.get(f"{sys_.http}/healthz") as r:
+                    health = await r.json()
+                # /healthz never lists a node "online" whose beats stopped ("silent" until its will arrives)
+                assert not health["node_online"] and health["nodes"]["p1"]["state"] in ("silent", "offline"), health
                 await wait_until(lambda: node.stats.reconnects >= 1 and bridge.node_online, 30)
                 cfg.n_tokens = 20
                 task2, frames2 = await ask(ws, "恢复了吗")
