@@ -52,7 +52,13 @@ Connection hygiene (docs/broker.md "Limits"): a keepalive of 0 or above ``broker
 password checks waiting is bounded (:class:`broker.guard.AuthThrottle`, CONNACK 3); full outgoing queues, oversize
 drops and refusals are counted (:attr:`ClawBroker.counters`) and logged at most once a minute per kind.
 
-Not fixed here (documented in docs/broker.md): nothing survives a broker restart, ``max_connections`` makes
+Revoked or replaced credentials (docs/broker.md "Revoking a credential"): every ``broker.cred_check_interval`` s
+the broker reads the credential store's generation counter (bumped by ``claw cred add/revoke`` in any process);
+after a change, connected sessions whose credential record is gone or different from the one read at their
+login are closed through the normal disconnect path (:meth:`ClawBroker.check_credentials`). The edge's own user
+is exempt.
+
+Not fixed here (documented in docs/broker.md): no session survives a broker restart, ``max_connections`` makes
 extra clients hang (we do not set it), MQTT 5 / ``$share`` are unsupported, outgoing QoS 2 is not offered.
 
 Performance: the topic ACL is evaluated inline (no amqtt task per plugin call), memoised in
@@ -88,6 +94,7 @@ from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import OutgoingApplicationMessage, Session
 
 from broker import acl
+from broker.creds import CredentialStore
 from broker.guard import CLIENT_ID_RULE, ConnectionLimiter, Counters, LogBudget, RateLimitedLog, client_id_ok
 from broker.local import LocalLink
 from broker.plugins import REFUSE_KEY, ROLE_KEY
@@ -103,6 +110,8 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0  # seconds a new connection may take to send its CONNECT
 TAKEOVER_TIMEOUT = 2.0  # seconds to wait for a taken-over connection to finish its disconnect
 _PREAUTH_KEY = "claw.preauth"  # session.attributes: result of the early authentication
+_CRED_KEY = "claw.cred"  # session.attributes: (credential generation, record fingerprint) read at login
+LOGIN_REFRESH = 60.0  # seconds between refreshes of the connected sessions' "recent good login" entries
 AUTH_PLUGIN = "broker.plugins.auth.ClawAuthPlugin"
 TOPIC_PLUGIN = "broker.plugins.acl.ClawTopicPlugin"
 
@@ -271,7 +280,8 @@ class ClawBroker(Broker):
     def __init__(self, config: BrokerConfig | dict[str, Any], *, max_packet: int = 1024 * 1024,
                  max_drop: int = 16 * 1024 * 1024, max_keepalive: int = 300, max_connections: int = 0,
                  max_connections_per_ip: int = 0, max_inflight: int = 32, max_queued: int = 1000,
-                 device_publish_rate: float = 0.0, device_publish_burst: int = 20) -> None:
+                 device_publish_rate: float = 0.0, device_publish_burst: int = 20,
+                 cred_check_interval: float = 2.0) -> None:
         super().__init__(config)
         self.max_packet = max_packet
         self.max_drop = max_drop
@@ -283,9 +293,18 @@ class ClawBroker(Broker):
         self._ratelog = RateLimitedLog(log)
         self._refusal_log = LogBudget(log)  # refused client ids: 20 lines a minute at most
         self._limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
+        self.cred_check_interval = cred_check_interval
+        self._creds: CredentialStore | None = None
+        self._internal_user: str | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         for plugin in self.plugins_manager.plugins:
             if isinstance(plugin, ClawAuthPlugin):
                 plugin.counters = self.counters  # one set of counters for the whole broker
+                self._creds, self._internal_user = plugin.store, plugin.internal_user
+        if self._creds is not None:  # the failed-login exemption of known (IP, username) pairs survives restarts
+            n = self._creds.load_recent_logins()
+            if n:
+                log.info("loaded %d recent successful logins (failed-login throttle exemption)", n)
         self._subscriptions = _Subscriptions()
         self._wild: list[str] = []
         self._wild_version = -1
@@ -318,12 +337,86 @@ class ClawBroker(Broker):
             raise ValueError(f"not a topic to publish to: {topic[:200]!r}")
         self._broadcast_queue.put_nowait({"session": None, "topic": topic, "data": data, "qos": 1})
 
+    async def start(self) -> None:
+        await super().start()
+        if self._creds is not None:
+            self._sweep_task = asyncio.create_task(self._cred_sweep(), name="broker-cred-sweep")
+
     async def shutdown(self) -> None:
         self._stopping = True  # no new in-process link from here on (a reconnecting bridge is refused)
         for link in list(self._local_links):
             link.close()
         self._local_links.clear()
-        await super().shutdown()
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweep_task
+            self._sweep_task = None
+        try:
+            await super().shutdown()
+        finally:
+            if self._creds is not None:
+                with contextlib.suppress(Exception):
+                    await self._creds.flush_logins()
+
+    # -- revoked or replaced credentials (docs/broker.md "Revoking a credential") ----------------------------
+
+    async def _cred_sweep(self) -> None:
+        """Every ``cred_check_interval`` s: one LMDB read of the credential generation; connected sessions that
+        logged in before the last change are re-checked, and closed if their credential was revoked or
+        replaced. Once a minute the connected sessions also refresh their "recent good login" entries."""
+        last_refresh = time.monotonic()
+        failed = False
+        while True:
+            await asyncio.sleep(self.cred_check_interval)
+            try:
+                await self.check_credentials()
+                if time.monotonic() - last_refresh >= LOGIN_REFRESH:
+                    last_refresh = time.monotonic()
+                    self._refresh_logins()
+                failed = False
+            except Exception:  # e.g. LMDB unreadable: keep trying, log once per failure streak
+                if not failed:
+                    log.exception("broker: checking the connected sessions' credentials failed")
+                failed = True
+
+    async def check_credentials(self) -> int:
+        """Close the connected sessions whose credential changed since their login; returns how many."""
+        store = self._creds
+        if store is None:
+            return 0
+        gen = store.generation()
+        stale: list[tuple[Session, BrokerProtocolHandler, bool]] = []
+        for session, handler in list(self._sessions.values()):
+            seen = session.attributes.get(_CRED_KEY)
+            if seen is None or seen[0] == gen or not session.transitions.is_connected():
+                continue
+            now = store.state(session.username or "")
+            if now[1] == seen[1]:
+                session.attributes[_CRED_KEY] = now  # unchanged: not re-read until the next change
+            else:
+                stale.append((session, handler, now[1] is None))
+        for session, handler, revoked in stale:
+            if not session.transitions.is_connected() or handler is None:
+                continue
+            log.warning("closing connection of client %r (user %r) from %s: its credential was %s",
+                        session.client_id, session.username, session.remote_address,
+                        "revoked" if revoked else "replaced")
+            await handler.handle_connection_closed()  # the normal path: will, session disconnected
+            if handler.writer is not None:
+                with contextlib.suppress(Exception):
+                    await handler.writer.close()
+        return len(stale)
+
+    def _refresh_logins(self) -> None:
+        store = self._creds
+        if store is None:
+            return
+        for session, _ in list(self._sessions.values()):
+            if session.attributes.get(_CRED_KEY) is not None and session.transitions.is_connected() and \
+                    session.username and session.remote_address:
+                store.throttle.remember(str(session.remote_address), session.username)
+                store.note_login(str(session.remote_address), session.username)
 
     # -- listeners -----------------------------------------------------------------------------------------
 
@@ -515,7 +608,14 @@ class ClawBroker(Broker):
         pre = session.attributes.pop(_PREAUTH_KEY, None)
         if pre is not None:
             return bool(pre)
-        return await super()._authenticate(session, listener)
+        store, username = self._creds, session.username
+        # read before the password check: a change after this read is seen by the sweep (check_credentials)
+        seen = store.state(username) if store is not None and username and username != self._internal_user \
+            else None
+        ok = await super()._authenticate(session, listener)
+        if ok and seen is not None:
+            session.attributes[_CRED_KEY] = seen
+        return ok
 
     # -- messages --------------------------------------------------------------------------------------------
 
@@ -811,7 +911,8 @@ async def run_broker(settings: Settings) -> AsyncIterator[BrokerHandle]:
                             max_connections=b.max_connections, max_connections_per_ip=b.max_connections_per_ip,
                             max_inflight=b.max_inflight, max_queued=b.max_queued,
                             device_publish_rate=b.device_publish_rate,
-                            device_publish_burst=b.device_publish_burst)
+                            device_publish_burst=b.device_publish_burst,
+                            cred_check_interval=b.cred_check_interval)
     except Exception as exc:  # plugin load (e.g. LMDB cannot be opened)
         raise BrokerStartError(f"broker cannot be created: {exc}") from exc
     try:

@@ -17,6 +17,17 @@ can evict only other failures, never a good login.
 :meth:`CredentialStore.averify` (the broker's path) runs scrypt in a worker thread, two at a time, and only
 after :class:`broker.guard.AuthThrottle` admitted it (failed-login buckets per (IP, username) and per username,
 a bound on waiting checks); a refused one raises :class:`broker.guard.AuthUnavailable` at once.
+
+Two more named dbs in the same environment:
+
+- ``creds_meta``: a generation counter, bumped in the same write transaction as every add, replace and revoke.
+  The running broker polls it (:meth:`CredentialStore.generation`, one read) and, when it changed, compares each
+  connected session's :meth:`CredentialStore.fingerprint` with the one taken at its login: a revoked or
+  replaced credential's open sessions are closed (docs/broker.md "Revoking a credential").
+- ``login_ok``: recent successful logins, ``<username> <ip>`` -> unix time, so the exemption of a known
+  (IP, username) from the per-username failed-login bucket survives a restart
+  (:meth:`CredentialStore.load_recent_logins`). A pair is written at most once per ``LOGIN_WRITE_EVERY`` s, in a
+  worker thread and batched; entries older than ``GOOD_TTL`` are pruned and at most ``LOGIN_MAX`` are kept.
 """
 
 from __future__ import annotations
@@ -26,23 +37,34 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
+import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
 
-from broker.guard import AuthThrottle
+import lmdb
+
+from broker.guard import GOOD_TTL, TABLE_SIZE, AuthThrottle
 from claw.store import open_env
+
+log = logging.getLogger(__name__)
 
 Role = Literal["node", "device"]
 ROLES: tuple[Role, ...] = ("node", "device")
 PREFIXES: dict[str, str] = {"node": "node.", "device": "dev."}
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,60}")
 DB_NAME = b"creds"
+META_DB = b"creds_meta"
+GEN_KEY = b"generation"
+LOGIN_DB = b"login_ok"
+LOGIN_WRITE_EVERY = 600.0  # seconds: a (IP, username) success is persisted at most this often
+LOGIN_MAX = TABLE_SIZE  # persisted successes kept (the oldest are pruned beyond)
 ENV_DIR = "broker.lmdb"
 
 SCRYPT_N = 2**14
@@ -135,6 +157,11 @@ class CredentialStore:
         self.path = Path(data_dir) / ENV_DIR
         self._env = open_env(self.path)
         self._db = self._env.open_db(DB_NAME)
+        self._meta = self._env.open_db(META_DB)
+        self._logins = self._env.open_db(LOGIN_DB)
+        self._persisted: OrderedDict[tuple[str, str], float] = OrderedDict()  # pair -> wall time last written
+        self._pending: dict[tuple[str, str], float] = {}
+        self._flush_task: asyncio.Task[None] | None = None
         self._cache_key = secrets.token_bytes(32)
         # (username, keyed digest of password) -> (raw LMDB record it was checked against, role or None);
         # successes and failures in separate LRU tables so failures never evict a good login
@@ -162,6 +189,7 @@ class CredentialStore:
             if not replace and txn.get(key) is not None:
                 raise ValueError(f"credential {username!r} already exists (replace it to issue a new password)")
             txn.put(key, rec.encode())
+            self._bump(txn)
         return username, password
 
     def list(self) -> list[CredInfo]:
@@ -197,7 +225,111 @@ class CredentialStore:
                                  "revoke by full username")
             for c in found:
                 txn.delete(c.encode())
+            if found:
+                self._bump(txn)
         return bool(found)
+
+    def _bump(self, txn: lmdb.Transaction) -> None:
+        raw = txn.get(GEN_KEY, db=self._meta)
+        gen = int.from_bytes(raw, "big") if raw is not None else 0
+        txn.put(GEN_KEY, (gen + 1).to_bytes(8, "big"), db=self._meta)
+
+    # -- change detection (the broker's session sweep) -----------------------------------------------------
+
+    def generation(self) -> int:
+        """A counter bumped by every add, replace and revoke, in any process (one LMDB read)."""
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(GEN_KEY)
+        return int.from_bytes(raw, "big") if raw is not None else 0
+
+    def fingerprint(self, username: str) -> bytes | None:
+        """A digest of ``username``'s stored record (changes when it is replaced), None if there is none."""
+        raw = self._get_raw(username)
+        return hashlib.sha256(raw).digest()[:16] if raw is not None else None
+
+    def state(self, username: str) -> tuple[int, bytes | None]:
+        """(:meth:`generation`, :meth:`fingerprint`) read in one transaction."""
+        key = username.encode("utf-8", "replace")
+        with self._env.begin(db=self._meta) as txn:
+            gen = txn.get(GEN_KEY)
+            raw = txn.get(key, db=self._db) if 0 < len(key) <= 511 else None
+            fp = hashlib.sha256(bytes(raw)).digest()[:16] if raw is not None else None
+        return (int.from_bytes(gen, "big") if gen is not None else 0), fp
+
+    # -- recent successful logins (the throttle's exemption, persisted) ------------------------------------
+
+    def load_recent_logins(self) -> int:
+        """Feed the persisted successes younger than ``GOOD_TTL`` to :attr:`throttle`; prune the rest.
+        Returns how many were loaded."""
+        now = time.time()
+        loaded = 0
+        with self._env.begin(write=True, db=self._logins) as txn:
+            for t, key in self._prune(txn, now):
+                username, _, ip = key.decode("utf-8", "replace").partition(" ")
+                self.throttle.remember(ip, username, now - t)
+                self._mark_persisted((ip, username), t)
+                loaded += 1
+        return loaded
+
+    def _mark_persisted(self, pair: tuple[str, str], t: float) -> None:
+        self._persisted[pair] = t
+        self._persisted.move_to_end(pair)
+        while len(self._persisted) > LOGIN_MAX:
+            self._persisted.popitem(last=False)
+
+    def note_login(self, ip: str, username: str) -> None:
+        """A successful login: persist (IP, username) unless it was written less than LOGIN_WRITE_EVERY s ago.
+        Batched and written in a worker thread; the caller is not delayed (needs a running loop)."""
+        if not ip or " " in ip or " " in username:
+            return
+        now = time.time()
+        pair = (ip, username)
+        last = self._persisted.get(pair)
+        if last is not None and 0 <= now - last < LOGIN_WRITE_EVERY:
+            return
+        self._mark_persisted(pair, now)
+        self._pending[pair] = now
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_logins())
+
+    async def _flush_logins(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            try:
+                await asyncio.to_thread(self._write_logins, batch)
+            except Exception as exc:  # disk full ...: only the exemption after a restart is lost
+                log.warning("could not persist %d recent logins: %s", len(batch), exc)
+
+    async def flush_logins(self) -> None:
+        """Wait until the successes noted so far are written."""
+        task = self._flush_task
+        if task is not None and not task.done():
+            await asyncio.shield(task)
+
+    def _write_logins(self, batch: dict[tuple[str, str], float]) -> None:
+        with self._env.begin(write=True, db=self._logins) as txn:
+            for (ip, username), t in batch.items():
+                txn.put(f"{username} {ip}".encode(), struct.pack(">d", t))
+            if txn.stat(self._logins)["entries"] > LOGIN_MAX:
+                self._prune(txn, time.time())
+
+    def _prune(self, txn: lmdb.Transaction, now: float) -> list[tuple[float, bytes]]:
+        """Delete entries older than GOOD_TTL (or from the future) and the oldest beyond LOGIN_MAX; return the
+        rest as (time, key), oldest first."""
+        entries: list[tuple[float, bytes]] = []
+        drop: list[bytes] = []
+        for key, raw in txn.cursor(db=self._logins):
+            t = struct.unpack(">d", bytes(raw))[0] if len(raw) == 8 else -1.0
+            if 0 <= now - t < GOOD_TTL:
+                entries.append((t, bytes(key)))
+            else:
+                drop.append(bytes(key))
+        entries.sort()
+        excess = max(0, len(entries) - LOGIN_MAX)
+        drop.extend(key for _, key in entries[:excess])
+        for key in drop:
+            txn.delete(key, db=self._logins)
+        return entries[excess:]
 
     # -- verification --------------------------------------------------------------------------------------
 
@@ -266,6 +398,9 @@ class CredentialStore:
         """
         job = self._lookup(username, password)
         if not isinstance(job, _Job):
+            if job is not None:  # a cached success
+                self.throttle.remember(ip, username)
+                self.note_login(ip, username)
             return job
         charged = self.throttle.admit(ip, username)
         role: Role | None = None
@@ -276,4 +411,6 @@ class CredentialStore:
                 role = await asyncio.to_thread(self._check, password, job)
         finally:
             self.throttle.done(ip, username, ok=role is not None, charged=charged)
+        if role is not None:
+            self.note_login(ip, username)
         return role

@@ -3,7 +3,9 @@
 - :func:`client_id_ok` -- the client-id rule: a client id belongs to one credential (its username, or
   ``<username>:<suffix>``), so no credential can hold, take over or squat an id that belongs to another.
 - :class:`AuthThrottle` -- failed-login throttling per (IP, username) and per username (token buckets in
-  bounded tables) and a bound on password verifications waiting for scrypt; a refusal is immediate.
+  bounded tables) and a bound on password verifications waiting for scrypt; a refusal is immediate. The
+  recent successes that exempt a pair from the per-username bucket are persisted by
+  :class:`broker.creds.CredentialStore` (LMDB) and fed back with :meth:`AuthThrottle.remember` after a restart.
 - :class:`ConnectionLimiter` -- global and per-IP caps on open client connections.
 - :class:`Counters` and :class:`RateLimitedLog` -- what the broker refused or dropped, counted, and logged at
   most once per interval per kind (no traceback), so one misbehaving client cannot flood the log.
@@ -195,6 +197,24 @@ class AuthThrottle:
         self._good_ttl = good_ttl
         self._clock = clock
 
+    def remember(self, ip: str, username: str, age: float = 0.0) -> None:
+        """Record a successful login of ``username`` from ``ip`` ``age`` seconds ago (a cache hit, or one
+        persisted before a restart); it exempts the pair from the per-username bucket for ``good_ttl``."""
+        if age >= self._good_ttl:
+            return
+        pair = (ip, username)
+        stamp = self._clock() - max(age, 0.0)
+        old = self._good.get(pair)
+        if old is not None and old > stamp:
+            return
+        self._good[pair] = stamp
+        self._good.move_to_end(pair)
+        while len(self._good) > self._size:
+            self._good.popitem(last=False)
+
+    def known_good(self, ip: str, username: str) -> bool:
+        return self._known_good((ip, username), self._clock())
+
     def _known_good(self, pair: tuple[str, str], now: float) -> bool:
         t = self._good.get(pair)
         return t is not None and now - t < self._good_ttl
@@ -223,10 +243,7 @@ class AuthThrottle:
         self._pairs.give(pair, now, self._pairs.burst)
         if charged:
             self._users.give(username, now)
-        self._good[pair] = now
-        self._good.move_to_end(pair)
-        while len(self._good) > self._size:
-            self._good.popitem(last=False)
+        self.remember(ip, username)
 
 
 # -- connection caps ---------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class BrokerSettings(_Section):
     max_queued: int = 1000  # messages queued per session (offline, or waiting for the window); more are dropped
     device_publish_rate: float = 5.0  # messages/s a device account may publish on average (0 = no limit)
     device_publish_burst: int = 20  # messages a device account may publish at once
+    cred_check_interval: float = 2.0  # seconds between checks for revoked/replaced credentials of open sessions
 
     def __post_init__(self) -> None:
         _check_hostport(self.listen, "broker.listen", allow_empty=True)
@@ -87,6 +88,8 @@ class BrokerSettings(_Section):
             raise ValueError("broker.max_inflight must be 1-65535 and broker.max_queued >= 0")
         if self.device_publish_rate < 0 or self.device_publish_burst < 1:
             raise ValueError("broker.device_publish_rate must be >= 0 and broker.device_publish_burst >= 1")
+        if not 0.1 <= self.cred_check_interval <= 3600:
+            raise ValueError("broker.cred_check_interval must be 0.1-3600 seconds")
 
 
 class MqttSettings(_Section):

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -439,3 +440,130 @@ async def test_refused_connects_cannot_flood_the_log(tmp_path: Path, caplog: pyt
     refusals = [r for r in caplog.records if "MQTT CONNECT refused" in r.getMessage()]
     assert len([r for r in refusals if "identifier rejected" in r.getMessage()]) <= 21
     assert len([r for r in refusals if "identifier rejected" not in r.getMessage()]) <= 21
+
+
+# -- 4. the failed-login exemption survives a restart; revoked credentials lose their open sessions --------------
+
+async def _raw_from(env: Env, source_ip: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TLS connection to the broker from ``source_ip`` (any 127/8 address: Linux routes it all to lo)."""
+    ctx = ssl.create_default_context(cafile=str(env.ca))
+    return await asyncio.open_connection("127.0.0.1", env.h.tls_port, ssl=ctx, local_addr=(source_ip, 0))
+
+
+async def _login_from(env: Env, source_ip: str, client_id: str, username: str, password: str) -> bytes:
+    try:
+        reader, writer = await _raw_from(env, source_ip)
+        writer.write(connect_packet(client_id, username, password))
+        await writer.drain()
+        async with asyncio.timeout(20):
+            ack = await reader.readexactly(4)
+    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        return b""
+    writer.close()
+    return ack
+
+
+async def test_good_login_exemption_survives_a_broker_restart(tmp_path: Path) -> None:
+    """Audit: after a restart, 40 source IPs spraying wrong passwords for ``node.b1`` emptied its per-username
+    bucket and kept the node (right password, usual address) out with CONNACK 3 for the whole attack: the
+    "(IP, username) logged in recently" exemption lived only in memory. It is now persisted in broker.lmdb."""
+    async with broker_env(tmp_path) as env:
+        nu, npw = env.store.add("node", "b1")
+        assert await _login_from(env, "127.0.0.1", nu, nu, npw) == CONNACK_OK
+    # a new broker on the same data dir: empty login cache, empty buckets
+    async with broker_env(tmp_path) as env:
+        async def spray(i: int) -> list[bytes]:
+            ip = f"127.0.1.{i}"
+            return [await _login_from(env, ip, f"{nu}:s{i}-{k}", nu, _bad_pw(k)) for k in range(3)]
+
+        acks = [a for per_ip in await asyncio.gather(*(spray(i) for i in range(1, 41))) for a in per_ip]
+        assert acks.count(CONNACK_OK) == 0
+        assert acks.count(CONNACK_UNAVAILABLE) >= 60, {a: acks.count(a) for a in set(acks)}  # user bucket empty
+        # the right password from an address without a recent success is refused too (the documented limit) ...
+        assert await _login_from(env, "127.0.2.1", f"{nu}:other", nu, npw) == CONNACK_UNAVAILABLE
+        # ... but not from the node's usual address
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await _login_from(env, "127.0.0.1", nu, nu, npw) == CONNACK_OK
+        assert loop.time() - t0 < 3
+
+
+async def test_recent_logins_are_persisted_at_most_once_per_interval(tmp_path: Path) -> None:
+    async with broker_env(tmp_path) as env:
+        nu, npw = env.store.add("node", "n1")
+        auth = next(p for p in env.h.broker.plugins_manager.plugins if hasattr(p, "store"))
+        writes: list[int] = []
+        real = auth.store._write_logins  # noqa: SLF001
+
+        def counting(batch: dict[tuple[str, str], float]) -> None:
+            writes.append(len(batch))
+            real(batch)
+
+        auth.store._write_logins = counting  # noqa: SLF001
+        for _ in range(5):  # a reconnect storm: one write
+            assert (await raw_login(env, nu, nu, npw))[0] == CONNACK_OK
+        await auth.store.flush_logins()
+        assert writes == [1]
+
+
+async def _run_claw(tmp: Path, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "claw"), "cred", *args, "--data", str(tmp),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_revoke_disconnects_open_sessions(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Audit: ``claw cred revoke`` refused only new CONNECTs; a revoked device kept receiving replies and a
+    compromised node would have kept receiving every task. Now the running broker closes their connections
+    within a few seconds (broker.cred_check_interval), through the normal path (the will is sent)."""
+    caplog.set_level(logging.INFO)
+    async with broker_env(tmp_path) as env:  # broker.cred_check_interval: the default 2 s
+        du, dpw = env.store.add("device", "d1")
+        nu, npw = env.store.add("node", "n1")
+        ou, opw = env.store.add("device", "other")
+        _, dev_r, dev_w = await raw_login(env, du, du, dpw)  # the writers are kept: collected, they close
+        _, other_r, other_w = await raw_login(env, ou, ou, opw)
+        async with env.edge() as edge, env.client(nu, npw, identifier=nu, will=aiomqtt.Will("claw/v1/node/n1",
+                                                                             b"gone", qos=1)):
+            await edge.subscribe("claw/v1/node/+", qos=1)
+            await wait_until(lambda: env.h.broker.sessions.get(nu) is not None
+                             and env.h.broker.sessions[nu][0].transitions.is_connected(), 10)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await _run_claw(tmp_path, "revoke", du)
+            await assert_closed(dev_r, 10)
+            await _run_claw(tmp_path, "revoke", "n1")
+            async with asyncio.timeout(10):
+                async for msg in edge.messages:  # the node's connection was closed: its will fired
+                    assert msg.payload == b"gone"
+                    break
+            assert loop.time() - t0 < 20
+        # the other device is untouched, and the revoked ones cannot come back
+        await asyncio.sleep(0)
+        assert env.h.broker.sessions[ou][0].transitions.is_connected() and not other_r.at_eof()
+        assert (await raw_login(env, du, du, dpw))[0] == CONNACK_NOT_AUTHORIZED
+        assert (await raw_login(env, nu, nu, npw))[0] == CONNACK_NOT_AUTHORIZED
+        lines = [r.getMessage() for r in caplog.records if "its credential was revoked" in r.getMessage()]
+        assert len(lines) == 2 and all(dpw not in x and npw not in x for x in lines), lines
+        dev_w.close()
+        other_w.close()
+
+
+async def test_replace_disconnects_the_old_password_and_the_new_one_works(tmp_path: Path) -> None:
+    async with broker_env(tmp_path, cred_check_interval=0.5) as env:
+        du, old = env.store.add("device", "d1")
+        _, dev_r, dev_w = await raw_login(env, du, du, old)
+        out = await _run_claw(tmp_path, "add", "device", "d1", "--replace")
+        new = next(line.split()[-1] for line in out.splitlines() if line.startswith("password:"))
+        await assert_closed(dev_r, 10)
+        assert (await raw_login(env, du, du, old))[0] == CONNACK_NOT_AUTHORIZED
+        ack, new_r, new_w = await raw_login(env, du, du, new)
+        assert ack == CONNACK_OK
+        assert await env.h.broker.check_credentials() == 0  # the new session is not closed
+        assert not new_r.at_eof() and env.h.broker.sessions[du][0].transitions.is_connected()
+        dev_w.close()
+        new_w.close()
