@@ -142,6 +142,8 @@ max_connections = {br.max_connections}
 max_connections_per_ip = {br.max_connections_per_ip}
 # Password checks waiting at once; more are refused with "server unavailable" (the client retries).
 auth_queue = {br.auth_queue}
+# Seconds between checks for `claw cred revoke`/`--replace`: a revoked credential's open connections are closed.
+cred_check_interval = {br.cred_check_interval}
 # Per session: unacknowledged QoS 1 messages in flight, and messages queued (offline or behind them).
 max_inflight = {br.max_inflight}
 max_queued = {br.max_queued}
