@@ -251,10 +251,31 @@ class WecomSettings(_Section):
 
 
 class MiniappSettings(_Section):
+    """The WeChat mini-program (智控未来): sign-in through ``jscode2session``. On when appid and secret are set."""
+
     appid: str = ""
-    secret: str = ""
+    secret: str = ""  # the AppSecret: stays on server A, never logged
     secret_file: str = ""
     api_base: str = "https://api.weixin.qq.com"
+    timeout_s: float = 5.0  # one jscode2session call, connect to last byte; over it the login answers 504
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.appid and self.secret)
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not self.appid and not self.secret:
+            return
+        if not (self.appid and self.secret):
+            raise ValueError("miniapp: appid and secret (or secret_file) must be set together")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.appid):
+            raise ValueError("miniapp.appid must be the mini-program's AppID (letters/digits, e.g. wx0123456789ab)")
+        if not self.api_base.startswith(("http://", "https://")):
+            raise ValueError(f"miniapp.api_base must be an http(s) URL, got {self.api_base!r}")
+        if not 0 < self.timeout_s <= 60:
+            raise ValueError("miniapp.timeout_s must be > 0 and <= 60 seconds")
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -226,6 +226,7 @@ replay_window_s = {wc.replay_window_s}   # refuse callbacks whose signed timesta
 appid = ""
 secret = ""             # AppSecret -- better: secret_file = "miniapp.secret"
 api_base = {_q(MiniappSettings().api_base)}
+timeout_s = {MiniappSettings().timeout_s}         # seconds for one jscode2session call (over it: 504)
 
 # Node credential created by claw init: node.{node} (password in ../b/node.secret; only a hash is stored here).
 # Manage credentials while the edge runs: claw cred list|add|revoke --config a.toml

@@ -24,6 +24,7 @@ import wire
 from .auth import Claims
 from .bridge import Bridge, LiveTask, done_frame
 from .keys import BRIDGE, BROKER, SESSIONS, SETTINGS, STORE, TOKENS
+from .miniapp import CODE_RE, MINIAPP, LoginError, miniapp_ctx
 from .store import StoreFull
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,23 @@ async def login(request: web.Request) -> web.Response:
             return _err(400, "bad_user", "用户名只能包含字母、数字、_、@、-，最多 64 个字符")
         uid = f"web.{name}"
     elif "code" in body:
-        return _err(501, "miniapp_login_unavailable", "小程序登录尚未配置（[miniapp] appid/secret）")
+        if not s.miniapp.enabled:
+            return _err(501, "miniapp_login_unavailable", "小程序登录尚未配置：请在服务器 A 的配置文件 [miniapp] 中"
+                        "设置 appid 和 secret（或 secret_file）")
+        code = body["code"]
+        if not isinstance(code, str) or not code:
+            return _err(400, "missing_code", "缺少 code（请先调用 wx.login）")
+        if not CODE_RE.fullmatch(code):
+            return _err(400, "bad_code", "code 格式不正确（最多 128 个可见 ASCII 字符）")
+        try:
+            openid = await request.app[MINIAPP].openid(code)
+        except LoginError as exc:
+            body_err = {"code": exc.code, "message": exc.message}
+            if exc.errcode is not None:
+                body_err["errcode"] = exc.errcode
+            headers = {"Retry-After": "60"} if exc.status == 429 else None  # WeChat: 100 calls/user/minute
+            return web.json_response({"error": body_err}, status=exc.status, headers=headers)
+        uid = f"mp.{openid}"
     else:
         return _err(400, "missing_code", "缺少 code")
     try:
@@ -643,6 +660,8 @@ def _resume(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[s
 
 
 def add_routes(app: web.Application) -> None:
+    if app[SETTINGS].miniapp.enabled:
+        app.cleanup_ctx.append(miniapp_ctx)  # the jscode2session client (POST /api/login {code})
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
