@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 import wire
+from broker.guard import LogBudget
 from claw.config import MiniappSettings
 
 from .keys import SETTINGS
@@ -58,6 +59,7 @@ class MiniappClient:
         self._session = session
         self._url = settings.api_base.rstrip("/") + "/sns/jscode2session"
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
+        self._log = LogBudget(log)  # anyone can post codes: 20 lines a minute at most
 
     async def openid(self, code: str) -> str:
         """The openid behind a ``wx.login`` code, or :class:`LoginError`."""
@@ -69,11 +71,12 @@ class MiniappClient:
                 status = resp.status
                 raw = await resp.content.read(MAX_ANSWER + 1)
         except (asyncio.TimeoutError, TimeoutError):
-            log.warning("miniapp: jscode2session did not answer within %g s", self._s.timeout_s)
+            self._log.log(logging.WARNING, "miniapp: jscode2session did not answer within %g s",
+                          self._s.timeout_s)
             raise LoginError(504, "mp_unreachable", "连接微信服务器超时，请稍后再试") from None
         except aiohttp.ClientError as exc:
             # never the exception text: aiohttp may quote the request URL, which holds the AppSecret
-            log.warning("miniapp: jscode2session unreachable (%s)", type(exc).__name__)
+            self._log.log(logging.WARNING, "miniapp: jscode2session unreachable (%s)", type(exc).__name__)
             raise LoginError(502, "mp_unreachable", "无法连接微信服务器，请稍后再试") from None
         data = None
         if status == 200 and len(raw) <= MAX_ANSWER:
@@ -82,25 +85,26 @@ class MiniappClient:
             except (ValueError, RecursionError):
                 data = None
         if not isinstance(data, dict):
-            log.warning("miniapp: jscode2session gave an invalid answer (HTTP %d, %d bytes)", status, len(raw))
+            self._log.log(logging.WARNING, "miniapp: jscode2session gave an invalid answer (HTTP %d, %d bytes)",
+                          status, len(raw))
             raise LoginError(502, "mp_bad_answer", "微信服务器返回了无法识别的应答，请稍后再试")
         errcode = data.get("errcode", 0)  # a success often has no errcode at all
         if errcode is None:
             errcode = 0
         if not isinstance(errcode, int) or isinstance(errcode, bool):
-            log.warning("miniapp: jscode2session gave a non-integer errcode")
+            self._log.log(logging.WARNING, "miniapp: jscode2session gave a non-integer errcode")
             raise LoginError(502, "mp_bad_answer", "微信服务器返回了无法识别的应答，请稍后再试")
         if errcode != 0:
             errmsg = data.get("errmsg")
-            log.warning("miniapp: jscode2session errcode %d (%s)", errcode,
-                        errmsg[:200] if isinstance(errmsg, str) else "")
+            self._log.log(logging.WARNING, "miniapp: jscode2session errcode %d (%s)", errcode,
+                          errmsg[:200] if isinstance(errmsg, str) else "")
             if errcode in _ERRCODES:
                 st, our, msg = _ERRCODES[errcode]
                 raise LoginError(st, our, msg, errcode)
             raise LoginError(502, "mp_error", f"微信登录失败（错误码 {errcode}），请稍后再试", errcode)
         openid = data.get("openid")
         if not isinstance(openid, str) or not OPENID_RE.fullmatch(openid) or not wire.is_uid(f"mp.{openid}"):
-            log.warning("miniapp: jscode2session answered without a valid openid")
+            self._log.log(logging.WARNING, "miniapp: jscode2session answered without a valid openid")
             raise LoginError(502, "mp_bad_answer", "微信服务器返回了无法识别的应答，请稍后再试")
         return openid  # session_key (and unionid) are dropped with ``data``
 
