@@ -51,7 +51,7 @@ from typing import Literal, cast
 import lmdb
 
 from broker.guard import GOOD_TTL, TABLE_SIZE, AuthThrottle
-from claw.store import open_env
+from claw.store import open_db, open_env
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,9 @@ class CredentialStore:
     def __init__(self, data_dir: str | os.PathLike[str], *, throttle: AuthThrottle | None = None) -> None:
         self.path = Path(data_dir) / ENV_DIR
         self._env = open_env(self.path)
-        self._db = self._env.open_db(DB_NAME)
-        self._meta = self._env.open_db(META_DB)
-        self._logins = self._env.open_db(LOGIN_DB)
+        self._db = open_db(self._env, DB_NAME)
+        self._meta = open_db(self._env, META_DB)
+        self._logins = open_db(self._env, LOGIN_DB)
         self._persisted: OrderedDict[tuple[str, str], float] = OrderedDict()  # pair -> wall time last written
         self._pending: dict[tuple[str, str], float] = {}
         self._flush_task: asyncio.Task[None] | None = None

@@ -44,6 +44,17 @@ def open_env(path: str | os.PathLike[str], *, max_dbs: int = 16, map_size: int =
         return env
 
 
+def open_db(env: lmdb.Environment, name: bytes, *, create: bool = True) -> Any:
+    """``env.open_db(name)`` inside an explicit write transaction.
+
+    Without a transaction, py-lmdb's ``open_db`` waits for LMDB's write lock while holding the GIL: if a thread
+    of this process is inside a write transaction and needs the GIL to finish it, both wait for ever. An
+    explicit ``begin(write=True)`` releases the GIL while it waits, so it is safe whatever other threads do.
+    With ``create=False`` a missing database raises ``lmdb.NotFoundError``."""
+    with env.begin(write=True) as txn:
+        return env.open_db(name, txn=txn, create=create)
+
+
 def close_env(path: str | os.PathLike[str]) -> None:
     key = str(Path(path).resolve())
     with _LOCK:

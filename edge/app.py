@@ -20,6 +20,7 @@ from claw.config import Settings
 from claw.mqtt import client_from_settings
 from claw.perms import secure_tree
 from claw.runtime import start_http
+from claw.store import open_db
 
 from . import api
 from .auth import Tokens, load_or_create_secret
@@ -70,7 +71,7 @@ async def _wecom_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     store = app[STORE]
     async with aiohttp.ClientSession(headers={"User-Agent": "SmartClaw"}) as session:
-        api = WeComApi(s.wecom, session, store.writer, store.env.open_db(b"wc_kv"))  # token cache in wc_kv
+        api = WeComApi(s.wecom, session, store.writer, open_db(store.env, b"wc_kv"))  # token cache in wc_kv
         outbox = Outbox(s.wecom, api, store)
         channel = WeComChannel(s, store, app[BRIDGE], outbox)
         app[WECOM] = channel

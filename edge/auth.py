@@ -31,7 +31,7 @@ from typing import NamedTuple
 import lmdb
 
 import wire
-from claw.store import Writer, close_env, open_env
+from claw.store import Writer, close_env, open_db, open_env
 
 ENV_DIR = "auth.lmdb"
 MAP_SIZE = 256 << 20  # ~2 M sessions of ~100 bytes
@@ -81,8 +81,8 @@ class Revocations:
     def __init__(self, data_dir: str | Path) -> None:
         self.path = Path(data_dir) / ENV_DIR
         self.env = open_env(self.path, max_dbs=4, map_size=MAP_SIZE)
-        self.gen_db = self.env.open_db(b"gen")
-        self.sess_db = self.env.open_db(b"sessions")
+        self.gen_db = open_db(self.env, b"gen")
+        self.sess_db = open_db(self.env, b"sessions")
 
     def current(self, uid: str, txn: lmdb.Transaction | None = None) -> tuple[int, int]:
         """(the user's generation, the global epoch)."""

@@ -25,7 +25,7 @@ from typing import Any
 import cbor2
 import lmdb
 
-from claw.store import DEFAULT_MAP_SIZE, Writer, open_env
+from claw.store import DEFAULT_MAP_SIZE, Writer, open_db, open_env
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ RECENT_RECORD_MAX = 64 * 1024  # a record with more is never held
 class TaskStore:
     def __init__(self, data_dir: str | Path, map_size: int = DEFAULT_MAP_SIZE) -> None:
         self.env = open_env(Path(data_dir) / "edge.lmdb", map_size=map_size)
-        self.tasks = self.env.open_db(b"tasks")
-        self.by_user = self.env.open_db(b"by_user")
-        self.seen = self.env.open_db(b"seen")
+        self.tasks = open_db(self.env, b"tasks")
+        self.by_user = open_db(self.env, b"by_user")
+        self.seen = open_db(self.env, b"seen")
         self._dbs: dict[bytes, Any] = {}
         self._psize = self.env.stat()["psize"]
         self._map_size = self.env.info()["map_size"]
@@ -106,7 +106,7 @@ class TaskStore:
         # writes into the shared map instead of pwrite() calls (a transaction of 10 chunks 88 -> 32 µs here;
         # py-spy: the batch's transaction was ~7 % of the edge at 500 streams).
         self.chunk_env = open_env(Path(data_dir) / "edge-chunks.lmdb", max_dbs=2, sync=False, writemap=True)
-        self.chunks = self.chunk_env.open_db(b"chunks")
+        self.chunks = open_db(self.chunk_env, b"chunks")
         self.writer = Writer(self.env, name="edge-lmdb-writer")
         self._overlay: dict[bytes, tuple[TaskRecord, int]] = {}  # updates not yet committed
         # The last RECENT_MAX records committed, as committed (insertion order = age): a task's updates

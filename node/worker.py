@@ -29,7 +29,7 @@ from claw.metrics import Stages, escape_label
 from claw.mqtt import Backoff, client_from_settings, run_forever
 from claw.perms import secure_tree
 from claw.runtime import start_http
-from claw.store import Writer, open_env
+from claw.store import Writer, open_db, open_env
 
 from .batcher import ReplyBatcher
 from .coalescer import Coalescer
@@ -623,9 +623,9 @@ class Node:
             return
         secure_tree(self.s.data_dir)  # files 0600, directories 0700 (claw.perms)
         self._log_env = open_env(Path(self.s.data_dir) / "node.lmdb", max_dbs=2)
-        self._log_db = self._log_env.open_db(REPLY_DB)
+        self._log_db = open_db(self._log_env, REPLY_DB)
         try:
-            old = self._log_env.open_db(OLD_REPLY_DB, create=False)
+            old = open_db(self._log_env, OLD_REPLY_DB, create=False)
         except lmdb.NotFoundError:
             old = None
         if old is not None:  # keyed by the task id alone: it cannot tell users apart, so it goes

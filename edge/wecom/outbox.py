@@ -33,6 +33,7 @@ from typing import Any
 import cbor2
 
 from claw.config import WecomSettings
+from claw.store import open_db
 from edge.store import TaskStore
 
 from .client import WeComApi, WeComError
@@ -59,9 +60,9 @@ class Outbox:
         self.api = api
         self.store = store
         env = store.env
-        self.db_out = env.open_db(b"wc_out")
-        self.db_kv = env.open_db(b"wc_kv")
-        self.db_dead = env.open_db(b"wc_dead")
+        self.db_out = open_db(env, b"wc_out")
+        self.db_kv = open_db(env, b"wc_kv")
+        self.db_dead = open_db(env, b"wc_dead")
         self.queues: dict[str, deque[OutMsg]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.sent_log: dict[str, deque[float]] = {}
