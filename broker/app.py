@@ -229,27 +229,22 @@ class _AmqttFlood(logging.Filter):
     events a client can repeat at will (a corrupt TLS record, a protocol error) once per connection, with the
     exception in the text. Lines left out are counted in the next line let through."""
 
-    PER_MINUTE, BURST = 5.0, 10.0
-
     def __init__(self) -> None:
         super().__init__()
-        self._buckets: dict[int, list[float]] = {}  # level -> [tokens, stamp, left out]
+        self._budgets: dict[int, LogBudget] = {}  # per level
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        now = time.monotonic()
-        b = self._buckets.setdefault(record.levelno, [self.BURST, now, 0])
-        b[0] = min(self.BURST, b[0] + (now - b[1]) * self.PER_MINUTE / 60.0)
-        b[1] = now
-        if b[0] < 1.0:
-            b[2] += 1
+        budget = self._budgets.get(record.levelno)
+        if budget is None:
+            budget = self._budgets[record.levelno] = LogBudget(None, per_minute=5, burst=10)
+        left_out = budget.take()
+        if left_out is None:
             return False
-        b[0] -= 1.0
-        if b[2]:
-            left_out = f" ({int(b[2])} similar lines left out before this one)"
-            record.msg, record.args = record.getMessage() + left_out, None
-            b[2] = 0
+        if left_out:
+            record.msg = f"{record.getMessage()} ({left_out} similar lines left out before this one)"
+            record.args = None
         return True
 
 

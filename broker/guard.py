@@ -93,7 +93,7 @@ class LogBudget:
     repeat at will with ever new details (usernames, client ids, peers), so one key per kind would not bound
     them; lines left out are counted and the count is added to the next line logged."""
 
-    def __init__(self, logger: logging.Logger, *, per_minute: float = 20.0, burst: int = 20,
+    def __init__(self, logger: logging.Logger | None, *, per_minute: float = 20.0, burst: int = 20,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.logger = logger
         self.rate = per_minute / 60.0
@@ -103,18 +103,26 @@ class LogBudget:
         self._stamp = clock()
         self.suppressed = 0
 
-    def log(self, level: int, msg: str, *args: object) -> bool:
+    def take(self) -> int | None:
+        """None if a line now is over the budget (it is counted as left out); else how many were left out
+        since the last line let through (the count starts again)."""
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
         if self._tokens < 1.0:
             self.suppressed += 1
-            return False
+            return None
         self._tokens -= 1.0
-        if self.suppressed:
+        left_out, self.suppressed = self.suppressed, 0
+        return left_out
+
+    def log(self, level: int, msg: str, *args: object) -> bool:
+        left_out = self.take()
+        if left_out is None:
+            return False
+        if left_out:
             msg += " (%d similar lines left out before this one)"
-            args = (*args, self.suppressed)
-            self.suppressed = 0
+            args = (*args, left_out)
         self.logger.log(level, msg, *args)
         return True
 
