@@ -31,7 +31,7 @@ test('user: plain text on the right, no markdown', () => {
 });
 
 test('streaming without text: dots, the note and a stop button that fires stop', async () => {
-  const comp = render({ key: 'm2', role: 'assistant', state: 'streaming', text: '', note: '助手离线，问题已排队' });
+  const comp = render({ msgKey: 'm2', role: 'assistant', state: 'streaming', text: '', note: '助手离线，问题已排队' });
   expect(comp.querySelector('.dots')).toBeTruthy();
   expect(comp.querySelector('.note').dom.textContent).toBe('助手离线，问题已排队');
   const seen = [];
@@ -43,7 +43,7 @@ test('streaming without text: dots, the note and a stop button that fires stop',
 });
 
 test('streaming with text renders markdown; while stopping the button does nothing', async () => {
-  const comp = render({ key: 'm2', state: 'streaming', text: '# 标题\n\n正文', stopping: true });
+  const comp = render({ msgKey: 'm2', state: 'streaming', text: '# 标题\n\n正文', stopping: true });
   expect(comp.querySelector('.md')).toBeTruthy();
   expect(comp.querySelector('.dots')).toBeFalsy();
   expect(names(comp.instance.data.nodes)).toEqual(expect.arrayContaining(['h1', 'p']));
@@ -64,7 +64,7 @@ test('done: the AI label, no stop or retry', () => {
 });
 
 test('error: the message and a retry button that fires retry', async () => {
-  const comp = render({ key: 'm4', state: 'error', text: '一半', error: '模型服务不可用' });
+  const comp = render({ msgKey: 'm4', state: 'error', text: '一半', error: '模型服务不可用' });
   expect(comp.querySelector('.err').dom.textContent).toBe('模型服务不可用');
   const seen = [];
   comp.addEventListener('retry', (e) => seen.push(e.detail));
