@@ -393,6 +393,10 @@ describe('client: socket + chat + throttle', () => {
     expect(c.socket.state).toBe('idle');
     expect(wx.storage.has('claw_refresh')).toBe(false);
     expect(c.chat.messages).toEqual([]);
+    c.foreground(); // back from the background after 退出登录: stays signed out
+    await settle();
+    expect(wx.sockets.length).toBe(1);
+    expect(wx.logins).toBe(1);
   });
 
   test('max_question from /api/login/options; 8000 when the call fails', async () => {

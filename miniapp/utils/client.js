@@ -27,6 +27,7 @@ function createClient(opts) {
   const api = o.api || new Api({ wx, baseUrl: o.baseUrl, devUser: o.devUser, now: o.now });
   const listeners = new Set();
   let conn = { state: 'idle', text: STATE_TEXT.idle, error: '' };
+  let signedOut = false; // after 退出登录: no reconnect on onShow until the user asks or signs in
 
   let savedConv = '';
   try { savedConv = wx.getStorageSync(CONV_KEY) || ''; } catch (e) { savedConv = ''; }
@@ -92,6 +93,7 @@ function createClient(opts) {
 
     // Sign in if needed, learn the edge's question limit, connect.
     async start() {
+      signedOut = false;
       socket.start();
       try {
         const options = await api.loginOptions();
@@ -106,6 +108,7 @@ function createClient(opts) {
       const r = chat.ask(text);
       if (!r.ok) return r;
       send(r.frame);
+      signedOut = false;
       if (socket.state === 'idle' || socket.state === 'failed') socket.start();
       render.schedule();
       return r;
@@ -120,6 +123,7 @@ function createClient(opts) {
     retry(key) {
       const frame = chat.retry(key);
       if (frame) send(frame);
+      signedOut = false;
       if (socket.state === 'failed' || socket.state === 'idle') socket.start();
       render.schedule();
     },
@@ -131,6 +135,7 @@ function createClient(opts) {
 
     // App.onShow: reconnect if the socket died in the background, else resume on the open one.
     foreground() {
+      if (signedOut) return;
       if (socket.foreground()) {
         chat.resumeFrames().forEach(send);
         render.schedule();
@@ -138,6 +143,7 @@ function createClient(opts) {
     },
 
     async logout() {
+      signedOut = true;
       socket.stop();
       chat.newConversation();
       await api.logout();

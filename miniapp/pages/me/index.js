@@ -34,7 +34,7 @@ Component({
       this.setData({ busy: true, error: '' });
       try {
         await this.client.api.login();
-        this.client.socket.start();
+        await this.client.start();
       } catch (e) {
         this.setData({ error: e.message || '登录失败' });
       }
