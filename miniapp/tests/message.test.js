@@ -20,6 +20,12 @@ function names(nodes, out = []) {
   return out;
 }
 
+// miniprogram-simulate delivers tap events on a timer: wait for the condition, bounded, not for a fixed time
+async function until(cond) {
+  for (let i = 0; i < 200 && !cond(); i++) await simulate.sleep(5);
+  return cond();
+}
+
 beforeEach(() => jest.resetModules());
 
 test('user: plain text on the right, no markdown', () => {
@@ -37,7 +43,7 @@ test('streaming without text: dots, the note and a stop button that fires stop',
   const seen = [];
   comp.addEventListener('stop', (e) => seen.push(e.detail));
   comp.querySelector('.stop').dispatchEvent('tap');
-  await simulate.sleep(10);
+  await until(() => seen.length > 0);
   expect(seen).toEqual([{ key: 'm2' }]);
   expect(comp.querySelector('.retry')).toBeFalsy();
 });
@@ -50,7 +56,10 @@ test('streaming with text renders markdown; while stopping the button does nothi
   const seen = [];
   comp.addEventListener('stop', (e) => seen.push(e.detail));
   comp.querySelector('.stop').dispatchEvent('tap');
-  await simulate.sleep(10);
+  const tapped = [];
+  comp.querySelector('.stop').addEventListener('tap', () => tapped.push(1));
+  comp.querySelector('.stop').dispatchEvent('tap');
+  await until(() => tapped.length > 0); // the second tap was delivered, so the first one was too
   expect(seen).toEqual([]);
   expect(comp.querySelector('.stop').dom.textContent).toBe('停止中');
 });
@@ -69,7 +78,7 @@ test('error: the message and a retry button that fires retry', async () => {
   const seen = [];
   comp.addEventListener('retry', (e) => seen.push(e.detail));
   comp.querySelector('.retry').dispatchEvent('tap');
-  await simulate.sleep(10);
+  await until(() => seen.length > 0);
   expect(seen).toEqual([{ key: 'm4' }]);
   expect(plainText(comp.instance.data.nodes)).toBe('一半');
 });

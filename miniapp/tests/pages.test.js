@@ -48,7 +48,6 @@ test('chat page: an over-long question is refused and the text stays; a short on
   const ask = fwx.sockets[0].frames('ask')[0];
   fwx.sockets[0].frame({ type: 'delta', task: ask.id, seq: 1, text: '**你好**' });
   clock.advance(10);
-  await simulate.sleep(0);
   expect(comp.instance.data.messages.map((m) => m.state)).toEqual(['user', 'streaming']);
   expect(comp.dom.querySelectorAll('message').length).toBe(2);
   expect(comp.dom.querySelector('.message--user-text').textContent).toBe('你好');
