@@ -1,4 +1,4 @@
-// The chat and history pages rendered by miniprogram-simulate against a client on a fake wx.
+// The chat, history and me pages rendered by miniprogram-simulate against a client on a fake wx.
 const path = require('path');
 const simulate = require('miniprogram-simulate');
 const { createClient } = require('../utils/client');
@@ -18,14 +18,20 @@ function app() {
   return { clock, fwx, client };
 }
 
+// the simulated view updates on a timer: wait for the condition, bounded
+async function until(cond) {
+  for (let i = 0; i < 200 && !cond(); i++) await simulate.sleep(5);
+  return cond();
+}
+
+const loaded = new Map(); // a path loaded twice renders nothing: load once per test file
 function page(name) {
-  const id = simulate.load(path.join(ROOT, 'pages', name, 'index'), { rootPath: ROOT });
-  const comp = simulate.render(id);
+  if (!loaded.has(name)) loaded.set(name, simulate.load(path.join(ROOT, 'pages', name, 'index'), { rootPath: ROOT }));
+  const comp = simulate.render(loaded.get(name));
   comp.attach(document.createElement('parent-wrapper'));
   return comp;
 }
 
-beforeEach(() => jest.resetModules());
 
 test('chat page: an over-long question is refused and the text stays; a short one becomes bubbles', async () => {
   const { clock, fwx, client } = app();
@@ -79,4 +85,20 @@ test('history page: pages with before = the oldest ts shown', async () => {
   expect(seen).toEqual(['limit=20', `limit=20&before=${1700000000000 - 20000}`]);
   await comp.instance.onReachBottom(); // the end: no more requests
   expect(seen.length).toBe(2);
+});
+
+test('me page: the uid shortened, node state, 退出登录 signs out', async () => {
+  const { fwx, client } = app();
+  await client.start();
+  await settle();
+  fwx.sockets[0].open();
+  fwx.sockets[0].frame({ type: 'node', online: false });
+  client.render.flush();
+  const comp = page('me');
+  comp.instance.onLoad();
+  expect(comp.instance.data).toMatchObject({ uid: 'mp.oUser…cdef', signedIn: true, node: false });
+  expect(comp.dom.textContent).toContain('离线（问题会排队）');
+  await comp.instance.onLogout();
+  expect(comp.instance.data.signedIn).toBe(false);
+  expect(fwx.keys('POST /api/logout').length).toBe(1);
 });
