@@ -126,6 +126,22 @@ test('heartbeat: a ping every 20 s; a socket silent for 45 s is replaced', async
   expect(s.wx.sockets.length).toBe(2);
 });
 
+test('foreground with an open socket: a ping at once; no answer within 5 s means dead', async () => {
+  const s = setup();
+  const t = await connected(s);
+  s.clock.advance(1000);
+  expect(s.sock.foreground()).toBe(true); // back from the background: probe it
+  expect(t.sent[t.sent.length - 1]).toEqual({ type: 'ping' });
+  t.frame({ type: 'pong' });
+  s.clock.advance(5000);
+  expect(s.wx.sockets.length).toBe(1); // answered: kept
+  expect(s.sock.foreground()).toBe(true);
+  s.clock.advance(5000); // this time no answer
+  await settle();
+  expect(t.closed).toBeTruthy();
+  expect(s.wx.sockets.length).toBe(2);
+});
+
 test('close 4401: the session is dropped and a new wx.login made before reconnecting', async () => {
   const s = setup();
   const t = await connected(s);

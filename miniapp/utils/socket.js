@@ -8,6 +8,7 @@
 //
 // Heartbeat: a `{"type":"ping"}` every `heartbeatMs` (the edge answers `pong`); a socket that has sent nothing
 // for `deadMs` is closed and reconnected (a phone that changed networks leaves a silent, half-open socket).
+// Back in the foreground an open socket is probed at once: a ping that gets no frame within `probeMs` means dead.
 //
 // Backoff: the n-th retry in a row waits random() * min(maxMs, baseMs * 2^n) (at least minMs); a successful open
 // resets n. Close codes: 4401 (tokens revoked) -> the session is dropped and a new sign-in made before the
@@ -41,6 +42,7 @@ class SocketClient {
     this.maxMs = opts.maxMs || 30000;
     this.minMs = opts.minMs === undefined ? 100 : opts.minMs;
     this.maxPolicyCloses = opts.maxPolicyCloses || 5;
+    this.probeMs = opts.probeMs || 5000;
 
     this.state = 'idle';
     this.task = null; // the live SocketTask
@@ -51,6 +53,7 @@ class SocketClient {
     this._gen = 0; // bumps on every connect/stop: a stale ticket or task is ignored
     this._retry = null;
     this._beat = null;
+    this._probeTimer = null;
     this._lastRx = 0;
   }
 
@@ -69,10 +72,7 @@ class SocketClient {
   // resumes its answers on this socket. Returns true if the socket is open.
   foreground() {
     if (this.state === 'open') {
-      if (this.now() - this._lastRx > this.deadMs) { // it may have died while the phone slept
-        this._dead();
-        return false;
-      }
+      this._probe(); // it may have died while the phone slept: a ping must be answered within probeMs
       return true;
     }
     if (this.state !== 'connecting') {
@@ -243,6 +243,21 @@ class SocketClient {
   _stopBeat() {
     if (this._beat !== null && this._beat !== undefined) this.clearTimer(this._beat);
     this._beat = null;
+    if (this._probeTimer !== null) this.clearTimer(this._probeTimer);
+    this._probeTimer = null;
+  }
+
+  // Ping now; if nothing at all arrives within probeMs, the socket is dead (timers do not run in the
+  // background, so the heartbeat alone would notice only much later).
+  _probe() {
+    const task = this.task;
+    if (!task || this._probeTimer !== null) return;
+    const sentAt = this.now();
+    try { task.send({ data: JSON.stringify({ type: 'ping' }) }); } catch (e) { /* onClose follows */ }
+    this._probeTimer = this.setTimer(() => {
+      this._probeTimer = null;
+      if (task === this.task && this._lastRx < sentAt) this._dead();
+    }, this.probeMs);
   }
 
   // The socket is silent for too long: drop it and connect again at once.
