@@ -38,6 +38,9 @@ def _sources() -> list[Path]:
     for d in CODE_DIRS:
         out += [p for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".html", ".toml", ".md") and p.is_file()]
     out += [p for p in (ROOT / "docs").rglob("*.toml")]
+    # the mini-program's own files (not its node_modules)
+    out += [p for p in (ROOT / "miniapp").rglob("*") if p.is_file() and "node_modules" not in p.parts
+            and p.suffix in (".js", ".json", ".wxml", ".wxss", ".md")]
     return sorted(set(out) - {Path(__file__).resolve()})
 
 
