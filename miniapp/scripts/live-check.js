@@ -6,7 +6,8 @@
 //
 //   node scripts/live-check.js http://127.0.0.1:8080 alice
 //
-// Exit 0 when every check passed. Not part of the mini-program (packOptions.ignore) nor of `make test`.
+// Exit 0 when every check passed. Not part of the mini-program (packOptions.ignore); `make test` runs it
+// from tests/e2e/test_miniapp_live.py against the real system.
 'use strict';
 
 const WebSocket = require('ws');
