@@ -310,6 +310,8 @@ class Tokens:
             body, sig = _unb64(body_s), _unb64(sig_s)
         except (ValueError, AttributeError):
             return None
+        if _b64(body) != body_s or _b64(sig) != sig_s:
+            return None  # only the exact encoding the edge made (the decoder skips padding and stray characters)
         if not hmac.compare_digest(hmac.new(self._key, body, hashlib.sha256).digest(), sig):
             return None
         try:
