@@ -219,7 +219,7 @@ def _when(ts: int) -> str:
 
 def _token(args: Any) -> int:
     import wire
-    from edge.auth import PAT_MAX_DAYS, Revocations, is_pat_id
+    from edge.auth import ENV_DIR, PAT_MAX_DAYS, Revocations, is_pat_id
 
     uid = getattr(args, "uid", None)
     if uid is not None and not wire.is_uid(uid):
@@ -232,8 +232,13 @@ def _token(args: Any) -> int:
         print(f"error: not a personal token id: {args.pat!r} (16 hex digits, see claw token list)", file=sys.stderr)
         return 2
     data = args.data or (load_settings(args.config).data_dir if args.config else load_settings().data_dir)
+    fresh = not (Path(data) / ENV_DIR).exists()
     rev = Revocations(data)
     if args.token_cmd == "issue":
+        if fresh:
+            print(f"note: {Path(data) / ENV_DIR} did not exist and was created: is {data} the data directory of "
+                  "the running edge (--config a.toml / --data)? Otherwise the token will not work there.",
+                  file=sys.stderr)
         token, rec = rev.issue_pat(uid, args.days, args.note)
         print(token)  # stdout holds the token alone: claw token issue web.alice > alice.token
         print(f"personal token {rec.id} for {rec.uid}, expires {_when(rec.expires)}. It is shown only this once "

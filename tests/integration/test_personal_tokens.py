@@ -231,6 +231,15 @@ def test_failure_throttle_refills_and_stays_bounded() -> None:
 
 # ---- claw chat -------------------------------------------------------------------------------------
 
+def test_a_token_over_plain_http_is_only_quiet_for_loopback() -> None:
+    from claw.chat import _plain_remote
+
+    for url in ("http://127.0.0.1:8080", "http://localhost:8080/", "http://[::1]:8080", "https://a.example.com"):
+        assert not _plain_remote(url), url
+    for url in ("http://a.example.com", "http://203.0.113.7:8080", "http://[2001:db8::1]:80/x"):
+        assert _plain_remote(url), url
+
+
 async def test_claw_chat_signs_in_with_a_token_file_or_claw_token(tmp_path: Path, pki_dir: Path) -> None:
     cfg = FakeLLMConfig(reply="令牌登录成功。", token_chars=2)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg, **NO_DEV) as sys_:
