@@ -8,6 +8,11 @@ carry a client-made task id (``ask`` with ``id``), so an ask whose acknowledgeme
 simply sent again (the edge treats a repeated id as the same task). If the edge stays unreachable for
 ``reconnect_timeout`` seconds the client says so and exits 1.
 
+Sign-in: with a personal token (``--token-file`` or env ``CLAW_TOKEN``; ``claw token issue`` on server A)
+``POST /api/login {"pat"}``; otherwise dev login as ``web.<--user>`` (default: the OS user name), which only an
+edge with ``edge.dev_login`` accepts -- against any other the client says how to get a token. Either way the
+access token is then renewed with the rotating refresh token, and a new sign-in follows when the session is gone.
+
 Exit codes (docs/api.md, ``claw chat``): 0 a complete answer / end of input (Ctrl-D), 1 an error answer, an
 edge error or the edge unreachable, 2 an empty or too long question, 130 Ctrl-C (at the prompt, or in
 one-question mode; Ctrl-C while an interactive answer streams stops that answer and returns to the prompt).
@@ -19,8 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import getpass
+import ipaddress
 import os
+import re
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -49,6 +58,47 @@ MSG_OFFLINE = "[助手离线：问题已排队，上线后自动回答]"
 MSG_ONLINE = "[助手已上线]"
 MSG_BANNER = ("智控未来 终端聊天：输入问题后回车。回答时按 Ctrl-C 停止该回答；"
               "空闲时按 Ctrl-C 退出（退出码 130），按 Ctrl-D 结束（退出码 0）。")
+
+
+_NOT_NAME = re.compile(r"[^A-Za-z0-9_@-]")
+
+
+def default_user() -> str:
+    """The dev-login name when ``--user`` is not given: the OS user name, with characters the edge does not
+    take in a name replaced by ``_`` ("" if there is none)."""
+    try:
+        name = getpass.getuser()
+    except (OSError, KeyError, ImportError):
+        return ""
+    return _NOT_NAME.sub("_", name)[:64]
+
+
+def no_dev_login_message(url: str) -> str:
+    return ("该服务器未开放开发登录，需要个人令牌：请管理员在服务器 A 上运行 "
+            "`claw token issue web.<你的名字> --config a.toml`，把输出的令牌存入文件，再运行 "
+            f"`claw chat --url {url} --token-file 文件`（或设置环境变量 CLAW_TOKEN）。\n"
+            "This edge has no dev login: ask its operator for a personal token (`claw token issue web.NAME` on "
+            "server A), save it to a file and run `claw chat --url URL --token-file FILE` (or set CLAW_TOKEN).")
+
+
+def _plain_remote(url: str) -> bool:
+    """http:// to a host that is not loopback: a personal token would cross the network in clear text."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() != "http":
+        return False
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    host = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+    if host.lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def ssl_context(cafile: str | None) -> ssl.SSLContext | None:
+    """Verification against the system CAs (None) or against ``cafile`` (a private CA)."""
+    return ssl.create_default_context(cafile=cafile) if cafile else None
 
 
 class ChatError(Exception):
@@ -82,6 +132,9 @@ def _reason(exc: BaseException) -> str:
         return "连接超时"
     if isinstance(exc, aiohttp.WSServerHandshakeError):
         return f"WebSocket 握手失败（HTTP {exc.status}）"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return (f"服务器证书验证失败（{exc.certificate_error}）；若服务器使用私有 CA，请用 --cafile 指定该 CA 的证书 / "
+                "certificate verification failed: for a private CA pass --cafile")
     return str(exc) or type(exc).__name__
 
 
@@ -114,10 +167,11 @@ class _Answer:
 
 class ChatClient:
     def __init__(self, url: str, user: str, out: TextIO, err: TextIO,
-                 reconnect_timeout: float = RECONNECT_TIMEOUT_S) -> None:
+                 reconnect_timeout: float = RECONNECT_TIMEOUT_S, pat: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.ws_url = self.url.replace("http", "ws", 1) + "/api/ws"
         self.user = user
+        self.pat = pat  # a personal token: sent at sign-in only (POST /api/login {"pat"})
         self.out = out
         self.err = err
         self.reconnect_timeout = reconnect_timeout
@@ -172,9 +226,16 @@ class ChatClient:
         self.refresh = body.get("refresh") if isinstance(body.get("refresh"), str) else None
 
     async def _login(self) -> None:
-        status, body = await self._post("/api/login", {"dev_user": self.user})
+        body_out = {"pat": self.pat} if self.pat else {"dev_user": self.user}
+        status, body = await self._post("/api/login", body_out)
         if status != 200:
-            msg = body.get("error", {}).get("message") if isinstance(body, dict) else None
+            error = body.get("error") if isinstance(body, dict) else None
+            code = error.get("code") if isinstance(error, dict) else None
+            msg = error.get("message") if isinstance(error, dict) else None
+            if code == "dev_login_disabled" and not self.pat:
+                raise _Refused(no_dev_login_message(self.url))
+            if code == "pat_invalid":
+                raise _Refused(f"登录失败：{msg}")
             if 400 <= status < 500 and status != 429:
                 raise _Refused(f"登录失败：{msg or status}")
             raise aiohttp.ClientError(f"HTTP {status}：{msg or '登录失败'}")
@@ -473,21 +534,31 @@ class ChatClient:
 
 
 async def chat(url: str, user: str, question: str | None, out: TextIO | None = None, err: TextIO | None = None,
-               reconnect_timeout: float = RECONNECT_TIMEOUT_S) -> int:
-    """Run the client; returns the exit code (docs/api.md). ``question`` None: interactive."""
+               reconnect_timeout: float = RECONNECT_TIMEOUT_S, pat: str | None = None,
+               cafile: str | None = None) -> int:
+    """Run the client; returns the exit code (docs/api.md). ``question`` None: interactive. ``pat``: sign in
+    with this personal token instead of dev login; ``cafile``: the CA to verify the edge's HTTPS with."""
     out = out or sys.stdout
     err = err or sys.stderr
     if question is not None and (problem := question_problem(question)) is not None:
         print(problem, file=err)
         return EXIT_USAGE
+    try:
+        ctx = ssl_context(cafile)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"无法读取 CA 证书 {cafile}：{exc}", file=err)
+        return EXIT_USAGE
+    if pat and _plain_remote(url):
+        print("警告：通过未加密的 http 发送个人令牌；部署中请使用 https:// 地址。", file=err)
     loop = asyncio.get_running_loop()
-    client = ChatClient(url, user, out, err, reconnect_timeout)
+    client = ChatClient(url, user, out, err, reconnect_timeout, pat=pat)
     handler = False
     with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: Ctrl-C is a KeyboardInterrupt
         loop.add_signal_handler(signal.SIGINT, client.sigint.set)
         handler = True
     try:
-        async with aiohttp.ClientSession() as client.session:
+        connector = aiohttp.TCPConnector(ssl=ctx) if ctx is not None else None
+        async with aiohttp.ClientSession(connector=connector) as client.session:
             try:
                 connect = asyncio.ensure_future(client.connect())
                 if await client.race(connect) == "sigint":
@@ -507,11 +578,12 @@ async def chat(url: str, user: str, question: str | None, out: TextIO | None = N
             loop.remove_signal_handler(signal.SIGINT)
 
 
-def run_chat(url: str, user: str, question: str | None, reconnect_timeout: float = RECONNECT_TIMEOUT_S) -> int:
+def run_chat(url: str, user: str, question: str | None, reconnect_timeout: float = RECONNECT_TIMEOUT_S,
+             pat: str | None = None, cafile: str | None = None) -> int:
     from .runtime import run
 
     try:
-        return run(lambda: chat(url, user, question, reconnect_timeout=reconnect_timeout))
+        return run(lambda: chat(url, user, question, reconnect_timeout=reconnect_timeout, pat=pat, cafile=cafile))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed (e.g. piped into head)

@@ -42,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="terminal chat client (streams answers; Ctrl-C stops an answer)")
     c.add_argument("--url", default="http://127.0.0.1:8080", help="edge base URL (default %(default)s)")
-    c.add_argument("--user", default="terminal", help="dev-login user name (default %(default)s)")
+    c.add_argument("--token-file", metavar="FILE",
+                   help="sign in with the personal token in FILE (claw token issue); default: env CLAW_TOKEN, "
+                        "else dev login")
+    c.add_argument("--user", default=None,
+                   help="dev-login name (uid web.NAME; default: your OS user name); ignored with a token")
+    c.add_argument("--cafile", metavar="FILE", help="trust the HTTPS certificates of this CA (a private CA)")
     c.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up when the edge has been unreachable this long after a disconnect (default %(default)g)")
     c.add_argument("question", nargs="*", help="ask this once and exit (default: interactive)")
@@ -62,12 +67,21 @@ def _parser() -> argparse.ArgumentParser:
 
     tk = sub.add_parser("token", help="client tokens and sessions (usable while the edge runs)")
     tks = tk.add_subparsers(dest="token_cmd", required=True, metavar="ACTION")
-    trv = tks.add_parser("revoke", help="revoke a user's (or everybody's) access tokens and sessions")
+    tis = tks.add_parser("issue", help="issue a personal token (claw chat, scripts) and print it once")
+    tis.add_argument("uid", help="the user id it signs in as, usually web.NAME")
+    tis.add_argument("--days", type=int, default=30, help="lifetime in days, 1..3650 (default %(default)s)")
+    tis.add_argument("--note", default="", help="a note shown by claw token list (e.g. whose laptop)")
+    tls = tks.add_parser("list", help="list personal tokens (never the tokens themselves)")
+    tls.add_argument("uid", nargs="?", help="only this user's")
+    trv = tks.add_parser("revoke", help="revoke a user's (or everybody's) access tokens, sessions and personal "
+                                        "tokens, or one personal token")
     who = trv.add_mutually_exclusive_group(required=True)
     who.add_argument("uid", nargs="?", help="the user id, e.g. web.alice or wc.zhangsan")
     who.add_argument("--all", action="store_true", help="every user")
-    trv.add_argument("--data", help="data directory of server A (default: from --config or .claw)")
-    trv.add_argument("--config", help="a.toml of server A")
+    who.add_argument("--pat", metavar="ID", help="one personal token (its id from claw token list)")
+    for sp in (tis, tls, trv):
+        sp.add_argument("--data", help="data directory of server A (default: from --config or .claw)")
+        sp.add_argument("--config", help="a.toml of server A")
 
     i = sub.add_parser("init", help="write commented a.toml and b.toml, the CA, the broker certificate and a node credential")
     i.add_argument("--public-host", required=True, action="append",
@@ -99,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args.cmd, settings)
         if args.cmd == "chat":
             configure_logging(args.log_level or "WARNING")
-            from .chat import run_chat
-            # A question given but empty (claw chat "") is refused by run_chat, not taken for interactive mode.
-            return run_chat(args.url, args.user, " ".join(args.question) if args.question else None,
-                            reconnect_timeout=args.reconnect_timeout)
+            return _chat(args)
         if args.cmd == "cred":
             configure_logging(args.log_level or "WARNING")
             return _cred(args)
@@ -172,18 +183,92 @@ def _cred(args: Any) -> int:
     return 1
 
 
+def _chat(args: Any) -> int:
+    import os
+
+    from .chat import default_user, run_chat
+
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"无法读取令牌文件 / cannot read the token file {args.token_file}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
+        if not token:
+            print(f"令牌文件为空 / the token file {args.token_file} is empty", file=sys.stderr)
+            return 2
+    elif os.environ.get("CLAW_TOKEN", "").strip():
+        token = os.environ["CLAW_TOKEN"].strip()
+    user = args.user or default_user()
+    if token is None and not user:
+        print("请用 --user NAME 指定开发登录的名字 / give a name with --user NAME", file=sys.stderr)
+        return 2
+    if args.cafile and not Path(args.cafile).is_file():
+        print(f"找不到 CA 证书文件 / no such CA file: {args.cafile}", file=sys.stderr)
+        return 2
+    # A question given but empty (claw chat "") is refused by run_chat, not taken for interactive mode.
+    return run_chat(args.url, user or "", " ".join(args.question) if args.question else None,
+                    reconnect_timeout=args.reconnect_timeout, pat=token, cafile=args.cafile)
+
+
+def _when(ts: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "never"
+
+
 def _token(args: Any) -> int:
     import wire
-    from edge.auth import Revocations
+    from edge.auth import ENV_DIR, PAT_MAX_DAYS, Revocations, is_pat_id
 
-    if not args.all and not wire.is_uid(args.uid):
-        print(f"error: not a user id: {args.uid!r} (e.g. web.alice)", file=sys.stderr)
+    uid = getattr(args, "uid", None)
+    if uid is not None and not wire.is_uid(uid):
+        print(f"error: not a user id: {uid!r} (e.g. web.alice)", file=sys.stderr)
+        return 2
+    if args.token_cmd == "issue" and not 1 <= args.days <= PAT_MAX_DAYS:
+        print(f"error: --days must be 1..{PAT_MAX_DAYS}", file=sys.stderr)
+        return 2
+    if args.token_cmd == "revoke" and args.pat is not None and not is_pat_id(args.pat):
+        print(f"error: not a personal token id: {args.pat!r} (16 hex digits, see claw token list)", file=sys.stderr)
         return 2
     data = args.data or (load_settings(args.config).data_dir if args.config else load_settings().data_dir)
-    value = Revocations(data).revoke(None if args.all else args.uid)
-    who = "every user" if args.all else args.uid
-    print(f"revoked the tokens and sessions of {who} (generation {value}); open WebSockets close within "
-          "10 s, the next request needs a new login")
+    fresh = not (Path(data) / ENV_DIR).exists()
+    rev = Revocations(data)
+    if args.token_cmd == "issue":
+        if fresh:
+            print(f"note: {Path(data) / ENV_DIR} did not exist and was created: is {data} the data directory of "
+                  "the running edge (--config a.toml / --data)? Otherwise the token will not work there.",
+                  file=sys.stderr)
+        token, rec = rev.issue_pat(uid, args.days, args.note)
+        print(token)  # stdout holds the token alone: claw token issue web.alice > alice.token
+        print(f"personal token {rec.id} for {rec.uid}, expires {_when(rec.expires)}. It is shown only this once "
+              "(only its SHA-256 is stored). Use it with: claw chat --url https://A --token-file FILE "
+              "(or env CLAW_TOKEN)", file=sys.stderr)
+        return 0
+    if args.token_cmd == "list":
+        rows = rev.list_pats(uid)
+        if not rows:
+            print("(no personal tokens)")
+            return 0
+        now = time.time()
+        print(f"{'id':16s}  {'uid':32s}  {'created':16s}  {'expires':18s}  {'last used':16s}  note")
+        for r in rows:
+            expires = _when(r.expires) + (" (expired)" if r.expires < now else "")
+            print(f"{r.id:16s}  {r.uid:32s}  {_when(r.created):16s}  {expires:18s}  {_when(r.last_used):16s}  {r.note}")
+        return 0
+    if args.pat is not None:
+        got = rev.revoke_pat(args.pat)
+        if got is None:
+            print(f"no such personal token: {args.pat}", file=sys.stderr)
+            return 1
+        print(f"revoked personal token {got.id} of {got.uid} and the sessions signed in with it; its open "
+              "WebSockets close within 10 s")
+        return 0
+    pats = len(rev.list_pats(None if args.all else uid))
+    value = rev.revoke(None if args.all else uid)
+    who = "every user" if args.all else uid
+    print(f"revoked the tokens, sessions and {pats} personal token(s) of {who} (generation {value}); open "
+          "WebSockets close within 10 s, the next request needs a new login")
     return 0
 
 

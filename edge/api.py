@@ -184,6 +184,8 @@ async def login(request: web.Request) -> web.Response:
             headers = {"Retry-After": "60"} if exc.status == 429 else None  # WeChat: 100 calls/user/minute
             return web.json_response({"error": body_err}, status=exc.status, headers=headers)
         uid = f"mp.{openid}"
+    elif "pat" in body:
+        return await _pat_login(request, body["pat"])
     else:
         return _err(400, "missing_code", "缺少 code")
     try:
@@ -191,6 +193,33 @@ async def login(request: web.Request) -> web.Response:
     except lmdb.Error as exc:
         log.error("edge: cannot store a login session in auth.lmdb: %s", exc)
         return _err(503, "auth_store", "服务器暂时无法登录，请稍后再试")
+
+
+PAT_INVALID_MSG = "个人令牌无效、已过期或已被吊销：请向管理员申请新的令牌（claw token issue）"
+
+
+async def _pat_login(request: web.Request, value: Any) -> web.Response:
+    """``{"pat": "pat_..."}`` (claw token issue) -> the usual pair. Failures are throttled per client address:
+    over the budget the token is not even looked at (429), so personal tokens cannot be guessed online."""
+    tokens = request.app[TOKENS]
+    ip = request.remote or ""
+    wait = tokens.pat_throttle.retry_after(ip)
+    if wait > 0:
+        _quiet_log("pat_throttled", "edge: personal-token sign-ins from %s throttled after repeated failures", ip)
+        return web.json_response({"error": {"code": "pat_throttled", "message": "个人令牌登录失败次数过多，请稍后再试"}},
+                                 status=429, headers={"Retry-After": str(math.ceil(wait))})
+    if not isinstance(value, str) or not value:
+        return _err(400, "missing_pat", "缺少个人令牌（pat）")
+    try:
+        got = await tokens.login_pat(value)
+    except lmdb.Error as exc:
+        log.error("edge: cannot store a login session in auth.lmdb: %s", exc)
+        return _err(503, "auth_store", "服务器暂时无法登录，请稍后再试")
+    if got is None:
+        tokens.pat_throttle.failed(ip)
+        _quiet_log("pat_invalid", "edge: sign-in with an unknown, revoked or expired personal token from %s", ip)
+        return _err(401, "pat_invalid", PAT_INVALID_MSG)
+    return web.json_response(got)
 
 
 async def refresh(request: web.Request) -> web.Response:
