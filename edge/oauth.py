@@ -130,7 +130,11 @@ class WeComOAuth:
     async def start(self, request: web.Request) -> web.StreamResponse:
         """302 to WeCom's authorize page, with a new state bound to a cookie."""
         w, public = self.s.wecom, self.s.edge.public_url.rstrip("/")
+        evicted = self.states.evicted
         state = self.states.new()
+        if self.states.evicted != evicted:
+            self._warn("edge: over %d WeCom sign-ins started in %d s; the oldest unfinished ones are forgotten "
+                       "(a flood of GET /auth/wecom?) [%s]", self.states.cap, STATE_TTL_S, request.remote)
         redirect_uri = quote(f"{public}/auth/wecom/callback", safe="")
         # WeCom's documented order of the parameters, and the #wechat_redirect it requires
         url = (f"{w.oauth_base.rstrip('/')}/connect/oauth2/authorize?appid={quote(w.corp_id, safe='')}"
@@ -232,7 +236,12 @@ class WeComOAuth:
             async with api.session.get(url, params={"access_token": token, "code": code},
                                        allow_redirects=False) as resp:
                 status = resp.status
-                raw = await resp.content.read(MAX_ANSWER + 1)
+                raw = b""
+                while len(raw) <= MAX_ANSWER:  # read() gives what has arrived: loop to the end or the bound
+                    chunk = await resp.content.read(MAX_ANSWER + 1 - len(raw))
+                    if not chunk:
+                        break
+                    raw += chunk
         except aiohttp.ClientError as exc:
             # never the exception's text: aiohttp may quote the URL, which holds the access token and the code
             self._warn("edge: WeCom getuserinfo unreachable (%s)", type(exc).__name__)
@@ -323,4 +332,5 @@ def add_routes(app: web.Application) -> None:
         app[OAUTH] = WeComOAuth(s)
     app.router.add_get("/api/login/options", login_options)
     app.router.add_get("/auth/wecom", auth_wecom)
-    app.router.add_get("/auth/wecom/callback", auth_wecom_callback)
+    # no HEAD: a link checker's HEAD must not use up the state and the one-use code
+    app.router.add_get("/auth/wecom/callback", auth_wecom_callback, allow_head=False)

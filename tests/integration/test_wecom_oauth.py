@@ -188,6 +188,10 @@ async def test_state_must_match_the_cookie_once_within_ten_minutes(tmp_path: Pat
             assert got == "/#login_error=wecom_bad_code", code
         assert fw.stats.userinfo == asked
 
+        # a HEAD (a link checker) is refused before anything: it must not use up the state or the code
+        async with http.head(f"{sys_.http}/auth/wecom/callback", params={"code": "c", "state": state},
+                             headers={"Cookie": f"{COOKIE}={state}"}) as r:
+            assert r.status == 405
         # none of that used the state up: the right pair signs in, once
         assert (await _callback(http, sys_, code=fw.oauth_code("lisi"), state=state, cookie=state)).startswith(
             "/#refresh=")
