@@ -55,11 +55,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import xmltodict
 from aiohttp import web
-from yarl import URL
 from wechatpy.enterprise.crypto import PrpCrypto, WeChatCrypto
 
 __all__ = [
@@ -375,8 +375,9 @@ class FakeWeCom:
             return web.Response(status=400, text="fake wecom: 参数错误", content_type="text/plain")
         kind, ident = self.oauth_user
         code = self.oauth_code(ident) if kind == "userid" else self.oauth_code(openid=ident)
-        target = URL(q["redirect_uri"]).update_query(code=code, state=q.get("state", ""))
-        return web.Response(status=302, headers={"Location": str(target)})
+        uri = q["redirect_uri"]
+        target = uri + ("&" if "?" in uri else "?") + urlencode({"code": code, "state": q.get("state", "")})
+        return web.Response(status=302, headers={"Location": target})
 
     async def _getuserinfo(self, request: web.Request) -> web.StreamResponse:
         self.stats.userinfo += 1
