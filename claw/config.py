@@ -225,10 +225,18 @@ class WecomSettings(_Section):
     token_refresh_margin_s: int = 600  # refresh the access_token this long before it expires
     send_max_age_s: int = 86400  # a message that could not be delivered for this long is given up
     replay_window_s: int = 300  # a callback whose (signed) timestamp is further than this from our clock is refused; 0 = off
+    # web sign-in (GET /auth/wecom): on when the app is configured (secret, agent_id) and edge.public_url is set
+    oauth_base: str = "https://open.weixin.qq.com"  # where /auth/wecom sends the browser (a test server in tests)
+    oauth_timeout_s: float = 5.0  # the code exchange (a token fetch included); over it: login_error wecom_unreachable
 
     @property
     def enabled(self) -> bool:
         return bool(self.corp_id and self.token and self.encoding_aes_key)
+
+    @property
+    def oauth_ready(self) -> bool:
+        """The app can sign web users in (GET /auth/wecom) -- given ``edge.public_url`` too."""
+        return self.enabled and bool(self.secret) and self.agent_id > 0
 
     def __post_init__(self) -> None:
         import re
@@ -245,6 +253,10 @@ class WecomSettings(_Section):
             raise ValueError(f"wecom.api_base must be an http(s) URL, got {self.api_base!r}")
         if self.agent_id < 0:
             raise ValueError("wecom.agent_id must be the app's AgentId (a positive number)")
+        if not re.fullmatch(r"https?://[^/?#\s]+/?", self.oauth_base):
+            raise ValueError(f"wecom.oauth_base must be an http(s) scheme://host[:port], got {self.oauth_base!r}")
+        if not 0 < self.oauth_timeout_s <= 60:
+            raise ValueError("wecom.oauth_timeout_s must be > 0 and <= 60 seconds")
         if not (1 <= self.per_user_per_min <= 30 and 1 <= self.per_user_per_hour <= 1000):
             raise ValueError("wecom.per_user_per_min must be 1-30 and wecom.per_user_per_hour 1-1000 "
                              "(WeCom drops messages beyond 30/min and 1000/hour per user)")

@@ -176,7 +176,8 @@ dev_login = false
 # Access token lifetime in seconds (renewed with the refresh token), and the login session's (refresh token).
 token_ttl = {ed.token_ttl}
 session_ttl = {ed.session_ttl}
-# The HTTPS address users open (its origin may open the WebSocket; pages of other sites may not).
+# The HTTPS address users open (its origin may open the WebSocket; pages of other sites may not). With [wecom]
+# configured it also turns on the web sign-in inside WeCom (docs/wecom.md "Web sign-in").
 # public_url = "https://a.example.com"
 # allowed_origins = []   # more "https://host[:port]" origins allowed to open the WebSocket
 # /metrics and /healthz details from other hosts than loopback need "Authorization: Bearer <this>".
@@ -220,6 +221,9 @@ offline_notice = {_q(wc.offline_notice)}
 token_refresh_margin_s = {wc.token_refresh_margin_s}   # refresh the access_token this early
 send_max_age_s = {wc.send_max_age_s}   # give up a message not delivered for this long
 replay_window_s = {wc.replay_window_s}   # refuse callbacks whose signed timestamp is older (0 = off)
+# Web sign-in inside WeCom (app home page = <public_url>/; needs edge.public_url, secret and agent_id).
+oauth_base = {_q(wc.oauth_base)}
+oauth_timeout_s = {wc.oauth_timeout_s}   # seconds for the code exchange (over it: login_error wecom_unreachable)
 
 [miniapp]
 # WeChat mini-program login (POST /api/login {{code}} -> jscode2session). Leave empty if unused.

@@ -22,10 +22,10 @@ from claw.perms import secure_tree
 from claw.runtime import start_http
 from claw.store import open_db
 
-from . import api
+from . import api, oauth
 from .auth import Tokens, load_or_create_secret
 from .bridge import Bridge
-from .keys import BRIDGE, BROKER, RETENTION, SESSIONS, SETTINGS, STORE, TOKENS, WECOM
+from .keys import BRIDGE, BROKER, RETENTION, SESSIONS, SETTINGS, STORE, TOKENS, WECOM, WECOM_API
 from .store import Retention, TaskStore
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_mqtt_ctx)
     app.on_shutdown.append(_close_websockets)
     api.add_routes(app)
+    oauth.add_routes(app)  # GET /api/login/options, /auth/wecom (WeCom web sign-in)
     if settings.wecom.enabled:
         app.cleanup_ctx.append(_wecom_ctx)
         app.router.add_get("/wecom/callback", _wecom_get)
@@ -72,6 +73,7 @@ async def _wecom_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     async with aiohttp.ClientSession(headers={"User-Agent": "SmartClaw"}) as session:
         api = WeComApi(s.wecom, session, store.writer, open_db(store.env, b"wc_kv"))  # token cache in wc_kv
+        app[WECOM_API] = api  # shared with the web sign-in (edge.oauth): one access token for the app
         outbox = Outbox(s.wecom, api, store)
         channel = WeComChannel(s, store, app[BRIDGE], outbox)
         app[WECOM] = channel

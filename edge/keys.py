@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .api import WsSession
     from .bridge import Bridge
     from .wecom.channel import WeComChannel
+    from .wecom.client import WeComApi
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", TaskStore)
@@ -24,5 +25,6 @@ TOKENS = web.AppKey("tokens", Tokens)
 BRIDGE = web.AppKey("bridge", "Bridge")
 SESSIONS = web.AppKey("sessions", "weakref.WeakSet[WsSession]")
 WECOM = web.AppKey("wecom", "WeComChannel")
+WECOM_API = web.AppKey("wecom_api", "WeComApi")  # the app's API client (access token cache): message/send, OAuth
 # the embedded broker (when it runs in this process): its refusal counters for /metrics
 BROKER = web.AppKey("broker", "ClawBroker")

@@ -20,6 +20,16 @@ run from an installed wheel. Two independent halves:
   ``errcode 0`` is still answered (``dropped=True``). Only delivered messages count against the limits.
 * Fault injection: :meth:`FakeWeCom.fail_next`, :meth:`FakeWeCom.fail_user`, and
   :attr:`FakeWeCom.deny_ip` (every call answers 60020 naming the caller's real address).
+* Web sign-in (OAuth): ``GET /connect/oauth2/authorize?appid=&redirect_uri=&response_type=code&scope=&state=
+  &agentid=`` plays WeCom's authorize page (``open.weixin.qq.com``; point ``wecom.oauth_base`` at the fake): it
+  issues a code for :attr:`FakeWeCom.oauth_user` and answers 302 to ``redirect_uri?code=&state=`` (a wrong appid,
+  agentid, response_type or scope answers 400, as WeCom shows an error page). ``GET /cgi-bin/auth/getuserinfo?
+  access_token=&code=`` trades a code (one use, 300 s; :meth:`FakeWeCom.oauth_code` makes one directly) for
+  ``{"userid"}`` (a member) or ``{"openid"}`` (a non-member); 40029 for an unknown, used or expired code, the
+  token errors as above. :meth:`FakeWeCom.fail_userinfo` makes the next calls answer an errcode, ``"garbage"``
+  (HTML, not JSON), ``"drop"`` (the connection closed without an answer; a client may retry that once on a new
+  connection) or ``"hang"`` (no answer until the server stops); :attr:`FakeWeCom.userinfo_down` closes every
+  getuserinfo connection (the network to WeCom is down).
 
 The access log is off and nothing here logs a secret or an access_token.
 
@@ -45,6 +55,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import xmltodict
@@ -73,10 +84,12 @@ ERRMSG: dict[int, str] = {
     40008: "invalid message type",
     40013: "invalid corpid",
     40014: "invalid access_token",
+    40029: "invalid code",
     40056: "invalid agentid",
     41001: "access_token missing",
     41002: "corpid missing",
     41004: "corpsecret missing",
+    41008: "missing code",
     42001: "access_token expired",
     44004: "empty content",
     45009: "api freq out of limit",
@@ -124,6 +137,7 @@ class FakeWeComStats:
 
     gettoken: int = 0
     sends: int = 0
+    userinfo: int = 0  # getuserinfo calls
     dropped: int = 0
     truncated: int = 0
     errors: int = 0
@@ -185,9 +199,18 @@ class FakeWeCom:
         self._windows: dict[str, list[float]] = {}  # per member: monotonic times of delivered sends
         self._msgids = itertools.count(1)
         self._cond = asyncio.Condition()
+        # web sign-in: who "opens" the authorize page -- ("userid", X) for a member, ("openid", X) for a non-member
+        self.oauth_user: tuple[str, str] = ("userid", "zhangsan")
+        self._codes: dict[str, tuple[str, str, float]] = {}  # code -> (kind, id, expiry)
+        self.oauth_codes: list[str] = []  # every code handed out (tests check none reaches a log)
+        self._fail_userinfo: list[int | str] = []
+        self.userinfo_down = False  # True: every getuserinfo connection is closed without an answer
+        self._stopping = asyncio.Event()
         self.app = web.Application()
         self.app.router.add_get("/cgi-bin/gettoken", self._gettoken)
         self.app.router.add_post("/cgi-bin/message/send", self._send)
+        self.app.router.add_get("/cgi-bin/auth/getuserinfo", self._getuserinfo)
+        self.app.router.add_get("/connect/oauth2/authorize", self._authorize)
 
     # ---- public API ----------------------------------------------------------------------------
     @property
@@ -251,6 +274,26 @@ class FakeWeCom:
             self._fail_user[user] = errcode
         else:
             self._fail_user.pop(user, None)
+
+    def oauth_code(self, userid: str | None = None, *, openid: str | None = None, ttl: float = 300.0) -> str:
+        """A web sign-in code for member ``userid`` (or non-member ``openid``), as WeCom hands the browser:
+        one use, valid ``ttl`` seconds (WeCom: 5 minutes)."""
+        if (userid is None) == (openid is None):
+            raise ValueError("oauth_code needs a userid or an openid")
+        code = secrets.token_urlsafe(32)
+        self.oauth_codes.append(code)
+        self._codes[code] = ("userid", userid, time.time() + ttl) if userid is not None else \
+            ("openid", openid or "", time.time() + ttl)
+        return code
+
+    def fail_userinfo(self, *outcomes: int | str) -> None:
+        """The next getuserinfo calls (one per outcome, in order) answer an errcode (e.g. 45009, -1, 40029), or
+        ``"garbage"`` (an HTML page), ``"drop"`` (close the connection) or ``"hang"`` (never answer). The code
+        is not used up by them."""
+        for o in outcomes:
+            if o == 0 or (isinstance(o, str) and o not in ("garbage", "drop", "hang")):
+                raise ValueError(f"fail_userinfo: a non-zero errcode or garbage/drop/hang, got {o!r}")
+        self._fail_userinfo.extend(outcomes)
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _count(self, user: str | None) -> int:
@@ -319,6 +362,53 @@ class FakeWeCom:
             log.debug("fake wecom: issued a new access_token (valid %d s)", self.cfg.token_ttl)
         return web.json_response({"errcode": 0, "errmsg": "ok", "access_token": tok.value,
                                   "expires_in": max(1, int(tok.expires - now))})
+
+    async def _authorize(self, request: web.Request) -> web.Response:
+        q = request.query
+        try:
+            agentid = int(q.get("agentid", ""))
+        except ValueError:
+            agentid = -1
+        if (q.get("appid") != self.cfg.corp_id or agentid != int(self.cfg.agent_id) or q.get("response_type") != "code"
+                or q.get("scope") not in ("snsapi_base", "snsapi_privateinfo")
+                or not q.get("redirect_uri", "").startswith(("http://", "https://"))):
+            return web.Response(status=400, text="fake wecom: 参数错误", content_type="text/plain")
+        kind, ident = self.oauth_user
+        code = self.oauth_code(ident) if kind == "userid" else self.oauth_code(openid=ident)
+        uri = q["redirect_uri"]
+        target = uri + ("&" if "?" in uri else "?") + urlencode({"code": code, "state": q.get("state", "")})
+        return web.Response(status=302, headers={"Location": target})
+
+    async def _getuserinfo(self, request: web.Request) -> web.StreamResponse:
+        self.stats.userinfo += 1
+        if self.userinfo_down:
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError
+        if self.deny_ip:
+            return self._error(request, 60020)
+        _, code = self._check_token(request)
+        if code:
+            return self._error(request, code)
+        if self._fail_userinfo:
+            outcome = self._fail_userinfo.pop(0)
+            if outcome == "garbage":
+                return web.Response(status=200, text="<html><body>502 Bad Gateway</body></html>",
+                                    content_type="text/html")
+            if outcome == "drop":
+                assert request.transport is not None
+                request.transport.close()
+                raise asyncio.CancelledError
+            if outcome == "hang":
+                await self._stopping.wait()
+                return web.Response(status=503)
+            assert isinstance(outcome, int)
+            return self._error(request, outcome)
+        got = self._codes.pop(request.query.get("code", ""), None)
+        if got is None or got[2] < time.time():
+            return self._error(request, 40029)
+        kind, ident, _ = got
+        return web.json_response({"errcode": 0, "errmsg": "ok", kind: ident})
 
     async def _send(self, request: web.Request) -> web.Response:
         self.stats.sends += 1
@@ -406,6 +496,7 @@ async def run_fake_wecom(cfg: FakeWeComConfig, *, shutdown_timeout: float = 0.5)
         log.debug("fake wecom: listening on %s", fw.url)
         yield fw
     finally:
+        fw._stopping.set()  # a "hang" getuserinfo answers now
         await runner.cleanup()
 
 
