@@ -33,6 +33,18 @@ OPENID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_ANSWER = 64 * 1024  # bytes of a jscode2session answer read at most
 
 
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to its end or ``limit + 1`` bytes, whichever comes first (so a caller can tell "too big").
+    One ``read(n)`` returns what has arrived so far, which may be part of an answer sent in pieces."""
+    raw = b""
+    while len(raw) <= limit:
+        chunk = await content.read(limit + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return raw
+
+
 class LoginError(Exception):
     """A sign-in that failed: the HTTP status, stable code and Simplified Chinese message for the client."""
 
@@ -69,7 +81,7 @@ class MiniappClient:
             async with self._session.get(self._url, params=params, timeout=self._timeout,
                                          allow_redirects=False) as resp:
                 status = resp.status
-                raw = await resp.content.read(MAX_ANSWER + 1)
+                raw = await read_bounded(resp.content, MAX_ANSWER)
         except (asyncio.TimeoutError, TimeoutError):
             self._log.log(logging.WARNING, "miniapp: jscode2session did not answer within %g s",
                           self._s.timeout_s)

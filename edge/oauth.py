@@ -44,6 +44,7 @@ from claw.config import Settings
 
 from .api import MAX_ASK_CHARS
 from .keys import SETTINGS, TOKENS, WECOM_API
+from .miniapp import read_bounded
 from .wecom.client import CONFIG, TOKEN_INVALID, WeComApi, WeComError, _scrub
 
 log = logging.getLogger(__name__)
@@ -236,12 +237,7 @@ class WeComOAuth:
             async with api.session.get(url, params={"access_token": token, "code": code},
                                        allow_redirects=False) as resp:
                 status = resp.status
-                raw = b""
-                while len(raw) <= MAX_ANSWER:  # read() gives what has arrived: loop to the end or the bound
-                    chunk = await resp.content.read(MAX_ANSWER + 1 - len(raw))
-                    if not chunk:
-                        break
-                    raw += chunk
+                raw = await read_bounded(resp.content, MAX_ANSWER)
         except aiohttp.ClientError as exc:
             # never the exception's text: aiohttp may quote the URL, which holds the access token and the code
             self._warn("edge: WeCom getuserinfo unreachable (%s)", type(exc).__name__)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +27,7 @@ SESSION_KEY = "SeSsIoNkEy+tJ4bq9YuP0w=="
 class FakeJsCode2Session:
     """``GET /sns/jscode2session`` like api.weixin.qq.com: HTTP 200, JSON served as ``text/plain``, no errcode on
     success. The code chooses the answer: ``ok-<openid>``, ``err<N>`` (errcode N), ``slow`` (never answers until
-    :attr:`release` is set), ``garbage`` (not JSON), ``drop`` (connection closed without an answer)."""
+    :attr:`release` is set), ``split-<openid>`` (success sent in two writes), ``garbage`` (not JSON), ``drop`` (connection closed without an answer)."""
 
     def __init__(self) -> None:
         self.calls: list[dict[str, str]] = []
@@ -48,6 +49,15 @@ class FakeJsCode2Session:
         if code == "slow":
             await self.release.wait()
             return _plain({"openid": "late", "session_key": SESSION_KEY})
+        if code.startswith("split-"):  # the answer in two TCP writes with a pause: a single read() sees half
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await resp.prepare(request)
+            body = json.dumps({"openid": code[6:], "session_key": SESSION_KEY}).encode()
+            await resp.write(body[:10])
+            await asyncio.sleep(0.05)  # lets the first half reach the client on its own
+            await resp.write(body[10:])
+            await resp.write_eof()
+            return resp
         if code == "garbage":
             return web.Response(text="<html>502 Bad Gateway</html>", content_type="text/html")
         if code == "drop":
@@ -107,6 +117,8 @@ async def test_mp_login_success_errors_and_secret_never_logged(tmp_path: Path, p
         # the refresh token renews the mini-program session like any other
         async with http.post(f"{sys_.http}/api/refresh", json={"refresh": body["refresh"]}) as r:
             assert r.status == 200 and (await r.json())["uid"] == "mp.oAbC_12-xyz"
+        status, split = await _login(http, sys_.http, "split-oSplit")  # an answer that arrives in pieces
+        assert status == 200 and split["uid"] == "mp.oSplit", split
 
         # each WeChat errcode: its status, stable code and a Chinese message
         cases = {
