@@ -111,6 +111,17 @@ class Live:
             return self.sys.fake.stats
         return self.call(apply)
 
+    def close_sockets(self, uid: str, code: int) -> int:
+        """Close every WebSocket of ``uid`` from the edge's side with ``code``; how many."""
+        from edge.keys import SESSIONS
+
+        async def close() -> int:
+            mine = [s for s in self.sys.app[SESSIONS] if s.uid == uid and not s.ws.closed]
+            for s in mine:
+                await s.ws.close(code=code, message=b"test")
+            return len(mine)
+        return self.call(close)
+
     def sessions(self, uid: str) -> int:
         """Open WebSockets of ``uid`` on the edge."""
         from edge.keys import SESSIONS
@@ -158,6 +169,7 @@ class Page:
         self.page = self.context.new_page()
         self.sockets: list[Any] = []
         self.sent: list[str] = []
+        self.received: list[str] = []
         self.errors: list[str] = []
         self.page.on("websocket", self._socket)
         self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
@@ -167,6 +179,7 @@ class Page:
     def _socket(self, ws: Any) -> None:
         self.sockets.append(ws)
         ws.on("framesent", lambda payload: self.sent.append(payload if isinstance(payload, str) else ""))
+        ws.on("framereceived", lambda payload: self.received.append(payload if isinstance(payload, str) else ""))
 
     def options(self, override: dict[str, Any] | None) -> None:
         """Answer ``GET /api/login/options`` with ``override``; without one, pass the edge's own answer through (an

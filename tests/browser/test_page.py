@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from edge.keys import TOKENS
+
 from .conftest import DEV_OPTIONS, Live, Page
 
 pytestmark = pytest.mark.integration
@@ -78,10 +80,20 @@ def test_answer_streams_in_and_equals_the_stored_answer(pages: Any, live: Live) 
     live.fake(tokens_per_s=25, n_tokens=60)  # ~2.4 s
     p = pages()
     sign_in(p, "alice")
+    p.page.evaluate("""() => {  // count the renders of answers: each sets a bubble body's content
+      window.__renders = 0;
+      new MutationObserver((recs) => { window.__renders += recs.filter((r) => r.target.matches('.msg.bot .body')).length; })
+        .observe(document.getElementById('log'), {childList: true, subtree: true});
+    }""")
+    t0 = time.monotonic()
     bot = ask(p, "hello, stream please")
     lengths = watch_growth(p, bot, "完成")
+    elapsed = time.monotonic() - t0
     grew = [n for n in lengths if n > 0]
     assert len(grew) >= 4 and grew == sorted(grew), lengths  # seen growing over several observations
+    deltas = sum(1 for f in p.received if '"delta"' in f)
+    renders = p.page.evaluate("window.__renders")
+    assert renders <= 10 * elapsed + 3 and renders < deltas, (renders, deltas, elapsed)  # throttled
     task = bot.get_attribute("data-task")
     got = api_task(live, "alice", task)
     assert got["status"] == "ok" and norm(body_text(bot)) == norm(got["answer"])
@@ -116,7 +128,7 @@ def test_reload_mid_answer_shows_history_and_the_answer_completes(pages: Any, li
     first = ask(p, "first question")
     expect(first.locator(".meta")).to_contain_text("完成", timeout=10_000)
     first_task = first.get_attribute("data-task")
-    live.fake(tokens_per_s=15, n_tokens=75)  # ~5 s
+    live.fake(tokens_per_s=15, n_tokens=60)  # ~4 s
     second = ask(p, "second question, reloaded mid-answer")
     task = second.get_attribute("data-task")
     p.wait(lambda: len(body_text(second)) > 10, what="some text before the reload")
@@ -141,6 +153,35 @@ def test_reload_mid_answer_shows_history_and_the_answer_completes(pages: Any, li
     resumes = [json.loads(f) for f in p.sent if '"resume"' in f]
     assert [r["task"] for r in resumes] == [task]  # only the unfinished one
     p.shot("reloaded")
+
+
+def test_a_dropped_socket_reconnects_and_resumes_without_loss_or_repeats(pages: Any, live: Live) -> None:
+    live.fake(tokens_per_s=20, n_tokens=64)  # ~3 s
+    p = pages()
+    sign_in(p, "olga")
+    bot = ask(p, "an answer across a dropped connection")
+    p.wait(lambda: len(body_text(bot)) > 20, what="some text before the drop")
+    shown = max(json.loads(f)["seq"] for f in p.received if '"delta"' in f)
+    assert live.close_sockets("web.olga", 1013) == 1  # the edge drops a slow reader like this
+    p.wait(lambda: [f for f in p.sent if '"resume"' in f], what="a resume on the new socket")
+    resume = json.loads([f for f in p.sent if '"resume"' in f][0])
+    assert resume["task"] == bot.get_attribute("data-task") and resume["seq"] >= shown
+    expect(bot.locator(".meta")).to_contain_text("完成", timeout=15_000)
+    got = api_task(live, "olga", resume["task"])
+    assert norm(body_text(bot)) == norm(got["answer"])
+    assert len(p.sockets) == 2 and p.open_sockets() == 1
+
+
+def test_revoked_session_signs_the_page_out(pages: Any, live: Live) -> None:
+    live.fake()
+    p = pages()
+    sign_in(p, "trudy")
+    live.call(lambda: live.sys.app[TOKENS].revocations.revoke("web.trudy"))
+    assert live.close_sockets("web.trudy", 4401) == 1  # what the edge's revocation watcher does
+    expect(p.page.locator("#status")).to_contain_text("登录已被撤销", timeout=10_000)
+    expect(p.page.locator("#q")).to_be_disabled()
+    p.page.wait_for_timeout(700)
+    assert len(p.sockets) == 1 and p.page.evaluate("localStorage.getItem('claw_refresh')") is None  # no retry loop
 
 
 # ---- one socket ------------------------------------------------------------------------------------------
