@@ -305,10 +305,30 @@
   // Rendering: at most every RENDER_EVERY_MS while text streams in, in an animation frame.
   const dirty = new Set();
   let renderTimer = null, lastRender = 0;
+  // md escapes every character of the text. While an answer streams, the part before the last safe cut
+  // (markdown.js) is rendered once and only the rest again; the finished answer is rendered whole.
   function render(b) {
     if (b.rendered === b.text.length && b.renderedDone === b.done) return;
     const stick = nearBottom();
-    b.el.querySelector(".body").innerHTML = md.render(b.text);  // md escapes every character of the text
+    const body = b.el.querySelector(".body");
+    if (b.done) {
+      body.innerHTML = md.render(b.text);
+      b.tail = null;
+    } else {
+      if (!b.tail || b.tail.parentNode !== body) {
+        body.textContent = "";
+        b.tail = document.createElement("div");
+        b.tail.className = "tail";
+        body.appendChild(b.tail);
+        b.stable = 0;
+      }
+      const cut = md.safeCut(b.text, b.stable);
+      if (cut > b.stable) {
+        b.tail.insertAdjacentHTML("beforebegin", md.render(b.text.slice(b.stable, cut)));
+        b.stable = cut;
+      }
+      b.tail.innerHTML = md.render(b.text.slice(b.stable));
+    }
     b.rendered = b.text.length;
     b.renderedDone = b.done;
     if (stick) scrollDown(true);

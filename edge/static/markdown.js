@@ -223,5 +223,30 @@
     return blocks(String(text || "").replace(/\r\n?/g, "\n").split("\n"), 0, false);
   }
 
-  global.ClawMarkdown = {render, escape: esc, inline};
+  // The last offset >= from (itself such an offset, or 0) where text splits into two parts that render to what
+  // the whole renders to: the start of a complete line after a blank line, outside any fenced block, not
+  // indented and not a list item (so no list, quote, table or paragraph goes on across it). A streaming answer
+  // renders its text up to the cut once and only the rest again as more arrives.
+  function safeCut(text, from) {
+    let cut = from, fence = null, prevBlank = false;
+    for (let i = from; i < text.length;) {
+      const nl = text.indexOf("\n", i);
+      if (nl < 0) break;  // the last line may still grow
+      const line = text.slice(i, nl);
+      if (fence) {
+        const t = line.trim();
+        if (t.length >= fence.length && t[0] === fence[0] && t === fence[0].repeat(t.length)) fence = null;
+        prevBlank = false;
+      } else {
+        if (prevBlank && /^\S/.test(line) && !ITEM.test(line)) cut = i;
+        const m = FENCE.exec(line);
+        if (m) fence = m[1];
+        prevBlank = blank(line);
+      }
+      i = nl + 1;
+    }
+    return cut;
+  }
+
+  global.ClawMarkdown = {render, safeCut, escape: esc, inline};
 })(window);

@@ -346,6 +346,25 @@ def test_markdown_renderer_output_is_always_safe(pages: Any, live: Live) -> None
         }
         if (div.textContent.includes('<script>') !== s.includes('<script>')) bad.push([s, 'lost <script> text']);
       }
+      // streaming: what was rendered up to each safe cut, plus the rest, is what the whole text renders to
+      const BLOCKS = ['# h', 'para **b** `c`', 'line\\nnext', '- a\\n- b', '- a\\n\\n  more', '1. x\\n2. y', '- a\\n  - b',
+        '```js\\nx\\n\\ny\\n```', '~~~\\n- z\\n\\nq\\n~~~', '> q\\n> r', '| a | b |\\n|---|:-:|\\n| 1 | 2 |', '---', '    code',
+        'text\\n- item', '[l](https://e.x/)', '<b>x</b>'];
+      const norm = (h) => h.replace(/>\\n</g, '><');
+      for (let i = 0; i < 400; i++) {
+        let text = '';
+        const n = 1 + rnd(8);
+        for (let k = 0; k < n; k++) text += BLOCKS[rnd(BLOCKS.length)] + ['\\n', '\\n\\n', '\\n\\n\\n'][rnd(3)];
+        let stable = 0, html = '';
+        for (let end = 1; end <= text.length; end += 1 + rnd(7)) {
+          const cut = window.ClawMarkdown.safeCut(text.slice(0, end), stable);
+          if (cut > stable) { html += window.ClawMarkdown.render(text.slice(stable, cut)); stable = cut; }
+        }
+        const cut = window.ClawMarkdown.safeCut(text, stable);
+        if (cut > stable) { html += window.ClawMarkdown.render(text.slice(stable, cut)); stable = cut; }
+        html += window.ClawMarkdown.render(text.slice(stable));
+        if (norm(html) !== norm(window.ClawMarkdown.render(text))) bad.push([text, 'streamed rendering differs']);
+      }
       // a long hostile answer renders in bounded time (no quadratic regular expressions)
       const big = '**a '.repeat(16000) + '`x '.repeat(16000) + '[y]('.repeat(8000) + '- '.repeat(4000) + '> '.repeat(4000);
       const t1 = performance.now();
