@@ -332,24 +332,29 @@ def _broker_lines(broker: Any) -> list[str]:
 
 
 # The page's own files only (no directory listing, no path from the request reaches the file system); revalidated
-# on every load (ETag), so an upgraded edge never runs with a stale script. The CSP allows no inline script and
-# nothing from other origins: the page's Markdown escapes everything, and this is the second fence.
-STATIC_FILES = {p.name: p for p in STATIC.iterdir() if p.suffix in (".js", ".css")}
-PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' "
-                "data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
-                "frame-ancestors 'none'"}
+# on every load (ETag), so an upgraded edge never runs with a stale script. The page's CSP allows no inline script
+# and nothing from other origins (its Markdown escapes everything; this is the second fence). connect-src names
+# ws(s)://host as well as 'self', which older WebKit (iOS WeCom) does not apply to WebSocket URLs.
+_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}  # not the OS's MIME table
+STATIC_FILES = {p.name: p for p in STATIC.iterdir() if p.suffix in _TYPES}
+STATIC_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 
 async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+    host = request.host if _HOST.fullmatch(request.host or "") else ""
+    sockets = f" ws://{host} wss://{host}" if host else ""
+    csp = (f"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'"
+           f"{sockets}; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+    return web.FileResponse(STATIC / "index.html", headers=STATIC_HEADERS | {
+        "Content-Type": "text/html; charset=utf-8", "Referrer-Policy": "no-referrer", "Content-Security-Policy": csp})
 
 
 async def static_file(request: web.Request) -> web.FileResponse:
     path = STATIC_FILES.get(request.match_info["name"])
     if path is None:
         raise web.HTTPNotFound()
-    return web.FileResponse(path, headers=PAGE_HEADERS)
+    return web.FileResponse(path, headers=STATIC_HEADERS | {"Content-Type": _TYPES[path.suffix]})
 
 
 # ---- WebSocket -------------------------------------------------------------------------------

@@ -111,10 +111,12 @@
     return renewing;
   }
   async function doRenew() {  // true: signed in; false: the session is gone; throws: the edge is unreachable
+    const gen = sessionGen;
     for (let attempt = 0; attempt < 2; attempt++) {
       const refresh = localStorage.getItem(LS_REFRESH);
       if (!refresh) return false;
       const r = await request("POST", "/api/refresh", {refresh});
+      if (gen !== sessionGen) return false;  // signed in anew meanwhile (登录): this answer is the old session's
       if (r.ok) { keep(r.j); return true; }
       if (r.status !== 401) throw new HttpError(r.status, r.j);
       if (localStorage.getItem(LS_REFRESH) !== refresh) continue;  // another tab renewed it meanwhile

@@ -230,10 +230,16 @@ def test_too_many_sockets_is_explained_and_the_page_recovers(pages: Any, live: L
         p.page.click("#loginBtn")
         expect(p.page.locator("#status")).to_contain_text("连接过多", timeout=10_000)
         expect(p.page.locator("#q")).to_be_enabled()  # never stuck with the input disabled
+        p.page.fill("#q", "asked while refused")  # waits, and is sent once a socket is open
+        p.page.press("#q", "Enter")
+        expect(p.page.locator(".msg.me .meta")).to_have_text("未连接：连接恢复后自动发送")
         p.shot("too-many-sockets")
     finally:
         live.call(release)
     expect(p.page.locator("#status")).to_contain_text(CONNECTED, timeout=20_000)  # the backoff retries by itself
+    expect(p.page.locator(".msg.bot .meta")).to_contain_text("完成", timeout=10_000)
+    expect(p.page.locator(".msg.me .meta")).to_have_count(0)
+    assert len([f for f in p.sent if '"ask"' in f]) == 1
     p.errors.clear()  # the refused handshakes were logged by the browser, as expected
 
 
