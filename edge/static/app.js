@@ -28,7 +28,8 @@
   let token = null, expires = 0, uid = null;
   let signedIn = false, sessionGen = 0;
   let ws = null, wsOpenedAt = 0, connGen = 0, retry = 0, reconnectTimer = null, nodeOnline = true;
-  let connMsg = "", connKind = "";
+  let connMsg = "", connKind = "", lastFrameAt = 0;
+  const PING_EVERY_MS = 25000, SILENT_MS = 60000;  // a socket silent this long (pings unanswered) is dead
   const tasks = new Map();    // task id -> answer bubble {el, body, meta, text, seq, done, status, user}
   const outbox = new Map();   // ask id -> {json, el}: asked, not acknowledged by the edge yet
   const stopWanted = new Set();
@@ -188,7 +189,7 @@
     sock.onopen = () => {
       if (ws !== sock) return;
       opened = true;
-      wsOpenedAt = Date.now();
+      wsOpenedAt = lastFrameAt = Date.now();
       connMsg = "";
       showStatus();
       for (const [id, b] of tasks) {  // every unfinished answer continues after what it has
@@ -201,6 +202,7 @@
     };
     sock.onmessage = (ev) => {
       if (ws !== sock) return;
+      lastFrameAt = Date.now();
       let f;
       try { f = JSON.parse(ev.data); } catch (e) { return; }
       onFrame(f);
@@ -259,6 +261,18 @@
   function connectNow() {  // 立即重连, back online, tab shown again
     if (signedIn && !ws && reconnectTimer) connect();
   }
+  // A connection that died without a close (a phone changing networks) is noticed by its silence: the page
+  // pings, the edge answers pong.
+  setInterval(() => {
+    if (!ws || ws.readyState !== WebSocket.OPEN) return;
+    if (Date.now() - lastFrameAt > SILENT_MS) {
+      dropSocket();
+      updateButtons();
+      reconnectLater("连接无响应");
+      return;
+    }
+    ws.send(JSON.stringify({type: "ping"}));
+  }, PING_EVERY_MS);
 
   // ---- the conversation view -------------------------------------------------------------------
   function nearBottom() {

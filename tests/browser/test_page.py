@@ -172,6 +172,22 @@ def test_a_dropped_socket_reconnects_and_resumes_without_loss_or_repeats(pages: 
     assert len(p.sockets) == 2 and p.open_sockets() == 1
 
 
+def test_a_silent_socket_is_replaced(pages: Any, live: Live) -> None:
+    """A socket that brings nothing for 60 s (dead without a close) is dropped and a new one opened. The page's
+    clock is Playwright's, moved forward; the socket itself stays up (the edge knows nothing)."""
+    p = pages()
+    p.page.clock.install()
+    sign_in(p, "sam")
+    expect(p.page.locator("#status")).to_contain_text(CONNECTED)
+    p.page.clock.fast_forward(30_000)  # one ping, answered
+    p.wait(lambda: any('"pong"' in f for f in p.received), what="a pong")
+    assert p.open_sockets() == 1 and len(p.sockets) == 1
+    p.page.clock.fast_forward(61_000)  # the next check finds no frame for over 60 s
+    p.wait(lambda: len(p.sockets) == 2, what="a new socket")
+    expect(p.page.locator("#status")).to_contain_text(CONNECTED, timeout=10_000)
+    p.wait(lambda: p.open_sockets() == 1, what="the silent socket closed")
+
+
 def test_revoked_session_signs_the_page_out(pages: Any, live: Live) -> None:
     live.fake()
     p = pages()
