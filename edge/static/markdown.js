@@ -47,12 +47,13 @@
   }
 
   // ---- blocks ----------------------------------------------------------------------------------
-  const FENCE = /^ {0,3}(`{3,}|~{3,})\s*([^\s`]*)[^`]*$/;
-  const HEADING = /^ {0,3}(#{1,6})(?:\s+(.*?))?(?:\s+#+)?\s*$/;
+  // (No two unbounded quantifiers that can match the same characters in a row: V8 backtracks.)
+  const FENCE = /^ {0,3}(`{3,}|~{3,})([^`]*)$/;
+  const HEADING = /^ {0,3}(#{1,6})(?:[ \t]|$)/;
   const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
   const QUOTE = /^ {0,3}> ?(.*)$/;
   const ITEM = /^( {0,12})([-*+]|\d{1,9}[.)])(?:[ \t]+(.*))?$/;
-  const TABLE_SEP = /^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$/;
+  const TABLE_SEP = /^[ \t|:-]+$/;
   const blank = (line) => /^\s*$/.test(line);
 
   function splitRow(line) {
@@ -74,7 +75,7 @@
 
   function isTableStart(lines, i) {
     return lines[i].includes("|") && i + 1 < lines.length && lines[i + 1].includes("|")
-      && lines[i + 1].includes("-") && TABLE_SEP.test(lines[i + 1]);
+      && lines[i + 1].includes("-") && TABLE_SEP.test(lines[i + 1]) && !/-[ \t]+-/.test(lines[i + 1]);
   }
 
   function startsBlock(lines, i) {
@@ -167,7 +168,7 @@
       let m;
       if (blank(line)) { i++; continue; }
       if ((m = FENCE.exec(line))) {
-        const mark = m[1], lang = m[2].replace(/[^\w+#.-]/g, "").slice(0, 32);
+        const mark = m[1], lang = m[2].trim().split(/\s/)[0].replace(/[^\w+#.-]/g, "").slice(0, 32);
         const body = [];
         i++;
         while (i < lines.length) {
@@ -182,7 +183,12 @@
       }
       if ((m = HEADING.exec(line))) {
         const n = m[1].length;
-        out.push("<h" + n + ">" + inline(m[2] || "") + "</h" + n + ">");
+        let text = line.slice(m[0].length).trim();
+        const closing = text.length - text.replace(/#+$/, "").length;  // "## title ##"
+        if (closing && (closing === text.length || /\s/.test(text[text.length - closing - 1]))) {
+          text = text.slice(0, text.length - closing).trim();
+        }
+        out.push("<h" + n + ">" + inline(text) + "</h" + n + ">");
         i++;
         continue;
       }

@@ -389,7 +389,9 @@ def test_markdown_renderer_output_is_always_safe(pages: Any, live: Live) -> None
         if (norm(html) !== norm(window.ClawMarkdown.render(text))) bad.push([text, 'streamed rendering differs']);
       }
       // a long hostile answer renders in bounded time (no quadratic regular expressions)
-      const big = '**a '.repeat(16000) + '`x '.repeat(16000) + '[y]('.repeat(8000) + '- '.repeat(4000) + '> '.repeat(4000);
+      const sp = ' '.repeat(30000);
+      const big = '**a '.repeat(16000) + '`x '.repeat(16000) + '[y]('.repeat(8000) + '- '.repeat(4000) + '> '.repeat(4000)
+        + '\\n# ' + sp + 'x\\n```' + sp + '`\\n|' + sp + 'x\\n|-' + sp + 'x\\n- - -' + sp + 'x\\n[a](' + sp + 'x\\n' + sp + '#';
       const t1 = performance.now();
       window.ClawMarkdown.render(big);
       return {bad: bad.slice(0, 5), fuzzMs: t1 - t0, bigMs: performance.now() - t1};
