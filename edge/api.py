@@ -360,8 +360,30 @@ def _broker_lines(broker: Any) -> list[str]:
             *[f'claw_broker_refused_total{{kind="{k}"}} {v}' for k, v in sorted(counts.items())]]
 
 
+# The page's own files only (no directory listing, no path from the request reaches the file system); revalidated
+# on every load (ETag), so an upgraded edge never runs with a stale script. The page's CSP allows no inline script
+# and nothing from other origins (its Markdown escapes everything; this is the second fence). connect-src names
+# ws(s)://host as well as 'self', which older WebKit (iOS WeCom) does not apply to WebSocket URLs.
+_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}  # not the OS's MIME table
+STATIC_FILES = {p.name: p for p in STATIC.iterdir() if p.suffix in _TYPES}
+STATIC_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+
+
 async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html")
+    host = request.host if _HOST.fullmatch(request.host or "") else ""
+    sockets = f" ws://{host} wss://{host}" if host else ""
+    csp = (f"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'"
+           f"{sockets}; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+    return web.FileResponse(STATIC / "index.html", headers=STATIC_HEADERS | {
+        "Content-Type": "text/html; charset=utf-8", "Referrer-Policy": "no-referrer", "Content-Security-Policy": csp})
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    path = STATIC_FILES.get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers=STATIC_HEADERS | {"Content-Type": _TYPES[path.suffix]})
 
 
 # ---- WebSocket -------------------------------------------------------------------------------
@@ -692,6 +714,7 @@ def add_routes(app: web.Application) -> None:
     if app[SETTINGS].miniapp.enabled:
         app.cleanup_ctx.append(miniapp_ctx)  # the jscode2session client (POST /api/login {code})
     app.router.add_get("/", index)
+    app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/login", login)

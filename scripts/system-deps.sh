@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages SmartClaw needs, installed with apt-get when missing and we may (root or passwordless sudo).
 #   scripts/system-deps.sh venv   - python3 >= 3.11 with venv/ensurepip (needed by `make demo` and `make test`)
-#   scripts/system-deps.sh        - also mosquitto (the external-broker tests)
+#   scripts/system-deps.sh        - also mosquitto (the external-broker tests), chromium and a CJK font (the
+#                                   browser tests, tests/browser: Debian's chromium, never a downloaded one)
 set -u
 PY=${PY:-python3}
 need=()
@@ -14,6 +15,8 @@ fi
 "$PY" -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ "${1:-}" != venv ]; then
   command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+  if ! { command -v fc-list >/dev/null 2>&1 && fc-list :lang=zh-cn family | grep -q .; }; then need+=(fonts-noto-cjk); fi
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
