@@ -168,6 +168,24 @@ class FailureThrottle:
         tokens = self._tokens(self.key(ip), now)
         return 0.0 if tokens >= 1 else (1 - tokens) * self.every_s
 
+    def attempt(self, ip: str, now: float | None = None) -> float:
+        """Spend one failure *before* checking a credential: 0 if ``ip`` may try now (one token spent; give it
+        back with :meth:`refund` if the attempt succeeds), else the seconds until it may. Spending first keeps
+        concurrent attempts within the budget: checking a token awaits the LMDB writer, and attempts that all
+        passed a :meth:`retry_after` before any of them had failed were all checked."""
+        now = time.monotonic() if now is None else now
+        wait = self.retry_after(ip, now)
+        if wait == 0:
+            self.failed(ip, now)
+        return wait
+
+    def refund(self, ip: str, now: float | None = None) -> None:
+        """Give back the token an :meth:`attempt` spent (it succeeded, or it was not a guess)."""
+        now = time.monotonic() if now is None else now
+        key = self.key(ip)
+        if key in self._buckets:
+            self._buckets[key] = (min(float(self.burst), self._tokens(key, now) + 1), now)
+
     def failed(self, ip: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         key = self.key(ip)
