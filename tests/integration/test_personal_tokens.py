@@ -258,6 +258,41 @@ def test_a_token_over_plain_http_is_only_quiet_for_loopback() -> None:
         assert _plain_remote(url), url
 
 
+async def test_claw_chat_does_not_follow_a_redirect_with_the_token(tmp_path: Path) -> None:
+    """aiohttp follows a 307/308 answer to a POST by sending the same body to the new address, whatever its host
+    or scheme: an edge (or a proxy in front of it) answering 307 made claw chat post its personal token to
+    another server (measured: the other server got {"pat": ...}). A redirect is now refused, named, exit 1."""
+    got: list[str] = []
+
+    async def other(request: web.Request) -> web.Response:
+        got.append(await request.text())
+        return web.json_response({"error": {"code": "x", "message": "x"}}, status=500)
+
+    async def front(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": f"http://127.0.0.2:{ports[1]}{request.path}"})
+
+    runners, ports = [], []
+    try:
+        for host, handler in (("127.0.0.1", front), ("127.0.0.2", other)):
+            app = web.Application()
+            app.router.add_route("*", "/{p:.*}", handler)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, host, 0).start()
+            ports.append(int(runner.addresses[0][1]))
+        token = f"pat_{'ab' * 8}_{'s' * 43}"
+        token_file = tmp_path / "t.token"
+        token_file.write_text(token + "\n")
+        rc, out, err = await claw("chat", "--url", f"http://127.0.0.1:{ports[0]}", "--token-file", str(token_file),
+                                  "--reconnect-timeout", "2", "你好")
+        assert got == [] and rc == 1, (got, rc, err)
+        assert "重定向" in err and f"127.0.0.2:{ports[1]}" in err and token not in out + err
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
 async def test_claw_chat_signs_in_with_a_token_file_or_claw_token(tmp_path: Path, pki_dir: Path) -> None:
     cfg = FakeLLMConfig(reply="令牌登录成功。", token_chars=2)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg, **NO_DEV) as sys_:
