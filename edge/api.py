@@ -203,25 +203,24 @@ async def _pat_login(request: web.Request, value: Any) -> web.Response:
     over the budget the token is not even looked at (429), so personal tokens cannot be guessed online."""
     tokens = request.app[TOKENS]
     ip = request.remote or ""
-    throttle = tokens.pat_throttle
-    wait = throttle.attempt(ip)  # a failure is spent before the check: concurrent guesses stay within the budget
+    wait = tokens.pat_throttle.retry_after(ip)
     if wait > 0:
         _quiet_log("pat_throttled", "edge: personal-token sign-ins from %s throttled after repeated failures", ip)
         return web.json_response({"error": {"code": "pat_throttled", "message": "个人令牌登录失败次数过多，请稍后再试"}},
                                  status=429, headers={"Retry-After": str(math.ceil(wait))})
     if not isinstance(value, str) or not value:
-        throttle.refund(ip)
         return _err(400, "missing_pat", "缺少个人令牌（pat）")
+    # checked and, if wrong, charged before anything is awaited: guesses sent at once cannot all pass the
+    # throttle before the first of them has failed
     try:
-        got = await tokens.login_pat(value)
+        got = await tokens.login_pat(value) if tokens.pat_valid(value) else None
     except lmdb.Error as exc:
-        throttle.refund(ip)
         log.error("edge: cannot store a login session in auth.lmdb: %s", exc)
         return _err(503, "auth_store", "服务器暂时无法登录，请稍后再试")
-    if got is None:  # the failure spent above stays spent
+    if got is None:
+        tokens.pat_throttle.failed(ip)
         _quiet_log("pat_invalid", "edge: sign-in with an unknown, revoked or expired personal token from %s", ip)
         return _err(401, "pat_invalid", PAT_INVALID_MSG)
-    throttle.refund(ip)
     return web.json_response(got)
 
 

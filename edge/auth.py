@@ -168,24 +168,6 @@ class FailureThrottle:
         tokens = self._tokens(self.key(ip), now)
         return 0.0 if tokens >= 1 else (1 - tokens) * self.every_s
 
-    def attempt(self, ip: str, now: float | None = None) -> float:
-        """Spend one failure *before* checking a credential: 0 if ``ip`` may try now (one token spent; give it
-        back with :meth:`refund` if the attempt succeeds), else the seconds until it may. Spending first keeps
-        concurrent attempts within the budget: checking a token awaits the LMDB writer, and attempts that all
-        passed a :meth:`retry_after` before any of them had failed were all checked."""
-        now = time.monotonic() if now is None else now
-        wait = self.retry_after(ip, now)
-        if wait == 0:
-            self.failed(ip, now)
-        return wait
-
-    def refund(self, ip: str, now: float | None = None) -> None:
-        """Give back the token an :meth:`attempt` spent (it succeeded, or it was not a guess)."""
-        now = time.monotonic() if now is None else now
-        key = self.key(ip)
-        if key in self._buckets:
-            self._buckets[key] = (min(float(self.burst), self._tokens(key, now) + 1), now)
-
     def failed(self, ip: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         key = self.key(ip)
@@ -400,6 +382,21 @@ class Tokens:
             self._pruned = now
             writer.submit(self._prune)
         return self._pair(uid, gen, epoch, refresh, refresh_expires, now)
+
+    def pat_valid(self, token: str, now: float | None = None) -> bool:
+        """Whether ``token`` is a personal token that exists, matches and has not expired: one LMDB read,
+        synchronous, so that the edge charges a failure to the client's address before it awaits anything
+        (a check that awaited let guesses sent at once all pass the throttle before any of them failed)."""
+        ident = pat_id(token)
+        if ident is None or self.revocations is None:
+            return False
+        now = time.time() if now is None else now
+        with self.revocations.env.begin() as txn:
+            raw = txn.get(ident.encode(), db=self.revocations.pat_db)
+        if raw is None:
+            return False
+        rec = json.loads(raw)
+        return hmac.compare_digest(rec["hash"], _hash(token).hex()) and rec["expires"] >= now
 
     async def login_pat(self, token: str) -> dict[str, object] | None:
         """A new session from a personal token (the usual pair), or None if the token is malformed, unknown,

@@ -213,13 +213,14 @@ async def test_failed_sign_ins_are_throttled_per_address(tmp_path: Path, pki_dir
 
 async def test_concurrent_guesses_stay_within_the_failure_budget(tmp_path: Path, pki_dir: Path) -> None:
     """The budget was checked before a token was looked at and spent only after the (awaited) check failed:
-    100 guesses sent at once from one address were all checked (measured: 100 times 401, no 429). Now a
-    failure is spent before the check (and given back on success)."""
+    100 guesses sent at once from one address were all checked (measured: 100 times 401, no 429). Now the token
+    is checked, and a failure charged, before anything is awaited; sign-ins with a good token sent at once are
+    not held back."""
     async with run_system(tmp_path, pki_dir, **EDGE_ONLY, **NO_DEV) as sys_, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         good, _ = auth.Revocations(sys_.settings.data_dir).issue_pat("web.alice")
-        for _ in range(3):  # successes cost nothing
-            assert (await pat_login(s, sys_, good))[0] == 200
+        got = await asyncio.gather(*(pat_login(s, sys_, good) for _ in range(3 * auth.PAT_FAIL_BURST)))
+        assert [status for status, _, _ in got] == [200] * (3 * auth.PAT_FAIL_BURST)  # successes cost nothing
         guesses = [f"pat_{i:016x}_{'x' * 43}" for i in range(5 * auth.PAT_FAIL_BURST)]
         got = await asyncio.gather(*(pat_login(s, sys_, g) for g in guesses))
         statuses = [status for status, _, _ in got]
@@ -239,9 +240,6 @@ def test_failure_throttle_refills_and_stays_bounded() -> None:
     assert t.retry_after("2001:db8::ffff:1", now=0) > 0
     assert t.retry_after("2001:db8:0:1::1", now=0) == 0
     assert t.key("::ffff:192.0.2.1") == "192.0.2.1"
-    assert t.attempt("198.51.100.1", now=0) == 0 and t.attempt("198.51.100.1", now=0) == 0
-    t.refund("198.51.100.1", now=0)  # one of the two succeeded
-    assert [t.attempt("198.51.100.1", now=0) for _ in range(3)] == [0, 0, pytest.approx(6.0)]  # burst 3
     for i in range(1000):
         t.failed(f"10.0.{i // 256}.{i % 256}", now=1)
     assert len(t) == 100
