@@ -328,6 +328,8 @@ class ChatClient:
                         self._on_frame(frame)
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     break
+        except BrokenPipeError:  # our stdout, not the network: reconnecting would only fail again
+            raise ChatError("标准输出已关闭（例如管道另一端已退出），退出。") from None
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
             pass
         finally:
