@@ -215,7 +215,15 @@ class ChatClient:
     async def _post(self, path: str, body: dict[str, Any] | None, token: str | None = None) -> tuple[int, Any]:
         assert self.session is not None
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        async with self.session.post(f"{self.url}{path}", json=body or {}, headers=headers) as r:
+        # never follow a redirect: aiohttp re-sends the body of a POST on 307/308, to any host (and over http),
+        # and these bodies carry the personal token and the refresh token
+        async with self.session.post(f"{self.url}{path}", json=body or {}, headers=headers,
+                                     allow_redirects=False) as r:
+            if 300 <= r.status < 400:
+                where = r.headers.get("Location", "")[:200]
+                raise _Refused(f"服务器 {self.url} 返回了重定向（HTTP {r.status} → {where}），为保护令牌不跟随重定向："
+                               f"请用实际地址作为 --url / the edge answered a redirect, which is not followed (it "
+                               f"would carry the token elsewhere): pass the final address as --url")
             return r.status, await r.json(content_type=None)
 
     def _keep(self, body: Any) -> None:
@@ -320,6 +328,8 @@ class ChatClient:
                         self._on_frame(frame)
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     break
+        except BrokenPipeError:  # our stdout, not the network: reconnecting would only fail again
+            raise ChatError("标准输出已关闭（例如管道另一端已退出），退出。") from None
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
             pass
         finally:

@@ -210,8 +210,10 @@ async def _pat_login(request: web.Request, value: Any) -> web.Response:
                                  status=429, headers={"Retry-After": str(math.ceil(wait))})
     if not isinstance(value, str) or not value:
         return _err(400, "missing_pat", "缺少个人令牌（pat）")
+    # checked and, if wrong, charged before anything is awaited: guesses sent at once cannot all pass the
+    # throttle before the first of them has failed
     try:
-        got = await tokens.login_pat(value)
+        got = await tokens.login_pat(value) if tokens.pat_valid(value) else None
     except lmdb.Error as exc:
         log.error("edge: cannot store a login session in auth.lmdb: %s", exc)
         return _err(503, "auth_store", "服务器暂时无法登录，请稍后再试")

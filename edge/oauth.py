@@ -7,7 +7,7 @@ screen) with a fresh random ``state``, and sets a cookie holding that state (Htt
 ``{edge.public_url}/auth/wecom/callback?code=&state=``; the edge
 
 1. checks the shape of ``code`` and ``state`` (length, characters) before anything else;
-2. compares ``state`` with the cookie (constant time) and takes it from the pending states (one use, 10 min);
+2. compares ``state`` with the cookie (constant time) and checks its signature and age (one use, 10 min);
 3. exchanges the code with ``GET {wecom.api_base}/cgi-bin/auth/getuserinfo?access_token=&code=``, with the app's
    access token from :class:`edge.wecom.client.WeComApi` (the one ``message/send`` uses; fetched again once on
    40014/42001/41001), all within ``wecom.oauth_timeout_s``;
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 COOKIE = "claw_wecom_state"
 COOKIE_PATH = "/auth/wecom"
 STATE_TTL_S = 600  # a sign-in must come back from WeCom within 10 minutes
-MAX_PENDING = 10_000  # states handed out and not used yet; past it the oldest are forgotten
+MAX_PENDING = 10_000  # used states remembered (until they expire); past it the oldest are forgotten
 STATE_RE = re.compile(r"[0-9a-f]{32}")  # what /auth/wecom hands out (WeCom allows a-zA-Z0-9, <= 128 bytes)
 CODE_RE = re.compile(r"[\x21-\x7e]{1,512}")  # WeCom: at most 512 bytes; printable ASCII, no spaces
 USERID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # a WeCom UserID that makes a uid
@@ -82,39 +82,50 @@ class OAuthFailed(Exception):
 
 
 class PendingStates:
-    """The states handed out by ``/auth/wecom`` and not used yet (in memory: after an edge restart a sign-in in
-    progress answers ``wecom_state`` and the page starts it again). One use each, for ``ttl`` seconds; at most
-    ``cap`` (a flood of ``/auth/wecom`` forgets the oldest instead of growing)."""
+    """The states handed out by ``/auth/wecom``. A state is *signed*, not stored: 32 hex digits = the time it was
+    handed out (10 hex, ms since this object was made), 6 random hex, and 16 hex of an HMAC-SHA256 over both
+    under a key made at start (so after an edge restart a sign-in in progress answers ``wecom_state`` and the
+    page starts it again). Handing one out costs no memory, so a flood of ``GET /auth/wecom`` cannot push out
+    the states of sign-ins in progress. A state is taken once, within ``ttl`` seconds: the states taken are
+    remembered until they expire, at most ``cap`` of them (past that the oldest are forgotten, ``evicted``; a
+    forgotten state could be taken again within its ten minutes, together with its cookie, and only reach
+    WeCom with a code that is itself one use)."""
 
     def __init__(self, ttl: float = STATE_TTL_S, cap: int = MAX_PENDING) -> None:
         self.ttl, self.cap = ttl, cap
-        self._pending: OrderedDict[bytes, float] = OrderedDict()  # sha256(state) -> expiry (monotonic)
+        self._key = secrets.token_bytes(32)
+        self._t0 = time.monotonic()
+        self._used: OrderedDict[str, float] = OrderedDict()  # state -> when it may be forgotten (monotonic)
         self.evicted = 0
 
+    def _mac(self, head: str) -> str:
+        return hmac.new(self._key, head.encode(), hashlib.sha256).hexdigest()[:16]
+
     def new(self) -> str:
-        now = time.monotonic()
-        while self._pending:  # expired ones first (insertion order is expiry order)
-            key, exp = next(iter(self._pending.items()))
-            if exp > now and len(self._pending) < self.cap:
-                break
-            self._pending.popitem(last=False)
-            if exp > now:
-                self.evicted += 1
-        state = secrets.token_hex(16)
-        self._pending[_key(state)] = now + self.ttl
-        return state
+        ms = int((time.monotonic() - self._t0) * 1000)
+        head = f"{ms:010x}{secrets.token_hex(3)}"
+        return head + self._mac(head)
 
     def take(self, state: str) -> bool:
         """True once for a state handed out less than ``ttl`` seconds ago; False for anything else."""
-        exp = self._pending.pop(_key(state), None)
-        return exp is not None and exp > time.monotonic()
+        if not STATE_RE.fullmatch(state) or not hmac.compare_digest(self._mac(state[:16]), state[16:]):
+            return False
+        now = time.monotonic()
+        issued = self._t0 + int(state[:10], 16) / 1000
+        if not issued <= now < issued + self.ttl or state in self._used:
+            return False
+        while self._used:  # expired ones first (then the oldest, over the cap)
+            key, until = next(iter(self._used.items()))
+            if until > now and len(self._used) < self.cap:
+                break
+            self._used.popitem(last=False)
+            if until > now:
+                self.evicted += 1
+        self._used[state] = issued + self.ttl
+        return True
 
     def __len__(self) -> int:
-        return len(self._pending)
-
-
-def _key(state: str) -> bytes:
-    return hashlib.sha256(state.encode()).digest()
+        return len(self._used)
 
 
 class WeComOAuth:
@@ -131,11 +142,7 @@ class WeComOAuth:
     async def start(self, request: web.Request) -> web.StreamResponse:
         """302 to WeCom's authorize page, with a new state bound to a cookie."""
         w, public = self.s.wecom, self.s.edge.public_url.rstrip("/")
-        evicted = self.states.evicted
-        state = self.states.new()
-        if self.states.evicted != evicted:
-            self._warn("edge: over %d WeCom sign-ins started in %d s; the oldest unfinished ones are forgotten "
-                       "(a flood of GET /auth/wecom?) [%s]", self.states.cap, STATE_TTL_S, request.remote)
+        state = self.states.new()  # signed, not stored: a flood of these costs no memory
         redirect_uri = quote(f"{public}/auth/wecom/callback", safe="")
         # WeCom's documented order of the parameters, and the #wechat_redirect it requires
         url = (f"{w.oauth_base.rstrip('/')}/connect/oauth2/authorize?appid={quote(w.corp_id, safe='')}"
@@ -184,10 +191,14 @@ class WeComOAuth:
             self._warn("edge: WeCom sign-in whose state is not the one in its cookie (%s) [%s]",
                        "no cookie" if not cookie else "another sign-in's, or forged", request.remote)
             raise OAuthFailed("wecom_state")
+        evicted = self.states.evicted
         if not self.states.take(state):
-            self._warn("edge: WeCom sign-in with a state used already, expired (%d s) or from before a restart [%s]",
-                       STATE_TTL_S, request.remote)
+            self._warn("edge: WeCom sign-in with a state used already, expired (%d s), forged or from before a "
+                       "restart [%s]", STATE_TTL_S, request.remote)
             raise OAuthFailed("wecom_state")
+        if self.states.evicted != evicted:
+            self._warn("edge: over %d WeCom sign-ins completed in %d s; the oldest used states are forgotten "
+                       "[%s]", self.states.cap, STATE_TTL_S, request.remote)
         api = request.app.get(WECOM_API)
         if api is None:  # the channel has not started (cannot happen once the app runs)
             raise OAuthFailed("wecom_error")

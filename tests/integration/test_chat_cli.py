@@ -374,3 +374,30 @@ async def test_end_of_input_at_the_prompt_exits_0(tmp_path: Path, pki_dir: Path)
             await c.wait_for(lambda c: "好的。" in c.out and prompts(c) == 2, what="the answer")
             c.eof()
             assert await c.exit_code() == 0, c
+
+
+async def test_closed_stdout_ends_the_client_instead_of_reconnecting(tmp_path: Path, pki_dir: Path) -> None:
+    """``claw chat Q | head -1``: writing the answer to the closed pipe raised BrokenPipeError inside the socket
+    reader, which took it for a lost connection: the client reconnected and resumed the answer over and over
+    (measured: 46 reconnections, a new ticket and WebSocket each) and then exited 0. Now it exits 1 at once."""
+    cfg = FakeLLMConfig(reply=numbered(300), token_chars=5, tokens_per_s=200)
+    async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_:
+        rd, wr = os.pipe()
+        proc = await asyncio.create_subprocess_exec(
+            *CLAW, "chat", "--url", sys_.http, "--user", "pipe", "很长的回答", cwd=ROOT, env=_env(),
+            stdin=asyncio.subprocess.DEVNULL, stdout=wr, stderr=asyncio.subprocess.PIPE)
+        os.close(wr)
+        try:
+            first = await asyncio.wait_for(asyncio.to_thread(os.read, rd, 10), 30)
+            assert first
+        finally:
+            os.close(rd)  # like head -c 10: the reader is gone
+        assert proc.stderr is not None
+        try:
+            err = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
+            rc = await asyncio.wait_for(proc.wait(), 10)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert rc == 1 and "连接已断开" not in err, (rc, err)

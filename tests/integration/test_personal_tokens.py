@@ -211,6 +211,22 @@ async def test_failed_sign_ins_are_throttled_per_address(tmp_path: Path, pki_dir
     assert "unknown, revoked or expired personal token" in text and "throttled" in text
 
 
+async def test_concurrent_guesses_stay_within_the_failure_budget(tmp_path: Path, pki_dir: Path) -> None:
+    """The budget was checked before a token was looked at and spent only after the (awaited) check failed:
+    100 guesses sent at once from one address were all checked (measured: 100 times 401, no 429). Now the token
+    is checked, and a failure charged, before anything is awaited; sign-ins with a good token sent at once are
+    not held back."""
+    async with run_system(tmp_path, pki_dir, **EDGE_ONLY, **NO_DEV) as sys_, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        good, _ = auth.Revocations(sys_.settings.data_dir).issue_pat("web.alice")
+        got = await asyncio.gather(*(pat_login(s, sys_, good) for _ in range(3 * auth.PAT_FAIL_BURST)))
+        assert [status for status, _, _ in got] == [200] * (3 * auth.PAT_FAIL_BURST)  # successes cost nothing
+        guesses = [f"pat_{i:016x}_{'x' * 43}" for i in range(5 * auth.PAT_FAIL_BURST)]
+        got = await asyncio.gather(*(pat_login(s, sys_, g) for g in guesses))
+        statuses = [status for status, _, _ in got]
+        assert statuses.count(401) == auth.PAT_FAIL_BURST and statuses.count(429) == len(guesses) - auth.PAT_FAIL_BURST
+
+
 def test_failure_throttle_refills_and_stays_bounded() -> None:
     t = auth.FailureThrottle(burst=3, every_s=6.0, max_addrs=100)
     for _ in range(3):
@@ -238,6 +254,41 @@ def test_a_token_over_plain_http_is_only_quiet_for_loopback() -> None:
         assert not _plain_remote(url), url
     for url in ("http://a.example.com", "http://203.0.113.7:8080", "http://[2001:db8::1]:80/x"):
         assert _plain_remote(url), url
+
+
+async def test_claw_chat_does_not_follow_a_redirect_with_the_token(tmp_path: Path) -> None:
+    """aiohttp follows a 307/308 answer to a POST by sending the same body to the new address, whatever its host
+    or scheme: an edge (or a proxy in front of it) answering 307 made claw chat post its personal token to
+    another server (measured: the other server got {"pat": ...}). A redirect is now refused, named, exit 1."""
+    got: list[str] = []
+
+    async def other(request: web.Request) -> web.Response:
+        got.append(await request.text())
+        return web.json_response({"error": {"code": "x", "message": "x"}}, status=500)
+
+    async def front(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": f"http://127.0.0.2:{ports[1]}{request.path}"})
+
+    runners, ports = [], []
+    try:
+        for host, handler in (("127.0.0.1", front), ("127.0.0.2", other)):
+            app = web.Application()
+            app.router.add_route("*", "/{p:.*}", handler)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, host, 0).start()
+            ports.append(int(runner.addresses[0][1]))
+        token = f"pat_{'ab' * 8}_{'s' * 43}"
+        token_file = tmp_path / "t.token"
+        token_file.write_text(token + "\n")
+        rc, out, err = await claw("chat", "--url", f"http://127.0.0.1:{ports[0]}", "--token-file", str(token_file),
+                                  "--reconnect-timeout", "2", "你好")
+        assert got == [] and rc == 1, (got, rc, err)
+        assert "重定向" in err and f"127.0.0.2:{ports[1]}" in err and token not in out + err
+    finally:
+        for runner in runners:
+            await runner.cleanup()
 
 
 async def test_claw_chat_signs_in_with_a_token_file_or_claw_token(tmp_path: Path, pki_dir: Path) -> None:

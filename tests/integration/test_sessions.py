@@ -326,3 +326,35 @@ async def test_resume_after_a_dropped_socket_gives_exactly_the_missing_deltas(tm
         assert [d["seq"] for d in before] == list(range(1, k + 1))
         assert "".join(d["text"] for d in before + deltas) == done["text"]
         assert len(done["text"]) == 60 * 3
+
+
+async def test_one_user_cannot_fill_the_session_store(tmp_path: Path, pki_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every sign-in stored a session for 7 days and nothing bounded how many one user had: the holder of one
+    personal token signed in 1 400 times a second (about 240 bytes each), so within minutes auth.lmdb was full
+    and every sign-in and renewal of everybody failed (503 auth_store). Now a user keeps at most
+    MAX_SESSIONS_PER_UID sessions (made small here); a new one ends the oldest."""
+    monkeypatch.setattr(auth, "MAX_SESSIONS_PER_UID", 5, raising=False)
+    async with run_system(tmp_path, pki_dir, **EDGE_ONLY) as sys_, aiohttp.ClientSession() as s:
+        other = await login(s, sys_, "bob")
+        token, _ = auth.Revocations(sys_.settings.data_dir).issue_pat("web.mallory")
+        pairs = []
+        for _ in range(12):
+            async with s.post(f"{sys_.http}/api/login", json={"pat": token}) as r:
+                assert r.status == 200
+                pairs.append(await r.json())
+        rev = sys_.app[TOKENS].revocations
+        with rev.env.begin() as txn:
+            uids = [json.loads(v)["uid"] for _, v in txn.cursor(db=rev.sess_db)]
+        assert uids.count("web.mallory") == 5 and uids.count("web.bob") == 1
+        assert (await refresh(s, sys_, pairs[0]["refresh"]))[0] == 401  # the oldest were ended
+        status, renewed = await refresh(s, sys_, pairs[-1]["refresh"])  # the newest live
+        assert status == 200
+        assert (await refresh(s, sys_, other["refresh"]))[0] == 200  # another user is untouched
+        # logout, renewal and revocation keep the per-user index in step with the sessions
+        async with s.post(f"{sys_.http}/api/logout", json={"refresh": renewed["refresh"]}) as r:
+            assert r.status == 200
+        auth.Revocations(sys_.settings.data_dir).revoke("web.mallory")
+        with rev.env.begin() as txn:
+            left = [k for k in txn.cursor(db=rev.usess_db).iternext(values=False)]
+        assert left and all(k.startswith(b"web.bob\0") for k in left) and len(left) == 1
