@@ -12,7 +12,13 @@ screen) with a fresh random ``state``, and sets a cookie holding that state (Htt
    access token from :class:`edge.wecom.client.WeComApi` (the one ``message/send`` uses; fetched again once on
    40014/42001/41001), all within ``wecom.oauth_timeout_s``;
 4. signs a member in as ``wc.{userid}`` -- the uid the WeCom chat gives the same member, so the page shows the
-   same history -- with a new login session, and answers 302 ``/#refresh=<refresh token>``.
+   same history -- with a new login session, and answers 302 ``/#signin=wecom`` with the session's refresh token
+   in a cookie only ``POST /auth/wecom/session`` receives (HttpOnly, SameSite=Strict, 2 min).
+
+The page then calls ``POST /auth/wecom/session``, which trades the cookie's refresh token for the usual token pair
+(the refresh token is rotated, so the cookie's copy is spent) and deletes the cookie. The token never appears in
+a URL, and a page cannot be handed somebody else's session (login CSRF): another site can neither set that
+cookie nor make the browser send it.
 
 Every failure answers 302 ``/#login_error=<code>`` (``wecom_state``, ``wecom_bad_code``, ``wecom_not_member``,
 ``wecom_busy``, ``wecom_unreachable``, ``wecom_error``); the page shows the matching Chinese message. A fragment
@@ -51,6 +57,9 @@ log = logging.getLogger(__name__)
 
 COOKIE = "claw_wecom_state"
 COOKIE_PATH = "/auth/wecom"
+SIGNIN_COOKIE = "claw_wecom_signin"  # the new session's refresh token, for POST /auth/wecom/session only
+SIGNIN_PATH = "/auth/wecom/session"
+SIGNIN_TTL_S = 120
 STATE_TTL_S = 600  # a sign-in must come back from WeCom within 10 minutes
 MAX_PENDING = 10_000  # used states remembered (until they expire); past it the oldest are forgotten
 STATE_RE = re.compile(r"[0-9a-f]{32}")  # what /auth/wecom hands out (WeCom allows a-zA-Z0-9, <= 128 bytes)
@@ -154,7 +163,8 @@ class WeComOAuth:
         return resp
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
-        """WeCom's redirect back: 302 ``/#refresh=…`` on success, ``/#login_error=…`` on failure."""
+        """WeCom's redirect back: 302 ``/#signin=wecom`` (and the cookie) on success, ``/#login_error=…`` on
+        failure."""
         try:
             uid = await self._sign_in(request)
             got = await request.app[TOKENS].login(uid)
@@ -167,7 +177,30 @@ class WeComOAuth:
             return self._redirect("/#login_error=wecom_error")
         self.stats["ok"] = self.stats.get("ok", 0) + 1
         log.info("edge: %s signed in through WeCom", uid)
-        return self._redirect(f"/#refresh={got['refresh']}")
+        resp = self._redirect("/#signin=wecom")
+        resp.set_cookie(SIGNIN_COOKIE, str(got["refresh"]), max_age=SIGNIN_TTL_S, path=SIGNIN_PATH, httponly=True,
+                        samesite="Strict", secure=self._secure)
+        return resp
+
+    async def session(self, request: web.Request) -> web.Response:
+        """``POST /auth/wecom/session``: the refresh token the callback left in its cookie -> a token pair."""
+        value = request.cookies.get(SIGNIN_COOKIE, "")
+        got = None
+        if value and len(value) <= 256:
+            try:
+                got = await request.app[TOKENS].refresh(value)
+            except lmdb.Error as exc:
+                log.error("edge: cannot renew a login session in auth.lmdb: %s", exc)
+                return web.json_response({"error": {"code": "auth_store", "message": "服务器暂时无法登录，请稍后再试"}},
+                                         status=503, headers=_NO_STORE)
+        if got is None:
+            resp = web.json_response({"error": {"code": "signin_invalid", "message":
+                                      "企业微信登录已失效，请从企业微信工作台重新打开「智控未来」"}},
+                                     status=401, headers=_NO_STORE)
+        else:
+            resp = web.json_response(got, headers=_NO_STORE)
+        resp.del_cookie(SIGNIN_COOKIE, path=SIGNIN_PATH, secure=self._secure, httponly=True, samesite="Strict")
+        return resp
 
     def _redirect(self, location: str) -> web.StreamResponse:
         resp = web.Response(status=302, headers={"Location": location, **_NO_STORE})
@@ -326,6 +359,11 @@ async def auth_wecom_callback(request: web.Request) -> web.StreamResponse:
     return _unavailable(request) if oauth is None else await oauth.callback(request)
 
 
+async def auth_wecom_session(request: web.Request) -> web.Response:
+    oauth = request.app.get(OAUTH)
+    return _unavailable(request) if oauth is None else await oauth.session(request)
+
+
 async def login_options(request: web.Request) -> web.Response:
     """Which sign-ins this edge offers (no secrets), and the longest question it takes."""
     s = request.app[SETTINGS]
@@ -341,3 +379,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/auth/wecom", auth_wecom)
     # no HEAD: a link checker's HEAD must not use up the state and the one-use code
     app.router.add_get("/auth/wecom/callback", auth_wecom_callback, allow_head=False)
+    app.router.add_post("/auth/wecom/session", auth_wecom_session)

@@ -652,12 +652,21 @@
     }
   }
 
-  function takeFragment() {  // #refresh=… (WeCom sign-in) and #login_error=…: read once, then removed
+  function takeFragment() {  // #signin=wecom (the end of the WeCom sign-in) and #login_error=…: read once, removed
     const params = new URLSearchParams(location.hash.slice(1));
-    const out = {refresh: params.get("refresh"), error: params.get("login_error")};
-    if (out.refresh || out.error !== null) history.replaceState(null, "", location.pathname + location.search);
-    if (out.refresh && /^[\w.~-]{1,256}$/.test(out.refresh)) localStorage.setItem(LS_REFRESH, out.refresh);
+    const out = {signin: params.get("signin"), error: params.get("login_error")};
+    if (location.hash) history.replaceState(null, "", location.pathname + location.search);
     return out;
+  }
+
+  // The WeCom sign-in left the new session's refresh token in an HttpOnly cookie that only this call sends (no
+  // token in any URL; another site can neither plant that cookie nor have it sent, so nobody can slip the page
+  // their own session). The answer is the usual token pair; the cookie's copy is spent.
+  async function wecomSession() {
+    const r = await request("POST", "/auth/wecom/session", {});
+    if (r.ok && r.j && r.j.token) { keep(r.j); return ""; }
+    if (r.status >= 500) throw new Error("session " + r.status);
+    return errMessage(r, "企业微信登录已失效，请从企业微信工作台重新打开「智控未来」");
   }
 
   async function boot() {
@@ -669,6 +678,14 @@
     if (frag.error !== null) {
       const code = frag.error.slice(0, 64);
       error = LOGIN_ERRORS[code] || `登录失败（${code.replace(/[^\w-]/g, "") || "未知原因"}），请重试。`;
+    }
+    if (frag.signin === "wecom") {
+      try {
+        error = await wecomSession();
+        if (!error) { startSession(++sessionGen); return; }
+      } catch (e) {
+        error = "无法连接服务器，请稍后从企业微信重新打开「智控未来」";
+      }
     }
     if (localStorage.getItem(LS_REFRESH)) {
       setStatus("正在登录…", "warn");

@@ -480,26 +480,6 @@ def test_login_error_fragment_shows_the_message_and_does_not_loop(pages: Any, li
         expect(p.page.locator("#signinError")).to_contain_text(words)
 
 
-def test_refresh_fragment_signs_in_and_is_removed(pages: Any, live: Live) -> None:
-    live.fake()
-    pair = live.login("henry")  # what /auth/wecom/callback hands over as /#refresh=…
-    p = pages(options=PROD)
-    p.page.goto(f"{live.http}/#refresh={pair['refresh']}")
-    expect(p.page.locator("#status")).to_contain_text(CONNECTED + " · web.henry", timeout=10_000)
-    assert p.page.evaluate("location.hash") == "" and "refresh" not in p.page.url
-    stored = p.page.evaluate("localStorage.getItem('claw_refresh')")
-    assert stored and stored != pair["refresh"]  # used once and rotated
-    assert live.post("/api/refresh", {"refresh": pair["refresh"]})[0] == 401
-    expect(p.page.locator("#signin")).to_be_hidden()
-    bot = ask(p, "signed in through the fragment")
-    expect(bot.locator(".meta")).to_contain_text("完成", timeout=10_000)
-    p.page.click("#logoutBtn")  # 退出: signed out, and (outside WeCom) told how to sign in again
-    expect(p.page.locator("#signin")).to_be_visible()
-    expect(p.page.locator("#q")).to_be_disabled()
-    p.wait(lambda: p.open_sockets() == 0, what="the socket closed on 退出")
-    assert p.page.evaluate("localStorage.getItem('claw_refresh')") is None
-
-
 def test_dev_login_needs_a_name(pages: Any, live: Live) -> None:
     p = pages()
     p.page.goto(live.http + "/")

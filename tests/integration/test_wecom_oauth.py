@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import aiohttp
 import pytest
 
-from edge.oauth import COOKIE, OAUTH, PendingStates
+from edge.oauth import COOKIE, OAUTH, SIGNIN_COOKIE, PendingStates
 from edge.wecom.fake import FakeWeCom, FakeWeComConfig, WeComSim, run_fake_wecom
 from node.fakellm import FakeLLMConfig
 from tests.conftest import System, free_port, run_system, wait_until
@@ -63,9 +63,29 @@ async def _start(http: aiohttp.ClientSession, sys_: System) -> tuple[str, str, S
     return location, state, cookie
 
 
+SIGNED_IN = "/#signin=wecom"
+
+
+def _signed_in(r: aiohttp.ClientResponse) -> str:
+    """The Location of a callback answer; on success with ``&cookie=<the sign-in cookie's value>`` added (for the
+    test: a browser keeps it in its jar), after checking the cookie's attributes."""
+    location = r.headers["Location"]
+    if location != SIGNED_IN:
+        assert not any(h.startswith(SIGNIN_COOKIE) for h in r.headers.getall("Set-Cookie")), r.headers
+        return location
+    cookie: SimpleCookie = SimpleCookie()
+    for h in r.headers.getall("Set-Cookie"):
+        cookie.load(h)
+    m = cookie[SIGNIN_COOKIE]
+    assert m["httponly"] and m["samesite"] == "Strict" and m["path"] == "/auth/wecom/session", m
+    assert m["max-age"] == "120" and len(m.value) > 20, m
+    return f"{location}&cookie={m.value}"
+
+
 async def _callback(http: aiohttp.ClientSession, sys_: System, *, code: str | None, state: str | None,
                     cookie: str | None) -> str:
-    """``GET /auth/wecom/callback`` with the given cookie (None: none); returns the Location answered."""
+    """``GET /auth/wecom/callback`` with the given cookie (None: none); returns the Location answered (with the
+    sign-in cookie's value added on success, see :func:`_signed_in`)."""
     params = {k: v for k, v in (("code", code), ("state", state)) if v is not None}
     headers = {"Cookie": f"{COOKIE}={cookie}"} if cookie is not None else {}
     async with http.get(f"{sys_.http}/auth/wecom/callback", params=params, headers=headers,
@@ -74,7 +94,7 @@ async def _callback(http: aiohttp.ClientSession, sys_: System, *, code: str | No
         assert r.headers["Cache-Control"] == "no-store" and r.headers["Referrer-Policy"] == "no-referrer"
         assert any(h.startswith(f"{COOKIE}=;") or f'{COOKIE}=""' in h for h in r.headers.getall("Set-Cookie")), \
             r.headers  # the state cookie is deleted, whatever the outcome
-        return r.headers["Location"]
+        return _signed_in(r)
 
 
 async def browser_signin(sys_: System, fw: FakeWeCom) -> str:
@@ -87,14 +107,23 @@ async def browser_signin(sys_: System, fw: FakeWeCom) -> str:
         assert back.startswith(f"{sys_.settings.edge.public_url}/auth/wecom/callback?code=")
         async with http.get(back, allow_redirects=False) as r:  # the browser sends the state cookie back
             assert r.status == 302
-            return r.headers["Location"]
+            return _signed_in(r)
 
 
 async def _session(http: aiohttp.ClientSession, sys_: System, location: str) -> dict[str, Any]:
-    assert location.startswith("/#refresh="), location
-    async with http.post(f"{sys_.http}/api/refresh", json={"refresh": location.split("=", 1)[1]}) as r:
+    """What the page does after ``/#signin=wecom``: ``POST /auth/wecom/session`` with the sign-in cookie. The
+    cookie is good once (its refresh token is rotated)."""
+    assert location.startswith(SIGNED_IN + "&cookie="), location
+    value = location.split("&cookie=", 1)[1]
+    headers = {"Cookie": f"{SIGNIN_COOKIE}={value}"}
+    async with http.post(f"{sys_.http}/auth/wecom/session", json={}, headers=headers) as r:
         assert r.status == 200, await r.text()
-        return await r.json()
+        assert any(h.startswith(f"{SIGNIN_COOKIE}=;") or f'{SIGNIN_COOKIE}=""' in h
+                   for h in r.headers.getall("Set-Cookie")), r.headers  # deleted once used
+        got = await r.json()
+    async with http.post(f"{sys_.http}/auth/wecom/session", json={}, headers=headers) as r:
+        assert r.status == 401 and (await r.json())["error"]["code"] == "signin_invalid"
+    return got
 
 
 def _logs(caplog: pytest.LogCaptureFixture) -> str:
@@ -129,7 +158,7 @@ async def test_signin_is_the_wecom_chat_user_and_its_tokens_work(tmp_path: Path,
 
         fw.oauth_user = ("userid", "zhangsan")
         where = await browser_signin(sys_, fw)
-        refresh = where.split("=", 1)[1]
+        refresh = where.split("&cookie=", 1)[1]
         got = await _session(http, sys_, where)
         assert got["uid"] == "wc.zhangsan"
         auth = {"Authorization": f"Bearer {got['token']}"}
@@ -149,7 +178,7 @@ async def test_signin_is_the_wecom_chat_user_and_its_tokens_work(tmp_path: Path,
             while frames[-1]["type"] == "delta":
                 frames.append(await ws.receive_json(timeout=5))
             assert frames[-1]["type"] == "done" and frames[-1]["text"] == "企业微信里的回答。", frames
-        # the refresh token from the fragment was used up by /api/refresh above
+        # the refresh token the sign-in cookie held was used up by /auth/wecom/session above
         async with http.post(f"{sys_.http}/api/refresh", json={"refresh": refresh}) as r:
             assert r.status == 401
         assert fw.stats.gettoken == 1  # one access token for message/send and the sign-in
@@ -194,7 +223,7 @@ async def test_state_must_match_the_cookie_once_within_ten_minutes(tmp_path: Pat
             assert r.status == 405
         # none of that used the state up: the right pair signs in, once
         assert (await _callback(http, sys_, code=fw.oauth_code("lisi"), state=state, cookie=state)).startswith(
-            "/#refresh=")
+            SIGNED_IN)
         assert await _callback(http, sys_, code=fw.oauth_code("lisi"), state=state,
                                cookie=state) == "/#login_error=wecom_state"  # reused
         assert fw.stats.userinfo == asked + 1
@@ -235,7 +264,7 @@ async def test_a_flood_of_sign_in_starts_does_not_break_one_in_progress(tmp_path
             async with att.get(f"{sys_.http}/auth/wecom", allow_redirects=False) as r:
                 assert r.status == 302
         location = await _callback(member, sys_, code=fw.oauth_code("zhangsan"), state=state, cookie=state)
-        assert location.startswith("/#refresh="), location
+        assert location.startswith(SIGNED_IN), location
         assert (await _session(member, sys_, location))["uid"] == "wc.zhangsan"
 
 
@@ -252,7 +281,7 @@ async def test_each_wecom_failure_is_its_login_error(tmp_path: Path, pki_dir: Pa
             return await _callback(http, sys_, code=code, state=state, cookie=state)
 
         used = fw.oauth_code("zhangsan")
-        assert (await attempt(used)).startswith("/#refresh=")
+        assert (await attempt(used)).startswith(SIGNED_IN)
         cases: list[tuple[Any, str]] = [
             (40029, "wecom_bad_code"), (-1, "wecom_busy"), (45009, "wecom_busy"), (45033, "wecom_busy"),
             (50001, "wecom_error"), (60020, "wecom_error"), (48002, "wecom_error"), (12345, "wecom_error"),
@@ -283,7 +312,7 @@ async def test_each_wecom_failure_is_its_login_error(tmp_path: Path, pki_dir: Pa
         fw.cfg.secret = "reset-in-the-console"
         assert await attempt(fw.oauth_code("zhangsan")) == "/#login_error=wecom_error"
         fw.cfg.secret = SECRET
-        assert (await attempt(fw.oauth_code("zhangsan"))).startswith("/#refresh=")
+        assert (await attempt(fw.oauth_code("zhangsan"))).startswith(SIGNED_IN)
 
     logs = _logs(caplog)
     assert "getuserinfo errcode 45009" in logs and "可信域名" in logs  # failures logged, 50001 with its fix
