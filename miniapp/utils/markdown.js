@@ -193,6 +193,7 @@ function splitRow(line) {
 
 function isTableStart(lines, i) {
   return i + 1 < lines.length && lines[i].includes('|') && TABLE_SEP.test(lines[i + 1])
+    && splitRow(lines[i]).length <= MAX_COLUMNS
     && lines[i + 1].includes('-') && splitRow(lines[i]).length === splitRow(lines[i + 1]).length;
 }
 
@@ -206,13 +207,19 @@ function table(lines, i) {
   const thead = el('thead', 'thead', [el('tr', 'tr', head.map((c, k) => cell('th', c, k)))]);
   const rows = [];
   let j = i + 2;
-  while (j < lines.length && lines[j].trim() && lines[j].includes('|')) {
+  while (j < lines.length && lines[j].trim() && lines[j].includes('|')
+    && (rows.length + 2) * head.length <= MAX_TABLE_CELLS) {
     const cells = splitRow(lines[j]);
     rows.push(el('tr', 'tr', head.map((_, k) => cell('td', cells[k], k))));
     j++;
   }
   return { node: el('table', 'table', [thead, el('tbody', 'tbody', rows)]), next: j };
 }
+
+// A table is at most MAX_COLUMNS wide (a wider one is text) and MAX_TABLE_CELLS big (further rows are text):
+// rows times header columns made a 6 KB answer 54 MB of nodes.
+const MAX_COLUMNS = 64;
+const MAX_TABLE_CELLS = 2000;
 
 // A list starting at lines[i] (a list item line): the items at this indentation, nested lists inside.
 function list(lines, i) {
@@ -337,11 +344,33 @@ function blocks(lines, depth) {
   return out;
 }
 
+// setData takes at most 1 MB per call (the page's and the bubble's own). Nodes whose JSON is larger than
+// MAX_NODES_JSON (a long answer with many lines, lists or inline marks is 2-40 times its text) are replaced by
+// the plain text in one block, itself cut after MAX_PLAIN characters of JSON, with a note; 复制 copies the
+// whole answer.
+const MAX_NODES_JSON = 400000;
+const MAX_PLAIN = 300000;
+const CUT_NOTE = '\n……（回答过长，此处只显示前一部分；点「复制」可复制全文）';
+
+function plainNodes(md) {
+  let out = '';
+  let size = 0; // of the text in JSON (control characters are 6 there)
+  let i = 0;
+  for (; i < md.length && size < MAX_PLAIN; i += 1000) {
+    const part = escapeText(md.slice(i, i + 1000));
+    out += part;
+    size += JSON.stringify(part).length;
+  }
+  const node = el('pre', 'plain', [{ type: 'text', text: out + (i < md.length ? escapeText(CUT_NOTE) : '') }]);
+  return [el('div', 'root', [node])];
+}
+
 // The rich-text nodes of a markdown text.
 function toNodes(md) {
   if (typeof md !== 'string' || !md) return [];
   const lines = md.replace(/\r\n?/g, '\n').split('\n');
-  return [el('div', 'root', blocks(lines, 0))];
+  const nodes = [el('div', 'root', blocks(lines, 0))];
+  return JSON.stringify(nodes).length <= MAX_NODES_JSON ? nodes : plainNodes(md);
 }
 
 // The plain text of nodes (tests, accessibility): entities decoded back.
@@ -356,4 +385,4 @@ function plainText(nodes) {
     .replace(/&amp;/g, '&');
 }
 
-module.exports = { toNodes, inline, escapeText, plainText, ALLOWED };
+module.exports = { toNodes, inline, escapeText, plainText, ALLOWED, MAX_NODES_JSON };
