@@ -118,3 +118,24 @@ describe('bounded nodes for setData', () => {
     expect(plainText(nodes)).toMatch(/回答过长/);
   });
 });
+
+// Inputs that cost quadratic time or unbounded recursion: timed generously (~50 ms here; 1.5-2 s or a crash before).
+describe('bounded work on hostile lines', () => {
+  const cases = {
+    'a line of `- - - … x` (a list in a list …: the stack overflowed)': ('- '.repeat(4999) + 'x\n').repeat(10),
+    'ten thousand `[` on a line': ('['.repeat(9999) + '\n').repeat(10),
+    '`__a` repeated': ('__a'.repeat(3333) + '\n').repeat(10),
+    '`_a__` repeated': ('_a__'.repeat(2499) + '\n').repeat(10),
+  };
+  test.each(Object.entries(cases))('%s', (_name, md) => {
+    const t = Date.now();
+    const nodes = toNodes(md);
+    expect(Date.now() - t).toBeLessThan(800);
+    expect(plainText(nodes).length).toBeGreaterThan(md.length / 4);
+  });
+
+  test('nested list items still nest, up to the depth bound', () => {
+    const nodes = toNodes('- - - x');
+    expect(compact(nodes[0].children)).toBe('ul(li(ul(li(ul(li("x"))))))');
+  });
+});

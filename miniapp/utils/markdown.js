@@ -72,6 +72,15 @@ function inline(s, depth) {
     if (buf) { out.push(text(buf)); buf = ''; }
   };
   if (depth > 8 || s.length > MAX_INLINE) return [text(s)]; // bounded work on pathological input
+  // A delimiter not found from `from` is not found from further on either: remember it, so a run of openers
+  // without a closer (`_a__a__a…`) scans the line once, not once per opener.
+  const none = {};
+  const close = (delim, from) => {
+    if (none[delim] !== undefined && from >= none[delim]) return -1;
+    const end = findClose(s, delim, from);
+    if (end < 0) none[delim] = none[delim] === undefined ? from : Math.min(none[delim], from);
+    return end;
+  };
   let i = 0;
   while (i < s.length) {
     const c = s[i];
@@ -96,7 +105,8 @@ function inline(s, depth) {
       continue;
     }
     if (c === '[') {
-      const m = /^\[([^\]\n]*)\]\(((?:[^()\s]|\([^()\s]*\))*)(?:\s+"[^"]*")?\)/.exec(s.slice(i));
+      // the label holds no `[`: from each `[` the scan stops at the next one (else 10 000 `[` cost 10 000^2)
+      const m = /^\[([^[\]\n]*)\]\(((?:[^()\s]|\([^()\s]*\))*)(?:\s+"[^"]*")?\)/.exec(s.slice(i));
       if (m) {
         flush();
         const label = inline(m[1], depth + 1);
@@ -108,10 +118,11 @@ function inline(s, depth) {
         continue;
       }
     }
-    if ((c === '*' || c === '_') && s[i + 1] === c && s[i + 2] !== undefined && s[i + 2] !== ' ') {
+    if ((c === '*' || c === '_') && s[i + 1] === c && s[i + 2] !== undefined && s[i + 2] !== ' '
+        && !(c === '_' && isWordChar(s[i - 1]))) { // checked before the scan: `__a` x 3 000 was quadratic
       const delim = c + c;
-      const end = findClose(s, delim, i + 2);
-      if (end > i + 2 && s[end - 1] !== ' ' && !(c === '_' && isWordChar(s[i - 1]))) {
+      const end = close(delim, i + 2);
+      if (end > i + 2 && s[end - 1] !== ' ') {
         flush();
         out.push(el('strong', 'strong', inline(s.slice(i + 2, end), depth + 1)));
         i = end + 2;
@@ -120,7 +131,7 @@ function inline(s, depth) {
     }
     if ((c === '*' || c === '_') && s[i + 1] !== undefined && s[i + 1] !== ' ' && s[i + 1] !== c
         && !(c === '_' && isWordChar(s[i - 1]))) {
-      const end = findClose(s, c, i + 1);
+      const end = close(c, i + 1);
       if (end > i + 1 && s[end - 1] !== ' ' && !(c === '_' && isWordChar(s[end + 1]))) {
         flush();
         out.push(el('em', 'em', inline(s.slice(i + 1, end), depth + 1)));
@@ -129,7 +140,7 @@ function inline(s, depth) {
       }
     }
     if (c === '~' && s[i + 1] === '~') {
-      const end = findClose(s, '~~', i + 2);
+      const end = close('~~', i + 2);
       if (end > i + 2) {
         flush();
         out.push(el('del', 'del', inline(s.slice(i + 2, end), depth + 1)));
@@ -222,7 +233,7 @@ const MAX_COLUMNS = 64;
 const MAX_TABLE_CELLS = 2000;
 
 // A list starting at lines[i] (a list item line): the items at this indentation, nested lists inside.
-function list(lines, i) {
+function list(lines, i, depth) {
   const first = LIST_ITEM.exec(lines[i]);
   const base = indentOf(first[1]);
   const ordered = /\d/.test(first[2]);
@@ -248,7 +259,7 @@ function list(lines, i) {
       body.push(indentOf(line) > base ? line.slice(Math.min(indentOf(line), base + (m[2].length + 1))) : line.trim());
       k++;
     }
-    items.push(el('li', 'li', itemContent(body)));
+    items.push(el('li', 'li', itemContent(body, depth)));
     j = k;
     // a blank line between items of the same list keeps the list going
     if (j < lines.length && !lines[j].trim() && j + 1 < lines.length) {
@@ -262,13 +273,14 @@ function list(lines, i) {
   return { node, next: j };
 }
 
-// An item's lines: the leading text lines inline, the rest (nested lists, code) as blocks.
-function itemContent(body) {
+// An item's lines: the leading text lines inline, the rest (nested lists, code) as blocks, one level deeper
+// (the depth bound holds for `- - - … x`: a 10 KB line of them overflowed the stack).
+function itemContent(body, depth) {
   let n = 0;
   while (n < body.length && body[n].trim() && !LIST_ITEM.test(body[n]) && !FENCE.test(body[n])) n++;
   const out = n ? inlineLines(body.slice(0, n)) : [];
   const rest = body.slice(n);
-  if (rest.some((l) => l.trim())) out.push(...blocks(dedent(rest), 1));
+  if (rest.some((l) => l.trim())) out.push(...blocks(dedent(rest), depth + 1));
   return out;
 }
 
@@ -311,7 +323,7 @@ function blocks(lines, depth) {
       continue;
     }
     if (LIST_ITEM.test(line)) {
-      const r = list(lines, i);
+      const r = list(lines, i, depth);
       out.push(r.node);
       i = r.next;
       continue;
