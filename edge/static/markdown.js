@@ -4,12 +4,15 @@
 // Safety: the output is an HTML string in which every piece of the input went through esc(); the only
 // markup added is a fixed set of tags, and the only attributes are href (http/https only, escaped),
 // rel/target on links, class (fixed names) and start on <ol> (digits). Nothing else of the input can
-// become markup. The regular expressions are bounded (no quadratic scans on hostile input) and nesting is
-// limited to MAX_DEPTH, so a long or odd answer cannot hang the page.
+// become markup. The regular expressions are bounded (no quadratic scans on hostile input), nesting is
+// limited to MAX_DEPTH and a table to MAX_COLUMNS and MAX_TABLE_CELLS, so a long or odd answer cannot hang the
+// page (the history shows it again on every load). Bidi override characters are dropped (no reversed link text).
 (function (global) {
   "use strict";
 
   const MAX_DEPTH = 12;
+  const MAX_COLUMNS = 64;        // a wider "table" is text: a short line must not become thousands of cells
+  const MAX_TABLE_CELLS = 10000; // rows past this many cells are text (rows x columns from a few KB is millions)
   const ESC = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"};
   function esc(s) { return String(s).replace(/[&<>"']/g, (c) => ESC[c]); }
 
@@ -18,21 +21,24 @@
   const LINK = /\[([^\[\]\n]{1,500})\]\(\s*<?(https?:\/\/[^\s()<>]{1,2000})>?(?:\s+"[^"\n]{0,200}")?\s*\)/g;
   const AUTOLINK = /\bhttps?:\/\/[A-Za-z0-9\-._~:/?#\[\]@!$&'*+,;=%]{1,2000}/g;
   const SLOT = /\u0000(\d+)\u0000/g;
+  const ESCAPED = /\\([\\`*_~\[\]()#|>!-])/g;
 
   function anchor(url, html) {
     return '<a href="' + esc(url) + '" rel="noopener noreferrer" target="_blank">' + html + "</a>";
   }
 
   function inline(src, inLink) {
-    const slots = [];
-    const put = (html) => "\u0000" + (slots.push(html) - 1) + "\u0000";
-    let s = String(src).replace(/\u0000/g, "");
-    s = s.replace(/\\([\\`*_~\[\]()#|>!-])/g, (m, c) => put(esc(c)));  // backslash escapes
-    s = s.replace(CODE_SPAN, (m, ticks, code) => put("<code>" + esc(code.replace(/^ (.*) $/, "$1")) + "</code>"));
-    if (!inLink) s = s.replace(LINK, (m, label, url) => put(anchor(url, inline(label, true))));
+    const slots = [], raws = [];  // a slot's HTML, and the source text it stands for (a URL takes that back)
+    const put = (html, raw) => { raws.push(raw); return "\u0000" + (slots.push(html) - 1) + "\u0000"; };
+    const unslot = (t) => t.replace(SLOT, (m, i) => raws[+i]);
+    let s = String(src).replace(/[\u0000\u202a-\u202e\u2066-\u2069]/g, "");  // NUL; bidi overrides (spoofing)
+    s = s.replace(ESCAPED, (m, c) => put(esc(c), m));  // backslash escapes
+    s = s.replace(CODE_SPAN, (m, ticks, code) => put("<code>" + esc(code.replace(/^ (.*) $/, "$1")) + "</code>", m));
+    if (!inLink) s = s.replace(LINK, (m, label, url) => put(anchor(unslot(url).replace(ESCAPED, "$1"),
+                                                              inline(unslot(label), true)), m));
     if (!inLink) s = s.replace(AUTOLINK, (m) => {
       const url = m.replace(/[.,;:!?'*)\]]+$/, "");
-      return put(anchor(url, esc(url))) + esc(m.slice(url.length));
+      return put(anchor(url, esc(url)), url) + esc(m.slice(url.length));
     });
     s = esc(s);
     // Emphasis on escaped text: the content never holds "<" (no tag can be split), and its length is bounded.
@@ -75,7 +81,8 @@
 
   function isTableStart(lines, i) {
     return lines[i].includes("|") && i + 1 < lines.length && lines[i + 1].includes("|")
-      && lines[i + 1].includes("-") && TABLE_SEP.test(lines[i + 1]) && !/-[ \t]+-/.test(lines[i + 1]);
+      && lines[i + 1].includes("-") && TABLE_SEP.test(lines[i + 1]) && !/-[ \t]+-/.test(lines[i + 1])
+      && splitRow(lines[i]).length <= MAX_COLUMNS;
   }
 
   function startsBlock(lines, i) {
@@ -94,7 +101,8 @@
     let html = '<div class="table"><table><thead><tr>' + head.map((c, k) => cell("th", c, k)).join("") + "</tr></thead>";
     let j = i + 2;
     const rows = [];
-    while (j < lines.length && !blank(lines[j]) && lines[j].includes("|")) {
+    while (j < lines.length && !blank(lines[j]) && lines[j].includes("|")
+           && (rows.length + 2) * head.length <= MAX_TABLE_CELLS) {
       const cells = splitRow(lines[j]);
       const row = [];
       for (let k = 0; k < head.length; k++) row.push(cell("td", cells[k] || "", k));
@@ -130,9 +138,8 @@
         const next = lines[k], nm = ITEM.exec(next);
         const nIndent = next.length - next.trimStart().length;
         if (nIndent > indent || (nm && nm[1].length <= indent + 1 && /\d/.test(nm[2]) === ordered)) {
-          cur.lines.push("");
+          for (; j < k; j++) cur.lines.push("");  // all the blank lines at once: no rescan from each of them
           lastBlank = true;
-          j++;
           continue;
         }
         break;

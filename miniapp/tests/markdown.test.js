@@ -79,3 +79,63 @@ test('a long answer parses quickly', () => {
   expect(nodes[0].children.length).toBeGreaterThan(80);
   expect(Date.now() - t0).toBeLessThan(1000); // generous: ~10 ms here
 });
+
+// setData takes at most 1 MB a call: a long or hostile answer must not make nodes that big (a table of 1 000 header
+// columns and 1 000 rows was 54 MB from 6 KB; 50 000 short lines 4 MB), nor take long to make.
+describe('bounded nodes for setData', () => {
+  const LIMIT = 1024 * 1024;
+  const cases = {
+    'table bomb': '|a'.repeat(1000) + '|\n|' + '-|'.repeat(1000) + '\n' + '|\n'.repeat(1000),
+    'wide table': '|a'.repeat(30000) + '|\n|-|\n|b|\n',
+    'long table': '| a | b |\n|---|---|\n' + '| 1 | 2 |\n'.repeat(20000),
+    'many lines': 'a\n'.repeat(50000),
+    'many items': '- a\n'.repeat(25000),
+    'many code spans': ('`a'.repeat(3300) + '\n').repeat(10),
+    'many fences': '```\n'.repeat(20000),
+    'quotes and controls': '\'"<>&\u0001'.repeat(40000),
+  };
+  test.each(Object.entries(cases))('%s', (_name, md) => {
+    const t = Date.now();
+    const nodes = toNodes(md);
+    expect(Date.now() - t).toBeLessThan(3000); // generous: ~100 ms here
+    const json = JSON.stringify(nodes).length;
+    expect(json).toBeLessThan(LIMIT / 2);
+    expect(plainText(nodes).length).toBeGreaterThan(Math.min(md.length, 40000) / 2); // shown, not dropped
+  });
+
+  test('a table within the limits is still a table; a too long one goes on as text', () => {
+    const ok = toNodes('| a | b |\n|---|---|\n| 1 | 2 |')[0].children[0];
+    expect(ok.name).toBe('table');
+    const long = toNodes('| a | b |\n|---|---|\n' + '| 1 | 2 |\n'.repeat(1500))[0].children;
+    expect(long[0].name).toBe('table');
+    expect(long[1].name).toBe('p');
+    expect(plainText(long).split('1').length - 1).toBe(1500);
+  });
+
+  test('a cut answer says so', () => {
+    const nodes = toNodes('\u0001\n'.repeat(200000));
+    expect(JSON.stringify(nodes).length).toBeLessThan(LIMIT / 2);
+    expect(plainText(nodes)).toMatch(/回答过长/);
+  });
+});
+
+// Inputs that cost quadratic time or unbounded recursion: timed generously (~50 ms here; 1.5-2 s or a crash before).
+describe('bounded work on hostile lines', () => {
+  const cases = {
+    'a line of `- - - … x` (a list in a list …: the stack overflowed)': ('- '.repeat(4999) + 'x\n').repeat(10),
+    'ten thousand `[` on a line': ('['.repeat(9999) + '\n').repeat(10),
+    '`__a` repeated': ('__a'.repeat(3333) + '\n').repeat(10),
+    '`_a__` repeated': ('_a__'.repeat(2499) + '\n').repeat(10),
+  };
+  test.each(Object.entries(cases))('%s', (_name, md) => {
+    const t = Date.now();
+    const nodes = toNodes(md);
+    expect(Date.now() - t).toBeLessThan(800);
+    expect(plainText(nodes).length).toBeGreaterThan(md.length / 4);
+  });
+
+  test('nested list items still nest, up to the depth bound', () => {
+    const nodes = toNodes('- - - x');
+    expect(compact(nodes[0].children)).toBe('ul(li(ul(li(ul(li("x"))))))');
+  });
+});

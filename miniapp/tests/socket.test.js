@@ -427,3 +427,49 @@ describe('client: socket + chat + throttle', () => {
     expect(b.c.chat.maxQuestion).toBe(8000);
   });
 });
+
+describe('a connect that never opens', () => {
+  test('connectSocket reporting only to fail (not in the socket whitelist): retried with backoff', async () => {
+    const s = setup();
+    const real = s.wx.connectSocket;
+    let fails = 0;
+    s.wx.connectSocket = (o) => {
+      const t = real(o);
+      if (fails++ === 0) Promise.resolve().then(() => o.fail && o.fail({ errMsg: 'connectSocket:fail url not in domain list' }));
+      return t;
+    };
+    s.sock.start();
+    await settle();
+    expect(s.sock.state).toBe('waiting');
+    expect(s.wx.sockets[0].closed).toEqual({ code: 1000 });
+    s.clock.advance(s.clock.pending()[0]);
+    await settle();
+    s.wx.sockets[1].open();
+    expect(s.sock.state).toBe('open');
+  });
+
+  test('fail called at once, inside connectSocket', async () => {
+    const s = setup();
+    const real = s.wx.connectSocket;
+    s.wx.connectSocket = (o) => { const t = real(o); if (o.fail) o.fail({ errMsg: 'connectSocket:fail' }); return t; };
+    s.sock.start();
+    await settle();
+    expect(s.sock.state).toBe('waiting');
+  });
+
+  test('a handshake with no event at all is given up after 15 s', async () => {
+    const s = setup();
+    s.sock.start();
+    await settle();
+    expect(s.sock.state).toBe('connecting');
+    s.clock.advance(15000);
+    expect(s.sock.state).toBe('waiting');
+    s.clock.advance(s.clock.pending()[0]);
+    await settle();
+    expect(s.wx.sockets.length).toBe(2);
+    s.wx.sockets[1].open();
+    expect(s.sock.state).toBe('open');
+    s.clock.advance(16000); // the old watchdog is gone: nothing closes the open socket
+    expect(s.sock.state).toBe('open');
+  });
+});

@@ -72,6 +72,15 @@ function inline(s, depth) {
     if (buf) { out.push(text(buf)); buf = ''; }
   };
   if (depth > 8 || s.length > MAX_INLINE) return [text(s)]; // bounded work on pathological input
+  // A delimiter not found from `from` is not found from further on either: remember it, so a run of openers
+  // without a closer (`_a__a__a…`) scans the line once, not once per opener.
+  const none = {};
+  const close = (delim, from) => {
+    if (none[delim] !== undefined && from >= none[delim]) return -1;
+    const end = findClose(s, delim, from);
+    if (end < 0) none[delim] = none[delim] === undefined ? from : Math.min(none[delim], from);
+    return end;
+  };
   let i = 0;
   while (i < s.length) {
     const c = s[i];
@@ -96,7 +105,8 @@ function inline(s, depth) {
       continue;
     }
     if (c === '[') {
-      const m = /^\[([^\]\n]*)\]\(((?:[^()\s]|\([^()\s]*\))*)(?:\s+"[^"]*")?\)/.exec(s.slice(i));
+      // the label holds no `[`: from each `[` the scan stops at the next one (else 10 000 `[` cost 10 000^2)
+      const m = /^\[([^[\]\n]*)\]\(((?:[^()\s]|\([^()\s]*\))*)(?:\s+"[^"]*")?\)/.exec(s.slice(i));
       if (m) {
         flush();
         const label = inline(m[1], depth + 1);
@@ -108,10 +118,11 @@ function inline(s, depth) {
         continue;
       }
     }
-    if ((c === '*' || c === '_') && s[i + 1] === c && s[i + 2] !== undefined && s[i + 2] !== ' ') {
+    if ((c === '*' || c === '_') && s[i + 1] === c && s[i + 2] !== undefined && s[i + 2] !== ' '
+        && !(c === '_' && isWordChar(s[i - 1]))) { // checked before the scan: `__a` x 3 000 was quadratic
       const delim = c + c;
-      const end = findClose(s, delim, i + 2);
-      if (end > i + 2 && s[end - 1] !== ' ' && !(c === '_' && isWordChar(s[i - 1]))) {
+      const end = close(delim, i + 2);
+      if (end > i + 2 && s[end - 1] !== ' ') {
         flush();
         out.push(el('strong', 'strong', inline(s.slice(i + 2, end), depth + 1)));
         i = end + 2;
@@ -120,7 +131,7 @@ function inline(s, depth) {
     }
     if ((c === '*' || c === '_') && s[i + 1] !== undefined && s[i + 1] !== ' ' && s[i + 1] !== c
         && !(c === '_' && isWordChar(s[i - 1]))) {
-      const end = findClose(s, c, i + 1);
+      const end = close(c, i + 1);
       if (end > i + 1 && s[end - 1] !== ' ' && !(c === '_' && isWordChar(s[end + 1]))) {
         flush();
         out.push(el('em', 'em', inline(s.slice(i + 1, end), depth + 1)));
@@ -129,7 +140,7 @@ function inline(s, depth) {
       }
     }
     if (c === '~' && s[i + 1] === '~') {
-      const end = findClose(s, '~~', i + 2);
+      const end = close('~~', i + 2);
       if (end > i + 2) {
         flush();
         out.push(el('del', 'del', inline(s.slice(i + 2, end), depth + 1)));
@@ -193,6 +204,7 @@ function splitRow(line) {
 
 function isTableStart(lines, i) {
   return i + 1 < lines.length && lines[i].includes('|') && TABLE_SEP.test(lines[i + 1])
+    && splitRow(lines[i]).length <= MAX_COLUMNS
     && lines[i + 1].includes('-') && splitRow(lines[i]).length === splitRow(lines[i + 1]).length;
 }
 
@@ -206,7 +218,8 @@ function table(lines, i) {
   const thead = el('thead', 'thead', [el('tr', 'tr', head.map((c, k) => cell('th', c, k)))]);
   const rows = [];
   let j = i + 2;
-  while (j < lines.length && lines[j].trim() && lines[j].includes('|')) {
+  while (j < lines.length && lines[j].trim() && lines[j].includes('|')
+    && (rows.length + 2) * head.length <= MAX_TABLE_CELLS) {
     const cells = splitRow(lines[j]);
     rows.push(el('tr', 'tr', head.map((_, k) => cell('td', cells[k], k))));
     j++;
@@ -214,8 +227,13 @@ function table(lines, i) {
   return { node: el('table', 'table', [thead, el('tbody', 'tbody', rows)]), next: j };
 }
 
+// A table is at most MAX_COLUMNS wide (a wider one is text) and MAX_TABLE_CELLS big (further rows are text):
+// rows times header columns made a 6 KB answer 54 MB of nodes.
+const MAX_COLUMNS = 64;
+const MAX_TABLE_CELLS = 2000;
+
 // A list starting at lines[i] (a list item line): the items at this indentation, nested lists inside.
-function list(lines, i) {
+function list(lines, i, depth) {
   const first = LIST_ITEM.exec(lines[i]);
   const base = indentOf(first[1]);
   const ordered = /\d/.test(first[2]);
@@ -241,7 +259,7 @@ function list(lines, i) {
       body.push(indentOf(line) > base ? line.slice(Math.min(indentOf(line), base + (m[2].length + 1))) : line.trim());
       k++;
     }
-    items.push(el('li', 'li', itemContent(body)));
+    items.push(el('li', 'li', itemContent(body, depth)));
     j = k;
     // a blank line between items of the same list keeps the list going
     if (j < lines.length && !lines[j].trim() && j + 1 < lines.length) {
@@ -255,13 +273,14 @@ function list(lines, i) {
   return { node, next: j };
 }
 
-// An item's lines: the leading text lines inline, the rest (nested lists, code) as blocks.
-function itemContent(body) {
+// An item's lines: the leading text lines inline, the rest (nested lists, code) as blocks, one level deeper
+// (the depth bound holds for `- - - … x`: a 10 KB line of them overflowed the stack).
+function itemContent(body, depth) {
   let n = 0;
   while (n < body.length && body[n].trim() && !LIST_ITEM.test(body[n]) && !FENCE.test(body[n])) n++;
   const out = n ? inlineLines(body.slice(0, n)) : [];
   const rest = body.slice(n);
-  if (rest.some((l) => l.trim())) out.push(...blocks(dedent(rest), 1));
+  if (rest.some((l) => l.trim())) out.push(...blocks(dedent(rest), depth + 1));
   return out;
 }
 
@@ -304,7 +323,7 @@ function blocks(lines, depth) {
       continue;
     }
     if (LIST_ITEM.test(line)) {
-      const r = list(lines, i);
+      const r = list(lines, i, depth);
       out.push(r.node);
       i = r.next;
       continue;
@@ -337,11 +356,33 @@ function blocks(lines, depth) {
   return out;
 }
 
+// setData takes at most 1 MB per call (the page's and the bubble's own). Nodes whose JSON is larger than
+// MAX_NODES_JSON (a long answer with many lines, lists or inline marks is 2-40 times its text) are replaced by
+// the plain text in one block, itself cut after MAX_PLAIN characters of JSON, with a note; 复制 copies the
+// whole answer.
+const MAX_NODES_JSON = 400000;
+const MAX_PLAIN = 300000;
+const CUT_NOTE = '\n……（回答过长，此处只显示前一部分；点「复制」可复制全文）';
+
+function plainNodes(md) {
+  let out = '';
+  let size = 0; // of the text in JSON (control characters are 6 there)
+  let i = 0;
+  for (; i < md.length && size < MAX_PLAIN; i += 1000) {
+    const part = escapeText(md.slice(i, i + 1000));
+    out += part;
+    size += JSON.stringify(part).length;
+  }
+  const node = el('pre', 'plain', [{ type: 'text', text: out + (i < md.length ? escapeText(CUT_NOTE) : '') }]);
+  return [el('div', 'root', [node])];
+}
+
 // The rich-text nodes of a markdown text.
 function toNodes(md) {
   if (typeof md !== 'string' || !md) return [];
   const lines = md.replace(/\r\n?/g, '\n').split('\n');
-  return [el('div', 'root', blocks(lines, 0))];
+  const nodes = [el('div', 'root', blocks(lines, 0))];
+  return JSON.stringify(nodes).length <= MAX_NODES_JSON ? nodes : plainNodes(md);
 }
 
 // The plain text of nodes (tests, accessibility): entities decoded back.
@@ -356,4 +397,4 @@ function plainText(nodes) {
     .replace(/&amp;/g, '&');
 }
 
-module.exports = { toNodes, inline, escapeText, plainText, ALLOWED };
+module.exports = { toNodes, inline, escapeText, plainText, ALLOWED, MAX_NODES_JSON };

@@ -9,6 +9,8 @@
 // Heartbeat: a `{"type":"ping"}` every `heartbeatMs` (the edge answers `pong`); a socket that has sent nothing
 // for `deadMs` is closed and reconnected (a phone that changed networks leaves a silent, half-open socket).
 // Back in the foreground an open socket is probed at once: a ping that gets no frame within `probeMs` means dead.
+// A connect that fails only through connectSocket's `fail`, or neither opens nor fails within `openMs`, counts as
+// a close (1006) and is retried with backoff.
 //
 // Backoff: the n-th retry in a row waits random() * min(maxMs, baseMs * 2^n) (at least minMs); a successful open
 // resets n. Close codes: 4401 (tokens revoked) -> the session is dropped and a new sign-in made before the
@@ -43,6 +45,7 @@ class SocketClient {
     this.minMs = opts.minMs === undefined ? 100 : opts.minMs;
     this.maxPolicyCloses = opts.maxPolicyCloses || 5;
     this.probeMs = opts.probeMs || 5000;
+    this.openMs = opts.openMs || 15000; // a handshake not open by then is given up (connectSocket's own is 10 s)
 
     this.state = 'idle';
     this.task = null; // the live SocketTask
@@ -54,6 +57,7 @@ class SocketClient {
     this._retry = null;
     this._beat = null;
     this._probeTimer = null;
+    this._openTimer = null;
     this._lastRx = 0;
   }
 
@@ -127,14 +131,28 @@ class SocketClient {
     }
     if (gen !== this._gen) return; // stopped or superseded meanwhile
     let task;
+    let early = null;
+    // connectSocket reports some failures (a domain not in the socket whitelist, more than 5 sockets) only to
+    // `fail`, with no onError/onClose: without it the client stayed `connecting` for good.
+    const fail = (err) => {
+      const why = (err && err.errMsg) || 'connectSocket:fail';
+      if (!task) early = why;
+      else if (task === this.task && this.state === 'connecting') this._lost(task, 1006, why);
+    };
     try {
-      task = this.wx.connectSocket({ url: this.api.wsUrl(ticket), timeout: 10000 });
+      task = this.wx.connectSocket({ url: this.api.wsUrl(ticket), timeout: 10000, fail });
     } catch (e) {
       this.lastError = e;
       this._scheduleRetry(e);
       return;
     }
     this.task = task;
+    if (early) { this._lost(task, 1006, early); return; }
+    // and a handshake that neither opens nor fails is given up after openMs
+    this._openTimer = this.setTimer(() => {
+      this._openTimer = null;
+      if (task === this.task && this.state === 'connecting') this._lost(task, 1006, 'open timeout');
+    }, this.openMs);
     task.onOpen(() => {
       if (task !== this.task) return;
       this.attempt = 0;
@@ -243,6 +261,8 @@ class SocketClient {
   _stopBeat() {
     if (this._beat !== null && this._beat !== undefined) this.clearTimer(this._beat);
     this._beat = null;
+    if (this._openTimer !== null) this.clearTimer(this._openTimer);
+    this._openTimer = null;
     if (this._probeTimer !== null) this.clearTimer(this._probeTimer);
     this._probeTimer = null;
   }
