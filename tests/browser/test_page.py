@@ -504,3 +504,19 @@ def test_new_conversation_starts_a_new_conv(pages: Any, live: Live) -> None:
     convs = [json.loads(f)["conv"] for f in p.sent if '"ask"' in f]
     assert len(convs) == 2 and convs[0] != convs[1], convs
 
+
+
+def test_a_signed_in_load_makes_no_failed_request(pages: Any, live: Live) -> None:
+    """Every request of a sign-in and a reload answers below 400: a missing or renamed page file shows here. (The
+    page names its icon inline, ``data:,``, so a browser that asks for one gets no 404 either; headless Chromium
+    asks for none.)"""
+    live.fake()
+    p = pages()
+    failed: list[str] = []
+    p.page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
+    p.page.on("requestfailed", lambda r: failed.append(f"failed {r.url}"))
+    sign_in(p, "quinn")
+    p.page.reload()
+    expect(p.page.locator("#status")).to_contain_text(CONNECTED, timeout=10_000)
+    p.page.wait_for_load_state("networkidle")
+    assert not failed, failed
