@@ -289,13 +289,15 @@ function dedent(lines) {
   return lines.map((l) => (l.trim() ? l.slice(Math.min(ind, indentOf(l))) : ''));
 }
 
-function blocks(lines, depth) {
+// The blocks of lines. `starts` (top level only), if given, gets the line index of each block: one node a block.
+function blocks(lines, depth, starts) {
   const out = [];
   let i = 0;
   if (depth > 12) return [el('p', 'p', inlineLines(lines.filter((l) => l.trim())))];
   while (i < lines.length) {
     const line = lines[i];
     if (!line.trim()) { i++; continue; }
+    if (starts) starts.push(i);
     let m = FENCE.exec(line);
     if (m) {
       const fence = m[1];
@@ -397,4 +399,6 @@ function plainText(nodes) {
     .replace(/&amp;/g, '&');
 }
 
-module.exports = { toNodes, inline, escapeText, plainText, ALLOWED, MAX_NODES_JSON };
+module.exports = { toNodes, inline, escapeText, plainText, ALLOWED, MAX_NODES_JSON,
+  // for utils/stream.js (incremental rendering of a streaming answer)
+  blocks, plainNodes, el, LIST_ITEM };
