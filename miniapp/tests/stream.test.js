@@ -27,6 +27,8 @@ function randomText(r, n) {
   return out.join(sep) + (r() < 0.5 ? sep : '');
 }
 
+const joined = (u) => joinBlocks(u.blocks, u.cont);
+
 // stream `text` in random pieces; after each piece the blocks joined must equal the whole text rendered
 function streamAndCheck(text, r) {
   const sr = new StreamRender();
@@ -34,8 +36,8 @@ function streamAndCheck(text, r) {
   while (i < text.length) {
     i = Math.min(text.length, i + 1 + Math.floor(r() * 12));
     const part = text.slice(0, i);
-    const { blocks } = sr.update(part);
-    expect(joinBlocks(blocks)).toEqual(toNodes(part));
+    const { blocks, cont } = sr.update(part);
+    expect(joinBlocks(blocks, cont)).toEqual(toNodes(part));
   }
   return sr;
 }
@@ -69,8 +71,8 @@ test.each([
 test('a final text that does not extend the streamed one starts again and equals the whole', () => {
   const sr = new StreamRender();
   sr.update('# a\n\nb\n\nc\n\nd');
-  const { blocks, changed } = sr.update('# x\n\ny');
-  expect(joinBlocks(blocks)).toEqual(toNodes('# x\n\ny'));
+  const { blocks, cont, changed } = sr.update('# x\n\ny');
+  expect(joinBlocks(blocks, cont)).toEqual(toNodes('# x\n\ny'));
   expect(changed).toBeNull(); // fewer blocks: the whole array is sent
   expect(sr.update('').blocks).toEqual([]);
 });
@@ -82,14 +84,21 @@ test('the 400 000-character fallback is the same piecewise as whole, and back', 
   const r = rng(7);
   while (i < big.length) {
     i = Math.min(big.length, i + 1 + Math.floor(r() * 20000));
-    expect(joinBlocks(sr.update(big.slice(0, i)).blocks)).toEqual(toNodes(big.slice(0, i)));
+    expect(joined(sr.update(big.slice(0, i)))).toEqual(toNodes(big.slice(0, i)));
   }
   expect(JSON.stringify(sr.update(big).blocks).length).toBeLessThan(MAX_NODES_JSON);
-  expect(joinBlocks(sr.update('short').blocks)).toEqual(toNodes('short'));
+  expect(joined(sr.update('short'))).toEqual(toNodes('short'));
 });
 
-// a 100 KB answer as a model writes it: sections of a heading, a list and a paragraph
-function listAnswer(size) {
+// 100 KB answers as a model writes them: one long list (stays rich text), and sections of a heading, a list
+// with inline marks and a paragraph (its nodes pass 400 000 characters of JSON near 48 KB: plain text from there)
+function longList(size) {
+  let s = '';
+  for (let k = 1; s.length < size; k++) s += `- 第 ${k} 条：这一条说明系统在高负载下如何保持稳定，包括限流与重试。\n`;
+  return s;
+}
+
+function sections(size) {
   let s = '';
   for (let n = 1; s.length < size; n++) {
     s += `## 第 ${n} 部分\n\n`;
@@ -99,38 +108,56 @@ function listAnswer(size) {
   return s;
 }
 
-test('a 100 KB list answer: per-update payload bounded, faster than a whole re-render', () => {
-  const text = listAnswer(100000);
-  const step = 400; // about what arrives in 250 ms
-  const sr = new StreamRender();
-  const payloads = [];
-  let pieceMs = 0;
-  let wholeMs = 0;
-  let updates = 0;
-  for (let i = step; i < text.length + step; i += step) {
-    const part = text.slice(0, i);
-    let t = process.hrtime.bigint();
-    const { blocks, changed } = sr.update(part);
-    // what the page sends: only the changed blocks (or all of them when the array changed shape)
-    const sent = changed === null ? blocks : changed.map((k) => blocks[k]);
-    payloads.push(JSON.stringify(sent).length);
-    pieceMs += Number(process.hrtime.bigint() - t) / 1e6;
-    if (i > text.length - 20 * step) { // the whole re-render the page did before, near the end (largest)
+test.each([['one long list', longList(100000), false], ['sections', sections(100000), true]])(
+  'a 100 KB answer (%s): per-update payload bounded, faster than a whole re-render', (name, text, plain) => {
+    const step = 400; // about what arrives in 250 ms
+    const sr = new StreamRender();
+    const payloads = [];
+    let pieceMs = 0;
+    let wholeMs = 0;
+    let wholeJson = 0;
+    for (let i = step; i < text.length + step; i += step) {
+      const part = text.slice(0, i);
+      let t = process.hrtime.bigint();
+      const { blocks, changed } = sr.update(part);
+      // what the page sends: only the changed blocks (all of them when the array got shorter)
+      const sent = changed === null ? blocks : changed.map((k) => blocks[k]);
+      payloads.push(JSON.stringify(sent).length);
+      pieceMs += Number(process.hrtime.bigint() - t) / 1e6;
+      // what the page did before: the whole text parsed and all its nodes sent
       t = process.hrtime.bigint();
-      JSON.stringify(toNodes(part));
+      wholeJson = Math.max(wholeJson, JSON.stringify(toNodes(part)).length);
       wholeMs += Number(process.hrtime.bigint() - t) / 1e6;
-      updates++;
     }
+    const n = payloads.length;
+    const sorted = payloads.slice().sort((a, b) => b - a);
+    // eslint-disable-next-line no-console
+    console.log(`100 KB answer (${name}): ${n} updates of ${step} characters; piecewise ${(pieceMs / n).toFixed(2)} ms `
+      + `and ${Math.round(payloads.reduce((a, b) => a + b, 0) / n)} B a update on average, at most ${sorted[0]} B `
+      + `(then ${sorted[1]} B); whole re-render ${(wholeMs / n).toFixed(2)} ms and up to ${wholeJson} B`);
+    expect(joined(sr.update(text))).toEqual(toNodes(text));
+    expect(toNodes(text)[0].children[0].name === 'pre').toBe(plain);
+    // the new part, not the whole answer's nodes; once, the switch to plain text sends the text so far
+    expect(sorted[plain ? 1 : 0]).toBeLessThan(20000);
+    expect(sorted[0]).toBeLessThan(wholeJson);
+    expect(pieceMs * 3).toBeLessThan(wholeMs); // generous: measured in the same run
+  });
+
+test('a long list is cut between items; shown, an ordered one numbers on', () => {
+  let text = '';
+  for (let k = 1; k <= 50; k++) text += `${k}. 第 ${k} 项\n`;
+  const sr = new StreamRender();
+  let u;
+  for (let i = 1; i <= text.length; i += 7) u = sr.update(text.slice(0, i));
+  u = sr.update(text);
+  expect(u.blocks.length).toBeGreaterThan(3);
+  expect(joined(u)).toEqual(toNodes(text));
+  const lists = u.blocks.map((b) => b[0].children[0]);
+  let next = 1;
+  for (const l of lists) {
+    expect(l.name).toBe('ol');
+    expect(parseInt(l.attrs.start || '1', 10)).toBe(next);
+    next += l.children.length;
   }
-  const whole = JSON.stringify(toNodes(text)).length;
-  const maxPayload = Math.max(...payloads);
-  const perUpdate = pieceMs / payloads.length;
-  const perWhole = wholeMs / updates;
-  // eslint-disable-next-line no-console
-  console.log(`100 KB list answer: ${payloads.length} updates, piecewise ${perUpdate.toFixed(2)} ms and at most `
-    + `${maxPayload} B per update; whole re-render ${perWhole.toFixed(2)} ms and ${whole} B`);
-  expect(joinBlocks(sr.update(text).blocks)).toEqual(toNodes(text));
-  expect(maxPayload).toBeLessThan(20000); // the new part, not the whole answer's nodes
-  expect(whole).toBeGreaterThan(10 * maxPayload);
-  expect(perUpdate * 3).toBeLessThan(perWhole); // generous: measured in the same run
+  expect(next).toBe(51);
 });
