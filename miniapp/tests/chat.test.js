@@ -2,7 +2,9 @@
 // dropped, stop, retry, resume after a reconnect without lost or repeated text, and few setData calls.
 const { Chat } = require('../utils/chat');
 const { createThrottle } = require('../utils/throttle');
-const { Clock } = require('./helpers');
+const { Clock, applyUpdate } = require('./helpers');
+const { plainText } = require('../utils/markdown');
+const { joinBlocks } = require('../utils/stream');
 
 function ids() {
   let n = 0;
@@ -200,8 +202,8 @@ test('takeUpdates gives only the changed bubbles by path', () => {
   expect(chat.takeUpdates()).toEqual({});
   chat.onFrame({ type: 'delta', task, seq: 1, text: 'x' });
   const u = chat.takeUpdates();
-  expect(Object.keys(u)).toEqual(['messages[1]']);
-  expect(u['messages[1]'].text).toBe('x');
+  expect(Object.keys(u)).toEqual(['messages[1].note', 'messages[1].blocks[0]']);
+  expect(plainText(u['messages[1].blocks[0]'])).toBe('x');
 });
 
 test('throttle: 1000 deltas over 5 s make about 4 setData calls a second', () => {
@@ -223,8 +225,9 @@ test('throttle: 1000 deltas over 5 s make about 4 setData calls a second', () =>
   expect(calls.length).toBeGreaterThanOrEqual(18);
   expect(calls.length).toBeLessThanOrEqual(22); // 5 s at 4 a second, not 1000
   for (let i = 1; i < calls.length; i++) expect(calls[i].t - calls[i - 1].t).toBeGreaterThanOrEqual(250);
-  const last = calls.filter((c) => c.u['messages[1]']).pop();
-  expect(last.u['messages[1]'].text).toBe(expected);
+  const data = {};
+  calls.forEach((c) => applyUpdate(data, c.u));
+  expect(plainText(joinBlocks(data.messages[1].blocks))).toBe(expected.trim());
 });
 
 test('throttle: flush runs a pending update now, cancel drops it, a quiet period runs on the next tick', () => {

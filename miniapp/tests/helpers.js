@@ -118,4 +118,18 @@ function edgeRoutes(nowS) {
   };
 }
 
-module.exports = { Clock, FakeSocketTask, fakeWx, settle, edgeRoutes };
+// Apply a setData object to plain data the way setData does: keys are paths such as `messages[1].blocks[2]`.
+function applyUpdate(data, update) {
+  for (const [path, value] of Object.entries(update)) {
+    const keys = path.replace(/\[(\d+)\]/g, '.$1').split('.');
+    let o = data;
+    for (let i = 0; i < keys.length - 1; i++) {
+      if (o[keys[i]] === undefined) o[keys[i]] = /^\d+$/.test(keys[i + 1]) ? [] : {};
+      o = o[keys[i]];
+    }
+    o[keys[keys.length - 1]] = value;
+  }
+  return data;
+}
+
+module.exports = { Clock, FakeSocketTask, fakeWx, settle, edgeRoutes, applyUpdate };

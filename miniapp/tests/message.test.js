@@ -104,3 +104,14 @@ test('the text updating re-renders the nodes (what each throttled setData does)'
   comp.setData({ text: 'a **b**' });
   expect(names(comp.instance.data.nodes)).toContain('strong');
 });
+
+test('given blocks (the chat page), one rich-text per block and no own nodes', () => {
+  const { toNodes } = require('../utils/markdown');
+  const blocks = [toNodes('# 一'), toNodes('二')];
+  const comp = render({ state: 'streaming', text: '', blocks });
+  expect(comp.querySelectorAll('.md-block').length).toBe(2);
+  expect(comp.querySelector('.dots')).toBeFalsy();
+  expect(comp.instance.data.nodes).toEqual([]);
+  comp.setData({ blocks: [] , text: '三' }); // no blocks: the bubble renders its text itself
+  expect(plainText(comp.instance.data.nodes)).toBe('三');
+});

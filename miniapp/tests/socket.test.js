@@ -4,7 +4,7 @@
 const { Api } = require('../utils/api');
 const { SocketClient } = require('../utils/socket');
 const { createClient } = require('../utils/client');
-const { Clock, fakeWx, settle, edgeRoutes } = require('./helpers');
+const { Clock, fakeWx, settle, edgeRoutes, applyUpdate } = require('./helpers');
 
 function setup(opts) {
   const o = opts || {};
@@ -341,8 +341,9 @@ describe('client: socket + chat + throttle', () => {
     s2.frame({ type: 'delta', task, seq: 3, text: '处处' }); // the replay of the resume: dropped
     s2.frame({ type: 'delta', task, seq: 4, text: '闻啼鸟。' });
     s2.frame({ type: 'done', task, seq: 4, status: 'ok', text: '春眠不觉晓，处处闻啼鸟。' });
-    const last = updates.filter((u) => u['messages[1]']).pop();
-    expect(last['messages[1]']).toMatchObject({ state: 'done', text: '春眠不觉晓，处处闻啼鸟。' });
+    const data = {};
+    updates.forEach((u) => applyUpdate(data, u));
+    expect(data.messages[1]).toMatchObject({ state: 'done', text: '春眠不觉晓，处处闻啼鸟。' });
     const msg = c.chat.messages[1];
     expect(msg.text).toBe('春眠不觉晓，处处闻啼鸟。');
     expect(c.chat.duplicates).toBe(2);

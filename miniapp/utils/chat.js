@@ -9,6 +9,8 @@
 
 'use strict';
 
+const { StreamRender } = require('./stream');
+
 const DEFAULT_MAX_QUESTION = 8000; // the edge's limit (characters), /api/login/options `max_question`
 
 // error frames without a task that answer an ask (the edge answers the asks of one socket in order)
@@ -41,6 +43,8 @@ class Chat {
     this._dirty = new Set();
     this._reset = true;
     this._seq = 0;
+    this._renders = new Map(); // key -> StreamRender of an answer
+    this._shown = new Map(); // key -> the bubble as last sent
   }
 
   // ---- questions
@@ -100,6 +104,7 @@ class Chat {
     this.messages = [];
     this._awaiting = [];
     this._dirty.clear();
+    this._renders.clear();
     this._reset = true;
   }
 
@@ -225,20 +230,57 @@ class Chat {
     return this.messages.filter((m) => m.role === 'assistant' && UNFINISHED.has(m.state));
   }
 
-  // What setData needs since the last call: the whole list after a reset, else only the changed bubbles.
+  // What setData needs since the last call: the whole list after a reset; else a bubble not sent yet whole, and
+  // for the others only the fields that changed, by path (`messages[i].state`, ...). An answer's text is shown
+  // as `blocks` (utils/stream.js: one rich-text node array each, finished blocks kept while it streams): only the
+  // new or changed blocks are sent (`messages[i].blocks[k]`), and the text itself (for 复制) only once the answer
+  // has ended, so an update carries the new part of an answer, not all of it.
   takeUpdates() {
     const out = {};
     if (this._reset) {
-      out.messages = this.messages.map((m) => this.view(m));
+      this._shown = new Map();
+      out.messages = this.messages.map((m) => this._ship(m).view);
       this._reset = false;
     } else {
       for (const key of this._dirty) {
         const i = this.messages.findIndex((m) => m.key === key);
-        if (i >= 0) out[`messages[${i}]`] = this.view(this.messages[i]);
+        if (i < 0) continue;
+        const before = this._shown.get(key);
+        const { view, changed } = this._ship(this.messages[i]);
+        if (!before) {
+          out[`messages[${i}]`] = view;
+          continue;
+        }
+        for (const f of Object.keys(view)) {
+          if (f !== 'blocks' && view[f] !== before[f]) out[`messages[${i}].${f}`] = view[f];
+        }
+        if (changed === null) out[`messages[${i}].blocks`] = view.blocks;
+        else changed.forEach((k) => { out[`messages[${i}].blocks[${k}]`] = view.blocks[k]; });
       }
     }
     this._dirty.clear();
     return out;
+  }
+
+  // The bubble as sent to the page: view() with the blocks, the text only once the answer has ended.
+  _ship(m) {
+    const view = this.view(m);
+    let changed = null;
+    if (m.role === 'assistant') {
+      let r = this._renders.get(m.key);
+      if (!r) {
+        r = new StreamRender();
+        this._renders.set(m.key, r);
+      }
+      const u = r.update(m.text);
+      view.blocks = u.blocks;
+      changed = u.changed;
+      if (view.state === 'streaming') view.text = '';
+    } else {
+      view.blocks = [];
+    }
+    this._shown.set(m.key, view);
+    return { view, changed };
   }
 
   // A bubble as the message component shows it.

@@ -233,7 +233,8 @@ const MAX_COLUMNS = 64;
 const MAX_TABLE_CELLS = 2000;
 
 // A list starting at lines[i] (a list item line): the items at this indentation, nested lists inside.
-function list(lines, i, depth) {
+// `marks`, if given (top level), gets [line, items before it] of every item after the first.
+function list(lines, i, depth, marks) {
   const first = LIST_ITEM.exec(lines[i]);
   const base = indentOf(first[1]);
   const ordered = /\d/.test(first[2]);
@@ -242,6 +243,7 @@ function list(lines, i, depth) {
   while (j < lines.length) {
     const m = LIST_ITEM.exec(lines[j]);
     if (!m || indentOf(m[1]) !== base || /\d/.test(m[2]) !== ordered) break;
+    if (marks && j > i) marks.push([j, items.length]);
     // the item's own lines: its first line, continuation lines and deeper lines (nested blocks)
     const body = [m[3]];
     let k = j + 1;
@@ -289,13 +291,16 @@ function dedent(lines) {
   return lines.map((l) => (l.trim() ? l.slice(Math.min(ind, indentOf(l))) : ''));
 }
 
-function blocks(lines, depth) {
+// The blocks of lines: one node a block. At the top level only: `starts`, if given, gets the line index of each
+// block, and `marks` the items of its lists after the first: [line, items before it, index of the list's node].
+function blocks(lines, depth, starts, marks) {
   const out = [];
   let i = 0;
   if (depth > 12) return [el('p', 'p', inlineLines(lines.filter((l) => l.trim())))];
   while (i < lines.length) {
     const line = lines[i];
     if (!line.trim()) { i++; continue; }
+    if (starts) starts.push(i);
     let m = FENCE.exec(line);
     if (m) {
       const fence = m[1];
@@ -323,7 +328,9 @@ function blocks(lines, depth) {
       continue;
     }
     if (LIST_ITEM.test(line)) {
-      const r = list(lines, i, depth);
+      const own = marks ? [] : null;
+      const r = list(lines, i, depth, own);
+      if (own) own.forEach(([l, n]) => marks.push([l, n, out.length]));
       out.push(r.node);
       i = r.next;
       continue;
@@ -364,6 +371,10 @@ const MAX_NODES_JSON = 400000;
 const MAX_PLAIN = 300000;
 const CUT_NOTE = '\n……（回答过长，此处只显示前一部分；点「复制」可复制全文）';
 
+// The plain text is split into several `pre` nodes, each ending at the first line end after PLAIN_PIECE
+// characters, so a streaming answer shown as plain text sends only its last piece again (utils/stream.js).
+const PLAIN_PIECE = 8000;
+
 function plainNodes(md) {
   let out = '';
   let size = 0; // of the text in JSON (control characters are 6 there)
@@ -373,8 +384,16 @@ function plainNodes(md) {
     out += part;
     size += JSON.stringify(part).length;
   }
-  const node = el('pre', 'plain', [{ type: 'text', text: out + (i < md.length ? escapeText(CUT_NOTE) : '') }]);
-  return [el('div', 'root', [node])];
+  const pieces = [];
+  for (let from = 0; from < out.length;) {
+    const nl = out.indexOf('\n', from + PLAIN_PIECE - 1);
+    const end = nl < 0 ? out.length : nl + 1;
+    pieces.push(out.slice(from, end));
+    from = end;
+  }
+  if (!pieces.length) pieces.push('');
+  if (i < md.length) pieces[pieces.length - 1] += escapeText(CUT_NOTE);
+  return [el('div', 'root', pieces.map((t) => el('pre', 'plain', [{ type: 'text', text: t }])))];
 }
 
 // The rich-text nodes of a markdown text.
@@ -397,4 +416,6 @@ function plainText(nodes) {
     .replace(/&amp;/g, '&');
 }
 
-module.exports = { toNodes, inline, escapeText, plainText, ALLOWED, MAX_NODES_JSON };
+module.exports = { toNodes, inline, escapeText, plainText, ALLOWED, MAX_NODES_JSON,
+  // for utils/stream.js (incremental rendering of a streaming answer)
+  blocks, plainNodes, el, LIST_ITEM, HR };
