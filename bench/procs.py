@@ -205,18 +205,10 @@ def main(argv: list[str]) -> int:
     with open(path, encoding="utf-8") as fh:
         cfg = json.load(fh)
     os.unlink(path)
-    from claw.runtime import configure_logging, tune_gc
+    from claw.runtime import configure_logging, run
 
     configure_logging(cfg.get("log_level", "WARNING"))
-    tune_gc()  # as claw.runtime.run does for `claw edge` / `claw node`
-    loop_factory = None
-    if cfg.get("loop", "uvloop") == "uvloop":
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as r:
-        r.run(ROLES[role](cfg))
+    run(lambda: ROLES[role](cfg), cfg.get("loop", "uvloop"))  # as `claw edge` / `claw node` run
     return 0
 
 

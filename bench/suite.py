@@ -50,6 +50,8 @@ import wire
 
 from .procs import Proc
 
+from claw.runtime import now_us
+
 KNEE_MS = 100.0  # the knee rule: p99 per-chunk relay latency above this
 KNEE_ERRORS = 0.01
 # ... or less than this share of the offered text delivered in the window: a relay that cannot keep up with
@@ -60,8 +62,6 @@ TARGET_STREAMS = 500  # the per-chunk relay target's level: a sweep that stops a
 _json_decode = msgspec.json.Decoder().decode
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 # ---- statistics -----------------------------------------------------------------------------------------------

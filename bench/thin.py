@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import time
 from typing import Any
 
 import msgspec
 from aiohttp import WSMsgType, web
 
 from node.llm import LLMClient, LLMError, chat
+
+from claw.runtime import now_us as _now_us
 
 __all__ = ["make_app", "serve"]
 
@@ -33,8 +34,6 @@ _LEN1 = struct.Struct("!BB").pack
 _LEN2 = struct.Struct("!BBH").pack
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
 
 
 def _frame(obj: dict[str, Any]) -> bytes:

@@ -40,11 +40,11 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from claw.runtime import now_us
+
 __all__ = ["TunnelConfig", "AskResult", "run_tunnel", "summarize", "format_table", "percentiles"]
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 @dataclass

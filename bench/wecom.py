@@ -44,12 +44,9 @@ class WeComBenchConfig:
 
 
 def _loop_factory(name: str) -> Any:
-    if name == "uvloop":
-        with contextlib.suppress(ImportError):
-            import uvloop
+    from claw.runtime import loop_factory
 
-            return uvloop.new_event_loop
-    return None
+    return loop_factory(name)
 
 
 # ---- child B: node + fake LM Studio -------------------------------------------------------------

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,17 +51,28 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
-def run(main: Callable[[], Awaitable[T]]) -> T:
-    """Run ``main()`` on uvloop where available (Linux/macOS), else the default loop (Windows), with the
-    server's collector thresholds (:func:`tune_gc`)."""
-    tune_gc()
-    try:
-        import uvloop
+def now_us() -> int:
+    """Wall-clock time in microseconds since the epoch (the unit of every timestamp on the wire)."""
+    return time.time_ns() // 1000
 
-        factory = uvloop.new_event_loop
-    except ImportError:  # Windows
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
+
+def loop_factory(kind: str = "uvloop") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop factory for ``kind``: ``"uvloop"`` where it is installed (Linux/macOS), else ``None`` (the
+    default asyncio loop, e.g. on Windows or with ``kind="asyncio"``)."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # Windows
+            return None
+        return uvloop.new_event_loop
+    return None
+
+
+def run(main: Callable[[], Awaitable[T]], kind: str = "uvloop") -> T:
+    """Run ``main()`` on :func:`loop_factory` ``(kind)``'s loop with the server's collector thresholds
+    (:func:`tune_gc`)."""
+    tune_gc()
+    with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
         return runner.run(main())  # type: ignore[arg-type]
 
 

@@ -26,6 +26,7 @@ from broker.local import LocalLink
 from claw.config import Settings
 from claw.metrics import Stages
 from claw.mqtt import Backoff, run_forever
+from claw.runtime import now_us
 
 from .store import FINAL, StoreFull, TaskRecord, TaskStore
 
@@ -44,8 +45,6 @@ EDGE_STAGES = ("edge_to_node", "llm_first_token", "first_token_to_publish", "chu
                "ask_to_first_chunk", "done_node_to_edge")
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 class Sink(Protocol):

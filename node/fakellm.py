@@ -635,13 +635,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if a.models:
         cfg.models = a.models
-    loop = None
-    try:
-        import uvloop
+    from claw.runtime import loop_factory
 
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        pass
+    factory = loop_factory()
+    loop = factory() if factory is not None else None
     web.run_app(
         make_app(cfg),
         host=a.host,

@@ -28,7 +28,7 @@ from claw.config import Settings
 from claw.metrics import Stages, escape_label
 from claw.mqtt import Backoff, client_from_settings, run_forever
 from claw.perms import secure_tree
-from claw.runtime import start_http
+from claw.runtime import now_us, start_http
 from claw.store import Writer, open_db, open_env
 
 from .batcher import ReplyBatcher
@@ -68,8 +68,6 @@ BAD_REQUEST_MSG = "请求格式不正确，未被处理。请按协议 claw/v1 �
 Key = tuple[str, bytes]  # (uid, task id): a task id means something only together with its user
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 @dataclass
