@@ -16,6 +16,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -43,6 +44,18 @@ async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
             break
         raw += chunk
     return raw
+
+
+def json_object(status: int, raw: bytes, limit: int) -> dict[str, Any] | None:
+    """The JSON object an HTTP 200 answer of at most ``limit`` bytes holds; None for anything else (another
+    status, too big, not JSON, nested too deep, not an object)."""
+    if status != 200 or len(raw) > limit:
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class LoginError(Exception):
@@ -90,13 +103,8 @@ class MiniappClient:
             # never the exception text: aiohttp may quote the request URL, which holds the AppSecret
             self._log.log(logging.WARNING, "miniapp: jscode2session unreachable (%s)", type(exc).__name__)
             raise LoginError(502, "mp_unreachable", "无法连接微信服务器，请稍后再试") from None
-        data = None
-        if status == 200 and len(raw) <= MAX_ANSWER:
-            try:
-                data = json.loads(raw)
-            except (ValueError, RecursionError):
-                data = None
-        if not isinstance(data, dict):
+        data = json_object(status, raw, MAX_ANSWER)
+        if data is None:
             self._log.log(logging.WARNING, "miniapp: jscode2session gave an invalid answer (HTTP %d, %d bytes)",
                           status, len(raw))
             raise LoginError(502, "mp_bad_answer", "微信服务器返回了无法识别的应答，请稍后再试")

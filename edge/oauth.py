@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import re
 import secrets
@@ -50,7 +49,7 @@ from claw.config import Settings
 
 from .api import MAX_ASK_CHARS
 from .keys import SETTINGS, TOKENS, WECOM_API
-from .miniapp import read_bounded
+from .miniapp import json_object, read_bounded
 from .wecom.client import CONFIG, TOKEN_INVALID, WeComApi, WeComError, _scrub
 
 log = logging.getLogger(__name__)
@@ -289,13 +288,8 @@ class WeComOAuth:
         if status >= 500:
             self._warn("edge: WeCom getuserinfo answered HTTP %d", status)
             raise OAuthFailed("wecom_unreachable")
-        data = None
-        if status == 200 and len(raw) <= MAX_ANSWER:
-            try:
-                data = json.loads(raw)
-            except (ValueError, RecursionError):
-                data = None
-        if not isinstance(data, dict):
+        data = json_object(status, raw, MAX_ANSWER)
+        if data is None:
             self._warn("edge: WeCom getuserinfo gave an invalid answer (HTTP %d, %d bytes)", status, len(raw))
             raise OAuthFailed("wecom_error")
         return data
