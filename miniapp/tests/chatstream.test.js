@@ -1,8 +1,7 @@
 // The chat page while a 100 KB answer streams (miniprogram-simulate on a fake wx): each setData carries the new
 // part of the answer (new or changed blocks by path), not the whole text and all its nodes; the blocks shown
 // join to exactly the nodes of the whole text; `done` with the same text sends no blocks again.
-const { settle } = require('./helpers');
-const { app, until, page } = require('./pagekit');
+const { connected, until, page } = require('./pagekit');
 const { toNodes } = require('../utils/markdown');
 const { joinBlocks } = require('../utils/stream');
 
@@ -13,10 +12,7 @@ function longList(size) {
 }
 
 test('chat page: a 100 KB answer streams with small setData payloads and renders whole', async () => {
-  const { clock, fwx, client } = app();
-  await client.start();
-  await settle();
-  fwx.sockets[0].open();
+  const { clock, fwx, client } = await connected();
   const comp = page('chat');
   const sizes = [];
   const setData = comp.instance.setData.bind(comp.instance);
@@ -65,10 +61,7 @@ test('chat page: a 100 KB answer streams with small setData payloads and renders
 });
 
 test('chat page: done with a different text renders it once, whole', async () => {
-  const { clock, fwx, client } = app();
-  await client.start();
-  await settle();
-  fwx.sockets[0].open();
+  const { clock, fwx, client } = await connected();
   const comp = page('chat');
   comp.instance.onLoad();
   comp.instance.onInput({ detail: { value: '问' } });

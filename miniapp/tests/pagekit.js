@@ -4,7 +4,7 @@
 const path = require('path');
 const simulate = require('miniprogram-simulate');
 const { createClient } = require('../utils/client');
-const { Clock, fakeWx, edgeRoutes } = require('./helpers');
+const { Clock, fakeWx, edgeRoutes, settle } = require('./helpers');
 
 const ROOT = path.resolve(__dirname, '..');
 
@@ -18,6 +18,15 @@ function app() {
     newId: () => (++n).toString(16).padStart(32, '0') });
   global.getApp = () => ({ globalData: { client } });
   return { clock, fwx, client };
+}
+
+// app() with the client started and its socket open (the edge's routes answered)
+async function connected() {
+  const made = app();
+  await made.client.start();
+  await settle();
+  made.fwx.sockets[0].open();
+  return made;
 }
 
 // the simulated view updates on a timer: wait for the condition, bounded
@@ -34,4 +43,4 @@ function page(name) {
   return comp;
 }
 
-module.exports = { ROOT, app, until, page };
+module.exports = { ROOT, app, connected, until, page };

@@ -1,12 +1,8 @@
 // The chat, history and me pages rendered by miniprogram-simulate against a client on a fake wx.
-const { settle } = require('./helpers');
-const { app, until, page } = require('./pagekit');
+const { app, connected, until, page } = require('./pagekit');
 
 test('chat page: an over-long question is refused and the text stays; a short one becomes bubbles', async () => {
-  const { clock, fwx, client } = app();
-  await client.start();
-  await settle();
-  fwx.sockets[0].open();
+  const { clock, fwx } = await connected();
   const comp = page('chat');
   comp.instance.onLoad();
   const long = '长'.repeat(8001);
@@ -57,10 +53,7 @@ test('history page: pages with before = the oldest ts shown', async () => {
 });
 
 test('me page: the uid shortened, node state, 退出登录 signs out', async () => {
-  const { fwx, client } = app();
-  await client.start();
-  await settle();
-  fwx.sockets[0].open();
+  const { fwx, client } = await connected();
   fwx.sockets[0].frame({ type: 'node', online: false });
   client.render.flush();
   const comp = page('me');
