@@ -24,6 +24,9 @@ from edge import api, auth
 from edge.keys import STORE, TOKENS
 from node.fakellm import FakeLLMConfig
 from tests.conftest import System, free_port, run_system, wait_until
+from tests.integration.test_edge_security import refresh as refresh_status
+from tests.integration.test_edge_security import tasks_status as bearer_status
+from tests.integration.test_sessions import open_ws
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -53,25 +56,6 @@ async def claw(*args: str, env: dict[str, str] | None = None, timeout: float = 6
 async def pat_login(s: aiohttp.ClientSession, sys_: System, pat: Any) -> tuple[int, dict[str, Any], Any]:
     async with s.post(f"{sys_.http}/api/login", json={"pat": pat}) as r:
         return r.status, await r.json(), r.headers
-
-
-async def bearer_status(s: aiohttp.ClientSession, sys_: System, token: str) -> int:
-    async with s.get(f"{sys_.http}/api/tasks", headers={"Authorization": f"Bearer {token}"}) as r:
-        return r.status
-
-
-async def refresh_status(s: aiohttp.ClientSession, sys_: System, value: str) -> tuple[int, dict[str, Any]]:
-    async with s.post(f"{sys_.http}/api/refresh", json={"refresh": value}) as r:
-        return r.status, await r.json()
-
-
-async def open_ws(s: aiohttp.ClientSession, sys_: System, token: str) -> aiohttp.ClientWebSocketResponse:
-    async with s.post(f"{sys_.http}/api/ws-ticket", headers={"Authorization": f"Bearer {token}"}) as r:
-        assert r.status == 200, await r.text()
-        ticket = (await r.json())["ticket"]
-    ws = await s.ws_connect(f"{sys_.http}/api/ws", params={"ticket": ticket})
-    assert (await ws.receive_json(timeout=5))["type"] == "node"
-    return ws
 
 
 # ---- the token store and the sign-in ---------------------------------------------------------------

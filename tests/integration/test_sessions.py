@@ -25,6 +25,7 @@ from edge import api, auth
 from edge.keys import BRIDGE, TOKENS
 from node.fakellm import FakeLLMConfig
 from tests.conftest import System, run_system, wait_until
+from tests.integration.test_edge_security import refresh
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -49,11 +50,6 @@ async def login(s: aiohttp.ClientSession, sys_: System, user: str) -> dict[str, 
 async def status_of(s: aiohttp.ClientSession, sys_: System, path: str, token: str) -> int:
     async with s.get(f"{sys_.http}{path}", headers={"Authorization": f"Bearer {token}"}) as r:
         return r.status
-
-
-async def refresh(s: aiohttp.ClientSession, sys_: System, value: str) -> tuple[int, dict[str, Any]]:
-    async with s.post(f"{sys_.http}/api/refresh", json={"refresh": value}) as r:
-        return r.status, await r.json()
 
 
 async def ticket_status(s: aiohttp.ClientSession, sys_: System, token: str) -> tuple[int, str | None]:
