@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help(sys.stderr)
         return 2
     if not logging.getLogger().handlers:  # a CLI run; under pytest, leave its logging alone
-        from claw.runtime import configure_logging
+        from core.runtime import configure_logging
         configure_logging(args.log_level)
 
     if args.scenario in SUITE:

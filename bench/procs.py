@@ -3,7 +3,7 @@
 ``python -m bench.procs ROLE CONFIG.json`` runs one role until its stdin closes (the orchestrator holds the
 other end, so a dying orchestrator never leaves children behind) and prints one JSON line when it is ready:
 
-* ``llm``  -- the fake LM Studio (``node/fakellm.py``) → ``{"url": ...}``
+* ``llm``  -- the fake LM Studio (``fakes/llm.py``) → ``{"url": ...}``
 * ``edge`` -- server A: the edge with its embedded amqtt broker (or, ``broker.enabled = false``, connected to
   an external broker) → ``{"http_port": ..., "tls_port": ...}``
 * ``node`` -- server B: the node, dialling the broker over TLS → ``{"ok": true}``
@@ -144,7 +144,7 @@ def _ready(info: dict[str, Any]) -> None:
 
 
 async def _llm(cfg: dict[str, Any]) -> None:
-    from node.fakellm import FakeLLMConfig, run_fake_llm
+    from fakes.llm import FakeLLMConfig, run_fake_llm
 
     async with run_fake_llm(FakeLLMConfig(**cfg["fake"]), port=cfg.get("port", 0)) as fake:
         _ready({"url": fake.url})
@@ -152,7 +152,7 @@ async def _llm(cfg: dict[str, Any]) -> None:
 
 
 async def _edge(cfg: dict[str, Any]) -> None:
-    from claw.config import load_settings
+    from core.config import load_settings
     from edge.app import INFO, run_edge
 
     settings = load_settings(env={}, overrides=cfg["settings"])
@@ -162,7 +162,7 @@ async def _edge(cfg: dict[str, Any]) -> None:
 
 
 async def _node(cfg: dict[str, Any]) -> None:
-    from claw.config import load_settings
+    from core.config import load_settings
     from node.worker import Node
 
     node = Node(load_settings(env={}, overrides=cfg["settings"]))
@@ -205,7 +205,7 @@ def main(argv: list[str]) -> int:
     with open(path, encoding="utf-8") as fh:
         cfg = json.load(fh)
     os.unlink(path)
-    from claw.runtime import configure_logging, run
+    from core.runtime import configure_logging, run
 
     configure_logging(cfg.get("log_level", "WARNING"))
     run(lambda: ROLES[role](cfg), cfg.get("loop", "uvloop"))  # as `claw edge` / `claw node` run

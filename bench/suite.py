@@ -50,7 +50,7 @@ import wire
 
 from .procs import Proc
 
-from claw.runtime import now_us
+from core.runtime import now_us
 
 KNEE_MS = 100.0  # the knee rule: p99 per-chunk relay latency above this
 KNEE_ERRORS = 0.01
@@ -169,8 +169,8 @@ async def cluster(o: Options, *, broker: str | None = None, with_node: bool = Tr
                   devices: int = 0) -> AsyncIterator[Cluster]:
     """llm + edge (+ Mosquitto) + node as separate processes in a temporary directory; removed afterwards."""
     from broker.creds import CredentialStore
-    from claw.perms import private_dir
-    from claw.pki import issue_server_cert
+    from core.perms import private_dir
+    from core.pki import issue_server_cert
 
     broker = broker or o.broker
     tmp = Path(tempfile.mkdtemp(prefix="claw-bench-"))
@@ -178,7 +178,7 @@ async def cluster(o: Options, *, broker: str | None = None, with_node: bool = Tr
     mosq: subprocess.Popen[bytes] | None = None
     try:
         a, b = tmp / "a", tmp / "b"
-        private_dir(a)  # data directories are 0700 (claw.perms)
+        private_dir(a)  # data directories are 0700 (core.perms)
         private_dir(b)
         pki = issue_server_cert(a / "pki", ["localhost", "127.0.0.1"])
         common = {"log_level": o.log_level, "loop": o.loop}
@@ -695,7 +695,7 @@ async def memory(o: Options, p: Progress) -> dict[str, Any]:
     import gc
 
     from broker.creds import CredentialStore
-    from claw.mqtt import make_client
+    from core.mqtt import make_client
 
     out: dict[str, Any] = {}
     async with cluster(o) as c:
@@ -743,7 +743,7 @@ async def run_device_level(c: Cluster, o: Options, n: int, creds: list[tuple[str
     """``n`` MQTT devices (an integrator's clients, TLS, their own credentials) each asking the node over the
     broker and reading the answer on its own reply topic — the edge is not on this path — again as soon as
     the answer is done. Same window and measures as the WebSocket users."""
-    from claw.mqtt import make_client
+    from core.mqtt import make_client
 
     res = LevelResult(n)
     want = o.tokens * o.token_chars

@@ -17,9 +17,9 @@ from typing import Any
 
 import aiohttp
 
-from claw.config import Settings, load_settings
-from claw.perms import private_dir
-from claw.pki import issue_server_cert
+from core.config import Settings, load_settings
+from core.perms import private_dir
+from core.pki import issue_server_cert
 
 
 def _deep(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +37,7 @@ class System:
     mqtt_tls_port: int
     app: Any  # the edge's aiohttp Application
     node: Any  # node.worker.Node
-    fake: Any  # node.fakellm.FakeLLM
+    fake: Any  # fakes.llm.FakeLLM
 
     async def login(self, session: aiohttp.ClientSession, user: str) -> str:
         async with session.post(f"{self.http}/api/login", json={"dev_user": user}) as r:
@@ -62,11 +62,11 @@ async def run_system(data: Path, *, fake_cfg: Any = None, edge: dict[str, Any] |
     from broker.creds import CredentialStore
     from edge.app import INFO, run_edge
     from edge.keys import BRIDGE
-    from node.fakellm import FakeLLMConfig, run_fake_llm
+    from fakes.llm import FakeLLMConfig, run_fake_llm
     from node.worker import Node
 
     a_dir, b_dir = data / "a", data / "b"
-    private_dir(a_dir)  # data directories are 0700 (claw.perms; else the edge tightens them with a warning)
+    private_dir(a_dir)  # data directories are 0700 (core.perms; else the edge tightens them with a warning)
     private_dir(b_dir)
     pki = issue_server_cert(a_dir / "pki", ["localhost", "127.0.0.1"])
     async with run_fake_llm(fake_cfg or FakeLLMConfig()) as fake:

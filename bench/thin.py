@@ -25,7 +25,7 @@ from aiohttp import WSMsgType, web
 
 from node.llm import LLMClient, LLMError, chat
 
-from claw.runtime import now_us as _now_us
+from core.runtime import now_us as _now_us
 
 __all__ = ["make_app", "serve"]
 

@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from claw.runtime import now_us
+from core.runtime import now_us
 
 __all__ = ["TunnelConfig", "AskResult", "run_tunnel", "summarize", "format_table", "percentiles"]
 
@@ -330,7 +330,7 @@ class _Progress:
 
 
 async def _run(cfg: TunnelConfig) -> dict[str, Any]:
-    from node.fakellm import FakeLLMConfig, reply_tokens
+    from fakes.llm import FakeLLMConfig, reply_tokens
 
     from .system import run_system
 

@@ -44,15 +44,15 @@ class WeComBenchConfig:
 
 
 def _loop_factory(name: str) -> Any:
-    from claw.runtime import loop_factory
+    from core.runtime import loop_factory
 
     return loop_factory(name)
 
 
 # ---- child B: node + fake LM Studio -------------------------------------------------------------
 def _child_b(settings_over: dict[str, Any], loop: str, stop: Any) -> None:
-    from claw.config import load_settings
-    from node.fakellm import FakeLLMConfig, run_fake_llm
+    from core.config import load_settings
+    from fakes.llm import FakeLLMConfig, run_fake_llm
     from node.worker import Node
 
     async def main() -> None:
@@ -73,7 +73,7 @@ def _child_b(settings_over: dict[str, Any], loop: str, stop: Any) -> None:
 
 # ---- child WeCom: fake API + load generator -----------------------------------------------------
 def _child_wecom(cfg: WeComBenchConfig, conn: Any) -> None:
-    from edge.wecom.fake import FakeWeComConfig, WeComSim, run_fake_wecom
+    from fakes.wecom import FakeWeComConfig, WeComSim, run_fake_wecom
 
     async def main() -> None:
         import aiohttp
@@ -142,8 +142,8 @@ def _child_wecom(cfg: WeComBenchConfig, conn: Any) -> None:
 # ---- server A (this process) --------------------------------------------------------------------
 async def _run(cfg: WeComBenchConfig) -> dict[str, Any]:
     from broker.creds import CredentialStore
-    from claw.config import load_settings
-    from claw.pki import issue_server_cert
+    from core.config import load_settings
+    from core.pki import issue_server_cert
     from edge.app import INFO, run_edge
     from edge.keys import BRIDGE, STORE, WECOM
 

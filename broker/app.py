@@ -1,6 +1,6 @@
 """The embedded MQTT broker (amqtt 0.12.1, pinned ``>=0.12,<0.13``) with SmartClaw's hardening.
 
-:func:`run_broker` builds the config from :class:`claw.config.Settings`, starts :class:`ClawBroker` and yields a
+:func:`run_broker` builds the config from :class:`core.config.Settings`, starts :class:`ClawBroker` and yields a
 :class:`BrokerHandle` with the actual bound ports (port 0 works for both listeners: amqtt passes it straight to
 ``asyncio.start_server`` and we read the port back from ``Server.instance.sockets``).
 
@@ -21,7 +21,7 @@ amqtt traps (docs/broker.md) and what :class:`ClawBroker` does about them, each 
 (c) Takeover: amqtt ran the session logic *before* authentication, so an unauthenticated CONNECT reusing a
     client id deleted (clean session) or hijacked (persistent session) the victim's session, and a clean-session
     takeover left the old connection open as a zombie. -> ``_initialize_client_session`` authenticates first;
-    a client id must belong to the credential (:func:`broker.guard.client_id_ok`: the username or
+    a client id must belong to the credential (:func:`core.guard.client_id_ok`: the username or
     ``<username>:<suffix>``; an empty one gets ``<username>:<random>``), else CONNACK 2; on takeover it closes
     the old connection and waits until its session is disconnected (will sent) before the new one is set up.
 (d) No maximum packet size on TCP (256 MB), and amqtt reads a packet in many small reads -> the socket is read
@@ -49,7 +49,7 @@ amqtt traps (docs/broker.md) and what :class:`ClawBroker` does about them, each 
 Connection hygiene (docs/broker.md "Limits"): a keepalive of 0 or above ``broker.max_keepalive`` is treated as
 ``max_keepalive``; ``broker.max_connections``/``max_connections_per_ip`` close extra connections at once
 (amqtt's own ``max_connections`` makes them hang: not set); failed logins are throttled and the number of
-password checks waiting is bounded (:class:`broker.guard.AuthThrottle`, CONNACK 3); full outgoing queues, oversize
+password checks waiting is bounded (:class:`core.guard.AuthThrottle`, CONNACK 3); full outgoing queues, oversize
 drops and refusals are counted (:attr:`ClawBroker.counters`) and logged at most once a minute per kind.
 
 Revoked or replaced credentials (docs/broker.md "Revoking a credential"): every ``broker.cred_check_interval`` s
@@ -95,7 +95,7 @@ from amqtt.session import OutgoingApplicationMessage, Session
 
 from broker import acl
 from broker.creds import CredentialStore
-from broker.guard import CLIENT_ID_RULE, ConnectionLimiter, Counters, LogBudget, RateLimitedLog, client_id_ok
+from core.guard import CLIENT_ID_RULE, ConnectionLimiter, Counters, LogBudget, RateLimitedLog, client_id_ok
 from broker.local import LocalLink
 from broker.plugins import REFUSE_KEY, ROLE_KEY
 from broker.plugins.acl import ClawTopicPlugin
@@ -103,7 +103,7 @@ from broker.plugins.auth import ClawAuthPlugin
 from broker.ratelimit import RateLimiter
 from broker.reader import PacketReader, PacketTooLargeError, ProtocolViolation
 from broker.session import MAX_QOS, OUTBOX_KEY, Outbox
-from claw.config import Settings
+from core.config import Settings
 
 log = logging.getLogger(__name__)
 

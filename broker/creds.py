@@ -15,8 +15,8 @@ are separate LRU tables (``_CACHE_MAX`` successes, ``_FAIL_CACHE_MAX`` failures)
 can evict only other failures, never a good login.
 
 :meth:`CredentialStore.averify` (the broker's path) runs scrypt in a worker thread, two at a time, and only
-after :class:`broker.guard.AuthThrottle` admitted it (failed-login buckets per (IP, username) and per username,
-a bound on waiting checks); a refused one raises :class:`broker.guard.AuthUnavailable` at once.
+after :class:`core.guard.AuthThrottle` admitted it (failed-login buckets per (IP, username) and per username,
+a bound on waiting checks); a refused one raises :class:`core.guard.AuthUnavailable` at once.
 
 Two more named dbs in the same environment:
 
@@ -50,8 +50,8 @@ from typing import Literal, cast
 
 import lmdb
 
-from broker.guard import GOOD_TTL, TABLE_SIZE, AuthThrottle
-from claw.store import open_db, open_env
+from core.guard import GOOD_TTL, TABLE_SIZE, AuthThrottle
+from core.store import open_db, open_env
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ class CredentialStore:
         """Like :meth:`verify`, but runs scrypt (~50-90 ms) in a worker thread, at most two at a time.
 
         A check that needs scrypt must first be admitted by :attr:`throttle` for (``ip``, ``username``);
-        if not, :class:`broker.guard.AuthUnavailable` is raised at once (the caller answers CONNACK 3).
+        if not, :class:`core.guard.AuthUnavailable` is raised at once (the caller answers CONNACK 3).
         """
         job = self._lookup(username, password)
         if not isinstance(job, _Job):

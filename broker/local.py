@@ -36,7 +36,7 @@ class LocalLink:
 
     def __init__(self, broker: ClawBroker) -> None:
         self._broker = broker
-        self._hostname = "embedded broker"  # what claw.mqtt.run_forever logs
+        self._hostname = "embedded broker"  # what core.mqtt.run_forever logs
         self._port = "in-process"
         self.filters: list[str] = []
         self.on_message: Callable[[str, bytes], None] | None = None

@@ -31,7 +31,7 @@ import struct
 
 from amqtt.adapters import ReaderAdapter
 
-from broker.guard import Counters, RateLimitedLog
+from core.guard import Counters, RateLimitedLog
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ class Outbox:
 
     def __init__(self, client_id: str | None, *, max_inflight: int, max_queued: int, counters: Any = None) -> None:
         self.client_id = client_id
-        self._counters = counters  # the broker's broker.guard.Counters (queue_dropped), if any
+        self._counters = counters  # the broker's core.guard.Counters (queue_dropped), if any
         self.max_inflight = max(1, max_inflight)
         self.max_queued = max(0, max_queued)
         self.inflight: OrderedDict[int, tuple[str, bytes | bytearray]] = OrderedDict()

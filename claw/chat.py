@@ -38,7 +38,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from .runtime import Backoff
+from core.runtime import Backoff
 
 MAX_ASK_CHARS = 8000  # the edge's limit on a question (``MAX_ASK_CHARS`` in edge/api.py; a test keeps them equal)
 MAX_FRAME_BYTES = 64 * 1024  # the edge's limit on one WebSocket frame
@@ -590,7 +590,7 @@ async def chat(url: str, user: str, question: str | None, out: TextIO | None = N
 
 def run_chat(url: str, user: str, question: str | None, reconnect_timeout: float = RECONNECT_TIMEOUT_S,
              pat: str | None = None, cafile: str | None = None) -> int:
-    from .runtime import run
+    from core.runtime import run
 
     try:
         return run(lambda: chat(url, user, question, reconnect_timeout=reconnect_timeout, pat=pat, cafile=cafile))

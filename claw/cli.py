@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, Settings, load_settings
+from core.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("claw")
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.cli import main as bench_main
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
-    from .runtime import configure_logging
+    from core.runtime import configure_logging
 
     try:
         if args.cmd == "demo":
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(which: str, settings: Settings) -> int:
-    from .runtime import run, stop_event
+    from core.runtime import run, stop_event
 
     async def go() -> None:
         stop = stop_event()

@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from .config import load_settings
-from .perms import private_dir
-from .pki import issue_server_cert
+from core.config import load_settings
+from core.perms import private_dir
+from core.pki import issue_server_cert
 
 log = logging.getLogger("claw.demo")
 
@@ -53,10 +53,10 @@ async def _llm_answers(url: str) -> list[str] | None:
 
 
 def run_demo(args: Any) -> int:
-    from .runtime import claw_command, configure_logging, run
+    from core.runtime import claw_command, configure_logging, run
 
     data = Path(args.data).resolve()
-    private_dir(data)  # 0700, like everything SmartClaw writes (claw.perms)
+    private_dir(data)  # 0700, like everything SmartClaw writes (core.perms)
     mqtt_host, _, mqtt_port = args.mqtt.rpartition(":")
     overrides = {
         "data_dir": str(data),
@@ -76,9 +76,9 @@ def run_demo(args: Any) -> int:
     async def go() -> None:
         from edge.app import INFO, run_edge
         from node.app import serve as serve_node
-        from node.fakellm import FakeLLMConfig, run_fake_llm
+        from fakes.llm import FakeLLMConfig, run_fake_llm
 
-        from .runtime import stop_event
+        from core.runtime import stop_event
 
         stop = stop_event()
         async with contextlib.AsyncExitStack() as stack:

@@ -12,7 +12,7 @@
         ca.crt                    copy of the CA certificate (never the key)
         node.secret               the node's MQTT password (mode 0600)
 
-Every relative path in a.toml/b.toml is relative to the directory of that file (see :mod:`claw.config`), so
+Every relative path in a.toml/b.toml is relative to the directory of that file (see :mod:`core.config`), so
 ``claw edge --config a/a.toml`` and ``claw node --config b.toml`` work from any working directory and b/ can be
 copied anywhere.
 
@@ -39,10 +39,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .config import (BrokerSettings, EdgeSettings, LogSettings, MiniappSettings, MqttSettings, NodeSettings,
+from core.config import (BrokerSettings, EdgeSettings, LogSettings, MiniappSettings, MqttSettings, NodeSettings,
                      WecomSettings)
-from .perms import private_dir, secure_tree, write_private
-from .pki import PkiPaths, ensure_ca, issue_server_cert
+from core.perms import private_dir, secure_tree, write_private
+from core.pki import PkiPaths, ensure_ca, issue_server_cert
 
 MQTT_TLS_PORT = 8883
 EDGE_HTTP = "127.0.0.1:8080"  # behind an HTTPS reverse proxy on 443
@@ -403,7 +403,7 @@ def _init(args: Any) -> int:
 
 def _summary(out: Path, hosts: list[str], node: str, username: str, ca_pem: bytes, *, ca_kept: bool,
              cred_kept: bool) -> None:
-    from .runtime import claw_command
+    from core.runtime import claw_command
 
     a, b, claw = out / "a", out / "b", claw_command()
     print(f"""\

@@ -16,11 +16,11 @@ from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from broker.local import LocalLink
-from claw.config import Settings
-from claw.mqtt import client_from_settings
-from claw.perms import secure_tree
-from claw.runtime import start_http
-from claw.store import open_db
+from core.config import Settings
+from core.mqtt import client_from_settings
+from core.perms import secure_tree
+from core.runtime import start_http
+from core.store import open_db
 
 from . import api, oauth
 from .auth import Tokens, load_or_create_secret
@@ -226,7 +226,7 @@ def _limit_per_ip(runner: web.AppRunner, cap: int) -> None:
 @contextlib.asynccontextmanager
 async def run_edge(settings: Settings) -> AsyncIterator[web.Application]:
     """Start the edge (HTTP + bridge + embedded broker), yield the app, then shut down in order."""
-    secure_tree(settings.data_dir)  # files 0600, directories 0700 (claw.perms)
+    secure_tree(settings.data_dir)  # files 0600, directories 0700 (core.perms)
     app = create_app(settings)
     log.info("edge: waiting for application startup")
     # keepalive_timeout: aiohttp arms it at connection start and after each response, and closes the connection

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import lmdb
 
 import wire
-from claw.store import Writer, close_env, open_db, open_env
+from core.store import Writer, close_env, open_db, open_env
 
 ENV_DIR = "auth.lmdb"
 MAP_SIZE = 256 << 20  # ~2 M sessions of ~100 bytes

@@ -23,10 +23,10 @@ import lmdb
 
 import wire
 from broker.local import LocalLink
-from claw.config import Settings
-from claw.metrics import Stages
-from claw.mqtt import Backoff, run_forever
-from claw.runtime import now_us
+from core.config import Settings
+from core.metrics import Stages
+from core.mqtt import Backoff, run_forever
+from core.runtime import now_us
 
 from .store import FINAL, StoreFull, TaskRecord, TaskStore
 

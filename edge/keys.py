@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from claw.config import Settings
+from core.config import Settings
 
 from .auth import Tokens
 from .store import Retention, TaskStore

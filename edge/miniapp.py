@@ -22,8 +22,8 @@ import aiohttp
 from aiohttp import web
 
 import wire
-from broker.guard import LogBudget
-from claw.config import MiniappSettings
+from core.guard import LogBudget
+from core.config import MiniappSettings
 
 from .keys import SETTINGS
 

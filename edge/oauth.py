@@ -23,7 +23,7 @@ cookie nor make the browser send it.
 Every failure answers 302 ``/#login_error=<code>`` (``wecom_state``, ``wecom_bad_code``, ``wecom_not_member``,
 ``wecom_busy``, ``wecom_unreachable``, ``wecom_error``); the page shows the matching Chinese message. A fragment
 never reaches a server or a log. The code, the refresh token and the access token are never logged (failures are
-logged within a :class:`~broker.guard.LogBudget`: anyone can call the callback).
+logged within a :class:`~core.guard.LogBudget`: anyone can call the callback).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import lmdb
 from aiohttp import web
 
 import wire
-from broker.guard import LogBudget
-from claw.config import Settings
+from core.guard import LogBudget
+from core.config import Settings
 
 from .api import MAX_ASK_CHARS
 from .keys import SETTINGS, TOKENS, WECOM_API

@@ -4,7 +4,7 @@
 for per-user history in time order. ``seen``: an inbound message's dedup key (e.g. WeCom
 ``MsgId``) -> ``ts(8) + task id``, written in the same transaction as the task.
 
-Writes go through one :class:`claw.store.Writer` thread (group commit, never on the event loop).
+Writes go through one :class:`core.store.Writer` thread (group commit, never on the event loop).
 ``add`` is awaited: a task is durable *before* anything acknowledges it. ``update`` (status
 changes, final answers) returns at once with the new record; the write follows in order, and
 until it is committed reads see it through an in-memory overlay.
@@ -25,7 +25,7 @@ from typing import Any
 import cbor2
 import lmdb
 
-from claw.store import DEFAULT_MAP_SIZE, Writer, open_db, open_env
+from core.store import DEFAULT_MAP_SIZE, Writer, open_db, open_env
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from claw.config import Settings
+from core.config import Settings
 
 from .worker import Node
 

@@ -24,12 +24,12 @@ import lmdb
 from aiohttp import web
 
 import wire
-from claw.config import Settings
-from claw.metrics import Stages, escape_label
-from claw.mqtt import Backoff, client_from_settings, run_forever
-from claw.perms import secure_tree
-from claw.runtime import now_us, start_http
-from claw.store import Writer, open_db, open_env
+from core.config import Settings
+from core.metrics import Stages, escape_label
+from core.mqtt import Backoff, client_from_settings, run_forever
+from core.perms import secure_tree
+from core.runtime import now_us, start_http
+from core.store import Writer, open_db, open_env
 
 from .batcher import ReplyBatcher
 from .coalescer import Coalescer
@@ -619,7 +619,7 @@ class Node:
     def _open_reply_log(self) -> None:
         if self._writer is not None:
             return
-        secure_tree(self.s.data_dir)  # files 0600, directories 0700 (claw.perms)
+        secure_tree(self.s.data_dir)  # files 0600, directories 0700 (core.perms)
         self._log_env = open_env(Path(self.s.data_dir) / "node.lmdb", max_dbs=2)
         self._log_db = open_db(self._log_env, REPLY_DB)
         try:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from claw.config import Settings, load_settings
-from claw.pki import issue_server_cert
+from core.config import Settings, load_settings
+from core.pki import issue_server_cert
 
 
 def free_port() -> int:
@@ -86,7 +86,7 @@ async def run_system(tmp: Path, pki: Path, *, fake_cfg: Any = None, start_node: 
     from broker.creds import CredentialStore
     from edge.app import INFO, run_edge
     from edge.keys import BRIDGE
-    from node.fakellm import FakeLLMConfig, run_fake_llm
+    from fakes.llm import FakeLLMConfig, run_fake_llm
     from node.worker import Node
 
     async with run_fake_llm(fake_cfg or FakeLLMConfig()) as fake:

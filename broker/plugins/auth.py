@@ -6,7 +6,7 @@ itself is refused too, because amqtt broadcasts wills without any ACL check. Ref
 with the username and the reason, never the password.
 
 A login the failed-login throttle or the bounded verification queue did not admit
-(:class:`broker.guard.AuthUnavailable`) is refused with CONNACK 3 "server unavailable": the code is left in
+(:class:`core.guard.AuthUnavailable`) is refused with CONNACK 3 "server unavailable": the code is left in
 ``session.attributes[REFUSE_KEY]`` for :class:`broker.app.ClawBroker`, and the refusal is logged at most once a
 minute per kind.
 """
@@ -24,7 +24,7 @@ from amqtt.session import Session
 
 from broker import acl
 from broker.creds import CredentialStore
-from broker.guard import AUTH_QUEUE, AuthThrottle, AuthUnavailable, Counters, LogBudget, RateLimitedLog
+from core.guard import AUTH_QUEUE, AuthThrottle, AuthUnavailable, Counters, LogBudget, RateLimitedLog
 from broker.plugins import REFUSE_KEY, ROLE_KEY
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from wechatpy.enterprise import parse_message
 from wechatpy.enterprise.crypto import WeChatCrypto
 from wechatpy.exceptions import InvalidSignatureException
 
-from broker.guard import LogBudget
-from claw.config import Settings
+from core.guard import LogBudget
+from core.config import Settings
 from edge.bridge import Bridge, LiveTask
 from edge.store import FINAL, STORE_FULL_HINT, StoreFull, TaskStore
 

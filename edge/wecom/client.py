@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import cbor2
 
-from claw.config import WecomSettings
-from claw.store import Writer
+from core.config import WecomSettings
+from core.store import Writer
 
 log = logging.getLogger(__name__)
 

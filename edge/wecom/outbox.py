@@ -32,8 +32,8 @@ from typing import Any
 
 import cbor2
 
-from claw.config import WecomSettings
-from claw.store import open_db
+from core.config import WecomSettings
+from core.store import open_db
 from edge.store import TaskStore
 
 from .client import WeComApi, WeComError

@@ -72,7 +72,7 @@ class Live:
         return self
 
     async def _main(self) -> None:
-        from node.fakellm import FakeLLMConfig
+        from fakes.llm import FakeLLMConfig
 
         try:
             async with run_system(self.tmp, self.pki, fake_cfg=FakeLLMConfig(), **self.over) as sys_:
@@ -102,7 +102,7 @@ class Live:
 
     def fake(self, **cfg: Any) -> Any:
         """Set the fake LLM's behaviour for the next questions (everything else back to its default)."""
-        from node.fakellm import FakeLLMConfig
+        from fakes.llm import FakeLLMConfig
 
         def apply() -> Any:
             base = FakeLLMConfig()

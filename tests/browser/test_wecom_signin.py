@@ -27,8 +27,8 @@ class WeComLive(Live):
     """A production-like edge (no dev login) with WeCom web sign-in pointed at the fake WeCom."""
 
     async def _main(self) -> None:
-        from edge.wecom.fake import FakeWeComConfig, run_fake_wecom
-        from node.fakellm import FakeLLMConfig
+        from fakes.wecom import FakeWeComConfig, run_fake_wecom
+        from fakes.llm import FakeLLMConfig
 
         @contextlib.asynccontextmanager
         async def system() -> AsyncIterator[Any]:

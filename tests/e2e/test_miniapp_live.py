@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.conftest import run_system, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

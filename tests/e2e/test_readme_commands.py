@@ -119,7 +119,7 @@ def test_make_demo_then_claw_chat_uses_the_demo_model_when_lm_studio_is_absent(t
 
 @pytest.mark.asyncio
 async def test_claw_demo_uses_lm_studio_when_it_answers_and_ctrl_c_stops_an_answer(tmp_path: Path) -> None:
-    from node.fakellm import FakeLLMConfig, run_fake_llm
+    from fakes.llm import FakeLLMConfig, run_fake_llm
 
     cfg = FakeLLMConfig(reply="真正的模型回答。" * 200, tokens_per_s=40, token_chars=4)
     async with run_fake_llm(cfg) as fake:

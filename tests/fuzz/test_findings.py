@@ -59,7 +59,7 @@ async def test_deeply_nested_json_is_bad_json_not_a_crash(tmp_path: Path, pki_di
 
 async def test_signed_wecom_callbacks_with_odd_fields_are_refused_not_500(tmp_path: Path, pki_dir: Path,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
-    from edge.wecom.fake import WeComSim
+    from fakes.wecom import WeComSim
 
     w = sim()
     cases = [

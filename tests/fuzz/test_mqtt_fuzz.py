@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import wire
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.conftest import System, run_system, wait_until
 from tests.fuzz import harness
 from tests.fuzz.auth import device_credential
@@ -85,7 +85,7 @@ async def test_mqtt_fuzz_at_the_tls_port_while_a_device_is_answered(tmp_path: Pa
         async with run_system(tmp_path, pki_dir, fake_cfg=cfg, broker={"device_publish_rate": 50}) as sys_:
             port = sys_.settings.mqtt.port
             tls = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
-            from claw.mqtt import make_client
+            from core.mqtt import make_client
 
             lamp_user, lamp_pw = device_credential(sys_, "lamp")
             cred = device_credential(sys_, "fuzz")

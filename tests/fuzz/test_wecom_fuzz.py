@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.fuzz import harness
 from tests.fuzz.wecom_cases import Req, make_case
 from tests.integration.test_wecom import AES, AGENT, CORP, TOKEN, sim, wecom_system
@@ -44,7 +44,7 @@ async def _send(s: aiohttp.ClientSession, url: str, req: Req) -> tuple[int, str]
 
 
 async def test_wecom_callback_fuzz_while_a_member_is_answered(tmp_path: Path, pki_dir: Path) -> None:
-    from edge.wecom.fake import WeComSim
+    from fakes.wecom import WeComSim
 
     fuzz = harness.Fuzz("wecom")
     errors = harness.ErrorLog()

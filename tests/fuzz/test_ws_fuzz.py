@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.conftest import run_system
 from tests.fuzz import harness
 from tests.fuzz.auth import ws_auth

@@ -1,4 +1,4 @@
-"""Broken WeCom callbacks, made with the real crypto (wechatpy, through edge/wecom/fake.py's WeComSim): each
+"""Broken WeCom callbacks, made with the real crypto (wechatpy, through fakes/wecom.py's WeComSim): each
 case is one HTTP request (method, query string, body, headers) and a label."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlencode
 
-from edge.wecom.fake import WeComSim, _cdata, signature
+from fakes.wecom import WeComSim, _cdata, signature
 
 BAD_TS = ["", "abc", "-1", " 1700000000", "1700000000 ", "1e9", "0x10", "²", "١٧٠٠٠٠٠٠٠٠", "9" * 40, "0",
           "1409659589", "99999999999", "1.5", "+1700000000", "\u0661"]

@@ -21,8 +21,8 @@ import pytest
 
 from broker.app import BrokerHandle, BrokerStartError, run_broker
 from broker.creds import CredentialStore
-from claw.config import Settings, load_settings
-from claw.pki import ensure_ca, issue_server_cert
+from core.config import Settings, load_settings
+from core.pki import ensure_ca, issue_server_cert
 from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]

@@ -27,8 +27,8 @@ from aiomqtt.exceptions import MqttConnectError
 
 from broker.app import BrokerHandle, run_broker
 from broker.creds import CredentialStore
-from claw.config import Settings, load_settings
-from claw.pki import issue_server_cert
+from core.config import Settings, load_settings
+from core.pki import issue_server_cert
 from tests.conftest import run_system, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -412,7 +412,7 @@ async def test_a_non_acking_client_costs_a_bounded_queue_and_one_log_line(
 
 
 def test_limits_are_validated() -> None:
-    from claw.config import ConfigError
+    from core.config import ConfigError
 
     for bad in ({"max_drop": 1024, "max_packet": 4096}, {"max_keepalive": 0}, {"max_connections": -1},
                 {"auth_queue": 0}):

@@ -22,8 +22,8 @@ import pytest
 from broker.app import run_broker
 from broker.creds import CredentialStore
 from broker.session import OUTBOX_KEY, Outbox
-from claw.config import load_settings
-from claw.pki import issue_server_cert
+from core.config import load_settings
+from core.pki import issue_server_cert
 from tests.conftest import wait_until
 from tests.integration.test_broker import Env, next_message
 

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node.fakellm import FakeLLMConfig, run_fake_llm
+from fakes.llm import FakeLLMConfig, run_fake_llm
 from tests.conftest import free_port, run_system, system_settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 import wire
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.conftest import run_system, wait_until
 from tests.integration.test_e2e import collect
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 async def test_device_gets_its_answer_on_its_own_topic_and_web_users_get_batches(tmp_path: Path,
                                                                                   pki_dir: Path) -> None:
     from broker.creds import CredentialStore
-    from claw.mqtt import make_client
+    from core.mqtt import make_client
     from edge.keys import BRIDGE
 
     cfg = FakeLLMConfig(n_tokens=30, tokens_per_s=300, token_chars=3)

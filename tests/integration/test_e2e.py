@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.conftest import run_system, wait_until
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ import pytest
 from claw.cli import main as claw_main
 from edge import api, auth
 from edge.keys import TOKENS
-from edge.wecom.fake import WeComSim
+from fakes.wecom import WeComSim
 from tests.conftest import System, run_system
 
 pytestmark = pytest.mark.integration
@@ -190,7 +190,7 @@ async def test_chat_cli_end_to_end_with_short_tokens(tmp_path: Path, pki_dir: Pa
     import io
 
     from claw.chat import ChatClient
-    from node.fakellm import FakeLLMConfig
+    from fakes.llm import FakeLLMConfig
 
     async with run_system(tmp_path, pki_dir, fake_cfg=FakeLLMConfig(reply="好的。", token_chars=2),
                           edge={"token_ttl": 1}) as sys_, aiohttp.ClientSession() as session:
@@ -408,7 +408,7 @@ async def test_healthz_details_and_metrics_only_from_loopback_or_with_the_metric
 
 
 def test_edge_binds_loopback_by_default() -> None:
-    from claw.config import load_settings
+    from core.config import load_settings
 
     assert load_settings(env={}).edge.http == "127.0.0.1:8080"
 
@@ -441,7 +441,7 @@ async def test_wecom_callbacks_outside_the_time_window_are_refused(tmp_path: Pat
 
 async def test_one_user_never_reads_resumes_or_stops_anothers_task(tmp_path: Path, pki_dir: Path) -> None:
     """Bob holds a valid token of his own and Alice's task id: every way to reach her task is refused."""
-    from node.fakellm import FakeLLMConfig
+    from fakes.llm import FakeLLMConfig
     from tests.integration.test_e2e import collect
 
     cfg = FakeLLMConfig(n_tokens=30, tokens_per_s=300, token_chars=2)

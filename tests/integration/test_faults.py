@@ -19,7 +19,7 @@ import pytest
 
 from broker.creds import CredentialStore
 from edge.keys import BRIDGE
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.conftest import System, run_system, wait_until
 from tests.integration.test_e2e import collect
 
@@ -165,7 +165,7 @@ async def test_edge_killed_mid_answer_then_restarted_the_answer_completes_once(t
     """kill -9 of server A (edge + embedded broker) mid-answer. The task is in LMDB; after the restart the
     edge republishes it, the node (still generating) re-confirms and replays the chunks sent so far, and the
     client resumes: one complete answer, every seq once."""
-    from node.fakellm import run_fake_llm
+    from fakes.llm import run_fake_llm
 
     cfg = FakeLLMConfig(n_tokens=240, tokens_per_s=40)  # ~6 s of generation
     async with run_fake_llm(cfg) as fake, aiohttp.ClientSession() as s:
@@ -214,7 +214,7 @@ def _edge_env_and_node(tmp_path: Path, pki_dir: Path, llm_url: str,
                        extra: dict[str, str]) -> tuple[dict[str, str], str, Any]:
     """Server A as a ``claw edge`` process (its environment) and server B's node (in this process) on free
     ports: (edge env, edge base URL, Node)."""
-    from claw.config import load_settings
+    from core.config import load_settings
     from node.worker import Node
     from tests.conftest import free_port, system_settings
 
@@ -336,8 +336,8 @@ async def test_edge_and_node_both_killed_mid_answer_never_splice_two_runs(tmp_pa
     text the user already has: never a garbled answer, never text twice."""
     import types
 
-    from claw.config import load_settings
-    from node.fakellm import run_fake_llm
+    from core.config import load_settings
+    from fakes.llm import run_fake_llm
     from tests.conftest import free_port, system_settings
 
     cfg = FakeLLMConfig(n_tokens=240, tokens_per_s=40, reply="第一次运行的回答。" * 60)
@@ -435,9 +435,9 @@ async def test_edge_killed_mid_progressive_wecom_answer_sends_the_rest_once(tmp_
     """WeCom progressive mode: server A is SIGKILLed after the first paragraphs went out. The restarted
     edge resumes the answer from where its sent parts ended (``delivery.chars``): the user gets every part
     once, numbered (1) … (n/n), and together they are the whole answer (it used to be sent again whole)."""
-    from edge.wecom.fake import FakeWeComConfig, run_fake_wecom
+    from fakes.wecom import FakeWeComConfig, run_fake_wecom
     from edge.wecom.shape import to_plain
-    from node.fakellm import run_fake_llm
+    from fakes.llm import run_fake_llm
     from tests.integration.test_wecom import AES, AGENT, CORP, SECRET, TOKEN, sim
 
     paras = [f"第{i}段：" + "这一段讲述一个要点，并给出解释。" * 12 for i in range(1, 9)]

@@ -24,11 +24,11 @@ from cryptography import x509
 
 from broker.creds import CredentialStore
 from claw.cli import _parser
-from claw.config import Settings, load_settings
+from core.config import Settings, load_settings
 from claw.init import run_init
-from claw.mqtt import tls_context
-from claw.pki import ensure_ca
-from node.fakellm import FakeLLMConfig, run_fake_llm
+from core.mqtt import tls_context
+from core.pki import ensure_ca
+from fakes.llm import FakeLLMConfig, run_fake_llm
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

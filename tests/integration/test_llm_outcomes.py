@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node.fakellm import FakeLLMConfig, prompt_tokens, reply_tokens
+from fakes.llm import FakeLLMConfig, prompt_tokens, reply_tokens
 from node.history import message_tokens
 from node.worker import CONTEXT_RESET_NOTE, LENGTH_NOTE
 from tests.conftest import free_port, run_system, wait_until

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.conftest import free_port, run_system
 from tests.integration.test_e2e import collect
 
@@ -94,7 +94,7 @@ async def test_broker_refusals_are_on_the_edges_metrics(tmp_path: Path, pki_dir:
     import aiomqtt
 
     from broker.creds import CredentialStore
-    from claw.mqtt import make_client
+    from core.mqtt import make_client
 
     async with run_system(tmp_path, pki_dir, start_node=False) as sys_, aiohttp.ClientSession() as s:
         user, password = CredentialStore(sys_.settings.data_dir).add("device", "m1")

@@ -176,7 +176,7 @@ async def test_mp_login_unreachable_and_unconfigured(tmp_path: Path, pki_dir: Pa
 
 
 def test_miniapp_config_checked() -> None:
-    from claw.config import ConfigError, load_settings
+    from core.config import ConfigError, load_settings
 
     with pytest.raises(ConfigError, match="appid and secret"):
         load_settings(env={}, overrides={"miniapp": {"appid": APPID}})

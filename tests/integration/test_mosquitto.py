@@ -32,7 +32,7 @@ import aiomqtt
 import pytest
 
 from broker.mosquitto import find_mosquitto, write_mosquitto_config
-from claw.mqtt import make_client, tls_context
+from core.mqtt import make_client, tls_context
 from tests.conftest import free_port, system_settings, wait_until
 from tests.integration.test_e2e import collect
 
@@ -171,7 +171,7 @@ async def connected(mosq: Mosq, subs: dict[str, list[str]]) -> AsyncIterator[dic
 async def test_streamed_answer_through_mosquitto(tmp_path: Path, pki_dir: Path, mosq: Mosq) -> None:
     from edge.app import INFO, run_edge
     from edge.keys import BRIDGE
-    from node.fakellm import FakeLLMConfig, run_fake_llm
+    from fakes.llm import FakeLLMConfig, run_fake_llm
     from node.worker import Node
 
     cfg = FakeLLMConfig(n_tokens=60, tokens_per_s=400, token_chars=3)

@@ -23,7 +23,7 @@ import cbor2
 import pytest
 
 import wire
-from node.fakellm import FakeLLMConfig, reply_tokens
+from fakes.llm import FakeLLMConfig, reply_tokens
 from tests.conftest import System, run_system, wait_until
 from tests.integration.test_e2e import collect
 
@@ -68,7 +68,7 @@ class Device:
 @contextlib.asynccontextmanager
 async def device(sys_: System, pki: Path, name: str) -> AsyncIterator[Device]:
     from broker.creds import CredentialStore
-    from claw.mqtt import make_client
+    from core.mqtt import make_client
 
     user, password = CredentialStore(sys_.settings.data_dir).add("device", name)
     tls = ssl.create_default_context(cafile=str(pki / "ca.crt"))

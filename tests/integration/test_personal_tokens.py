@@ -22,7 +22,7 @@ from aiohttp import web
 from claw.chat import default_user
 from edge import api, auth
 from edge.keys import STORE, TOKENS
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.conftest import System, free_port, run_system, wait_until
 from tests.integration.test_edge_security import refresh as refresh_status
 from tests.integration.test_edge_security import tasks_status as bearer_status

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 import wire
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.conftest import run_system, wait_until
 from tests.integration.test_e2e import collect
 

@@ -23,7 +23,7 @@ import pytest
 
 from edge import api, auth
 from edge.keys import BRIDGE, TOKENS
-from node.fakellm import FakeLLMConfig
+from fakes.llm import FakeLLMConfig
 from tests.conftest import System, run_system, wait_until
 from tests.integration.test_edge_security import refresh
 

@@ -16,8 +16,8 @@ import pytest
 
 from edge.keys import BRIDGE, STORE, WECOM
 from edge.store import FINAL
-from edge.wecom.fake import FakeWeComConfig, WeComSim, run_fake_wecom
-from node.fakellm import FakeLLMConfig
+from fakes.wecom import FakeWeComConfig, WeComSim, run_fake_wecom
+from fakes.llm import FakeLLMConfig
 from tests.conftest import System, run_system, wait_until
 
 pytestmark = pytest.mark.integration

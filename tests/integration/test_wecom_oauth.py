@@ -1,5 +1,5 @@
 """WeCom web sign-in (``GET /auth/wecom`` → WeCom's authorize page → ``/auth/wecom/callback``) and
-``GET /api/login/options``, against the real edge and the fake WeCom server (``edge.wecom.fake``) on 127.0.0.1."""
+``GET /api/login/options``, against the real edge and the fake WeCom server (``fakes.wecom``) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from edge.oauth import COOKIE, OAUTH, SIGNIN_COOKIE, PendingStates
-from edge.wecom.fake import FakeWeCom, FakeWeComConfig, WeComSim, run_fake_wecom
-from node.fakellm import FakeLLMConfig
+from fakes.wecom import FakeWeCom, FakeWeComConfig, WeComSim, run_fake_wecom
+from fakes.llm import FakeLLMConfig
 from tests.conftest import System, free_port, run_system, wait_until
 
 pytestmark = pytest.mark.integration
@@ -387,7 +387,7 @@ async def test_login_options_and_unconfigured_wecom(tmp_path: Path, pki_dir: Pat
 
 
 def test_oauth_config_checked() -> None:
-    from claw.config import ConfigError, load_settings
+    from core.config import ConfigError, load_settings
 
     base = {"corp_id": CORP, "token": TOKEN, "encoding_aes_key": AES}
     s = load_settings(env={}, overrides={"wecom": base})

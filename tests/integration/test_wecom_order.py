@@ -21,9 +21,9 @@ import pytest
 
 import wire
 from broker.creds import CredentialStore
-from claw.mqtt import make_client, tls_context
+from core.mqtt import make_client, tls_context
 from edge.keys import STORE
-from edge.wecom.fake import FakeWeComConfig, run_fake_wecom
+from fakes.wecom import FakeWeComConfig, run_fake_wecom
 from edge.wecom.shape import to_plain
 from tests.conftest import run_system, wait_until
 from tests.integration.test_wecom import AGENT, CORP, SECRET, sim, wecom_over

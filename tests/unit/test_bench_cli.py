@@ -93,7 +93,7 @@ async def test_timing_only_for_clients_that_ask_for_it(tmp_path: Path) -> None:
     import aiohttp
 
     from bench.system import run_system
-    from node.fakellm import FakeLLMConfig
+    from fakes.llm import FakeLLMConfig
 
     async def ask(s: aiohttp.ClientSession, sys_: object, user: str, trace: bool) -> list[dict]:
         token = await sys_.login(s, user)  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from claw.config import ConfigError, load_settings, redacted
+from core.config import ConfigError, load_settings, redacted
 
 AES = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"
 ENV = {"CLAW_WECOM__CORP_ID": "ww0123456789abcdef", "CLAW_WECOM__AGENT_ID": "1000002",

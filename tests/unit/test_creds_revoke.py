@@ -13,7 +13,7 @@ import pytest
 
 import broker.creds as creds
 from broker.creds import CredentialStore
-from broker.guard import GOOD_TTL, AuthThrottle, AuthUnavailable
+from core.guard import GOOD_TTL, AuthThrottle, AuthUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Failed-login throttling, connection caps, rate-limited logs and the client-id rule (broker/guard.py,
+"""Failed-login throttling, connection caps, rate-limited logs and the client-id rule (core/guard.py,
 broker/creds.py ``averify``), on real LMDB."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from broker.creds import CredentialStore
-from broker.guard import AuthThrottle, AuthUnavailable, ConnectionLimiter, RateLimitedLog, client_id_ok
+from core.guard import AuthThrottle, AuthUnavailable, ConnectionLimiter, RateLimitedLog, client_id_ok
 
 
 class Clock:

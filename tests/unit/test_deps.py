@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCT = ("wire", "broker", "edge", "node", "claw")
+PRODUCT = ("wire", "core", "broker", "edge", "node", "fakes", "claw")
 LOCK = ROOT / "requirements.lock"
 
 

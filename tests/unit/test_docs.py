@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from broker.mosquitto import acl_text
-from claw.config import ConfigError, load_settings
+from core.config import ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted([ROOT / "README.md", ROOT / "bench" / "README.md", *(ROOT / "docs").rglob("*.md")])
-CODE_DIRS = ("wire", "broker", "edge", "node", "claw", "bench", "tests")
+CODE_DIRS = ("wire", "core", "broker", "edge", "node", "fakes", "claw", "bench", "tests")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 # Words that only make sense inside the team or on one machine: a design file the repo does not have, section
 # marks into it, shared reference files, work-session numbers, the paths of a build machine.

@@ -17,9 +17,9 @@ import pytest
 
 from claw.cli import _parser
 from claw.init import run_init
-from claw.perms import private_dir, secure_tree, too_open, write_private
-from claw.pki import issue_server_cert
-from claw.store import close_env, open_env
+from core.perms import private_dir, secure_tree, too_open, write_private
+from core.pki import issue_server_cert
+from core.store import close_env, open_env
 from tests.conftest import run_system
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
@@ -72,7 +72,7 @@ def test_too_open_lmdb_environment_is_tightened_at_open(tmp_path: Path, caplog: 
     os.chmod(env_dir, 0o755)
     for f in env_dir.iterdir():
         os.chmod(f, 0o644)
-    with caplog.at_level(logging.WARNING, logger="claw.perms"):
+    with caplog.at_level(logging.WARNING, logger="core.perms"):
         env = open_env(env_dir, max_dbs=2)
     try:
         with env.begin() as txn:
@@ -117,7 +117,7 @@ def test_claw_init_force_tightens_an_older_deployment(tmp_path: Path, caplog: py
         os.chmod(p, 0o755)
     for p in [d / "a" / "a.toml", d / "b" / "ca.crt", d / "a" / "data" / "pki" / "ca.crt"]:
         os.chmod(p, 0o644)
-    with caplog.at_level(logging.WARNING, logger="claw.perms"):
+    with caplog.at_level(logging.WARNING, logger="core.perms"):
         assert run_init(_parser().parse_args(["init", "--public-host", "localhost", "--dir", str(d), "--force"])) == 0
     assert modes(d) == {}
     assert any("readable by other users" in r.getMessage() for r in caplog.records)
@@ -131,12 +131,12 @@ def test_secure_tree_leaves_symlink_targets_and_reports_nothing_when_private(
     data = private_dir(tmp_path / "data")
     write_private(data / "x.secret", b"s3cret-value")
     (data / "link").symlink_to(outside)
-    with caplog.at_level(logging.WARNING, logger="claw.perms"):
+    with caplog.at_level(logging.WARNING, logger="core.perms"):
         assert secure_tree(data) == []
     assert not caplog.records
     assert mode(outside) == 0o644  # a symbolic link is not followed
     os.chmod(data / "x.secret", 0o640)
-    with caplog.at_level(logging.WARNING, logger="claw.perms"):
+    with caplog.at_level(logging.WARNING, logger="core.perms"):
         assert secure_tree(data) == [data / "x.secret"]
     assert too_open(data) == [] and mode(data / "x.secret") == 0o600
     assert "s3cret-value" not in caplog.text
@@ -150,7 +150,7 @@ async def test_running_edge_and_node_leave_nothing_readable_by_others(
     environments, edge.secret) is private."""
     old = os.umask(0o022)
     try:
-        with caplog.at_level(logging.WARNING, logger="claw.perms"):
+        with caplog.at_level(logging.WARNING, logger="core.perms"):
             async with run_system(tmp_path, pki_dir) as sys_:
                 a, b = Path(sys_.settings.data_dir), tmp_path / "b"
                 assert (a / "edge.lmdb" / "data.mdb").is_file() and (a / "broker.lmdb").is_dir()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.fakellm import prompt_tokens
+from fakes.llm import prompt_tokens
 from node.history import MESSAGE_OVERHEAD, estimate_tokens, message_tokens, trim_history
 
 

@@ -1,4 +1,4 @@
-"""node.llm against the real fake LM Studio (node.fakellm) on 127.0.0.1:0 -- no mocks."""
+"""node.llm against the real fake LM Studio (fakes.llm) on 127.0.0.1:0 -- no mocks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node.fakellm import DEMO_INTRO, DEMO_MODEL, FakeLLM, FakeLLMConfig, prompt_tokens, reply_tokens, run_fake_llm
+from fakes.llm import DEMO_INTRO, DEMO_MODEL, FakeLLM, FakeLLMConfig, prompt_tokens, reply_tokens, run_fake_llm
 from node.llm import (
     LLMClient,
     LLM_BAD_RESPONSE,

@@ -1,6 +1,6 @@
 """py-lmdb's ``open_db`` without a transaction waits for LMDB's write lock while holding the GIL: with a thread
 of the same process inside a write transaction (the edge's and node's LMDB writers, the broker's login log),
-both waited for ever. ``claw.store.open_db`` opens inside an explicit write transaction, which releases the GIL.
+both waited for ever. ``core.store.open_db`` opens inside an explicit write transaction, which releases the GIL.
 A deadlock cannot be interrupted from inside the process, so the scenario runs in a subprocess with a timeout."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
 import sys, tempfile, threading, time
 sys.path.insert(0, sys.argv[1])
-from claw.store import open_db, open_env
+from core.store import open_db, open_env
 env = open_env(tempfile.mkdtemp())
 db = open_db(env, b"a")
 started = threading.Event()
@@ -44,11 +44,11 @@ def test_open_db_while_another_thread_writes_does_not_deadlock() -> None:
 
 def test_product_code_never_calls_open_db_without_a_transaction() -> None:
     bad = []
-    for top in ("wire", "broker", "edge", "node", "claw", "bench"):
+    for top in ("wire", "core", "broker", "edge", "node", "fakes", "claw", "bench"):
         for path in (ROOT / top).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                         and node.func.attr == "open_db" and not any(k.arg == "txn" for k in node.keywords)
                         and not (isinstance(node.func.value, ast.Name) and node.func.value.id in ("store",))):
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert not bad, "use claw.store.open_db (an explicit write transaction): " + ", ".join(bad)
+    assert not bad, "use core.store.open_db (an explicit write transaction): " + ", ".join(bad)

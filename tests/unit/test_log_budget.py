@@ -1,4 +1,4 @@
-"""Log lines an outsider can cause at will are bounded: broker.guard.LogBudget and the amqtt logger filter."""
+"""Log lines an outsider can cause at will are bounded: core.guard.LogBudget and the amqtt logger filter."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from broker.app import install_log_filter
-from broker.guard import LogBudget
+from core.guard import LogBudget
 
 
 class Clock:

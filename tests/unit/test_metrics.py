@@ -1,4 +1,4 @@
-"""claw.metrics: log-linear histogram accuracy, merge, Prometheus exposition, the Stages registry."""
+"""core.metrics: log-linear histogram accuracy, merge, Prometheus exposition, the Stages registry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from claw.metrics import HIGHEST_US, N_BUCKETS, PROM_BOUNDS_S, Histogram, Stages, bucket_bounds, bucket_index
+from core.metrics import HIGHEST_US, N_BUCKETS, PROM_BOUNDS_S, Histogram, Stages, bucket_bounds, bucket_index
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
 
@@ -177,7 +177,7 @@ def test_boundary_value_is_counted_under_its_le() -> None:
 
 
 def test_node_metrics_listen_config() -> None:
-    from claw.config import ConfigError, load_settings
+    from core.config import ConfigError, load_settings
     from claw.init import b_toml
 
     assert load_settings(env={}).node.metrics_listen == ""

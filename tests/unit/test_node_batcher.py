@@ -172,7 +172,7 @@ async def test_the_default_clock_is_the_loops() -> None:
 
 @pytest.mark.parametrize("bad", [-1, 1001])
 def test_batch_linger_ms_is_bounded(bad: float) -> None:
-    from claw.config import ConfigError, load_settings
+    from core.config import ConfigError, load_settings
 
     with pytest.raises((ConfigError, ValueError), match="batch_linger_ms"):
         load_settings(env={}, overrides={"node": {"batch_linger_ms": bad}})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiomqtt
 
-from claw.config import load_settings
+from core.config import load_settings
 from node.worker import Node
 
 

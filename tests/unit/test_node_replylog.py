@@ -10,7 +10,7 @@ import lmdb
 import pytest
 
 import wire
-from claw.config import load_settings
+from core.config import load_settings
 from node import worker
 from node.worker import Node
 
@@ -55,7 +55,7 @@ async def test_reply_log_is_kept_per_uid_across_a_restart(tmp_path: Path) -> Non
 
 def test_the_reply_log_of_an_earlier_version_is_dropped_at_start(tmp_path: Path) -> None:
     """Entries keyed by the task id alone cannot tell users apart: they are dropped, never served."""
-    from claw.store import open_env
+    from core.store import open_env
 
     tid = bytes(range(16))
     env = open_env(tmp_path / "node.lmdb", max_dbs=2)

@@ -1,4 +1,4 @@
-"""claw.runtime.start_http: the one way edge and node open an HTTP listener."""
+"""core.runtime.start_http: the one way edge and node open an HTTP listener."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from claw.runtime import start_http
+from core.runtime import start_http
 
 
 async def test_serves_on_a_free_port_and_a_taken_address_is_a_clear_error() -> None:

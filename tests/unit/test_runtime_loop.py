@@ -1,4 +1,4 @@
-"""claw.runtime is the one place that picks the event loop and reads the wall clock in microseconds."""
+"""core.runtime is the one place that picks the event loop and reads the wall clock in microseconds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from claw.runtime import loop_factory, now_us
+from core.runtime import loop_factory, now_us
 
 
 def test_loop_factory_uvloop_where_installed_else_default() -> None:

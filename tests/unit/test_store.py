@@ -12,7 +12,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from claw.store import Writer, close_env, open_env
+from core.store import Writer, close_env, open_env
 from edge.store import Retention, TaskRecord, TaskStore
 
 BOUND = 10.0  # seconds: anything that must "eventually" happen does so well within this

@@ -15,7 +15,7 @@ from wechatpy.enterprise import parse_message
 from wechatpy.enterprise.crypto import WeChatCrypto
 from wechatpy.exceptions import InvalidSignatureException
 
-from edge.wecom.fake import FakeWeCom, FakeWeComConfig, WeComSim, run_fake_wecom, signature
+from fakes.wecom import FakeWeCom, FakeWeComConfig, WeComSim, run_fake_wecom, signature
 
 TOKEN, AES, CORP, AGENT = "QDG6eK", "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C", "wx5823bf96d3bd56c7", 1000002
 SECRET = "test-secret-Zq8wX1"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from claw.config import WecomSettings
-from claw.store import close_env
+from core.config import WecomSettings
+from core.store import close_env
 from edge.store import TaskStore
 from edge.wecom.client import classify
 from edge.wecom.outbox import Outbox

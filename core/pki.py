@@ -1,6 +1,6 @@
 """A small private CA for the A<->B tunnel: CA, broker server certificate (cryptography, no openssl CLI).
 
-Keys and certificates are written mode 0600 in a directory created mode 0700 (:mod:`claw.perms`)."""
+Keys and certificates are written mode 0600 in a directory created mode 0700 (:mod:`core.perms`)."""
 
 from __future__ import annotations
 

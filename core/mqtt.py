@@ -71,7 +71,7 @@ def make_client(
 
 def client_from_settings(m: MqttSettings, *, identifier: str, data_dir: str | Path,
                          will: aiomqtt.Will | None = None) -> aiomqtt.Client:
-    from broker.guard import client_id_ok  # pure (no amqtt): the embedded broker's client-id rule
+    from core.guard import client_id_ok  # pure (no amqtt): the embedded broker's client-id rule
 
     if m.client_id and m.username and not client_id_ok(m.username, m.client_id):
         log.warning("mqtt.client_id %r is neither the username %r nor '%s:<suffix>': the embedded broker refuses "

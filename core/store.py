@@ -29,7 +29,7 @@ def open_env(path: str | os.PathLike[str], *, max_dbs: int = 16, map_size: int =
     map size on disk).
 
     The directory (and missing parents) is created mode 0700 and the data and lock files 0600; an existing
-    environment that is more open is tightened with a warning (:mod:`claw.perms`)."""
+    environment that is more open is tightened with a warning (:mod:`core.perms`)."""
     p = private_dir(path)
     key = str(p.resolve())
     with _LOCK:

@@ -10,7 +10,7 @@ top bucket (and counted in ``sum`` as that top value, so ``sum`` and the buckets
 AMD EPYC VM with 2 vCPUs, best of 5, over several runs): ``Histogram.record(123456)`` 0.16-0.24 µs per
 call, ``record(57)`` (exact range) 0.15-0.16 µs, ``Stages.observe(stage, 123456)`` 0.23-0.32 µs; for
 scale, ``time.time_ns() // 1000`` is 0.09 µs.
-(``python -m timeit -s "from claw.metrics import Histogram; h = Histogram()" "h.record(123456)"``)
+(``python -m timeit -s "from core.metrics import Histogram; h = Histogram()" "h.record(123456)"``)
 
 Prometheus exposition is a classic histogram over a FIXED small set of boundaries in seconds
 (``PROM_BOUNDS_S``), derived from the fine buckets: a value is counted under ``le`` when its fine

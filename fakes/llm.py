@@ -30,7 +30,7 @@ the available context size (M tokens)"), ``"http500"`` (HTTP 500 "Context size h
 that would not fit after its prompt stops where the context is full: with ``ctx_error="stream"`` an ``error``
 object "Context size has been exceeded." follows its last token, otherwise ``finish_reason: "length"``.
 
-Run standalone: ``python -m node.fakellm --port 1234 [--demo] [--ttft S] [--tps N]``.
+Run standalone: ``python -m fakes.llm --port 1234 [--demo] [--ttft S] [--tps N]``.
 """
 
 from __future__ import annotations
@@ -608,7 +608,7 @@ async def run_fake_llm(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m node.fakellm", description="Deterministic fake LM Studio server")
+    p = argparse.ArgumentParser(prog="python -m fakes.llm", description="Deterministic fake LM Studio server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1234)
     p.add_argument("--demo", action="store_true", help="built-in demo model (Chinese reply, ~30 tokens/s)")
@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if a.models:
         cfg.models = a.models
-    from claw.runtime import loop_factory
+    from core.runtime import loop_factory
 
     factory = loop_factory()
     loop = factory() if factory is not None else None
