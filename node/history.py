@@ -1,4 +1,5 @@
-"""The conversation history sent with a question: a token estimate and the trim to a budget (pure functions).
+"""The conversation history sent with a question: a token estimate, the trim to a budget, and the turns kept
+per conversation (no I/O).
 
 A model's context window holds the whole prompt (system prompt, previous turns, the question) plus the answer.
 The node does not know a server's tokenizer, so it estimates conservatively -- it would rather send a turn too
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["MESSAGE_OVERHEAD", "estimate_tokens", "message_tokens", "trim_history"]
+__all__ = ["MAX_CONVERSATIONS", "MESSAGE_OVERHEAD", "Conversations", "estimate_tokens", "message_tokens",
+           "trim_history"]
 
 MESSAGE_OVERHEAD = 4  # tokens of one message's role and template separators
+MAX_CONVERSATIONS = 10_000  # conversations kept; the one answered longest ago goes first
 
 
 def estimate_tokens(text: str) -> int:
@@ -40,3 +43,31 @@ def trim_history(history: Sequence[dict[str, str]], budget: int, max_turns: int)
         start -= 2
         turns += 1
     return list(history[start:])
+
+
+class Conversations:
+    """The previous turns of every conversation, by ``(uid, conv)``, each trimmed to ``budget`` estimated tokens
+    and ``max_turns`` turns (``node.history_tokens``, ``node.history_turns``)."""
+
+    def __init__(self, budget: int, max_turns: int) -> None:
+        self.budget = budget
+        self.max_turns = max_turns
+        self._turns: dict[tuple[str, str], list[dict[str, str]]] = {}  # least recently answered first
+
+    def history(self, uid: str, conv: str) -> list[dict[str, str]]:
+        """The conversation's previous turns to send: the newest that fit the budget and the turn limit."""
+        return trim_history(self._turns.get((uid, conv), []), self.budget, self.max_turns)
+
+    def remember(self, uid: str, conv: str, history: list[dict[str, str]], question: str, answer: str) -> None:
+        """The conversation is now ``history`` (what was sent with the question: older turns that no longer fit,
+        or all of them after a context-size error, are gone for good) plus this turn."""
+        key = (uid, conv)
+        self._turns.pop(key, None)  # re-inserted last: the oldest conversations go first
+        hist = history + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        self._turns[key] = trim_history(hist, self.budget, self.max_turns)
+        if len(self._turns) > MAX_CONVERSATIONS:
+            self._turns.pop(next(iter(self._turns)))
+
+    def forget(self, uid: str, conv: str) -> None:
+        """Drop the conversation (its next question starts a new one)."""
+        self._turns.pop((uid, conv), None)

@@ -125,7 +125,7 @@ async def test_device_cannot_take_or_squat_the_nodes_client_id(tmp_path: Path, p
     async with run_system(tmp_path, pki_dir) as sys_:
         bridge = sys_.app[BRIDGE]
         broker = bridge.client._broker  # noqa: SLF001 - the embedded broker behind the in-process link
-        node_id = sys_.node._client.identifier  # noqa: SLF001 - "node.t1", its username (was "node-t1")
+        node_id = sys_.node.link.client.identifier  # "node.t1", its username (was "node-t1")
         du, dpw = CredentialStore(sys_.settings.data_dir).add("device", "mallory")
         ca = Path(sys_.settings.data_dir) / "pki" / "ca.crt"
         port = sys_.settings.mqtt.port

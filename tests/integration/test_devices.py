@@ -59,7 +59,7 @@ async def test_device_gets_its_answer_on_its_own_topic_and_web_users_get_batches
         assert bridge.stats.batches >= 1
         assert bridge.get(tid) is None  # the device's task is not the edge's
         n_deltas = len([f for f in frames if f["type"] == "delta"])
-        assert sys_.node._batcher is not None and sys_.node._batcher.items >= n_deltas + 2  # + accept, done
+        assert sys_.node.link.batcher is not None and sys_.node.link.batcher.items >= n_deltas + 2  # + accept, done
 
 
 async def test_a_batch_on_another_nodes_topic_is_dropped(tmp_path: Path, pki_dir: Path) -> None:

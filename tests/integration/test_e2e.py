@@ -276,7 +276,7 @@ async def test_restarted_node_replays_a_finished_answer_from_its_lmdb_log(tmp_pa
         requests = sys_.fake.stats.chat_requests
         sys_.node = Node(sys_.node.s)  # server B restarted: a new process on the same data dir
         sys_.node_task = asyncio.create_task(sys_.node.run())
-        await wait_until(lambda: sys_.node._connected.is_set(), 10)
+        await wait_until(lambda: sys_.node.connected, 10)
         live = bridge.get(bytes.fromhex(done["task"]))
         assert live is not None
         bridge._publish_task(live)  # the edge sends the finished task again (as after losing its stream)

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from fakes.llm import FakeLLMConfig, prompt_tokens, reply_tokens
+from node.generate import CONTEXT_RESET_NOTE, LENGTH_NOTE
 from node.history import message_tokens
-from node.worker import CONTEXT_RESET_NOTE, LENGTH_NOTE
 from tests.conftest import free_port, run_system, wait_until
 from tests.integration.test_e2e import collect
 
@@ -43,7 +43,7 @@ def sent(fake: Any, n: int = 1) -> list[dict[str, str]]:
 
 
 def node_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "node.worker"]
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("node.")]
 
 
 # --------------------------------------------------------------------------- finish_reason
@@ -54,7 +54,7 @@ async def test_done_without_finish_reason_is_llm_dropped_with_the_text_kept(
     """A clean [DONE] after 5 of 40 tokens and no finish_reason (llama-cpp-python's server, interrupted by
     another request) was stored as ok. Now: llm_dropped, the 5 tokens kept, the user told it was cut off, a
     warning in the node's log, and the cut answer never becomes part of the conversation."""
-    caplog.set_level(logging.WARNING, logger="node.worker")
+    caplog.set_level(logging.WARNING, logger="node")
     cfg = FakeLLMConfig(n_tokens=40, token_chars=3, done_after=5)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
         token = await sys_.login(s)
@@ -128,7 +128,7 @@ async def test_a_conversation_over_the_context_is_retried_without_history_and_ne
     budget to trim by, the third question fails once and is sent again without history (the user sees only the
     answer); the fourth goes through at once (the conversation restarted from the third); a question too long
     on its own is llm_context, and the user can still ask after it."""
-    caplog.set_level(logging.WARNING, logger="node.worker")
+    caplog.set_level(logging.WARNING, logger="node")
     cfg = FakeLLMConfig(n_tokens=ANSWER_TOKENS, ctx_error=shape)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"history_tokens": 1_000_000}) as sys_, \
             aiohttp.ClientSession() as s:
@@ -235,7 +235,7 @@ async def test_history_tokens_zero_sends_no_history(tmp_path: Path, pki_dir: Pat
 
 async def test_node_warns_at_start_when_the_llm_server_is_unreachable_and_starts_anyway(
         tmp_path: Path, pki_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="node.worker")
+    caplog.set_level(logging.WARNING, logger="node")
     url = f"http://127.0.0.1:{free_port()}/v1"
     async with run_system(tmp_path, pki_dir, node={"llm_url": url}) as sys_:  # (returns once the node is online)
         await wait_until(lambda: any(url in w and "llm_unreachable" in w for w in node_warnings(caplog)), 5)
@@ -246,7 +246,7 @@ async def test_node_warns_at_start_when_the_llm_server_is_unreachable_and_starts
 
 async def test_node_warns_at_start_when_no_model_is_loaded(tmp_path: Path, pki_dir: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="node.worker")
+    caplog.set_level(logging.WARNING, logger="node")
     async with run_system(tmp_path, pki_dir, fake_cfg=FakeLLMConfig(models=[])) as sys_:
         await wait_until(lambda: any("no model loaded" in w for w in node_warnings(caplog)), 5)
         assert sys_.fake.url in next(w for w in node_warnings(caplog) if "no model loaded" in w)
@@ -255,7 +255,7 @@ async def test_node_warns_at_start_when_no_model_is_loaded(tmp_path: Path, pki_d
 
 async def test_node_warns_at_start_when_its_model_is_not_listed(tmp_path: Path, pki_dir: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="node.worker")
+    caplog.set_level(logging.INFO, logger="node")
     async with run_system(tmp_path, pki_dir, fake_cfg=FakeLLMConfig(models=["qwen2.5-7b"])):
         await wait_until(lambda: any("'fake-model' is not among" in w for w in node_warnings(caplog)), 5)
     caplog.clear()

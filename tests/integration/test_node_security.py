@@ -103,7 +103,7 @@ async def test_a_device_cannot_replay_cancel_or_reask_another_devices_task(tmp_p
         await b.ask(x, "随便", replay=1)
         await b.send(wire.encode(wire.Cancel(id=x)))
         await wait_until(lambda: node.stats.unknown_replays == 1 and node.stats.unknown_cancels == 1, 10)
-        run = node._runs.get((a.uid, x))
+        run = node.admission.get((a.uid, x))
         assert run is not None and not run.cancelled  # A's task runs on
         # B asks a question of its own under A's id: its own task, answered to B only
         await b.ask(x, "关风扇")
@@ -185,7 +185,7 @@ async def test_a_flooding_device_is_refused_over_its_bound_and_others_still_run(
             done = a.done(t)
             assert done is not None and done.status == "error" and done.seq == 0 and a.of(t) == [done]
             assert done.err is not None and done.err.code == "rate_limited" and f"最多 {bound} 个" in done.err.msg
-        assert len(node._runs) == bound and node.stats.tasks == bound and node.stats.rate_limited == sent - bound
+        assert len(node.admission) == bound and node.stats.tasks == bound and node.stats.rate_limited == sent - bound
         # another user is answered meanwhile (a free slot: node.concurrency is 2)
         cfg.n_tokens, cfg.tokens_per_s = 10, 0
         token = await sys_.login(s)
@@ -197,7 +197,7 @@ async def test_a_flooding_device_is_refused_over_its_bound_and_others_still_run(
         # the refused questions were not kept: once the device's tasks are gone, the same id is a new task
         for tid in ids[:bound]:
             await a.send(wire.encode(wire.Cancel(id=tid)))
-        await wait_until(lambda: not node._runs, 20)
+        await wait_until(lambda: not len(node.admission), 20)
         last = ids[-1]
         await a.ask(last, "再问一次")
         await wait_until(lambda: isinstance(a.of(last)[-1], wire.Done) and a.of(last)[-1].status == "ok", 10)  # type: ignore[union-attr]
@@ -215,7 +215,7 @@ async def test_a_full_node_refuses_devices_and_leaves_edge_tasks_with_the_edge(t
         ta, tb, tc = os.urandom(16), os.urandom(16), os.urandom(16)
         await a.ask(ta, "一")
         await b.ask(tb, "二")
-        await wait_until(lambda: len(node._runs) == 2, 10)
+        await wait_until(lambda: len(node.admission) == 2, 10)
         await c.ask(tc, "三")
         done = await c.wait_done(tc)
         assert done.status == "error" and done.err is not None and done.err.code == "node_busy"
@@ -227,7 +227,7 @@ async def test_a_full_node_refuses_devices_and_leaves_edge_tasks_with_the_edge(t
             accepted = await ws.receive_json()
             assert accepted["type"] == "accepted"  # the edge has it ...
             await wait_until(lambda: node.stats.deferred >= 1, 10)  # ... the node does not take it yet
-            assert len(node._runs) == 2
+            assert len(node.admission) == 2
             cfg.n_tokens, cfg.tokens_per_s = 10, 0
             await a.send(wire.encode(wire.Cancel(id=ta)))  # room again: the edge's next republish gets in
             _, done_web = await collect(ws, accepted["task"])
@@ -273,7 +273,7 @@ async def test_malformed_device_tasks_are_answered_when_their_id_can_be_read(tmp
             assert done.err is not None and done.err.code == "bad_request" and "请求格式不正确" in done.err.msg
             assert done.err.hint is not None and word in done.err.hint, done.err.hint
         assert node.stats.bad_requests == len(answered)
-        run = node._runs.get((d.uid, running))
+        run = node.admission.get((d.uid, running))
         assert run is not None and not run.cancelled and d.done(running) is None  # untouched, still running
         # nothing else came: after its own running task, a valid task is answered; every reply is for a known id
         await d.send(wire.encode(wire.Cancel(id=running)))

@@ -31,7 +31,7 @@ def _acked() -> asyncio.Future[None]:
 def _lose(node: Any, pick: Any) -> list[Any]:
     """Make ``node`` lose the first reply ``pick(msg)`` selects; returns it (in a list). The loss is at the
     node's reply batcher, which every reply for the edge goes through (``node.batch_replies``)."""
-    orig = node._batcher.enqueue
+    orig = node.link.batcher.enqueue
     lost: list[Any] = []
 
     def lossy(msg: Any) -> asyncio.Future[None]:
@@ -40,7 +40,7 @@ def _lose(node: Any, pick: Any) -> list[Any]:
             return _acked()
         return orig(msg)
 
-    node._batcher.enqueue = lossy
+    node.link.batcher.enqueue = lossy
     return lost
 
 
@@ -64,7 +64,7 @@ def _assert_whole(frames: list[dict[str, Any]], done: dict[str, Any], chars: int
 def _lose_last_chunk(node: Any) -> list[Any]:
     """Make ``node`` lose the last Delta of its next answer: each Delta is held until the next message of
     the task, and the one held when the Done comes is dropped (the Done then names a seq never seen)."""
-    orig = node._batcher.enqueue
+    orig = node.link.batcher.enqueue
     held: list[Any] = []
     lost: list[Any] = []
 
@@ -80,7 +80,7 @@ def _lose_last_chunk(node: Any) -> list[Any]:
             lost.append(held.pop())
         return orig(msg)
 
-    node._batcher.enqueue = lossy
+    node.link.batcher.enqueue = lossy
     return lost
 
 
@@ -138,8 +138,8 @@ async def test_a_gap_the_node_cannot_replay_ends_with_one_clear_error(tmp_path: 
             aiohttp.ClientSession() as s:
         node = sys_.node
         _lose(node, lambda m: isinstance(m, wire.Delta) and m.seq == 2)
-        on_task = node._on_task
-        node._on_task = lambda t: None if t.replay else on_task(t)  # a node that forgot the task
+        on_task = node.on_task
+        node.on_task = lambda t: None if t.replay else on_task(t)  # a node that forgot the task
         frames, done = await _ask(sys_, s, timeout=30)
         deltas = [f for f in frames if f["type"] == "delta"]
         assert [d["seq"] for d in deltas] == [1]
@@ -156,6 +156,6 @@ async def test_a_replay_request_for_a_task_the_node_does_not_have_never_runs_it(
     async with run_system(tmp_path, pki_dir) as sys_:
         node = sys_.node
         task = wire.Task(id=os.urandom(16), uid="mp.alice", ch="mp", text="hi", ts=1, replay=3)
-        node._on_task(task)  # handled at once: a run would be in node._runs (and counted) on return
+        node.on_task(task)  # handled at once: a run would be held (and counted) on return
         assert node.stats.unknown_replays == 1 and node.stats.tasks == 0
-        assert sys_.fake.stats.chat_requests == 0 and not node._runs
+        assert sys_.fake.stats.chat_requests == 0 and not len(node.admission)

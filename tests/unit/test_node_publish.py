@@ -1,15 +1,14 @@
-"""node.worker.Node._publish_payload: a publish that timed out (no PUBACK within aiomqtt's 10 s, link still up)
+"""node.session.Link.publish_payload: a publish that timed out (no PUBACK within aiomqtt's 10 s, link still up)
 is retried; it must not stop every later publish (it used to clear the connection flag for good)."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import aiomqtt
 
-from core.config import load_settings
-from node.worker import Node
+import wire
+from node.session import Link
 
 
 class OnceTimedOut:
@@ -26,11 +25,16 @@ class OnceTimedOut:
         self.ok.append(topic)
 
 
-async def test_a_timed_out_publish_is_retried_and_later_ones_go_through(tmp_path: Path) -> None:
-    node = Node(load_settings(env={}, overrides={"data_dir": str(tmp_path)}))
+def _link() -> Link:
+    return Link("node1", beat_s=5.0, beat=lambda state: wire.Beat(node="node1", state=state, active=0, capacity=1),
+                state=lambda: "online", on_message=lambda msg: None)
+
+
+async def test_a_timed_out_publish_is_retried_and_later_ones_go_through() -> None:
+    link = _link()
     client = OnceTimedOut()
-    node._client = client  # type: ignore[assignment]
-    node._connected.set()
-    await asyncio.wait_for(node._publish_payload("claw/v1/batch/node1", b"x"), 3)
-    await asyncio.wait_for(node._publish_payload("claw/v1/batch/node1", b"y"), 3)
-    assert client.calls == 3 and len(client.ok) == 2 and node._connected.is_set()
+    link.client = client  # type: ignore[assignment]
+    link.connected.set()
+    await asyncio.wait_for(link.publish_payload("claw/v1/batch/node1", b"x"), 3)
+    await asyncio.wait_for(link.publish_payload("claw/v1/batch/node1", b"y"), 3)
+    assert client.calls == 3 and len(client.ok) == 2 and link.connected.is_set()
