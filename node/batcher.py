@@ -4,8 +4,8 @@ Every reply (``accept``/``delta``/``done``) for the edge goes through :meth:`Rep
 once the :class:`wire.Batch` carrying it has been acknowledged (PUBACK) -- the same back-pressure a plain
 QoS 1 publish gives. One batch is in flight at a time; whatever is sent meanwhile waits and goes out together
 in the next one. An idle node therefore adds no delay (a lone reply goes at once, in a batch of one), and a
-busy one sends one MQTT message where it would have sent hundreds: the broker's cost is per message (amqtt:
-~420 µs of CPU per delivered message), not per byte.
+busy one sends one MQTT message where it would have sent hundreds: the broker's cost is per message, not per
+byte (docs/performance.md).
 
 Order: items leave in the order they were sent, so each task's replies stay in order. A failed publish fails
 every item of that batch (the caller's publish fails as a plain one would); the edge repairs what is lost by
@@ -83,7 +83,6 @@ class ReplyBatcher:
         if self._task is None or self._loop is None:
             raise RuntimeError("reply batcher is not running")
         # self._loop, not asyncio.get_running_loop(): that one costs a getpid() system call each time
-        # (py-spy: 2.8 % of the node at 500 streams, one per chunk)
         fut = self._loop.create_future()
         fut.add_done_callback(_retrieve)
         self._items.append(msg)
@@ -145,6 +144,5 @@ class ReplyBatcher:
                             f.set_result(None)
                     # Let the acknowledgement callbacks run before the next batch is cut: a task's coalescer
                     # holds its text while its chunk is in flight and sends it from that callback; without
-                    # this the text missed the batch leaving now and waited a whole round trip more. (In
-                    # the bench's A/B at 300 and 500 streams the difference was within the noise.)
+                    # this the text would miss the batch leaving now and wait a whole round trip more.
                     await asyncio.sleep(0)

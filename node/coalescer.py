@@ -1,14 +1,11 @@
 """One task's LLM deltas → ``Delta`` chunks, driven by callbacks: no task, no event and no timer per token.
 
-The rule (unchanged from the sender task it replaces): the first text goes out at once; while a chunk is in
+The rule: the first text goes out at once; while a chunk is in
 flight (its QoS 1 PUBACK not back yet), or less than ``window`` seconds after the last chunk left, text is
 gathered; it leaves when the window has passed and the previous chunk is acknowledged, at once when
 ``max_bytes`` are waiting (still one chunk in flight at a time), and at once when the LLM is done. So a
-busy task costs one MQTT item per window instead of one per token, and an idle path adds no delay.
-
-Measured (py-spy, bench sweep at 300 streams): the sender task woke three times per token (the new text, the
-acknowledgement, the window's timeout), each wake a few µs of the node's CPU; here a token costs an append
-and at most one ``call_at``.
+busy task costs one MQTT item per window instead of one per token, and an idle path adds no delay. A token
+costs an append and at most one ``call_at``; the acknowledgement is a done-callback.
 
 ``send(text)`` publishes one chunk and returns a future that is done when it is acknowledged (or failed);
 the coalescer never has two in flight. ``acked(n, ns)`` is called as chunk ``n`` (1, 2, …) is acknowledged,
