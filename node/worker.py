@@ -47,7 +47,8 @@ _DEVICE_UID = "dev."  # a device's uid; every other uid's tasks come from the ed
 # llm_first_token = n_ft - n_rx (task received -> first LLM token, queueing included), publish = one
 # Delta's QoS 1 publish until its PUBACK, answer_total = n_done - n_rx (every task, whatever its status).
 NODE_STAGES = ("llm_first_token", "publish", "answer_total")
-BAD_REQUEST_MSG = "请求格式不正确，未被处理。请按协议 claw/v1 检查消息（详见 hint）。"  # shown to users
+# The answer to a malformed task whose id could be read (done, status error). Chinese: shown to users.
+BAD_REQUEST_MSG = "请求格式不正确，未被处理。请按协议 claw/v1 检查消息（详见 hint）。"
 
 
 @dataclass
@@ -72,7 +73,7 @@ class NodeStats:
 
 
 class Node:
-    """One node process. ``await node.run()`` until cancelled or ``stop()``.
+    """One node process. ``await node.run()`` until cancelled; ``await node.shutdown()`` first to stop gracefully.
 
     Its parts are public for tests and tools: ``link`` (:class:`node.session.Link`), ``admission``
     (:class:`node.admission.Admission`), ``replies`` (:class:`node.replylog.ReplyLog`), ``upstream``
