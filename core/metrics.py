@@ -1,29 +1,33 @@
-"""Latency histograms for ``/metrics`` (pure: no I/O, stdlib only).
+"""Metrics for ``/metrics``: fast latency histograms, and the prometheus_client glue that exposes them.
 
 ``Histogram`` records integer microseconds into high-dynamic-range log-linear buckets, like
 HdrHistogram: values below 128 µs are exact, above that every power of two is split into 64 linear
 sub-buckets (a bucket is at most 1/64 = 1.6 % of its values wide; percentiles report the bucket's
 middle, within 0.8 %). The range is 0 .. 2**32 - 1 µs (71.6 minutes); larger values are clamped to the
 top bucket (and counted in ``sum`` as that top value, so ``sum`` and the buckets agree). 1,728 counters.
+``record`` is O(1): a bit_length, a shift and three additions (docs/performance.md "Prometheus" has its cost).
+``Stages`` keeps one histogram per named stage; negative values (the two servers' clocks disagree) are not
+recorded but counted per stage.
 
-``record`` is O(1): a bit_length, a shift and three additions. Measured with timeit (CPython 3.11.7,
-AMD EPYC VM with 2 vCPUs, best of 5, over several runs): ``Histogram.record(123456)`` 0.16-0.24 µs per
-call, ``record(57)`` (exact range) 0.15-0.16 µs, ``Stages.observe(stage, 123456)`` 0.23-0.32 µs; for
-scale, ``time.time_ns() // 1000`` is 0.09 µs.
-(``python -m timeit -s "from core.metrics import Histogram; h = Histogram()" "h.record(123456)"``)
-
-Prometheus exposition is a classic histogram over a FIXED small set of boundaries in seconds
-(``PROM_BOUNDS_S``), derived from the fine buckets: a value is counted under ``le`` when its fine
-bucket is at or below the one holding ``le`` (so a value at most one fine bucket, 1.6 %, above a
-boundary may be counted under it). ``_sum`` is in seconds too. ``Stages`` keeps one histogram per
-named stage and renders them as one family with a ``stage`` label; negative values (the two servers'
-clocks disagree) are not recorded but counted per stage in ``<base>_skew_total``.
+Exposition is prometheus_client's: the processes keep plain ``int`` counters on their hot paths, and a
+collector per process object builds the metric families from them at scrape time (:class:`Families`,
+:class:`StagesCollector`), registered in a :func:`registry` of its own (never the library's global one: several
+edges and nodes may run in one process). :func:`exposition` renders a registry as Prometheus text. A stage
+family is a classic histogram over the FIXED boundaries ``PROM_BOUNDS_S`` (seconds), derived from the fine
+buckets: a value is counted under ``le`` when its fine bucket is at or below the one holding ``le`` (so a value
+at most one fine bucket, 1.6 %, above a boundary may be counted under it); ``_sum`` is in seconds. Next to it
+come the gauges ``<base>_p50_seconds`` / ``<base>_p99_seconds`` (stages with values only) and the counter
+``<base>_skew_total``, all labelled ``stage``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 
 SUB_BITS = 7  # values < 2**SUB_BITS are exact; above, each power of two has 2**(SUB_BITS-1) = 64 sub-buckets
 _HALF = 1 << (SUB_BITS - 1)  # 64
@@ -70,23 +74,6 @@ def _cutoffs() -> list[tuple[str, int]]:
 
 
 _PROM_CUTOFFS = _cutoffs()  # (le text, last fine bucket counted under it)
-
-
-def escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: Mapping[str, str] | None, extra: str = "") -> str:
-    parts = [f'{k}="{escape_label(str(v))}"' for k, v in (labels or {}).items()]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _num(x: float) -> str:
-    if math.isnan(x):
-        return "NaN"
-    return repr(float(x)) if not float(x).is_integer() else str(int(x))
 
 
 class Histogram:
@@ -144,7 +131,6 @@ class Histogram:
         self.count = 0
         self.sum = 0
 
-    # ---- Prometheus text exposition ---------------------------------------------------------
     def bucket_counts(self) -> list[tuple[str, int]]:
         """Cumulative counts for the ``le`` boundaries of PROM_BOUNDS_S, then ``+Inf``."""
         out = []
@@ -157,33 +143,9 @@ class Histogram:
         out.append(("+Inf", self.count))
         return out
 
-    def samples(self, name: str, labels: Mapping[str, str] | None = None) -> list[str]:
-        """The ``_bucket``/``_sum``/``_count`` sample lines (no ``# HELP``/``# TYPE``)."""
-        lines = [f"{name}_bucket{_labels(labels, f'le={chr(34)}{le}{chr(34)}')} {n}"
-                 for le, n in self.bucket_counts()]
-        lines.append(f"{name}_sum{_labels(labels)} {_num(self.sum / 1_000_000)}")
-        lines.append(f"{name}_count{_labels(labels)} {self.count}")
-        return lines
-
-    def prometheus(self, name: str, help: str, labels: Mapping[str, str] | None = None,
-                   quantiles: Iterable[int] = (50, 99)) -> list[str]:
-        """One histogram family ``name`` (use a ``_seconds`` name), plus a gauge family
-        ``<base>_p<q>_seconds`` per quantile (base = name without ``_seconds``; omitted when empty)."""
-        lines = [f"# HELP {name} {help}", f"# TYPE {name} histogram", *self.samples(name, labels)]
-        if self.count:
-            base = _base(name)
-            for q in quantiles:
-                lines += [f"# TYPE {base}_p{q}_seconds gauge",
-                          f"{base}_p{q}_seconds{_labels(labels)} {_num(self.percentile(q) / 1_000_000)}"]
-        return lines
-
-
-def _base(name: str) -> str:
-    return name[:-len("_seconds")] if name.endswith("_seconds") else name
-
 
 class Stages:
-    """Named stage histograms rendered as one family with a ``stage`` label.
+    """Named stage histograms, exposed as one family with a ``stage`` label (:func:`stage_families`).
 
     ``observe`` ignores negative values (clock skew between the two servers' wall clocks) and counts
     them in ``skew`` (total) and ``skews`` (per stage). Stages given to the constructor are rendered
@@ -216,20 +178,82 @@ class Stages:
         self.skew = 0
         self.skews.clear()
 
-    def prometheus(self, name: str, help: str, quantiles: Iterable[int] = (50, 99)) -> list[str]:
-        """``name{stage=...}`` histograms, ``<base>_p<q>_seconds{stage=...}`` gauges (stages with
-        values only) and ``<base>_skew_total{stage=...}`` (values dropped as negative)."""
-        base = _base(name)
-        lines = [f"# HELP {name} {help}", f"# TYPE {name} histogram"]
-        for stage in sorted(self.hists):
-            lines += self.hists[stage].samples(name, {"stage": stage})
+
+# ---- exposition (prometheus_client) ---------------------------------------------------------------
+
+CONTENT_TYPE = "text/plain; charset=utf-8"  # of exposition()'s text (Prometheus text format 0.0.4)
+
+
+def registry(*collectors: Collector) -> CollectorRegistry:
+    """A registry of its own for one process object's collectors (never prometheus_client's global one)."""
+    reg = CollectorRegistry(auto_describe=False)
+    for c in collectors:
+        reg.register(c)
+    return reg
+
+
+def exposition(reg: CollectorRegistry) -> bytes:
+    """The registry's families as Prometheus text (built now, at the scrape)."""
+    return generate_latest(reg)
+
+
+class Families(Collector):
+    """A collector whose families ``build()`` makes at each scrape from the owner's plain counters."""
+
+    def __init__(self, build: Callable[[], Iterable[Metric]]) -> None:
+        self._build = build
+
+    def collect(self) -> Iterable[Metric]:
+        return self._build()
+
+
+def counter(name: str, help: str, value: int) -> CounterMetricFamily:
+    """An unlabelled counter ``name`` (ending ``_total``)."""
+    return CounterMetricFamily(name, help, value=value)
+
+
+def gauge(name: str, help: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, help, value=value)
+
+
+def counters_by(name: str, help: str, label: str, values: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter ``name`` (ending ``_total``) with one series per ``label`` value, sorted."""
+    family = CounterMetricFamily(name, help, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+def _base(name: str) -> str:
+    return name[:-len("_seconds")] if name.endswith("_seconds") else name
+
+
+def stage_families(stages: Stages, name: str, help: str, quantiles: Iterable[int] = (50, 99)) -> Iterator[Metric]:
+    """``name{stage}`` (a histogram; use a ``_seconds`` name), ``<base>_p<q>_seconds{stage}`` gauges (stages with
+    values only; no family while none has one) and ``<base>_skew_total{stage}`` (values dropped as negative);
+    base = name without ``_seconds``."""
+    base = _base(name)
+    family = HistogramMetricFamily(name, help, labels=["stage"])
+    for stage, h in sorted(stages.hists.items()):
+        family.add_metric([stage], h.bucket_counts(), h.sum / 1_000_000)
+    yield family
+    filled = [(stage, h) for stage, h in sorted(stages.hists.items()) if h.count]
+    if filled:
         for q in quantiles:
-            filled = [(s, h) for s, h in sorted(self.hists.items()) if h.count]
-            if filled:
-                lines.append(f"# TYPE {base}_p{q}_seconds gauge")
-                lines += [f'{base}_p{q}_seconds{{stage="{escape_label(s)}"}} {_num(h.percentile(q) / 1_000_000)}'
-                          for s, h in filled]
-        lines.append(f"# TYPE {base}_skew_total counter")
-        for stage in sorted(set(self.hists) | set(self.skews)):
-            lines.append(f'{base}_skew_total{{stage="{escape_label(stage)}"}} {self.skews.get(stage, 0)}')
-        return lines
+            g = GaugeMetricFamily(f"{base}_p{q}_seconds", f"{q}th percentile of {name} since the start",
+                                  labels=["stage"])
+            for stage, h in filled:
+                g.add_metric([stage], h.percentile(q) / 1_000_000)
+            yield g
+    yield counters_by(f"{base}_skew_total", f"Values of {name} not recorded because they were negative (clock skew)",
+                      "stage", {stage: stages.skews.get(stage, 0) for stage in set(stages.hists) | set(stages.skews)})
+
+
+class StagesCollector(Collector):
+    """The families of :func:`stage_families` for one ``Stages``, at each scrape."""
+
+    def __init__(self, stages: Stages, name: str, help: str) -> None:
+        self._stages, self._name, self._help = stages, name, help
+
+    def collect(self) -> Iterator[Metric]:
+        return stage_families(self._stages, self._name, self._help)

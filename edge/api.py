@@ -20,10 +20,12 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 import wire
+from core.metrics import CONTENT_TYPE, exposition
 
 from .auth import Claims
 from .bridge import Bridge, LiveTask, done_frame
-from .keys import BRIDGE, BROKER, SESSIONS, SETTINGS, STORE, TOKENS
+from .keys import BRIDGE, SESSIONS, SETTINGS, STORE, TOKENS
+from .metrics import METRICS, edge_registry
 from .miniapp import CODE_RE, MINIAPP, LoginError, miniapp_ctx
 from .store import StoreFull
 
@@ -326,40 +328,7 @@ async def get_task(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     if not _privileged(request):
         return _err(403, "forbidden", "仅限本机或持有监控令牌（edge.metrics_token）访问")
-    b = request.app[BRIDGE]
-    st = b.stats
-    lines = [
-        "# TYPE claw_edge_tasks_published_total counter", f"claw_edge_tasks_published_total {st.published}",
-        "# TYPE claw_edge_tasks_republished_total counter", f"claw_edge_tasks_republished_total {st.republished}",
-        "# TYPE claw_edge_replies_total counter", f"claw_edge_replies_total {st.replies}",
-        "# TYPE claw_edge_batches_total counter", f"claw_edge_batches_total {st.batches}",
-        "# TYPE claw_edge_duplicates_total counter", f"claw_edge_duplicates_total {st.duplicates}",
-        "# TYPE claw_edge_gaps_total counter", f"claw_edge_gaps_total {st.gaps}",
-        "# TYPE claw_edge_replay_asks_total counter", f"claw_edge_replay_asks_total {st.replay_asks}",
-        "# TYPE claw_edge_redispatched_total counter", f"claw_edge_redispatched_total {st.redispatched}",
-        "# TYPE claw_edge_bad_messages_total counter", f"claw_edge_bad_messages_total {st.bad_messages}",
-        "# TYPE claw_edge_tasks_finished_total counter",
-        *[f'claw_edge_tasks_finished_total{{status="{k}"}} {v}' for k, v in sorted(st.finished.items())],
-        "# TYPE claw_edge_live_tasks gauge", f"claw_edge_live_tasks {b.open_count}",
-        "# TYPE claw_edge_recent_tasks gauge", f"claw_edge_recent_tasks {len(b.live)}",
-        "# TYPE claw_edge_ws_sessions gauge", f"claw_edge_ws_sessions {len(request.app[SESSIONS])}",
-        "# TYPE claw_edge_node_online gauge", f"claw_edge_node_online {int(b.node_online)}",
-        "# TYPE claw_edge_mqtt_connected gauge", f"claw_edge_mqtt_connected {int(b.connected)}",
-        *b.stages.prometheus("claw_edge_stage_seconds",
-                             "Stage latency of answers seen by the edge, from the wire timing stamps (seconds)"),
-        *_broker_lines(request.app.get(BROKER)),
-    ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-
-
-def _broker_lines(broker: Any) -> list[str]:
-    """The embedded broker's refusal counters (docs/broker.md "Limits"); none with an external broker."""
-    if broker is None:
-        return []
-    counts = broker.counters.as_dict()
-    counts["device_rate_dropped"] = broker.device_limiter.dropped
-    return ["# TYPE claw_broker_refused_total counter",
-            *[f'claw_broker_refused_total{{kind="{k}"}} {v}' for k, v in sorted(counts.items())]]
+    return web.Response(body=exposition(request.app[METRICS]), headers={"Content-Type": CONTENT_TYPE})
 
 
 # The page's own files only (no directory listing, no path from the request reaches the file system); revalidated
@@ -718,6 +687,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/healthz", healthz)
+    app[METRICS] = edge_registry(app)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/login", login)
     app.router.add_post("/api/refresh", refresh)

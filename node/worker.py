@@ -16,14 +16,16 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import aiomqtt
 from aiohttp import web
 
 import wire
+from core import metrics
 from core.config import Settings
-from core.metrics import Stages, escape_label
+from core.metrics import Stages
 from core.mqtt import Backoff, client_from_settings, run_forever
 from core.runtime import now_us, start_http
 
@@ -152,35 +154,34 @@ class Node:
 
     # ---- GET /metrics (node.metrics_listen) -------------------------------------------------
     async def _start_metrics(self, listen: str) -> None:
+        reg = metrics.registry(metrics.Families(self.metric_families), metrics.StagesCollector(
+            self.stages, "claw_node_stage_seconds", "Stage latency of answers on the node (seconds)"))
+
+        async def scrape(request: web.Request) -> web.Response:
+            return web.Response(body=metrics.exposition(reg), headers={"Content-Type": metrics.CONTENT_TYPE})
+
         app = web.Application()
-        app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_get("/metrics", scrape)
         self._metrics, self.metrics_port = await start_http(app, listen, "node.metrics_listen")
         log.info("node %s: Prometheus metrics on http://%s:%d/metrics", self.id, listen.rpartition(":")[0],
                  self.metrics_port)
 
-    async def _metrics_handler(self, request: web.Request) -> web.Response:
-        return web.Response(text="\n".join(self.metrics_lines()) + "\n", content_type="text/plain")
-
-    def metrics_lines(self) -> list[str]:
-        """Prometheus text: every int field of ``NodeStats`` as ``claw_node_<field>_total``, LLM errors
-        by code, gauges, and the stage histograms ``claw_node_stage_seconds{stage=...}``."""
+    def metric_families(self) -> Iterator[metrics.Metric]:
+        """The node's counters and gauges, built at a scrape: every int field of ``NodeStats`` as
+        ``claw_node_<field>_total``, LLM errors by code, and the task gauges (docs/api.md "Node metrics")."""
         st = self.stats
-        lines: list[str] = []
         for f in dataclasses.fields(st):
             value = getattr(st, f.name)
             if isinstance(value, int):
-                lines += [f"# TYPE claw_node_{f.name}_total counter", f"claw_node_{f.name}_total {value}"]
-        lines.append("# TYPE claw_node_llm_errors_total counter")
-        lines += [f'claw_node_llm_errors_total{{code="{escape_label(k)}"}} {v}' for k, v in sorted(st.by_code.items())]
-        lines += [
-            "# TYPE claw_node_active_tasks gauge", f"claw_node_active_tasks {len(self._runs)}",
-            "# TYPE claw_node_queued_tasks gauge", f"claw_node_queued_tasks {len(self._waiting)}",
-            "# TYPE claw_node_capacity gauge", f"claw_node_capacity {self.cfg.concurrency}",
-            "# TYPE claw_node_connected gauge", f"claw_node_connected {int(self._connected.is_set())}",
-            "# TYPE claw_node_draining gauge", f"claw_node_draining {int(self.state != 'online')}",
-        ]
-        lines += self.stages.prometheus("claw_node_stage_seconds", "Stage latency of answers on the node (seconds)")
-        return lines
+                yield metrics.counter(f"claw_node_{f.name}_total", f"NodeStats.{f.name}", value)
+        yield metrics.counters_by("claw_node_llm_errors_total", "Answers ended by an LLM error, by code", "code",
+                                  st.by_code)
+        yield metrics.gauge("claw_node_active_tasks", "Tasks accepted and not finished (running or queued)",
+                            len(self._runs))
+        yield metrics.gauge("claw_node_queued_tasks", "Tasks accepted and waiting for a slot", len(self._waiting))
+        yield metrics.gauge("claw_node_capacity", "node.concurrency", self.cfg.concurrency)
+        yield metrics.gauge("claw_node_connected", "1 while the broker link is up", int(self._connected.is_set()))
+        yield metrics.gauge("claw_node_draining", "1 while stopping", int(self.state != "online"))
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully: announce ``draining``, take no new tasks, let running answers finish

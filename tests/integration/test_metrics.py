@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fakes.llm import FakeLLMConfig
 from tests.conftest import free_port, run_system
@@ -14,20 +14,19 @@ from tests.integration.test_e2e import collect
 
 pytestmark = pytest.mark.integration
 
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$')
 
 
-def parse(text: str) -> dict[str, dict[str, dict[str, float]]]:
-    """family sample name -> stage -> le (or "") -> value, for every sample line; asserts each line parses."""
+def parse(text: str, types: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """sample name -> stage -> le (or "") -> value, read by prometheus_client's parser; ``types`` gets each
+    family's type. No family comes twice, and there is no ``_created`` series."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = SAMPLE.match(line)
-        assert m, f"not a Prometheus sample: {line!r}"
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        out.setdefault(m.group(1), {}).setdefault(labels.get("stage", ""), {})[labels.get("le", "")] = \
-            float(m.group(3))
+    seen: dict[str, str] = {} if types is None else types
+    for family in text_string_to_metric_families(text):
+        assert family.name not in seen, f"family {family.name} twice"
+        seen[family.name] = family.type
+        for s in family.samples:
+            assert not s.name.endswith("_created"), s
+            out.setdefault(s.name, {}).setdefault(s.labels.get("stage", ""), {})[s.labels.get("le", "")] = s.value
     return out
 
 
@@ -59,8 +58,17 @@ async def test_stage_histograms_on_edge_and_node(tmp_path: Path, pki_dir: Path) 
         async with s.get(f"{sys_.http}/metrics") as r:
             assert r.status == 200
             edge_text = await r.text()
-        edge = parse(edge_text)
+        edge_types: dict[str, str] = {}
+        edge = parse(edge_text, edge_types)
         assert edge["claw_edge_tasks_finished_total"][""] == {"": 1}  # the existing lines are still there
+        assert edge["claw_edge_tasks_published_total"][""][""] == 1
+        assert edge["claw_edge_replies_total"][""][""] >= n_chunks + 1
+        assert edge["claw_edge_live_tasks"][""][""] == 0 and edge["claw_edge_recent_tasks"][""][""] == 1
+        assert edge["claw_edge_node_online"][""][""] == 1 and edge["claw_edge_mqtt_connected"][""][""] == 1
+        assert edge["claw_edge_ws_sessions"][""][""] in (0, 1)  # the socket above closes on its own time
+        assert edge_types["claw_edge_stage_seconds"] == "histogram"
+        assert edge_types["claw_edge_tasks_published"] == edge_types["claw_edge_stage_skew"] == "counter"
+        assert edge_types["claw_edge_live_tasks"] == edge_types["claw_edge_stage_p50_seconds"] == "gauge"
         check_family(edge, "claw_edge_stage_seconds",
                      ["chunk_node_to_edge", "ask_to_first_chunk", "llm_first_token", "edge_to_node",
                       "first_token_to_publish", "done_node_to_edge"])
@@ -70,8 +78,14 @@ async def test_stage_histograms_on_edge_and_node(tmp_path: Path, pki_dir: Path) 
 
         async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
             assert r.status == 200
-            node = parse(await r.text())
+            node_types: dict[str, str] = {}
+            node = parse(await r.text(), node_types)
         assert node["claw_node_tasks_total"][""][""] == 1
+        assert node["claw_node_errors_total"][""][""] == 0 and "claw_node_llm_errors_total" not in node
+        assert node["claw_node_capacity"][""][""] == sys_.node.cfg.concurrency
+        assert node["claw_node_draining"][""][""] == 0 and node["claw_node_queued_tasks"][""][""] == 0
+        assert node_types["claw_node_tasks"] == node_types["claw_node_llm_errors"] == "counter"
+        assert node_types["claw_node_connected"] == "gauge" and node_types["claw_node_stage_seconds"] == "histogram"
         assert node["claw_node_ok_total"][""][""] == 1
         assert node["claw_node_chunks_total"][""][""] == n_chunks
         assert node["claw_node_connected"][""][""] == 1
@@ -107,8 +121,9 @@ async def test_broker_refusals_are_on_the_edges_metrics(tmp_path: Path, pki_dir:
         async with s.get(f"{sys_.http}/metrics") as r:
             assert r.status == 200
             text = await r.text()
-        refused = {m.group(1): float(m.group(2)) for m in
-                   re.finditer(r'^claw_broker_refused_total\{kind="(\w+)"\} (\S+)$', text, re.M)}
+        family = next(f for f in text_string_to_metric_families(text) if f.name == "claw_broker_refused")
+        assert family.type == "counter"
+        refused = {s.labels["kind"]: s.value for s in family.samples if s.name == "claw_broker_refused_total"}
         assert refused["client_id_refused"] == 1
         assert {"auth_throttled", "auth_busy", "oversize_dropped", "queue_dropped",
                 "device_rate_dropped"} <= set(refused)

@@ -1,16 +1,17 @@
-"""core.metrics: log-linear histogram accuracy, merge, Prometheus exposition, the Stages registry."""
+"""core.metrics: log-linear histogram accuracy, merge, the Stages registry, and their exposition through
+prometheus_client (parsed back with its own parser)."""
 
 from __future__ import annotations
 
 import math
 import random
-import re
 
 import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
-from core.metrics import HIGHEST_US, N_BUCKETS, PROM_BOUNDS_S, Histogram, Stages, bucket_bounds, bucket_index
-
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
+from core.metrics import (HIGHEST_US, N_BUCKETS, PROM_BOUNDS_S, Families, Histogram, Stages, StagesCollector,
+                          bucket_bounds, bucket_index, counter, counters_by, exposition, gauge, registry)
 
 
 def exact(values: list[int], q: float) -> int:
@@ -19,17 +20,17 @@ def exact(values: list[int], q: float) -> int:
     return s[max(1, math.ceil(q / 100 * len(s))) - 1]
 
 
-def parse(lines: list[str]) -> list[tuple[str, dict[str, str], float]]:
-    out = []
-    for line in lines:
-        if line.startswith("#"):
-            assert re.match(r"^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* \S", line), line
-            continue
-        m = SAMPLE.match(line)
-        assert m, f"not a Prometheus sample: {line!r}"
-        labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        out.append((m.group(1), labels, float(m.group(3))))
-    return out
+def scrape(*collectors: object) -> tuple[dict[str, str], list[tuple[str, dict[str, str], float]]]:
+    """(family name -> type, [(sample name, labels, value)]) of the collectors' exposition, parsed by
+    prometheus_client's own parser (in exposition order)."""
+    text = exposition(registry(*collectors)).decode()  # type: ignore[arg-type]
+    types, samples = {}, []
+    for family in text_string_to_metric_families(text):
+        assert family.name not in types, f"family {family.name} twice"
+        types[family.name] = family.type
+        samples += [(s.name, s.labels, s.value) for s in family.samples]
+    assert not any(name.endswith("_created") for name, _, _ in samples)
+    return types, samples
 
 
 def test_buckets_are_contiguous_and_narrow() -> None:
@@ -112,11 +113,13 @@ def test_negative_value_is_refused_by_histogram() -> None:
 def test_exposition_is_cumulative_and_parses() -> None:
     rng = random.Random(3)
     values = [int(math.exp(rng.uniform(0, math.log(1e8)))) for _ in range(3000)]
-    h = Histogram()
+    st = Stages()
     for v in values:
-        h.record(v)
-    lines = h.prometheus("claw_test_seconds", "a test histogram", {"who": 'a"b'})
-    samples = parse(lines)
+        st.observe('a"b\\c', v)  # a label value that needs escaping
+    types, samples = scrape(StagesCollector(st, "claw_test_seconds", "a test histogram"))
+    assert types == {"claw_test_seconds": "histogram", "claw_test_p50_seconds": "gauge",
+                     "claw_test_p99_seconds": "gauge", "claw_test_skew": "counter"}
+    assert all(lab["stage"] == 'a"b\\c' for _, lab, _ in samples)
     buckets = [(lab["le"], v) for n, lab, v in samples if n == "claw_test_seconds_bucket"]
     assert [le for le, _ in buckets] == [f"{s:g}" for s in PROM_BOUNDS_S] + ["+Inf"]
     counts = [v for _, v in buckets]
@@ -131,8 +134,7 @@ def test_exposition_is_cumulative_and_parses() -> None:
     assert by["claw_test_seconds_sum"] == pytest.approx(sum(values) / 1e6)
     assert by["claw_test_p50_seconds"] == pytest.approx(exact(values, 50) / 1e6, rel=0.01)
     assert by["claw_test_p99_seconds"] == pytest.approx(exact(values, 99) / 1e6, rel=0.01)
-    assert all(lab.get("who") == 'a\\"b' for _, lab, _ in samples)
-    assert "# TYPE claw_test_seconds histogram" in lines
+    assert by["claw_test_skew_total"] == 0
 
 
 def test_stages_family_skew_and_labels() -> None:
@@ -144,10 +146,8 @@ def test_stages_family_skew_and_labels() -> None:
     st.observe("c", -1)
     assert st.skew == 2 and st.skews == {"b": 1, "c": 1}
     assert st["a"].count == 2 and st["b"].count == 0 and st["c"].count == 1
-    lines = st.prometheus("claw_x_stage_seconds", "stage latency")
-    samples = parse(lines)
-    # one family: HELP/TYPE once, every stage's series inside it
-    assert sum(1 for line in lines if line.startswith("# TYPE claw_x_stage_seconds ")) == 1
+    types, samples = scrape(StagesCollector(st, "claw_x_stage_seconds", "stage latency"))
+    assert types["claw_x_stage_seconds"] == "histogram"  # one family, every stage's series inside it
     count = {lab["stage"]: v for n, lab, v in samples if n == "claw_x_stage_seconds_count"}
     assert count == {"a": 2, "b": 0, "c": 1}
     for stage in ("a", "b", "c"):
@@ -155,17 +155,39 @@ def test_stages_family_skew_and_labels() -> None:
         assert cum == sorted(cum) and cum[-1] == count[stage]
     a_buckets = {lab["le"]: v for n, lab, v in samples if n == "claw_x_stage_seconds_bucket" and lab["stage"] == "a"}
     assert a_buckets["0.001"] == 0 and a_buckets["0.0025"] == 1 and a_buckets["0.005"] == 2
+    a_sum = [v for n, lab, v in samples if n == "claw_x_stage_seconds_sum" and lab["stage"] == "a"]
+    assert a_sum == [pytest.approx(0.0045)]  # seconds
     skew = {lab["stage"]: v for n, lab, v in samples if n == "claw_x_stage_skew_total"}
     assert skew == {"a": 0, "b": 1, "c": 1}
     p50 = {lab["stage"]: v for n, lab, v in samples if n == "claw_x_stage_p50_seconds"}
     assert set(p50) == {"a", "c"}  # empty stages have no quantile gauge
-    # the family's lines are contiguous (Prometheus requires a family's samples together)
-    names = [n for n, _, _ in samples]
-    first = names.index("claw_x_stage_seconds_bucket")
-    last = len(names) - 1 - names[::-1].index("claw_x_stage_seconds_count")
-    assert all(n.startswith("claw_x_stage_seconds_") for n in names[first:last + 1])
     st.reset()
     assert st.skew == 0 and st["a"].count == 0
+    types, _ = scrape(StagesCollector(st, "claw_x_stage_seconds", "stage latency"))
+    assert "claw_x_stage_p50_seconds" not in types  # no stage with values: no quantile family at all
+
+
+def test_families_are_built_at_each_scrape_in_a_registry_of_their_own() -> None:
+    """The hot path keeps plain ints; a collector reads them when scraped. Each registry is its own (several
+    edges and nodes run in one test process): nothing lands in prometheus_client's global REGISTRY."""
+    state = {"n": 0, "by": {"ok": 1}}
+
+    def build() -> list[object]:
+        return [counter("claw_t_things_total", "things", state["n"]), gauge("claw_t_level", "level", 0.5),
+                counters_by("claw_t_done_total", "done by status", "status", state["by"])]
+
+    collector = Families(build)  # type: ignore[arg-type]
+    types, samples = scrape(collector)
+    assert types == {"claw_t_things": "counter", "claw_t_level": "gauge", "claw_t_done": "counter"}
+    assert ("claw_t_things_total", {}, 0) in samples and ("claw_t_level", {}, 0.5) in samples
+    state["n"] += 41
+    state["n"] += 1
+    state["by"]["error"] = 2  # type: ignore[index]
+    _, samples = scrape(collector)
+    assert ("claw_t_things_total", {}, 42) in samples
+    assert [(lab, v) for n, lab, v in samples if n == "claw_t_done_total"] == [({"status": "error"}, 2),
+                                                                                 ({"status": "ok"}, 1)]
+    assert not any(m.name.startswith("claw_") for m in REGISTRY.collect())
 
 
 def test_boundary_value_is_counted_under_its_le() -> None:
