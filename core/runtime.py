@@ -39,10 +39,9 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 # A server process allocates a few dicts and objects per relayed chunk; with Python's default (700, 10, 10) the
-# cyclic collector ran a young collection every 700 net allocations and a full one every 100 of those, walking
-# every live object (amqtt's, aiohttp's, the live tasks'). Measured in the bench sweep at 500 streams (two A/B
-# pairs, same machine, minutes apart): p99 chunk relay 120 → 67 ms and 152 → 103 ms. Young garbage is still
-# collected every 50 000 allocations, and a full collection still runs (every 100 M allocations at most).
+# cyclic collector runs a young collection every 700 net allocations and a full one every 100 of those, walking
+# every live object (amqtt's, aiohttp's, the live tasks'). These thresholds still collect young garbage every
+# 50 000 allocations and run a full collection at most every 100 M (the A/B figures: docs/performance.md).
 GC_THRESHOLD = (50_000, 20, 100)
 
 

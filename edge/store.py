@@ -103,15 +103,14 @@ class TaskStore:
         # Chunks of unfinished tasks (id + seq -> text), written synchronously before a chunk is forwarded,
         # in an environment of their own without fsync: a write survives a crash or kill -9 of the process
         # (the OS has the pages), not a power loss. Never contends with the writer thread. writemap: a commit
-        # writes into the shared map instead of pwrite() calls (a transaction of 10 chunks 88 -> 32 µs here;
-        # py-spy: the batch's transaction was ~7 % of the edge at 500 streams).
+        # writes into the shared map instead of pwrite() calls (docs/performance.md has the figures).
         self.chunk_env = open_env(Path(data_dir) / "edge-chunks.lmdb", max_dbs=2, sync=False, writemap=True)
         self.chunks = open_db(self.chunk_env, b"chunks")
         self.writer = Writer(self.env, name="edge-lmdb-writer")
         self._overlay: dict[bytes, tuple[TaskRecord, int]] = {}  # updates not yet committed
         # The last RECENT_MAX records committed, as committed (insertion order = age): a task's updates
         # come soon after it was written, and get() from here saves a read transaction and a CBOR decode
-        # (py-spy: get() in update() was ~5 % of the edge at 500 streams). Kept true by the writer thread:
+        # per status update. Kept true by the writer thread:
         # set after a commit, dropped on a failed write and by pruning.
         self._recent: dict[bytes, TaskRecord] = {}
         self._recent_chars = 0  # characters of question + answer held in _recent
