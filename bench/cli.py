@@ -1,13 +1,14 @@
 """``claw bench SCENARIO [options]``: the bench suite's entry point (see ``bench/README.md``).
 
-The suite (``bench/suite.py``: every part in its own process, results as JSON + an HTML report):
+The suite (``bench/suite.py`` runs the scenarios of ``bench/scenarios.py``, every part in its own process;
+results as JSON + an HTML report):
 
 * ``latency`` -- one user, ask → first delta and per-chunk relay, against the direct baseline;
 * ``sweep`` -- 1 → 2000 concurrent streams, the knee where p99 per-chunk relay passes 100 ms (or less than
   90 % of the offered text arrives); ``--broker thin`` sweeps the thin relay (bench/thin.py) instead;
 * ``brokers`` -- the sweep over the embedded amqtt, over Mosquitto and over the thin relay (bench/thin.py,
   the ceiling) in one run: the knee ratio and the two targets relative to the thin relay (CPU per chunk,
-  knee share; ``bench.suite.vs_thin``);
+  knee share; ``bench.targets.vs_thin``);
 * ``direct`` -- the client reads the fake LLM's SSE itself (the floor);
 * ``memory`` -- server A's RSS per idle WebSocket client and per idle MQTT device;
 * ``devices`` -- MQTT devices asking the node over the broker: a sweep of their own;
@@ -213,7 +214,8 @@ def _suite(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .suite import Options, run
+    from .options import Options
+    from .suite import run
 
     if args.broker == "thin" and args.scenario != "sweep":
         print(f"claw bench {args.scenario}: --broker thin is for sweep only (the thin relay is no broker; "
