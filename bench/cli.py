@@ -57,7 +57,8 @@ def _non_negative(value: str) -> float:
     return x
 
 
-def _levels(value: str) -> list[int]:
+def parse_levels(value: str) -> list[int]:
+    """``--levels``: comma-separated stream counts, each >= 1, as a sorted list without repeats."""
     try:
         out = sorted({int(x) for x in value.split(",") if x.strip()})
     except ValueError:
@@ -115,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in SUITE:
         # help= is %-formatted by argparse (hence "%%" in it), description= is not
         sp = sub.add_parser(name, help=helps[name], description=helps[name].replace("%%", "%"))
-        sp.add_argument("--levels", type=_levels, default=None,
+        sp.add_argument("--levels", type=parse_levels, default=None,
                         help="concurrent streams per level, e.g. 1,10,100 (default 1,10,50,100,200,500,1000,1500,2000)")
         sp.add_argument("--level-s", type=_non_negative, default=6.0, help="measured seconds per level (default %(default)s)")
         sp.add_argument("--warm-s", type=_non_negative, default=2.0, help="unmeasured seconds first (default %(default)s)")
@@ -242,14 +243,15 @@ def _suite(args: argparse.Namespace) -> int:
     from .report import write_report
 
     write_report(results, out / "report.html")
-    print(_summary(results), flush=True)
+    print(summary(results), flush=True)
     print(f"results: {out / 'results.json'}  report: {out / 'report.html'}", flush=True)
     if args.scenario == "smoke":
         return 0 if results["scenarios"]["smoke"]["ok"] else 1
     return 0
 
 
-def _summary(results: dict[str, Any]) -> str:
+def summary(results: dict[str, Any]) -> str:
+    """The text printed after a suite run: the commit, the machine, the run time and every target's verdict."""
     lines = [f"claw bench {results.get('scenario')}: commit {results['env'].get('commit')}"
              f"{' (dirty)' if results['env'].get('dirty') else ''}, {results['env'].get('cpus')} CPUs, "
              f"{results.get('elapsed_s')} s"]

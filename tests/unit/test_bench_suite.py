@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from bench.cli import _levels
+from bench.cli import parse_levels
 from bench.hist import Hist
 from bench.targets import KNEE_MS, checks, past_knee
 
@@ -96,10 +96,10 @@ def test_checks_evaluate_the_issue_targets() -> None:
 
 
 def test_levels_option() -> None:
-    assert _levels("100,1,10,10") == [1, 10, 100]
+    assert parse_levels("100,1,10,10") == [1, 10, 100]
     for bad in ("", "0,1", "a,b"):
         with pytest.raises(argparse.ArgumentTypeError):
-            _levels(bad)
+            parse_levels(bad)
 
 
 def test_knee_is_the_last_level_before_the_first_bad_one() -> None:
