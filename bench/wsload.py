@@ -1,7 +1,7 @@
 """The load generator's WebSocket users: a small RFC 6455 client written as an asyncio Protocol.
 
 Each user is a state machine run from ``data_received``, not a task: a frame is decoded
-(``core.wsframe.decode``) and handed to ``on_frame`` in the same callback, with no coroutine wake or queue hop
+(``core.wsframe.frames``) and handed to ``on_frame`` in the same callback, with no coroutine wake or queue hop
 per frame, so the generator takes little of the CPU it shares with the system it measures.
 
 What it speaks: the client side of RFC 6455 for what the edge sends (unfragmented text frames, ping, close;
@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from core.wsframe import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameError, client_frame, decode
+from core.wsframe import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, client_frame, frames
 
 __all__ = ["WsUser", "connect", "WsError"]
 
@@ -90,16 +90,8 @@ class WsUser(asyncio.Protocol):
                 return
             self._head = False
             self.upgraded.set_result(None)
-        pos = 0
-        while True:
-            try:
-                got = decode(buf, pos)
-            except FrameError as exc:
-                self._end(str(exc))
-                return
-            if got is None:
-                break
-            (fin, op, payload), pos = got
+        got, pos, error = frames(buf)
+        for fin, op, payload in got:
             if op == OP_TEXT and fin:
                 try:
                     obj = _decode(payload)
@@ -119,6 +111,9 @@ class WsUser(asyncio.Protocol):
             elif op != OP_PONG:
                 self._end(f"unexpected frame (opcode {op}, fin {int(fin)})")
                 return
+        if error is not None:
+            self._end(str(error))
+            return
         self._buf = buf[pos:]
 
 

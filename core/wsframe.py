@@ -1,26 +1,25 @@
-"""RFC 6455 WebSocket frames as bytes, with no I/O: encode one frame, decode one frame from a buffer.
+"""RFC 6455 WebSocket frames as bytes, with no I/O: encode one frame, decode the complete frames in a buffer.
 
 Encoding: :func:`server_frame` builds a final, unmasked frame (server → client; ``edge.api.WsSession`` writes
 text frames with it straight to the transport); :func:`client_frame` a final frame masked with a 4-byte key
 (client → server). The length takes the shortest of the three forms (7 bits, 16 bits after 126, 64 bits after
 127). Neither fragments nor compresses.
 
-Decoding: :func:`decode` reads the frame that starts at ``pos`` in a buffer and returns it with the position
-after it, or ``None`` while the buffer holds only part of it. ``masked`` says which side is reading: a client
-(``False``) refuses a masked frame, a server (``True``) refuses an unmasked one and unmasks the payload; a
-refused frame raises :class:`FrameError` (RFC 6455 5.1). The reserved bits and control-frame rules are not
-checked: the decoder serves the bench's load generator, which reports any opcode it does not expect.
+Decoding: :func:`frames` reads every complete frame in a buffer from a position on, in one call per read, and
+says where the incomplete rest begins. ``masked`` says which side is reading: a client (``False``) refuses a
+masked frame, a server (``True``) refuses an unmasked one and unmasks the payload; a refused frame stops the
+scan with a :class:`FrameError` (RFC 6455 5.1). The reserved bits and control-frame rules are not checked:
+the decoder serves the bench's load generator, which reports any opcode it does not expect.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from typing import NamedTuple
 
 __all__ = [
     "OP_CONTINUATION", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
-    "Frame", "FrameError", "server_frame", "client_frame", "mask", "decode",
+    "Frame", "FrameError", "server_frame", "client_frame", "mask", "frames",
 ]
 
 OP_CONTINUATION = 0x0
@@ -44,12 +43,7 @@ class FrameError(Exception):
     """The peer sent a frame this side must refuse (masked from a server, unmasked from a client)."""
 
 
-class Frame(NamedTuple):
-    """One decoded frame: the FIN bit, the opcode and the (unmasked) payload."""
-
-    fin: bool
-    opcode: int
-    payload: bytes
+Frame = tuple[bool, int, bytes]  # one decoded frame: (FIN bit, opcode, unmasked payload); a plain tuple is cheapest
 
 
 def _header(b0: int, mask_bit: int, n: int) -> bytes:
@@ -84,37 +78,43 @@ def client_frame(opcode: int, payload: bytes, key: bytes | None = None) -> bytes
     return _header(_FIN | opcode, _MASKED, len(payload)) + key + mask(payload, key)
 
 
-def decode(buf: bytes, pos: int = 0, *, masked: bool = False) -> tuple[Frame, int] | None:
-    """The frame starting at ``buf[pos]`` and the position after it; ``None`` while it is incomplete.
+def frames(buf: bytes, pos: int = 0, *, masked: bool = False) -> tuple[list[Frame], int, FrameError | None]:
+    """Every complete frame in ``buf`` from ``pos`` on: (the frames, the position after the last of them, the
+    error that stopped the scan or None). The bytes from that position on are an incomplete frame (keep them
+    for the next read) or, with an error, the refused frame.
 
-    ``masked`` is True on the server side (frames must be masked; the payload comes back unmasked) and False on
-    the client side (frames must not be masked). Raises :class:`FrameError` for a frame of the wrong kind, as
-    soon as its header has arrived.
+    ``masked`` is True on the server side (frames must be masked; payloads come back unmasked) and False on the
+    client side (frames must not be masked). A frame of the wrong kind stops the scan with a
+    :class:`FrameError` as soon as its header has arrived; the frames before it are returned.
     """
-    avail = len(buf) - pos
-    if avail < 2:
-        return None
-    b0, b1 = buf[pos], buf[pos + 1]
-    length, hl = b1 & 0x7F, 2
-    if length == 126:
-        if avail < 4:
-            return None
-        length, hl = _LEN16(buf, pos + 2)[0], 4
-    elif length == 127:
-        if avail < 10:
-            return None
-        length, hl = _LEN64(buf, pos + 2)[0], 10
-    if bool(b1 & _MASKED) != masked:
-        raise FrameError("masked frame from the server" if not masked else "unmasked frame from a client")
-    if masked:
-        if avail < hl + 4 + length:
-            return None
-        key = buf[pos + hl:pos + hl + 4]
-        start = pos + hl + 4
-        payload = mask(bytes(buf[start:start + length]), bytes(key))
-    else:
-        if avail < hl + length:
-            return None
-        start = pos + hl
-        payload = buf[start:start + length]
-    return Frame(bool(b0 & _FIN), b0 & 0x0F, payload), start + length
+    out: list[Frame] = []
+    end = len(buf)
+    while end - pos >= 2:
+        b1 = buf[pos + 1]
+        length = b1 & 0x7F
+        if length < 126:
+            start = pos + 2
+        elif length == 126:
+            if end - pos < 4:
+                break
+            length, start = _LEN16(buf, pos + 2)[0], pos + 4
+        else:
+            if end - pos < 10:
+                break
+            length, start = _LEN64(buf, pos + 2)[0], pos + 10
+        if (b1 >> 7) != masked:
+            return out, pos, FrameError("unmasked frame from a client" if masked else "masked frame from the server")
+        if masked:
+            start += 4
+            if end < start + length:
+                break
+            payload = mask(bytes(buf[start:start + length]), bytes(buf[start - 4:start]))
+        elif end < start + length:
+            break
+        else:
+            payload = buf[start:start + length]
+        b0 = buf[pos]
+        out.append((b0 >= 0x80, b0 & 0x0F, payload))
+        pos = start + length
+    return out, pos, None
+

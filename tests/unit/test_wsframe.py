@@ -17,8 +17,8 @@ from aiohttp.http_websocket import WebSocketReader, WebSocketWriter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.wsframe import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, Frame, FrameError,
-                          client_frame, decode, mask, server_frame)
+from core.wsframe import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, FrameError,
+                          client_frame, frames, mask, server_frame)
 
 # RFC 6455 section 5.7, byte for byte.
 HELLO_UNMASKED = bytes([0x81, 0x05, 0x48, 0x65, 0x6C, 0x6C, 0x6F])
@@ -29,6 +29,7 @@ PONG_HELLO_MASKED = bytes([0x8A, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D,
 KEY = bytes([0x37, 0xFA, 0x21, 0x3D])
 
 
+
 def test_the_rfc_hello_frames_encode_byte_for_byte() -> None:
     assert server_frame(b"Hello") == HELLO_UNMASKED
     assert client_frame(OP_TEXT, b"Hello", KEY) == HELLO_MASKED
@@ -37,13 +38,13 @@ def test_the_rfc_hello_frames_encode_byte_for_byte() -> None:
 
 
 def test_the_rfc_hello_frames_decode() -> None:
-    assert decode(HELLO_UNMASKED) == (Frame(True, OP_TEXT, b"Hello"), len(HELLO_UNMASKED))
-    assert decode(HELLO_MASKED, masked=True) == (Frame(True, OP_TEXT, b"Hello"), len(HELLO_MASKED))
-    assert decode(PING_HELLO) == (Frame(True, OP_PING, b"Hello"), len(PING_HELLO))
-    assert decode(PONG_HELLO_MASKED, masked=True) == (Frame(True, OP_PONG, b"Hello"), len(PONG_HELLO_MASKED))
-    first = decode(HEL_LO_FRAGMENTS)
-    assert first == (Frame(False, OP_TEXT, b"Hel"), 5)
-    assert decode(HEL_LO_FRAGMENTS, 5) == (Frame(True, OP_CONTINUATION, b"lo"), len(HEL_LO_FRAGMENTS))
+    hello = (True, OP_TEXT, b"Hello")
+    assert frames(HELLO_UNMASKED) == ([hello], len(HELLO_UNMASKED), None)
+    assert frames(HELLO_MASKED, masked=True) == ([hello], len(HELLO_MASKED), None)
+    assert frames(PING_HELLO) == ([(True, OP_PING, b"Hello")], len(PING_HELLO), None)
+    assert frames(PONG_HELLO_MASKED, masked=True) == ([(True, OP_PONG, b"Hello")], len(PONG_HELLO_MASKED), None)
+    assert frames(HEL_LO_FRAGMENTS) == ([(False, OP_TEXT, b"Hel"), (True, OP_CONTINUATION, b"lo")],
+                                        len(HEL_LO_FRAGMENTS), None)
 
 
 def test_the_rfc_16_and_64_bit_length_forms() -> None:
@@ -51,7 +52,7 @@ def test_the_rfc_16_and_64_bit_length_forms() -> None:
     body256, body64k = bytes(range(256)), bytes(65536)
     assert server_frame(body256, OP_BINARY) == bytes([0x82, 0x7E, 0x01, 0x00]) + body256
     assert server_frame(body64k, OP_BINARY) == bytes([0x82, 0x7F, 0, 0, 0, 0, 0, 1, 0, 0]) + body64k
-    assert decode(server_frame(body64k, OP_BINARY)) == (Frame(True, OP_BINARY, body64k), 10 + 65536)
+    assert frames(server_frame(body64k, OP_BINARY)) == ([(True, OP_BINARY, body64k)], 10 + 65536, None)
 
 
 @pytest.mark.parametrize("n", [0, 1, 125, 126, 127, 65535, 65536, 70000])
@@ -64,7 +65,8 @@ def test_the_length_form_boundaries(n: int) -> None:
     else:
         assert head[1] == 127 and struct.unpack("!Q", head[2:10])[0] == n
     masked = client_frame(OP_TEXT, b"y" * n, KEY)
-    assert masked[1] & 0x80 and decode(masked, masked=True) == (Frame(True, OP_TEXT, b"y" * n), len(masked))
+    assert masked[1] & 0x80
+    assert frames(masked, masked=True) == ([(True, OP_TEXT, b"y" * n)], len(masked), None)
 
 
 def _before(data: bytes) -> bytes:
@@ -83,15 +85,18 @@ def test_the_same_bytes_on_the_wire_as_before() -> None:
         assert server_frame(data) == _before(data)
 
 
-def test_every_prefix_is_incomplete_and_a_wrong_mask_is_refused() -> None:
+def test_an_incomplete_frame_waits_and_a_wrong_mask_stops_the_scan() -> None:
     for frame, masked in ((server_frame(b"z" * 300), False), (client_frame(OP_TEXT, b"z" * 70000), True)):
         for cut in (0, 1, 2, 3, 4, 9, 10, 13, len(frame) - 1):
-            assert decode(frame[:cut], masked=masked) is None
-    with pytest.raises(FrameError, match="masked frame from the server"):
-        decode(HELLO_MASKED)
-    with pytest.raises(FrameError, match="unmasked frame from a client"):
-        decode(HELLO_UNMASKED, masked=True)
-    assert decode(b"\x00" + HELLO_UNMASKED, 1) == (Frame(True, OP_TEXT, b"Hello"), 1 + len(HELLO_UNMASKED))
+            assert frames(frame[:cut], masked=masked) == ([], 0, None)
+    hello = (True, OP_TEXT, b"Hello")
+    got, pos, error = frames(HELLO_UNMASKED + HELLO_MASKED)  # the frames before the refused one still count
+    assert (got, pos) == ([hello], len(HELLO_UNMASKED))
+    assert isinstance(error, FrameError) and str(error) == "masked frame from the server"
+    got, pos, error = frames(HELLO_UNMASKED, masked=True)
+    assert (got, pos) == ([], 0) and str(error) == "unmasked frame from a client"
+    assert frames(b"\x00" + HELLO_UNMASKED, 1) == ([hello], 1 + len(HELLO_UNMASKED), None)
+    assert frames(HELLO_UNMASKED + HELLO_UNMASKED[:3]) == ([hello], len(HELLO_UNMASKED), None)
 
 
 _long = st.builds(lambda head, n: head + bytes(n), st.binary(max_size=8), st.integers(65530, 65540))
@@ -101,21 +106,19 @@ _frames = st.lists(st.tuples(st.sampled_from([OP_TEXT, OP_BINARY, OP_PING, OP_PO
 
 
 @given(_frames, st.booleans(), st.data())
-def test_round_trip_in_any_split(frames: list[tuple[int, bytes]], from_client: bool, data: Any) -> None:
-    wire = b"".join(client_frame(op, p) if from_client else server_frame(p, op) for op, p in frames)
+def test_round_trip_in_any_split(sent: list[tuple[int, bytes]], from_client: bool, data: Any) -> None:
+    wire = b"".join(client_frame(op, p) if from_client else server_frame(p, op) for op, p in sent)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=5)))
     got: list[tuple[int, bytes]] = []
     buf, prev = b"", 0
     for cut in [*cuts, len(wire)]:
         buf += wire[prev:cut]
         prev = cut
-        pos = 0
-        while (step := decode(buf, pos, masked=from_client)) is not None:
-            frame, pos = step
-            assert frame.fin
-            got.append((frame.opcode, bytes(frame.payload)))
+        out, pos, error = frames(buf, masked=from_client)
+        assert error is None and all(fin for fin, _, _ in out)
+        got += [(op, bytes(payload)) for _, op, payload in out]
         buf = buf[pos:]
-    assert got == frames and buf == b""
+    assert got == sent and buf == b""
 
 
 @given(st.binary(max_size=200), st.binary(min_size=4, max_size=4))
@@ -163,11 +166,8 @@ async def test_we_read_aiohttps_frames(use_mask: bool) -> None:
                              random=random.Random(7))
     for text in PAYLOADS:
         await writer.send_frame(text.encode(), OP_TEXT)
-    pos, got = 0, []
-    while (step := decode(bytes(tr.out), pos, masked=use_mask)) is not None:
-        frame, pos = step
-        got.append(frame)
-    assert pos == len(tr.out)
-    assert got == [Frame(True, OP_TEXT, t.encode()) for t in PAYLOADS]
+    got, pos, error = frames(bytes(tr.out), masked=use_mask)
+    assert error is None and pos == len(tr.out)
+    assert got == [(True, OP_TEXT, t.encode()) for t in PAYLOADS]
     if not use_mask:  # aiohttp's server frames are ours, byte for byte
         assert bytes(tr.out) == b"".join(server_frame(t.encode()) for t in PAYLOADS)
