@@ -121,6 +121,15 @@ def test_round_trip_in_any_split(sent: list[tuple[int, bytes]], from_client: boo
     assert got == sent and buf == b""
 
 
+@given(st.binary(max_size=400), st.booleans())
+def test_any_bytes_give_frames_or_a_frame_error_never_another_exception(data: bytes, masked: bool) -> None:
+    got, pos, error = frames(data, masked=masked)
+    assert 0 <= pos <= len(data) and (error is None or isinstance(error, FrameError))
+    assert sum(2 + len(p) for _, _, p in got) <= pos  # every frame returned was read whole
+    if error is None:
+        assert frames(data[pos:], masked=masked) == ([], 0, None)  # the rest is one incomplete frame
+
+
 @given(st.binary(max_size=200), st.binary(min_size=4, max_size=4))
 def test_masking_twice_gives_the_payload_back(payload: bytes, key: bytes) -> None:
     assert mask(mask(payload, key), key) == payload
