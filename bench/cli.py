@@ -1,13 +1,14 @@
 """``claw bench SCENARIO [options]``: the bench suite's entry point (see ``bench/README.md``).
 
-The suite (``bench/suite.py``: every part in its own process, results as JSON + an HTML report):
+The suite (``bench/suite.py`` runs the scenarios of ``bench/scenarios.py``, every part in its own process;
+results as JSON + an HTML report):
 
 * ``latency`` -- one user, ask → first delta and per-chunk relay, against the direct baseline;
 * ``sweep`` -- 1 → 2000 concurrent streams, the knee where p99 per-chunk relay passes 100 ms (or less than
   90 % of the offered text arrives); ``--broker thin`` sweeps the thin relay (bench/thin.py) instead;
 * ``brokers`` -- the sweep over the embedded amqtt, over Mosquitto and over the thin relay (bench/thin.py,
   the ceiling) in one run: the knee ratio and the two targets relative to the thin relay (CPU per chunk,
-  knee share; ``bench.suite.vs_thin``);
+  knee share; ``bench.targets.vs_thin``);
 * ``direct`` -- the client reads the fake LLM's SSE itself (the floor);
 * ``memory`` -- server A's RSS per idle WebSocket client and per idle MQTT device;
 * ``devices`` -- MQTT devices asking the node over the broker: a sweep of their own;
@@ -56,7 +57,8 @@ def _non_negative(value: str) -> float:
     return x
 
 
-def _levels(value: str) -> list[int]:
+def parse_levels(value: str) -> list[int]:
+    """``--levels``: comma-separated stream counts, each >= 1, as a sorted list without repeats."""
     try:
         out = sorted({int(x) for x in value.split(",") if x.strip()})
     except ValueError:
@@ -114,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in SUITE:
         # help= is %-formatted by argparse (hence "%%" in it), description= is not
         sp = sub.add_parser(name, help=helps[name], description=helps[name].replace("%%", "%"))
-        sp.add_argument("--levels", type=_levels, default=None,
+        sp.add_argument("--levels", type=parse_levels, default=None,
                         help="concurrent streams per level, e.g. 1,10,100 (default 1,10,50,100,200,500,1000,1500,2000)")
         sp.add_argument("--level-s", type=_non_negative, default=6.0, help="measured seconds per level (default %(default)s)")
         sp.add_argument("--warm-s", type=_non_negative, default=2.0, help="unmeasured seconds first (default %(default)s)")
@@ -213,7 +215,8 @@ def _suite(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .suite import Options, run
+    from .options import Options
+    from .suite import run
 
     if args.broker == "thin" and args.scenario != "sweep":
         print(f"claw bench {args.scenario}: --broker thin is for sweep only (the thin relay is no broker; "
@@ -240,14 +243,15 @@ def _suite(args: argparse.Namespace) -> int:
     from .report import write_report
 
     write_report(results, out / "report.html")
-    print(_summary(results), flush=True)
+    print(summary(results), flush=True)
     print(f"results: {out / 'results.json'}  report: {out / 'report.html'}", flush=True)
     if args.scenario == "smoke":
         return 0 if results["scenarios"]["smoke"]["ok"] else 1
     return 0
 
 
-def _summary(results: dict[str, Any]) -> str:
+def summary(results: dict[str, Any]) -> str:
+    """The text printed after a suite run: the commit, the machine, the run time and every target's verdict."""
     lines = [f"claw bench {results.get('scenario')}: commit {results['env'].get('commit')}"
              f"{' (dirty)' if results['env'].get('dirty') else ''}, {results['env'].get('cpus')} CPUs, "
              f"{results.get('elapsed_s')} s"]

@@ -1,11 +1,11 @@
 """Self-contained HTML report for the bench suite's JSON results (stdlib only).
 
 ``render_html(results) -> str`` turns one results dict into one HTML5 page: inline CSS, inline SVG
-charts drawn by the small plotting helpers below, no JavaScript, no external URLs.
+charts drawn by ``bench/chart.py``, no JavaScript, no external URLs.
 ``write_report(results, path)`` writes that page as UTF-8. ``python -m bench.report RESULTS.json
 [OUT.html]`` does the same from the command line.
 
-The results schema (written by another module). **Every key is optional**: a missing scenario is shown
+The results schema (written by ``bench/suite.py``). **Every key is optional**: a missing scenario is shown
 as "not run", a missing number as "—", a value of the wrong type is skipped; rendering never raises::
 
     {
@@ -45,17 +45,14 @@ as "not run", a missing number as "—", a value of the wrong type is skipped; r
              "direct_ttft_ms": STATS, "chunks_per_s": 1234.5, "asks": 300, "errors": 0,
              "rss_edge_mb": 150.2, "cpu": {"edge": 85.0, "node": 40.0, "llm": 20.0, "load": 60.0}}
 
-Charts: per-chunk relay latency vs concurrent streams (sweep and every broker, p50 dashed, p99 solid,
-the knee rule as a dashed horizontal line, knees as vertical marks), added time to first token vs
-streams, edge RSS and CPU vs streams, direct TTFT vs streams and the latency CDF. Log axes have
-1-2-5 ticks; values <= 0 on a log axis are clamped to ``LOG_FLOOR`` (absurd magnitudes to
-``VALUE_CAP``); None/NaN/infinite points are skipped;
-a chart without any point says "no data". Scenarios not listed above are shown generically.
+Charts (drawn by ``bench/chart.py``): per-chunk relay latency vs concurrent streams (sweep and every broker,
+p50 dashed, p99 solid, the knee rule as a dashed horizontal line, knees as vertical marks), added time to first
+token vs streams, edge RSS and CPU vs streams, direct TTFT vs streams and the latency CDF. Scenarios not listed
+above are shown generically.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
@@ -65,17 +62,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .chart import COLORS, Series, esc, line_chart, num
+
 __all__ = ["render_html", "write_report", "main"]
 
 TITLE_ZH = "智控未来 SmartClaw 基准测试报告"
 STAT_KEYS = ("n", "min", "p50", "p90", "p99", "p999", "max", "mean")
 _STAT_LABELS = {"p999": "p99.9"}
-LOG_FLOOR = 1e-3  # where values <= 0 (or below it) go on a log axis
-VALUE_CAP = 1e12  # larger magnitudes are drawn at this value (keeps axis arithmetic finite)
 KNEE_RULE_MS = 100.0  # the knee rule's threshold when ``sweep.knee_rule`` does not name one
 NOT_MEASURED = "not measured"  # a check's result when this run had nothing to evaluate it on
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
-          "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 
 # scenario key -> heading; shown in this order, unknown scenarios after them
 SCENARIOS = {
@@ -100,28 +95,12 @@ def _list(x: Any) -> list[Any]:
     return list(x) if isinstance(x, (list, tuple)) else []
 
 
-def _num(x: Any) -> float | None:
-    """A finite number as float, else None (bools, strings, NaN and infinities are not numbers)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
 def _get(d: Any, *path: str) -> Any:
     for key in path:
         if not isinstance(d, Mapping):
             return None
         d = d.get(key)
     return d
-
-
-# characters XML 1.0 (and so inline SVG) does not allow: C0 controls but tab/LF/CR, lone surrogates, U+FFFE/F
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-
-
-def _esc(x: Any) -> str:
-    return html.escape(_NOT_XML.sub("\ufffd", str(x)), quote=True)
 
 
 def _json_text(x: Any, limit: int = 2000) -> str:
@@ -165,7 +144,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], row_classes: S
     """A table; ``rows`` hold cell HTML that is already escaped, ``headers`` plain text."""
     if not rows:
         return '<p class="nodata">no data</p>'
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = []
     for i, row in enumerate(rows):
         cls = row_classes[i] if i < len(row_classes) and row_classes[i] else ""
@@ -175,7 +154,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], row_classes: S
 
 
 def _kv_table(d: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
-    rows = [[_esc(k), _esc(_fmt(v))] for k, v in d.items() if k not in skip]
+    rows = [[esc(k), esc(_fmt(v))] for k, v in d.items() if k not in skip]
     return _table(("key", "value"), rows) if rows else ""
 
 
@@ -190,235 +169,8 @@ def _stats_table(rows: Sequence[tuple[str, Any]], first: str = "ms") -> str:
     if not rows:
         return ""
     headers = [first] + [_STAT_LABELS.get(k, k) for k in STAT_KEYS]
-    cells = [[_esc(label)] + [_esc(_fmt(s.get(k))) for k in STAT_KEYS] for label, s in rows]
+    cells = [[esc(label)] + [esc(_fmt(s.get(k))) for k in STAT_KEYS] for label, s in rows]
     return _table(headers, cells)
-
-
-# ---------------------------------------------------------------- charts: axes
-
-@dataclass
-class _Axis:
-    lo: float
-    hi: float
-    log: bool
-    start: float  # pixel of lo
-    end: float  # pixel of hi
-    step: float = 0.0  # linear tick step
-
-    def pos(self, v: float) -> float:
-        if self.log:
-            t = (math.log10(v) - math.log10(self.lo)) / (math.log10(self.hi) - math.log10(self.lo))
-        else:
-            t = (v - self.lo) / (self.hi - self.lo)
-        return self.start + t * (self.end - self.start)
-
-    def ticks(self) -> list[float]:
-        if self.log:
-            return _log_ticks(self.lo, self.hi)
-        count = int(round((self.hi - self.lo) / self.step))
-        return [self.lo + i * self.step for i in range(count + 1)]
-
-
-def _snap125(v: float, up: bool) -> float:
-    """The nearest 1-2-5 value (…, 0.5, 1, 2, 5, 10, …) at or above (``up``) / at or below ``v`` > 0."""
-    e = math.floor(math.log10(v))
-    cands = [m * 10.0 ** k for k in (e - 1, e, e + 1) for m in (1, 2, 5)]
-    if up:
-        return min(c for c in cands if c >= v * (1 - 1e-9))
-    return max(c for c in cands if c <= v * (1 + 1e-9))
-
-
-def _log_ticks(lo: float, hi: float) -> list[float]:
-    """1-2-5 ticks per decade in [lo, hi]; only the decades when that gives too many ticks."""
-    e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    marks = [(m, e) for e in range(e0, e1 + 1) for m in (1, 2, 5)
-             if lo * (1 - 1e-9) <= m * 10.0 ** e <= hi * (1 + 1e-9)]
-    if len(marks) > 10:
-        marks = [(m, e) for m, e in marks if m == 1]
-    if len(marks) > 10:
-        every = math.ceil(len(marks) / 8)
-        marks = marks[::every]
-    return [m * 10.0 ** e for m, e in marks]
-
-
-def _nice_step(raw: float) -> float:
-    e = math.floor(math.log10(raw))
-    return next(m * 10.0 ** e for m in (1, 2, 5, 10) if m * 10.0 ** e >= raw * (1 - 1e-9))
-
-
-def _fit_axis(values: Sequence[float], log: bool, start: float, end: float) -> _Axis:
-    """An axis over ``values`` (non-empty; > 0 when ``log``) with round ends; linear axes include 0."""
-    lo, hi = min(values), max(values)
-    if log:
-        if lo == hi:
-            lo, hi = lo / 2, hi * 2
-        return _Axis(_snap125(lo, up=False), _snap125(hi, up=True), True, start, end)
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    if hi - lo < 1e-9:  # all zero (or all but): a unit range
-        hi = lo + 1.0
-    step = _nice_step((hi - lo) / 5)
-    lo, hi = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
-    return _Axis(lo, hi, False, start, end, step)
-
-
-def _tick_label(v: float) -> str:
-    return "0" if abs(v) < 1e-12 else f"{round(v, 10):g}"
-
-
-# ---------------------------------------------------------------- charts: drawing
-
-@dataclass
-class _Series:
-    name: str
-    points: list[tuple[float, float]]
-    color: str
-    dashed: bool = False
-
-
-_W, _H = 660, 330
-_ML, _MR, _MT, _MB = 64, 176, 34, 48  # margins: the legend sits in the right one
-_X0, _X1, _Y0, _Y1 = _ML, _W - _MR, _H - _MB, _MT  # plot area: left, right, bottom, top
-_MAX_POINTS = 400  # per series; longer ones (a CDF) are thinned evenly
-_MARKERS_UP_TO = 40  # points per series that still get a dot each
-
-
-def _clamp(v: float, log: bool) -> float:
-    """Into what an axis can show: [LOG_FLOOR, VALUE_CAP] on a log axis, ±VALUE_CAP on a linear one."""
-    return min(max(v, LOG_FLOOR if log else -VALUE_CAP), VALUE_CAP)
-
-
-def _clean(points: Any, x_log: bool, y_log: bool) -> list[tuple[float, float]]:
-    """Finite (x, y) pairs sorted by x, clamped for log axes, thinned to ``_MAX_POINTS``."""
-    out = []
-    for p in _list(points):
-        if isinstance(p, (list, tuple)) and len(p) >= 2:
-            x, y = _num(p[0]), _num(p[1])
-            if x is not None and y is not None:
-                out.append((_clamp(x, x_log), _clamp(y, y_log)))
-    out.sort(key=lambda p: p[0])
-    if len(out) > _MAX_POINTS:
-        every = math.ceil(len(out) / _MAX_POINTS)
-        out = out[::every] + ([out[-1]] if (len(out) - 1) % every else [])
-    return out
-
-
-def _svg_open(title: str) -> str:
-    t = _esc(title)
-    return (f'<svg class="chart" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" role="img" font-family="sans-serif" '
-            f'aria-label="{t}"><title>{t}</title>'
-            f'<rect x="0" y="0" width="{_W}" height="{_H}" fill="#ffffff"/>'
-            f'<text x="{_W / 2:.0f}" y="20" text-anchor="middle" font-size="14" font-weight="bold">{t}</text>')
-
-
-def _no_data_chart(title: str) -> str:
-    return (_svg_open(title)
-            + f'<rect x="{_X0}" y="{_Y1}" width="{_X1 - _X0}" height="{_Y0 - _Y1}" fill="none" stroke="#bbbbbb"/>'
-            + f'<text x="{(_X0 + _X1) / 2:.0f}" y="{(_Y0 + _Y1) / 2:.0f}" text-anchor="middle" font-size="14" '
-              'fill="#888888">no data</text></svg>')
-
-
-def _x_axis(ax: _Axis, label: str) -> str:
-    out = []
-    for t in ax.ticks():
-        x = ax.pos(t)
-        out.append(f'<line x1="{x:.1f}" y1="{_Y1}" x2="{x:.1f}" y2="{_Y0}" stroke="#eeeeee"/>'
-                   f'<line x1="{x:.1f}" y1="{_Y0}" x2="{x:.1f}" y2="{_Y0 + 4}" stroke="#333333"/>'
-                   f'<text x="{x:.1f}" y="{_Y0 + 16}" text-anchor="middle" font-size="11">{_tick_label(t)}</text>')
-    out.append(f'<text x="{(_X0 + _X1) / 2:.0f}" y="{_H - 10}" text-anchor="middle" font-size="12">'
-               f'{_esc(label)}</text>')
-    return "".join(out)
-
-
-def _y_axis(ax: _Axis, label: str) -> str:
-    out = []
-    for t in ax.ticks():
-        y = ax.pos(t)
-        out.append(f'<line x1="{_X0}" y1="{y:.1f}" x2="{_X1}" y2="{y:.1f}" stroke="#eeeeee"/>'
-                   f'<line x1="{_X0 - 4}" y1="{y:.1f}" x2="{_X0}" y2="{y:.1f}" stroke="#333333"/>'
-                   f'<text x="{_X0 - 7}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{_tick_label(t)}</text>')
-    cy = (_Y0 + _Y1) / 2
-    out.append(f'<text x="14" y="{cy:.0f}" text-anchor="middle" font-size="12" '
-               f'transform="rotate(-90 14 {cy:.0f})">{_esc(label)}</text>')
-    return "".join(out)
-
-
-_DASHED, _DOTTED = "6 4", "2 3"  # p50 and reference lines; knee marks
-
-
-def _dash(pattern: str) -> str:
-    return f' stroke-dasharray="{pattern}"' if pattern else ""
-
-
-def _series_svg(s: _Series, xa: _Axis, ya: _Axis) -> str:
-    xy = [(xa.pos(x), ya.pos(y)) for x, y in s.points]
-    out = []
-    if len(xy) > 1:
-        pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-        dash = _dash(_DASHED if s.dashed else "")
-        out.append(f'<polyline fill="none" stroke="{s.color}" stroke-width="2"{dash} points="{pts}"/>')
-    if len(xy) <= _MARKERS_UP_TO:
-        out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{s.color}"/>' for x, y in xy]
-    return "".join(out)
-
-
-def _legend(entries: Sequence[tuple[str, str, str]]) -> str:
-    """(name, colour, dash pattern) rows right of the plot; what does not fit is counted."""
-    rows = (_Y0 - _Y1) // 16
-    shown = entries if len(entries) <= rows else entries[: rows - 1]
-    x = _X1 + 14
-    out = []
-    for i, (name, color, pattern) in enumerate(shown):
-        y = _Y1 + 10 + 16 * i
-        name = name if len(name) <= 24 else name[:23] + "…"
-        out.append(f'<line x1="{x}" y1="{y}" x2="{x + 22}" y2="{y}" stroke="{color}" stroke-width="2"'
-                   f'{_dash(pattern)}/><text x="{x + 28}" y="{y + 4}" font-size="11">{_esc(name)}</text>')
-    if len(shown) < len(entries):
-        y = _Y1 + 10 + 16 * len(shown)
-        out.append(f'<text x="{x}" y="{y + 4}" font-size="11">+{len(entries) - len(shown)} more</text>')
-    return "".join(out)
-
-
-def _hline_svg(y_val: float, label: str, ya: _Axis) -> str:
-    """A dashed reference line across the plot, labelled at its left end (where latencies are low)."""
-    y = ya.pos(y_val)
-    text_y = y + 14 if y - _Y1 < 16 else y - 5  # below the line when it runs along the top
-    return (f'<line x1="{_X0}" y1="{y:.1f}" x2="{_X1}" y2="{y:.1f}" stroke="#555555" stroke-width="1.5"'
-            f'{_dash(_DASHED)}/><text x="{_X0 + 5}" y="{text_y:.1f}" font-size="11" '
-            f'fill="#555555">{_esc(label)}</text>')
-
-
-def _vline_svg(x_val: float, color: str, xa: _Axis) -> str:
-    """A dotted vertical mark (a knee); its label goes into the legend so marks close together stay legible."""
-    x = xa.pos(x_val)
-    return (f'<line x1="{x:.1f}" y1="{_Y1}" x2="{x:.1f}" y2="{_Y0}" stroke="{color}" stroke-width="1.5"'
-            f'{_dash(_DOTTED)}/>')
-
-
-def _line_chart(title: str, series: Sequence[_Series], *, x_label: str, y_label: str,
-                x_log: bool = True, y_log: bool = True, y_span: tuple[float, float] | None = None,
-                hlines: Sequence[tuple[float, str]] = (),
-                vlines: Sequence[tuple[float, str, str]] = ()) -> str:
-    """An SVG line chart. ``hlines``: (y, label) reference lines; ``vlines``: (x, label, colour) marks;
-    ``y_span``: a range the y axis always covers (e.g. (0, 1) for a CDF)."""
-    series = [_Series(s.name, _clean(s.points, x_log, y_log), s.color, s.dashed) for s in series]
-    series = [s for s in series if s.points]
-    if not series:
-        return _no_data_chart(title)
-    hlines = [(_clamp(v, y_log), label) for y, label in hlines if (v := _num(y)) is not None]
-    vlines = [(_clamp(v, x_log), label, c) for x, label, c in vlines if (v := _num(x)) is not None]
-    xs = [x for s in series for x, _ in s.points] + [x for x, _, _ in vlines]
-    ys = [y for s in series for _, y in s.points] + [y for y, _ in hlines] + list(y_span or ())
-    xa = _fit_axis(xs, x_log, _X0, _X1)
-    ya = _fit_axis(ys, y_log, _Y0, _Y1)
-    legend = [(s.name, s.color, _DASHED if s.dashed else "") for s in series]
-    legend += [(label, c, _DOTTED) for _, label, c in vlines]
-    parts = [_svg_open(title), _x_axis(xa, x_label), _y_axis(ya, y_label),
-             f'<rect x="{_X0}" y="{_Y1}" width="{_X1 - _X0}" height="{_Y0 - _Y1}" fill="none" stroke="#999999"/>']
-    parts += [_hline_svg(y, label, ya) for y, label in hlines]
-    parts += [_vline_svg(x, c, xa) for x, _, c in vlines]
-    parts += [_series_svg(s, xa, ya) for s in series]
-    parts += [_legend(legend), "</svg>"]
-    return "".join(parts)
 
 
 # ---------------------------------------------------------------- level groups (sweep + brokers)
@@ -433,7 +185,7 @@ class _Group:
 
 def _levels(x: Any) -> list[Mapping[str, Any]]:
     levels = [lv for lv in _list(x) if isinstance(lv, Mapping)]
-    return sorted(levels, key=lambda lv: (_num(lv.get("streams")) is None, _num(lv.get("streams")) or 0.0))
+    return sorted(levels, key=lambda lv: (num(lv.get("streams")) is None, num(lv.get("streams")) or 0.0))
 
 
 def _groups(scen: Mapping[str, Any]) -> list[_Group]:
@@ -469,11 +221,11 @@ def _relay_chart(groups: Sequence[_Group], rule_ms: float) -> str:
     series, vlines = [], []
     for g in groups:
         p = _prefix(g, groups)
-        series.append(_Series(f"{p}p50", _points(g.levels, "chunk_ms", "p50"), g.color, dashed=True))
-        series.append(_Series(f"{p}p99", _points(g.levels, "chunk_ms", "p99"), g.color))
-        if _num(g.knee) is not None:
+        series.append(Series(f"{p}p50", _points(g.levels, "chunk_ms", "p50"), g.color, dashed=True))
+        series.append(Series(f"{p}p99", _points(g.levels, "chunk_ms", "p99"), g.color))
+        if num(g.knee) is not None:
             vlines.append((g.knee, f"{p}knee {_fmt(g.knee)}", g.color))
-    return _line_chart("per-chunk relay latency vs concurrent streams", series,
+    return line_chart("per-chunk relay latency vs concurrent streams", series,
                        x_label="concurrent streams", y_label="ms",
                        hlines=[(rule_ms, f"knee rule {_fmt(rule_ms)} ms")], vlines=vlines)
 
@@ -490,15 +242,15 @@ def _ttft_chart(groups: Sequence[_Group]) -> str:
     for g in groups:
         key, suffix = _ttft_metric(g.levels)
         p = _prefix(g, groups)
-        series.append(_Series(f"{p}p50{suffix}", _points(g.levels, key, "p50"), g.color, dashed=True))
-        series.append(_Series(f"{p}p99{suffix}", _points(g.levels, key, "p99"), g.color))
-    return _line_chart("added time to first token vs streams", series,
+        series.append(Series(f"{p}p50{suffix}", _points(g.levels, key, "p50"), g.color, dashed=True))
+        series.append(Series(f"{p}p99{suffix}", _points(g.levels, key, "p99"), g.color))
+    return line_chart("added time to first token vs streams", series,
                        x_label="concurrent streams", y_label="ms")
 
 
 def _rss_chart(groups: Sequence[_Group]) -> str:
-    series = [_Series(g.name, _points(g.levels, "rss_edge_mb"), g.color) for g in groups]
-    return _line_chart("edge RSS vs streams", series, x_label="concurrent streams", y_label="MB", y_log=False)
+    series = [Series(g.name, _points(g.levels, "rss_edge_mb"), g.color) for g in groups]
+    return line_chart("edge RSS vs streams", series, x_label="concurrent streams", y_label="MB", y_log=False)
 
 
 def _cpu_keys(levels: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -508,10 +260,10 @@ def _cpu_keys(levels: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _cpu_chart(group: _Group, groups: Sequence[_Group]) -> str:
     """One process per series; one chart per group (sweep, each broker) keeps it readable."""
-    series = [_Series(key, _points(group.levels, "cpu", key), COLORS[i % len(COLORS)])
+    series = [Series(key, _points(group.levels, "cpu", key), COLORS[i % len(COLORS)])
               for i, key in enumerate(_cpu_keys(group.levels))]
     title = "CPU vs streams" + ("" if len(groups) == 1 else f" — {group.name}")
-    return _line_chart(title, series, x_label="concurrent streams", y_label="CPU % of one core", y_log=False)
+    return line_chart(title, series, x_label="concurrent streams", y_label="CPU % of one core", y_log=False)
 
 
 # ---------------------------------------------------------------- scenario sections
@@ -534,9 +286,9 @@ def _levels_table(levels: Sequence[Mapping[str, Any]], knee: Any = None) -> str:
     cols = [(h, p) for h, p in _LEVEL_COLUMNS if p == ("streams",) or any(_get(lv, *p) is not None for lv in levels)]
     rows, classes = [], []
     for lv in levels:
-        rows.append([_esc(_fmt(_get(lv, *p))) for _, p in cols])
-        errors = _num(lv.get("errors"))
-        at_knee = _num(knee) is not None and _num(lv.get("streams")) == _num(knee)
+        rows.append([esc(_fmt(_get(lv, *p))) for _, p in cols])
+        errors = num(lv.get("errors"))
+        at_knee = num(knee) is not None and num(lv.get("streams")) == num(knee)
         classes.append(" ".join(c for c, on in (("knee", at_knee), ("bad", bool(errors))) if on))
     return _table([h for h, _ in cols], rows, classes)
 
@@ -549,8 +301,8 @@ def _latency_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
     known = {"first_delta_ms", "chunk_relay_ms", "ttft_ms"}
     for side in ("ours", "direct"):  # any further stats the module reports
         stats += [(f"{side} {k}", v) for k, v in _dict(d.get(side)).items() if k not in known]
-    cdf = [_Series(str(name), pts, COLORS[i % len(COLORS)]) for i, (name, pts) in enumerate(_dict(d.get("cdf")).items())]
-    chart = _line_chart("latency CDF", cdf, x_label="ms", y_label="fraction", y_log=False, y_span=(0.0, 1.0))
+    cdf = [Series(str(name), pts, COLORS[i % len(COLORS)]) for i, (name, pts) in enumerate(_dict(d.get("cdf")).items())]
+    chart = line_chart("latency CDF", cdf, x_label="ms", y_label="fraction", y_log=False, y_span=(0.0, 1.0))
     return _scalars(d) + _stats_table(stats) + _figure(chart)
 
 
@@ -561,26 +313,26 @@ def _sweep_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
 
 def _brokers_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
     brokers = {str(k): v for k, v in d.items() if isinstance(v, Mapping)}
-    summary = [[_esc(name), _esc(_fmt(b.get("knee"))), _esc(str(len(_levels(b.get("levels")))))]
+    summary = [[esc(name), esc(_fmt(b.get("knee"))), esc(str(len(_levels(b.get("levels")))))]
                for name, b in brokers.items()]
     out = [_scalars(d), _table(("broker", "knee (streams)", "levels"), summary)]
     for name, b in brokers.items():
-        out.append(f"<h3>{_esc(name)}</h3>" + _scalars(b) + _levels_table(_levels(b.get("levels")), b.get("knee")))
+        out.append(f"<h3>{esc(name)}</h3>" + _scalars(b) + _levels_table(_levels(b.get("levels")), b.get("knee")))
     return "".join(out)
 
 
 def _direct_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
     levels = _levels(d.get("levels"))
     rows = [(f"{_fmt(lv.get('streams'))} streams", lv.get("ttft_ms")) for lv in levels]
-    series = [_Series("p50", _points(levels, "ttft_ms", "p50"), COLORS[0], dashed=True),
-              _Series("p99", _points(levels, "ttft_ms", "p99"), COLORS[0])]
-    chart = _line_chart("direct time to first token vs streams", series, x_label="concurrent streams", y_label="ms")
+    series = [Series("p50", _points(levels, "ttft_ms", "p50"), COLORS[0], dashed=True),
+              Series("p99", _points(levels, "ttft_ms", "p99"), COLORS[0])]
+    chart = line_chart("direct time to first token vs streams", series, x_label="concurrent streams", y_label="ms")
     return _scalars(d) + _stats_table(rows, first="TTFT ms") + _figure(chart)
 
 
 def _memory_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
     keys = ("clients", "rss_before_mb", "rss_after_mb", "kb_per_client")
-    rows = [[_esc(name)] + [_esc(_fmt(m.get(k))) for k in keys]
+    rows = [[esc(name)] + [esc(_fmt(m.get(k))) for k in keys]
             for name, m in d.items() if isinstance(m, Mapping)]
     headers = ("transport", "clients", "RSS before MB", "RSS after MB", "KB per client")
     return _scalars(d) + _table(headers, rows)
@@ -588,7 +340,7 @@ def _memory_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
 
 def _floor_body(d: Mapping[str, Any], scen: Mapping[str, Any]) -> str:
     keys = ("streams", "msgs_per_s", "sender_us", "receiver_us", "hop_us", "ceiling_streams")
-    rows = [[_esc(_fmt(m.get(k))) for k in keys] for m in _levels(d.get("levels"))]
+    rows = [[esc(_fmt(m.get(k))) for k in keys] for m in _levels(d.get("levels"))]
     headers = ("connections", "messages/s", "sender µs/msg", "receiver µs/msg", "one hop µs",
                "two-hop ceiling, streams")
     return _scalars(d) + _table(headers, rows)
@@ -612,7 +364,7 @@ def _figure(svg: str) -> str:
 
 
 def _section(sid: str, heading: str, body: str) -> str:
-    return f'<section id="{_esc(sid)}"><h2>{_esc(heading)}</h2>{body}</section>'
+    return f'<section id="{esc(sid)}"><h2>{esc(heading)}</h2>{body}</section>'
 
 
 def _scenario_section(name: str, value: Any, scen: Mapping[str, Any]) -> str:
@@ -620,7 +372,7 @@ def _scenario_section(name: str, value: Any, scen: Mapping[str, Any]) -> str:
     if value is None:
         return _section(f"s-{name}", heading, '<p class="notrun">not run</p>')
     if not isinstance(value, Mapping):  # e.g. "skipped: no mosquitto"
-        return _section(f"s-{name}", heading, f'<p class="notrun">not run: {_esc(_fmt(value))}</p>')
+        return _section(f"s-{name}", heading, f'<p class="notrun">not run: {esc(_fmt(value))}</p>')
     body = _BODIES.get(name, _generic_body)(value, scen)
     return _section(f"s-{name}", heading, body or '<p class="nodata">no data</p>')
 
@@ -647,7 +399,7 @@ def _header(r: Mapping[str, Any]) -> str:
     meta.update({str(k): v for k, v in env.items()})
     meta = {k: v for k, v in meta.items() if v is not None}
     table = _kv_table(meta) or '<p class="nodata">no environment recorded</p>'
-    return f'<header><h1>{_esc(TITLE_ZH)}</h1><p class="sub">SmartClaw bench report</p>{table}</header>'
+    return f'<header><h1>{esc(TITLE_ZH)}</h1><p class="sub">SmartClaw bench report</p>{table}</header>'
 
 
 def _settings_section(settings: Any) -> str:
@@ -671,8 +423,8 @@ def _check_row(c: Mapping[str, Any]) -> tuple[list[str], str]:
         result, cls = NOT_MEASURED, "notmeasured"
     else:
         result, cls = "—", ""
-    cell = f'<span class="{cls}">{_esc(result)}</span>' if cls else result
-    return [_esc(_fmt(c.get("name"))), _esc(_fmt(c.get("target"))), _esc(measured), cell], cls
+    cell = f'<span class="{cls}">{esc(result)}</span>' if cls else result
+    return [esc(_fmt(c.get("name"))), esc(_fmt(c.get("target"))), esc(measured), cell], cls
 
 
 def _checks_section(checks: Any) -> str:
@@ -701,7 +453,7 @@ def _vs_thin_section(v: Any) -> str:
     if d.get("measured") is not True:
         reason = d.get("reason")
         text = NOT_MEASURED + (f": {_fmt(reason)}" if reason is not None else "")
-        return _section("vs-thin", head, f'<p class="notrun">{_esc(text)}</p>')
+        return _section("vs-thin", head, f'<p class="notrun">{esc(text)}</p>')
     knee, cpu = _dict(d.get("knee")), _dict(d.get("cpu_per_chunk"))
     summary = _kv_table({
         "knee, SmartClaw (amqtt) / thin relay (streams)": f"{_fmt(knee.get('smartclaw'))} / {_fmt(knee.get('thin'))}",
@@ -716,9 +468,9 @@ def _vs_thin_section(v: Any) -> str:
     cols = (("streams", "streams"), ("smartclaw_us", "SmartClaw µs/chunk"), ("thin_us", "thin relay µs/chunk"),
             ("ratio", "ratio"), ("smartclaw_chars_per_chunk", "SmartClaw chars/chunk"),
             ("thin_chars_per_chunk", "thin chars/chunk"), ("carried_by_both", "carried by both"))
-    rows = [[_esc(_fmt(lv.get(k))) for k, _ in cols] for lv in levels]
-    picked = _num(cpu.get("streams"))
-    classes = ["knee" if picked is not None and _num(lv.get("streams")) == picked else "" for lv in levels]
+    rows = [[esc(_fmt(lv.get(k))) for k, _ in cols] for lv in levels]
+    picked = num(cpu.get("streams"))
+    classes = ["knee" if picked is not None and num(lv.get("streams")) == picked else "" for lv in levels]
     note = ('<p class="sub">CPU of the relay\'s own processes (SmartClaw: edge with its embedded broker + '
             'node; the thin relay: its one process) ÷ chunks delivered per second, at every level both '
             'sweeps measured; the highlighted row is the one the target is evaluated at.</p>')
@@ -731,7 +483,7 @@ def _nav(scen: Mapping[str, Any], names: Sequence[str], vs_thin: bool = False) -
     for n in names:
         ran = isinstance(scen.get(n), Mapping)
         note = "" if ran else ' <span class="notrun">(not run)</span>'
-        items.append(f'<li><a href="#s-{_esc(n)}">{_esc(n)}</a>{note}</li>')
+        items.append(f'<li><a href="#s-{esc(n)}">{esc(n)}</a>{note}</li>')
         if n == "brokers" and _groups(scen):
             items.append('<li><a href="#s-concurrency">concurrency charts</a></li>')
     items.append('<li><a href="#settings">settings</a></li>')
@@ -761,7 +513,7 @@ def _safe(fn: Callable[..., str], *args: Any) -> str:
     try:
         return fn(*args)
     except Exception as exc:  # noqa: BLE001 - the report must never raise on bad data
-        return f'<p class="error">could not render {_esc(fn.__name__)}: {_esc(type(exc).__name__)}</p>'
+        return f'<p class="error">could not render {esc(fn.__name__)}: {esc(type(exc).__name__)}</p>'
 
 
 def render_html(results: dict[str, Any]) -> str:
@@ -778,7 +530,7 @@ def render_html(results: dict[str, Any]) -> str:
     body.append(_safe(_settings_section, r.get("settings")))
     return ('<!DOCTYPE html>\n<html lang="zh-CN">\n<head>\n<meta charset="utf-8">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f'<title>{_esc(TITLE_ZH)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n'
+            f'<title>{esc(TITLE_ZH)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n'
             + "\n".join(b for b in body if b) + "\n</body>\n</html>\n")
 
 

@@ -4,8 +4,8 @@
 One process does what the edge and the node do between them on a token's path, and nothing else: it takes a
 WebSocket ask (the edge's ``/api/ws`` protocol, as far as the bench's load generator uses it), streams the
 answer from the fake LM Studio with the node's own client (``node.llm.chat``: keep-alive HTTP/1.1, SSE parsed
-in the read callback) and writes every delta to the client's socket at once, framed by hand as the edge's
-``WsSession`` does. No broker, no MQTT, no TLS, no LMDB, no coalescing, no sequence bookkeeping, no second
+in the read callback) and writes every delta to the client's socket at once, framed by ``core.wsframe`` as the
+edge's ``WsSession`` does. No broker, no MQTT, no TLS, no LMDB, no coalescing, no sequence bookkeeping, no second
 process: a token costs one loopback read and one loopback write plus the least Python that relays it.
 
 Whatever knee this relay reaches with the same fake LLM and load generator, on the same machine, in the same
@@ -17,7 +17,6 @@ hands out the user name as the token) and listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import asyncio
-import struct
 from typing import Any
 
 import msgspec
@@ -26,24 +25,15 @@ from aiohttp import WSMsgType, web
 from node.llm import LLMClient, LLMError, chat
 
 from core.runtime import now_us as _now_us
+from core.wsframe import server_frame
 
 __all__ = ["make_app", "serve"]
 
 _json = msgspec.json.Encoder()
-_LEN1 = struct.Struct("!BB").pack
-_LEN2 = struct.Struct("!BBH").pack
-
-
 
 
 def _frame(obj: dict[str, Any]) -> bytes:
-    data = _json.encode(obj)
-    n = len(data)
-    if n < 126:
-        return _LEN1(0x81, n) + data
-    if n < 65536:
-        return _LEN2(0x81, 126, n) + data
-    return struct.pack("!BBQ", 0x81, 127, n) + data
+    return server_frame(_json.encode(obj))
 
 
 def make_app(llm_url: str, model: str = "fake-model") -> web.Application:

@@ -1,13 +1,13 @@
 """The load generator's WebSocket users: a small RFC 6455 client written as an asyncio Protocol.
 
-Why not aiohttp's client: the load generator shares the two cores with the system it measures. aiohttp's
-``ws.receive()`` costs a coroutine wake and a queue hop per frame; at 500 streams that was ~30 µs of this
-process's CPU per delta (measured in the bench sweep), CPU taken from the edge and the node. Here a frame is
-parsed and handled inside ``data_received``: one user is a state machine, not a task.
+Each user is a state machine run from ``data_received``, not a task: a frame is decoded
+(``core.wsframe.frames``) and handed to ``on_frame`` in the same callback, with no coroutine wake or queue hop
+per frame, so the generator takes little of the CPU it shares with the system it measures.
 
 What it speaks: the client side of RFC 6455 for what the edge sends (unfragmented text frames, ping, close;
-a fragmented or binary frame is reported as an error), masked text frames out; the HTTP/1.1 upgrade with
-``Sec-WebSocket-Accept`` checked. It is for the bench only; the product's clients are browsers and WeChat.
+a fragmented or binary frame is reported as an error), masked text frames out (``core.wsframe.client_frame``);
+the HTTP/1.1 upgrade with ``Sec-WebSocket-Accept`` checked. It is for the bench only; the product's clients are
+browsers and WeChat.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any
 
 import msgspec
 
+from core.wsframe import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, client_frame, frames
+
 __all__ = ["WsUser", "connect", "WsError"]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -30,27 +32,6 @@ _decode = msgspec.json.Decoder().decode
 
 class WsError(Exception):
     pass
-
-
-def _mask(payload: bytes, key: bytes) -> bytes:
-    n = len(payload)
-    if not n:
-        return payload
-    m = int.from_bytes((key * (n // 4 + 1))[:n], "big")
-    return (int.from_bytes(payload, "big") ^ m).to_bytes(n, "big")
-
-
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One masked, final frame (client → server)."""
-    n = len(payload)
-    key = os.urandom(4)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + key + _mask(payload, key)
 
 
 class WsUser(asyncio.Protocol):
@@ -74,11 +55,11 @@ class WsUser(asyncio.Protocol):
 
     def send_text(self, text: str) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(client_frame(0x1, text.encode()))
+            self.transport.write(client_frame(OP_TEXT, text.encode()))
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(client_frame(0x8, struct.pack("!H", 1000)))
+            self.transport.write(client_frame(OP_CLOSE, struct.pack("!H", 1000)))
             self.transport.close()
 
     def _end(self, reason: str) -> None:
@@ -109,27 +90,9 @@ class WsUser(asyncio.Protocol):
                 return
             self._head = False
             self.upgraded.set_result(None)
-        pos, n = 0, len(buf)
-        while n - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length, hl = b1 & 0x7F, 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length, hl = struct.unpack_from("!H", buf, pos + 2)[0], 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length, hl = struct.unpack_from("!Q", buf, pos + 2)[0], 10
-            if b1 & 0x80:
-                self._end("masked frame from the server")
-                return
-            if n - pos < hl + length:
-                break
-            payload = buf[pos + hl:pos + hl + length]
-            pos += hl + length
-            op = b0 & 0x0F
-            if op == 0x1 and b0 & 0x80:
+        got, pos, error = frames(buf)
+        for fin, op, payload in got:
+            if op == OP_TEXT and fin:
                 try:
                     obj = _decode(payload)
                 except msgspec.DecodeError:
@@ -138,16 +101,19 @@ class WsUser(asyncio.Protocol):
                 self.on_frame(self, obj)
                 if self.closed:
                     return
-            elif op == 0x9:  # ping → pong
+            elif op == OP_PING:
                 if self.transport is not None:
-                    self.transport.write(client_frame(0xA, payload))
-            elif op == 0x8:
+                    self.transport.write(client_frame(OP_PONG, payload))
+            elif op == OP_CLOSE:
                 code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
                 self._end(f"socket closed ({code})")
                 return
-            elif op != 0xA:
-                self._end(f"unexpected frame (opcode {op}, fin {b0 >> 7})")
+            elif op != OP_PONG:
+                self._end(f"unexpected frame (opcode {op}, fin {int(fin)})")
                 return
+        if error is not None:
+            self._end(str(error))
+            return
         self._buf = buf[pos:]
 
 

@@ -10,7 +10,6 @@ import ipaddress
 import logging
 import math
 import re
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 import wire
 from core.metrics import CONTENT_TYPE, exposition
+from core.wsframe import server_frame
 
 from .auth import Claims
 from .bridge import Bridge, LiveTask, done_frame
@@ -38,8 +38,6 @@ WS_QUEUE = 1024  # frames buffered per WebSocket before it is judged too slow an
 WS_QUEUE_CHARS = 2 * 1024 * 1024  # ... or this many characters of text (≤ 6 MB of UTF-8) in them
 _json = msgspec.json.Encoder()
 DIRECT_BUFFER = 64 * 1024  # WsSession writes a frame at once only while the transport holds at most this
-_LEN1 = struct.Struct("!BB").pack  # RFC 6455 frame header: FIN + opcode, 7-bit length
-_LEN2 = struct.Struct("!BBH").pack  # ... 16-bit length
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _DEV_USER = re.compile(r"[A-Za-z0-9_@-]{1,64}")
 
@@ -411,7 +409,7 @@ class WsSession:
             data = _json.encode(frame)
             n = len(data)
             if n < 65536 and tr.get_write_buffer_size() <= DIRECT_BUFFER:
-                tr.write((_LEN1(0x81, n) if n < 126 else _LEN2(0x81, 126, n)) + data)
+                tr.write(server_frame(data))
                 return
         try:
             if self.queued_chars + size > WS_QUEUE_CHARS and self.queued_chars:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.cli import ALL, SCENARIOS, _summary
+from bench.cli import ALL, SCENARIOS, summary
 from bench.cli import main as bench_main
 from claw.cli import main as claw_main
 
@@ -62,7 +62,7 @@ def _results(checks: list[dict], vs_thin: dict | None = None) -> dict:
 
 
 def test_summary_prints_the_ratio_targets_and_the_levels_behind_them() -> None:
-    text = _summary(_results([
+    text = summary(_results([
         {"name": "CPU per chunk vs the thin relay (same run)", "target": "<= 1.5x", "value": 3.5, "unit": "x",
          "ok": False, "detail": "at 200 streams: SmartClaw edge+broker+node 262.5 µs, thin relay 75 µs"},
         {"name": "knee vs the thin relay's (same run)", "target": ">= 70% of it", "value": 0.4, "unit": "x",
@@ -78,7 +78,7 @@ def test_summary_prints_the_ratio_targets_and_the_levels_behind_them() -> None:
 
 
 def test_summary_says_not_measured_rather_than_pass_or_miss() -> None:
-    text = _summary(_results([
+    text = summary(_results([
         {"name": "knee vs the thin relay's (same run)", "target": ">= 70% of it", "value": None, "unit": "x",
          "ok": None, "status": "not measured", "detail": "the thin relay was not swept in this run"}],
         {"measured": False}))

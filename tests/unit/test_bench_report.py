@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.report import TITLE_ZH, _log_ticks, main, render_html, write_report
+from bench.chart import log_ticks
+from bench.report import TITLE_ZH, main, render_html, write_report
 
 EVIL = "<script>alert(1)</script>"
 _SVG = re.compile(r"<svg\b.*?</svg>", re.S)
@@ -263,9 +264,9 @@ def test_the_sample_is_not_modified() -> None:
 
 
 def test_log_ticks_are_1_2_5() -> None:
-    assert _log_ticks(1, 100) == [1, 2, 5, 10, 20, 50, 100]
-    assert _log_ticks(0.5, 5) == [0.5, 1, 2, 5]
-    assert _log_ticks(1e-3, 1e6) == [10.0 ** e for e in range(-3, 7)]  # too many: decades only
+    assert log_ticks(1, 100) == [1, 2, 5, 10, 20, 50, 100]
+    assert log_ticks(0.5, 5) == [0.5, 1, 2, 5]
+    assert log_ticks(1e-3, 1e6) == [10.0 ** e for e in range(-3, 7)]  # too many: decades only
 
 
 def test_write_report_and_main(tmp_path: Path) -> None:

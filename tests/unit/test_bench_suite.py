@@ -1,4 +1,5 @@
-"""bench/suite.py's pure parts: HdrHistogram stats, the knee rule, the targets table, CLI levels."""
+"""The bench suite's parts: HdrHistogram stats (bench/hist.py), the knee rule and the targets (bench/targets.py),
+the offered pace (bench/measure.py), the floor and thin-relay scenarios (bench/scenarios.py), CLI levels."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import random
 
 import pytest
 
-from bench.cli import _levels
-from bench.suite import KNEE_MS, Hist, _bad, checks
+from bench.cli import parse_levels
+from bench.hist import Hist
+from bench.targets import KNEE_MS, checks, past_knee
 
 
 def test_hist_stats_are_close_to_exact_percentiles() -> None:
@@ -43,25 +45,26 @@ def _row(streams: int, p99: float, asks: int = 100, errors: int = 0) -> dict:
 
 
 def test_knee_rule() -> None:
-    assert not _bad(_row(10, KNEE_MS))
-    assert _bad(_row(10, KNEE_MS + 0.1))
-    assert _bad(_row(10, 5.0, asks=100, errors=2))  # > 1 % errors
-    assert not _bad(_row(10, 5.0, asks=100, errors=1))
-    assert _bad(_row(10, 5.0, asks=0))  # nothing measured is not a pass
-    assert _bad({"streams": 1, "asks": 3, "errors": 0, "chunk_ms": {"n": 0}})
+    assert not past_knee(_row(10, KNEE_MS))
+    assert past_knee(_row(10, KNEE_MS + 0.1))
+    assert past_knee(_row(10, 5.0, asks=100, errors=2))  # > 1 % errors
+    assert not past_knee(_row(10, 5.0, asks=100, errors=1))
+    assert past_knee(_row(10, 5.0, asks=0))  # nothing measured is not a pass
+    assert past_knee({"streams": 1, "asks": 3, "errors": 0, "chunk_ms": {"n": 0}})
 
 
 def test_knee_rule_also_needs_the_offered_pace_delivered() -> None:
-    from bench.suite import KNEE_DELIVERED
+    from bench.targets import KNEE_DELIVERED
 
     # a relay that cannot keep up makes tokens late before they are stamped: the chunk latency stays low
-    assert _bad({**_row(1000, 6.0), "delivered": KNEE_DELIVERED - 0.01})
-    assert not _bad({**_row(1000, 6.0), "delivered": KNEE_DELIVERED})
-    assert not _bad(_row(1000, 6.0))  # no offered pace known (e.g. tps 0): latency and errors decide
+    assert past_knee({**_row(1000, 6.0), "delivered": KNEE_DELIVERED - 0.01})
+    assert not past_knee({**_row(1000, 6.0), "delivered": KNEE_DELIVERED})
+    assert not past_knee(_row(1000, 6.0))  # no offered pace known (e.g. tps 0): latency and errors decide
 
 
 def test_offered_pace_is_the_fake_llms_own_answer_cycle() -> None:
-    from bench.suite import Options, offered_chars_per_s
+    from bench.measure import offered_chars_per_s
+    from bench.options import Options
 
     # 40 tokens of 4 chars, the last 39/20 s after the first: 160 chars per 1.95 s per stream
     assert offered_chars_per_s(Options(tokens=40, tps=20.0, token_chars=4), 10) == pytest.approx(10 * 160 / 1.95)
@@ -93,21 +96,23 @@ def test_checks_evaluate_the_issue_targets() -> None:
 
 
 def test_levels_option() -> None:
-    assert _levels("100,1,10,10") == [1, 10, 100]
+    assert parse_levels("100,1,10,10") == [1, 10, 100]
     for bad in ("", "0,1", "a,b"):
         with pytest.raises(argparse.ArgumentTypeError):
-            _levels(bad)
+            parse_levels(bad)
 
 
 def test_knee_is_the_last_level_before_the_first_bad_one() -> None:
-    from bench.suite import _knee
-    assert _knee([_row(1, 5), _row(10, 50), _row(100, 150), _row(200, 20)]) == 10  # later recovery ignored
-    assert _knee([_row(1, 500)]) is None and _knee([]) is None
-    assert _knee([_row(1, 5), _row(10, 6)]) == 10
+    from bench.targets import knee_of
+    assert knee_of([_row(1, 5), _row(10, 50), _row(100, 150), _row(200, 20)]) == 10  # later recovery ignored
+    assert knee_of([_row(1, 500)]) is None and knee_of([]) is None
+    assert knee_of([_row(1, 5), _row(10, 6)]) == 10
 
 
 async def test_floor_measures_a_loopback_hop_with_a_real_sink_process() -> None:
-    from bench.suite import Options, Progress, floor
+    from bench.options import Options
+    from bench.progress import Progress
+    from bench.scenarios import floor
 
     out = await floor(Options(tps=50.0, progress=False), Progress(False), seconds=1.0, levels=(20,))
     (row,) = out["levels"]
@@ -122,7 +127,9 @@ async def test_floor_measures_a_loopback_hop_with_a_real_sink_process() -> None:
 async def test_thin_relay_sweep_runs_real_processes_and_delivers_the_offered_pace() -> None:
     """bench/thin.py in its own process between the real fake LLM and the real load generator: answers
     complete and correct, chunk latency measured, the delivered share near 1 at a light load."""
-    from bench.suite import Options, Progress, sweep
+    from bench.options import Options
+    from bench.progress import Progress
+    from bench.scenarios import sweep
 
     o = Options(tps=40.0, tokens=20, levels=[5], level_s=1.5, warm_s=0.5, progress=False)
     out = await sweep(o, "thin", Progress(False))
@@ -161,7 +168,7 @@ def _thin(knee: int | None = 500, exceeded: bool = True) -> dict:
 
 
 def test_cpu_per_chunk_counts_the_relays_own_processes_only() -> None:
-    from bench.suite import cpu_us_per_chunk
+    from bench.targets import cpu_us_per_chunk
 
     # SmartClaw: edge (with its embedded broker) + node; the fake LLM and the load generator are instruments
     assert cpu_us_per_chunk(_ours()["levels"][2]) == pytest.approx(111 / 100 / 5415 * 1e6, abs=0.1)  # ~205 µs
@@ -172,7 +179,7 @@ def test_cpu_per_chunk_counts_the_relays_own_processes_only() -> None:
 
 
 def test_vs_thin_compares_cpu_at_the_highest_level_both_carried() -> None:
-    from bench.suite import vs_thin
+    from bench.targets import vs_thin
 
     v = vs_thin(_ours(knee=200), _thin(knee=500))
     assert v["measured"] is True
@@ -191,7 +198,7 @@ def test_vs_thin_compares_cpu_at_the_highest_level_both_carried() -> None:
 
 
 def test_vs_thin_without_a_carried_level_falls_back_to_the_lowest_common_one() -> None:
-    from bench.suite import vs_thin
+    from bench.targets import vs_thin
 
     v = vs_thin(_ours(knee=None), _thin())
     assert v["cpu_per_chunk"]["streams"] == 100 and v["cpu_per_chunk"]["carried_by_both"] is False
@@ -201,7 +208,7 @@ def test_vs_thin_without_a_carried_level_falls_back_to_the_lowest_common_one() -
 
 
 def test_vs_thin_is_not_measured_without_both_sweeps() -> None:
-    from bench.suite import vs_thin
+    from bench.targets import vs_thin
 
     assert vs_thin(_ours(), None) == {"measured": False, "cpu_ratio_max": 1.5, "knee_share_min": 0.7,
                                       "reason": "the thin relay was not swept in this run "
