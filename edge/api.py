@@ -12,6 +12,7 @@ import math
 import re
 import struct
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,13 @@ from aiohttp import WSCloseCode, WSMsgType, web
 import wire
 
 from .auth import Claims
-from .bridge import Bridge, LiveTask, done_frame
-from .keys import BRIDGE, BROKER, SESSIONS, SETTINGS, STORE, TOKENS
+from . import frames
+from .bridge import Bridge
+from .frames import Frame
+from .keys import BRIDGE, BROKER, SETTINGS, STORE, TOKENS
 from .miniapp import CODE_RE, MINIAPP, LoginError, miniapp_ctx
 from .store import StoreFull
+from .tasks import LiveTask
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ MAX_ASK_CHARS = 8000
 STORE_FULL_MSG = "服务器 A 存储已满，暂时无法接收新问题，请联系管理员。"
 WS_QUEUE = 1024  # frames buffered per WebSocket before it is judged too slow and closed ...
 WS_QUEUE_CHARS = 2 * 1024 * 1024  # ... or this many characters of text (≤ 6 MB of UTF-8) in them
-_json = msgspec.json.Encoder()
+_json = frames.ENCODER  # client frames are encoded by edge.frames' one encoder
 DIRECT_BUFFER = 64 * 1024  # WsSession writes a frame at once only while the transport holds at most this
 _LEN1 = struct.Struct("!BB").pack  # RFC 6455 frame header: FIN + opcode, 7-bit length
 _LEN2 = struct.Struct("!BBH").pack  # ... 16-bit length
@@ -408,7 +412,7 @@ class WsSession:
         self.claims = claims  # what opened it: rechecked every WS_CHECK_S (a revoke closes the socket)
         self.transport = transport
         self._busy = False  # the writer task is sending a frame
-        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(WS_QUEUE)
+        self.queue: asyncio.Queue[Frame | None] = asyncio.Queue(WS_QUEUE)
         self.overflowed = False
         self.queued_chars = 0  # text waiting in ``queue`` (chunks can be up to 64 KiB each)
         self.floor: dict[str, int] = {}  # task -> the seq this client resumed from (it has everything up to it)
@@ -427,7 +431,7 @@ class WsSession:
             await self._drained.wait()
         return not (self.overflowed or self.writer.done())
 
-    def push(self, frame: dict[str, Any]) -> None:
+    def push(self, frame: Frame) -> None:
         if self.overflowed:
             return
         if self.floor and frame["type"] == "delta" and frame["seq"] <= self.floor.get(frame["task"], 0):
@@ -482,6 +486,9 @@ class WsSession:
             self.queue.put_nowait(None)
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self.writer, 2)
+
+
+SESSIONS = web.AppKey("sessions", weakref.WeakSet[WsSession])  # the open client sockets
 
 
 def allowed_origins(settings: Any) -> set[str]:
@@ -550,13 +557,13 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     sess = WsSession(ws, uid, request.transport, claims)
     sessions.add(sess)
     bridge.presence.add(sess)
-    sess.push({"type": "node", "online": bridge.node_online})
+    sess.push(frames.node(bridge.node_online))
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await _on_frame(app, bridge, sess, msg.data)
             elif msg.type == WSMsgType.BINARY:
-                sess.push({"type": "error", "code": "bad_frame", "message": "只接受 JSON 文本帧"})
+                sess.push(frames.error("bad_frame", "只接受 JSON 文本帧"))
     finally:
         bridge.detach_all(sess)
         sessions.discard(sess)
@@ -568,10 +575,10 @@ async def _on_frame(app: web.Application, bridge: Bridge, sess: WsSession, data:
     try:
         frame = msgspec.json.decode(data)
     except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deep (a 64 KiB frame can)
-        sess.push({"type": "error", "code": "bad_json", "message": "帧不是有效的 JSON"})
+        sess.push(frames.error("bad_json", "帧不是有效的 JSON"))
         return
     if not isinstance(frame, dict):
-        sess.push({"type": "error", "code": "bad_frame", "message": "帧必须是 JSON 对象"})
+        sess.push(frames.error("bad_frame", "帧必须是 JSON 对象"))
         return
     kind = frame.get("type")
     if kind == "ask":
@@ -579,18 +586,18 @@ async def _on_frame(app: web.Application, bridge: Bridge, sess: WsSession, data:
     elif kind == "stop":
         tid = _task_id(sess, frame.get("task"))
         if tid is not None and not bridge.cancel(tid, sess.uid):
-            sess.push({"type": "error", "code": "not_running", "message": "该任务不在进行中", "task": frame.get("task")})
+            sess.push(frames.error("not_running", "该任务不在进行中", frame.get("task")))
     elif kind == "resume":
         _resume(app, bridge, sess, frame)
     elif kind == "ping":
-        sess.push({"type": "pong"})
+        sess.push(frames.pong())
     else:
-        sess.push({"type": "error", "code": "bad_type", "message": f"未知的帧类型: {str(kind)[:32]}"})
+        sess.push(frames.error("bad_type", f"未知的帧类型: {str(kind)[:32]}"))
 
 
 def _task_id(sess: WsSession, value: Any) -> bytes | None:
     if not isinstance(value, str) or not _HEX32.fullmatch(value):
-        sess.push({"type": "error", "code": "bad_task_id", "message": "任务 ID 应为 32 位十六进制"})
+        sess.push(frames.error("bad_task_id", "任务 ID 应为 32 位十六进制"))
         return None
     return bytes.fromhex(value)
 
@@ -598,14 +605,14 @@ def _task_id(sess: WsSession, value: Any) -> bytes | None:
 async def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[str, Any]) -> None:
     text = frame.get("text")
     if not isinstance(text, str) or not text.strip():
-        sess.push({"type": "error", "code": "empty", "message": "问题不能为空"})
+        sess.push(frames.error("empty", "问题不能为空"))
         return
     if len(text) > MAX_ASK_CHARS:
-        sess.push({"type": "error", "code": "too_long", "message": f"问题过长（最多 {MAX_ASK_CHARS} 字）"})
+        sess.push(frames.error("too_long", f"问题过长（最多 {MAX_ASK_CHARS} 字）"))
         return
     conv = frame.get("conv")
     if conv is not None and (not isinstance(conv, str) or len(conv) > 64):
-        sess.push({"type": "error", "code": "bad_conv", "message": "conv 必须是不超过 64 字符的字符串"})
+        sess.push(frames.error("bad_conv", "conv 必须是不超过 64 字符的字符串"))
         return
     tid = None
     if frame.get("id") is not None:
@@ -613,23 +620,23 @@ async def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dic
         if tid is None:
             return
     if bridge.pending(sess.uid) >= app[SETTINGS].edge.max_pending_per_user and (tid is None or bridge.get(tid) is None):
-        sess.push({"type": "error", "code": "rate_limited",
-                   "message": f"进行中的问题过多（最多 {app[SETTINGS].edge.max_pending_per_user} 个），请稍候"})
+        sess.push(frames.error("rate_limited",
+                               f"进行中的问题过多（最多 {app[SETTINGS].edge.max_pending_per_user} 个），请稍候"))
         return
     try:
         live = await bridge.submit(sess.uid, sess.uid.partition(".")[0], text, conv, tid, hold=True)
     except PermissionError:
-        sess.push({"type": "error", "code": "forbidden", "message": "该任务 ID 属于其他用户"})
+        sess.push(frames.error("forbidden", "该任务 ID 属于其他用户"))
         return
     except wire.WireError as exc:
-        sess.push({"type": "error", "code": "bad_task", "message": f"任务无效: {exc}"})
+        sess.push(frames.error("bad_task", f"任务无效: {exc}"))
         return
     except StoreFull:  # not recorded, so not acknowledged: nothing is lost silently
-        sess.push({"type": "error", "code": "store_full", "message": STORE_FULL_MSG})
+        sess.push(frames.error("store_full", STORE_FULL_MSG))
         return
-    sess.push({"type": "accepted", "task": live.hex, "queue": live.stream.queue})
+    sess.push(frames.accepted(live.hex, live.stream.queue))
     if not bridge.node_online:
-        sess.push({"type": "node", "online": False})
+        sess.push(frames.node(False))
     # "trace": true (bench/diagnostics) adds a "timing" map to this task's live delta frames.
     trace = frame.get("trace") is True
     if live.held is not None:  # a new task: what its node sent before this acknowledgement follows it now
@@ -662,9 +669,9 @@ def _follow(bridge: Bridge, live: LiveTask, sess: WsSession, after: int, trace: 
 
 def _replay_now(live: LiveTask, sess: WsSession, after: int) -> None:
     for seq, text in enumerate(live.stream.parts[after:], start=after + 1):
-        sess.push({"type": "delta", "task": live.hex, "seq": seq, "text": text})
+        sess.push(frames.delta(live.hex, seq, text))
     if live.finished_at is not None:
-        sess.push(done_frame(live.rec) | {"seq": live.stream.next_seq - 1})
+        sess.push(frames.done_from_record(live.rec, live.stream.next_seq - 1))
 
 
 async def _replay_paced(bridge: Bridge, live: LiveTask, sess: WsSession, after: int, trace: bool) -> None:
@@ -677,10 +684,10 @@ async def _replay_paced(bridge: Bridge, live: LiveTask, sess: WsSession, after: 
             if not await sess.room(len(parts[sent])):
                 return
             sent += 1
-            sess.push({"type": "delta", "task": live.hex, "seq": sent, "text": parts[sent - 1]})
+            sess.push(frames.delta(live.hex, sent, parts[sent - 1]))
         if live.finished_at is not None:
             if await sess.room(len(live.rec.answer) * 2):  # the done carries the whole answer: queue it alone
-                sess.push(done_frame(live.rec) | {"seq": live.stream.next_seq - 1})
+                sess.push(frames.done_from_record(live.rec, live.stream.next_seq - 1))
         else:
             bridge.attach(live, sess, trace=trace)  # caught up, same tick: no live chunk can slip between
             sess.floor[live.hex] = max(sess.floor.get(live.hex, 0), sent)
@@ -695,7 +702,7 @@ def _resume(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[s
         return
     seq = frame.get("seq", 0)
     if not isinstance(seq, int) or seq < 0:
-        sess.push({"type": "error", "code": "bad_seq", "message": "seq 必须是非负整数"})
+        sess.push(frames.error("bad_seq", "seq 必须是非负整数"))
         return
     live = bridge.get(tid)
     if live is not None and live.rec.uid == sess.uid:
@@ -707,9 +714,9 @@ def _resume(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[s
         return
     rec = app[STORE].get(tid)
     if rec is None or rec.uid != sess.uid:
-        sess.push({"type": "error", "code": "not_found", "message": "没有这个任务", "task": frame.get("task")})
+        sess.push(frames.error("not_found", "没有这个任务", frame.get("task")))
         return
-    sess.push(done_frame(rec))
+    sess.push(frames.done_from_record(rec))
 
 
 def add_routes(app: web.Application) -> None:

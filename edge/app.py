@@ -25,7 +25,8 @@ from core.store import open_db
 from . import api, oauth
 from .auth import Tokens, load_or_create_secret
 from .bridge import Bridge
-from .keys import BRIDGE, BROKER, RETENTION, SESSIONS, SETTINGS, STORE, TOKENS, WECOM, WECOM_API
+from .api import SESSIONS
+from .keys import BRIDGE, BROKER, RETENTION, SETTINGS, STORE, TOKENS, WECOM, WECOM_API
 from .store import Retention, TaskStore
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,7 @@ async def _mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
         app[BRIDGE] = bridge
         task = asyncio.create_task(bridge.run(), name="edge-bridge")
         try:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(bridge._connected.wait()), 10)
-            if not bridge.connected:
+            if not await bridge.wait_connected(10):
                 log.warning("edge: MQTT not connected yet; continuing and retrying in the background")
             yield
         finally:
