@@ -90,7 +90,7 @@ async def body_timeout(request: web.Request, handler: Any) -> web.StreamResponse
             async with asyncio.timeout(request.app[SETTINGS].edge.body_timeout_s):
                 await request.read()
         except TimeoutError:
-            _quiet_log("body_timeout", "edge: request body from %s not received within %g s; closing",
+            quiet_log("body_timeout", "edge: request body from %s not received within %g s; closing",
                        request.remote, request.app[SETTINGS].edge.body_timeout_s)
             resp = _err(408, "body_timeout", "请求体接收超时")
             resp.force_close()
@@ -102,7 +102,7 @@ _QUIET: dict[str, list[float]] = {}  # kind -> [last logged (monotonic), lines s
 QUIET_EVERY_S = 10.0
 
 
-def _quiet_log(kind: str, msg: str, *args: Any) -> None:
+def quiet_log(kind: str, msg: str, *args: Any) -> None:
     """A WARNING about a misbehaving client, at most one per QUIET_EVERY_S per kind (a flood of them must not
     flood the log), with the number suppressed since the last one."""
     now = time.monotonic()
@@ -209,7 +209,7 @@ async def _pat_login(request: web.Request, value: Any) -> web.Response:
     ip = request.remote or ""
     wait = tokens.pat_throttle.retry_after(ip)
     if wait > 0:
-        _quiet_log("pat_throttled", "edge: personal-token sign-ins from %s throttled after repeated failures", ip)
+        quiet_log("pat_throttled", "edge: personal-token sign-ins from %s throttled after repeated failures", ip)
         return web.json_response({"error": {"code": "pat_throttled", "message": "个人令牌登录失败次数过多，请稍后再试"}},
                                  status=429, headers={"Retry-After": str(math.ceil(wait))})
     if not isinstance(value, str) or not value:
@@ -223,7 +223,7 @@ async def _pat_login(request: web.Request, value: Any) -> web.Response:
         return _err(503, "auth_store", "服务器暂时无法登录，请稍后再试")
     if got is None:
         tokens.pat_throttle.failed(ip)
-        _quiet_log("pat_invalid", "edge: sign-in with an unknown, revoked or expired personal token from %s", ip)
+        quiet_log("pat_invalid", "edge: sign-in with an unknown, revoked or expired personal token from %s", ip)
         return _err(401, "pat_invalid", PAT_INVALID_MSG)
     return web.json_response(got)
 
@@ -431,6 +431,11 @@ class WsSession:
             await self._drained.wait()
         return not (self.overflowed or self.writer.done())
 
+    @property
+    def sending(self) -> bool:
+        """The writer task is sending a queued frame (a direct write is not possible meanwhile)."""
+        return self._busy
+
     def push(self, frame: Frame) -> None:
         if self.overflowed:
             return
@@ -539,7 +544,7 @@ async def watch_revocations(app: web.Application) -> None:
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     if not origin_ok(request):
-        _quiet_log("origin", "edge: WebSocket from a foreign origin %r refused [%s]",
+        quiet_log("origin", "edge: WebSocket from a foreign origin %r refused [%s]",
                    request.headers.get("Origin", "")[:100], request.remote)
         return _err(403, "bad_origin", "不允许从该网站连接")
     claims = _ws_claims(request)

@@ -175,7 +175,7 @@ class _ServerLog:
     def exception(self, msg: str, *args: object, exc_info: object = True, **kw: object) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
         if isinstance(exc, HttpProcessingError):
-            api._quiet_log("malformed", "edge: malformed HTTP request from %s: %s", args[0] if args else "?",
+            api.quiet_log("malformed", "edge: malformed HTTP request from %s: %s", args[0] if args else "?",
                            str(exc).replace("\n", " ")[:200])
             return
         self._base.exception(msg, *args, exc_info=exc_info, **kw)  # type: ignore[arg-type]
