@@ -28,18 +28,20 @@ from core.mqtt import Backoff, run_forever
 from . import frames, repair
 from .dispatch import Dispatcher
 from .nodes import NodeInfo, NodeWatch
-from .replies import EDGE_STAGES, NODE_LOST_MSG, ReplyIntake, node_lost
+from .replies import ReplyIntake, node_lost
 from .stats import BridgeStats
 from .store import FINAL, StoreFull, TaskRecord, TaskStore
-from .tasks import FINISHED_KEEP_S, LiveTask, Sink, TaskRegistry
-
-__all__ = ["Bridge", "BridgeStats", "EDGE_STAGES", "FINISHED_KEEP_S", "LiveTask", "NODE_LOST_MSG", "NodeInfo",
-           "Sink"]
+from .tasks import LiveTask, Sink, TaskRegistry
 
 log = logging.getLogger(__name__)
 
 
 class Bridge:
+    """The edge's side of the broker link. Its parts are public: ``tasks`` (the registry; ``live`` is its dict
+    by id), ``dispatch`` (queues and publishes), ``watch`` (node presence; ``nodes`` is its dict), ``intake``
+    (replies in, frames out). ``stats``, ``stages``, ``presence`` and ``on_finished`` are what the API, the
+    metrics and the WeCom channel read or register with."""
+
     def __init__(self, settings: Settings, store: TaskStore, client: aiomqtt.Client | LocalLink) -> None:
         self.s = settings
         self.store = store

@@ -25,7 +25,7 @@ from .stats import BridgeStats
 from .store import TaskRecord
 from .tasks import LiveTask, TaskRegistry
 
-log = logging.getLogger("edge.bridge")
+log = logging.getLogger("edge.bridge")  # the bridge's log: one logger for all of its parts
 
 
 class Dispatcher:

@@ -26,7 +26,7 @@ from .stats import BridgeStats
 from .store import TaskStore
 from .tasks import LiveTask, TaskRegistry
 
-log = logging.getLogger("edge.bridge")
+log = logging.getLogger("edge.bridge")  # the bridge's log: one logger for all of its parts
 
 NODE_LOST_MSG = "与服务器 B 的连接中断，本次回答未能完成，请重新提问。"
 # Stage latencies observed from the replies' timing maps (wall-clock µs; stages that span both servers
