@@ -11,6 +11,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ from core.metrics import CONTENT_TYPE, exposition
 from core.wsframe import server_frame
 
 from .auth import Claims
-from .bridge import Bridge, LiveTask, done_frame
-from .keys import BRIDGE, SESSIONS, SETTINGS, STORE, TOKENS
+from . import frames
+from .bridge import Bridge
+from .frames import Frame
+from .keys import BRIDGE, SETTINGS, STORE, TOKENS
 from .metrics import METRICS, edge_registry
 from .miniapp import CODE_RE, MINIAPP, LoginError, miniapp_ctx
 from .store import StoreFull
+from .tasks import LiveTask
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ MAX_ASK_CHARS = 8000
 STORE_FULL_MSG = "服务器 A 存储已满，暂时无法接收新问题，请联系管理员。"
 WS_QUEUE = 1024  # frames buffered per WebSocket before it is judged too slow and closed ...
 WS_QUEUE_CHARS = 2 * 1024 * 1024  # ... or this many characters of text (≤ 6 MB of UTF-8) in them
-_json = msgspec.json.Encoder()
+_json = frames.ENCODER  # client frames are encoded by edge.frames' one encoder
 DIRECT_BUFFER = 64 * 1024  # WsSession writes a frame at once only while the transport holds at most this
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _DEV_USER = re.compile(r"[A-Za-z0-9_@-]{1,64}")
@@ -86,7 +90,7 @@ async def body_timeout(request: web.Request, handler: Any) -> web.StreamResponse
             async with asyncio.timeout(request.app[SETTINGS].edge.body_timeout_s):
                 await request.read()
         except TimeoutError:
-            _quiet_log("body_timeout", "edge: request body from %s not received within %g s; closing",
+            quiet_log("body_timeout", "edge: request body from %s not received within %g s; closing",
                        request.remote, request.app[SETTINGS].edge.body_timeout_s)
             resp = _err(408, "body_timeout", "请求体接收超时")
             resp.force_close()
@@ -98,7 +102,7 @@ _QUIET: dict[str, list[float]] = {}  # kind -> [last logged (monotonic), lines s
 QUIET_EVERY_S = 10.0
 
 
-def _quiet_log(kind: str, msg: str, *args: Any) -> None:
+def quiet_log(kind: str, msg: str, *args: Any) -> None:
     """A WARNING about a misbehaving client, at most one per QUIET_EVERY_S per kind (a flood of them must not
     flood the log), with the number suppressed since the last one."""
     now = time.monotonic()
@@ -205,7 +209,7 @@ async def _pat_login(request: web.Request, value: Any) -> web.Response:
     ip = request.remote or ""
     wait = tokens.pat_throttle.retry_after(ip)
     if wait > 0:
-        _quiet_log("pat_throttled", "edge: personal-token sign-ins from %s throttled after repeated failures", ip)
+        quiet_log("pat_throttled", "edge: personal-token sign-ins from %s throttled after repeated failures", ip)
         return web.json_response({"error": {"code": "pat_throttled", "message": "个人令牌登录失败次数过多，请稍后再试"}},
                                  status=429, headers={"Retry-After": str(math.ceil(wait))})
     if not isinstance(value, str) or not value:
@@ -219,7 +223,7 @@ async def _pat_login(request: web.Request, value: Any) -> web.Response:
         return _err(503, "auth_store", "服务器暂时无法登录，请稍后再试")
     if got is None:
         tokens.pat_throttle.failed(ip)
-        _quiet_log("pat_invalid", "edge: sign-in with an unknown, revoked or expired personal token from %s", ip)
+        quiet_log("pat_invalid", "edge: sign-in with an unknown, revoked or expired personal token from %s", ip)
         return _err(401, "pat_invalid", PAT_INVALID_MSG)
     return web.json_response(got)
 
@@ -375,7 +379,7 @@ class WsSession:
         self.claims = claims  # what opened it: rechecked every WS_CHECK_S (a revoke closes the socket)
         self.transport = transport
         self._busy = False  # the writer task is sending a frame
-        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(WS_QUEUE)
+        self.queue: asyncio.Queue[Frame | None] = asyncio.Queue(WS_QUEUE)
         self.overflowed = False
         self.queued_chars = 0  # text waiting in ``queue`` (chunks can be up to 64 KiB each)
         self.floor: dict[str, int] = {}  # task -> the seq this client resumed from (it has everything up to it)
@@ -394,7 +398,12 @@ class WsSession:
             await self._drained.wait()
         return not (self.overflowed or self.writer.done())
 
-    def push(self, frame: dict[str, Any]) -> None:
+    @property
+    def sending(self) -> bool:
+        """The writer task is sending a queued frame (a direct write is not possible meanwhile)."""
+        return self._busy
+
+    def push(self, frame: Frame) -> None:
         if self.overflowed:
             return
         if self.floor and frame["type"] == "delta" and frame["seq"] <= self.floor.get(frame["task"], 0):
@@ -451,6 +460,9 @@ class WsSession:
             await asyncio.wait_for(self.writer, 2)
 
 
+SESSIONS = web.AppKey("sessions", weakref.WeakSet[WsSession])  # the open client sockets
+
+
 def allowed_origins(settings: Any) -> set[str]:
     """``edge.public_url``'s origin and ``edge.allowed_origins``, normalised (lower case, no trailing slash)."""
     return {o.rstrip("/").lower() for o in ([settings.edge.public_url] if settings.edge.public_url else [])
@@ -499,7 +511,7 @@ async def watch_revocations(app: web.Application) -> None:
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     if not origin_ok(request):
-        _quiet_log("origin", "edge: WebSocket from a foreign origin %r refused [%s]",
+        quiet_log("origin", "edge: WebSocket from a foreign origin %r refused [%s]",
                    request.headers.get("Origin", "")[:100], request.remote)
         return _err(403, "bad_origin", "不允许从该网站连接")
     claims = _ws_claims(request)
@@ -517,13 +529,13 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     sess = WsSession(ws, uid, request.transport, claims)
     sessions.add(sess)
     bridge.presence.add(sess)
-    sess.push({"type": "node", "online": bridge.node_online})
+    sess.push(frames.node(bridge.node_online))
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await _on_frame(app, bridge, sess, msg.data)
             elif msg.type == WSMsgType.BINARY:
-                sess.push({"type": "error", "code": "bad_frame", "message": "只接受 JSON 文本帧"})
+                sess.push(frames.error("bad_frame", "只接受 JSON 文本帧"))
     finally:
         bridge.detach_all(sess)
         sessions.discard(sess)
@@ -535,10 +547,10 @@ async def _on_frame(app: web.Application, bridge: Bridge, sess: WsSession, data:
     try:
         frame = msgspec.json.decode(data)
     except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deep (a 64 KiB frame can)
-        sess.push({"type": "error", "code": "bad_json", "message": "帧不是有效的 JSON"})
+        sess.push(frames.error("bad_json", "帧不是有效的 JSON"))
         return
     if not isinstance(frame, dict):
-        sess.push({"type": "error", "code": "bad_frame", "message": "帧必须是 JSON 对象"})
+        sess.push(frames.error("bad_frame", "帧必须是 JSON 对象"))
         return
     kind = frame.get("type")
     if kind == "ask":
@@ -546,18 +558,18 @@ async def _on_frame(app: web.Application, bridge: Bridge, sess: WsSession, data:
     elif kind == "stop":
         tid = _task_id(sess, frame.get("task"))
         if tid is not None and not bridge.cancel(tid, sess.uid):
-            sess.push({"type": "error", "code": "not_running", "message": "该任务不在进行中", "task": frame.get("task")})
+            sess.push(frames.error("not_running", "该任务不在进行中", frame.get("task")))
     elif kind == "resume":
         _resume(app, bridge, sess, frame)
     elif kind == "ping":
-        sess.push({"type": "pong"})
+        sess.push(frames.pong())
     else:
-        sess.push({"type": "error", "code": "bad_type", "message": f"未知的帧类型: {str(kind)[:32]}"})
+        sess.push(frames.error("bad_type", f"未知的帧类型: {str(kind)[:32]}"))
 
 
 def _task_id(sess: WsSession, value: Any) -> bytes | None:
     if not isinstance(value, str) or not _HEX32.fullmatch(value):
-        sess.push({"type": "error", "code": "bad_task_id", "message": "任务 ID 应为 32 位十六进制"})
+        sess.push(frames.error("bad_task_id", "任务 ID 应为 32 位十六进制"))
         return None
     return bytes.fromhex(value)
 
@@ -565,14 +577,14 @@ def _task_id(sess: WsSession, value: Any) -> bytes | None:
 async def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[str, Any]) -> None:
     text = frame.get("text")
     if not isinstance(text, str) or not text.strip():
-        sess.push({"type": "error", "code": "empty", "message": "问题不能为空"})
+        sess.push(frames.error("empty", "问题不能为空"))
         return
     if len(text) > MAX_ASK_CHARS:
-        sess.push({"type": "error", "code": "too_long", "message": f"问题过长（最多 {MAX_ASK_CHARS} 字）"})
+        sess.push(frames.error("too_long", f"问题过长（最多 {MAX_ASK_CHARS} 字）"))
         return
     conv = frame.get("conv")
     if conv is not None and (not isinstance(conv, str) or len(conv) > 64):
-        sess.push({"type": "error", "code": "bad_conv", "message": "conv 必须是不超过 64 字符的字符串"})
+        sess.push(frames.error("bad_conv", "conv 必须是不超过 64 字符的字符串"))
         return
     tid = None
     if frame.get("id") is not None:
@@ -580,23 +592,23 @@ async def _ask(app: web.Application, bridge: Bridge, sess: WsSession, frame: dic
         if tid is None:
             return
     if bridge.pending(sess.uid) >= app[SETTINGS].edge.max_pending_per_user and (tid is None or bridge.get(tid) is None):
-        sess.push({"type": "error", "code": "rate_limited",
-                   "message": f"进行中的问题过多（最多 {app[SETTINGS].edge.max_pending_per_user} 个），请稍候"})
+        sess.push(frames.error("rate_limited",
+                               f"进行中的问题过多（最多 {app[SETTINGS].edge.max_pending_per_user} 个），请稍候"))
         return
     try:
         live = await bridge.submit(sess.uid, sess.uid.partition(".")[0], text, conv, tid, hold=True)
     except PermissionError:
-        sess.push({"type": "error", "code": "forbidden", "message": "该任务 ID 属于其他用户"})
+        sess.push(frames.error("forbidden", "该任务 ID 属于其他用户"))
         return
     except wire.WireError as exc:
-        sess.push({"type": "error", "code": "bad_task", "message": f"任务无效: {exc}"})
+        sess.push(frames.error("bad_task", f"任务无效: {exc}"))
         return
     except StoreFull:  # not recorded, so not acknowledged: nothing is lost silently
-        sess.push({"type": "error", "code": "store_full", "message": STORE_FULL_MSG})
+        sess.push(frames.error("store_full", STORE_FULL_MSG))
         return
-    sess.push({"type": "accepted", "task": live.hex, "queue": live.stream.queue})
+    sess.push(frames.accepted(live.hex, live.stream.queue))
     if not bridge.node_online:
-        sess.push({"type": "node", "online": False})
+        sess.push(frames.node(False))
     # "trace": true (bench/diagnostics) adds a "timing" map to this task's live delta frames.
     trace = frame.get("trace") is True
     if live.held is not None:  # a new task: what its node sent before this acknowledgement follows it now
@@ -629,9 +641,9 @@ def _follow(bridge: Bridge, live: LiveTask, sess: WsSession, after: int, trace: 
 
 def _replay_now(live: LiveTask, sess: WsSession, after: int) -> None:
     for seq, text in enumerate(live.stream.parts[after:], start=after + 1):
-        sess.push({"type": "delta", "task": live.hex, "seq": seq, "text": text})
+        sess.push(frames.delta(live.hex, seq, text))
     if live.finished_at is not None:
-        sess.push(done_frame(live.rec) | {"seq": live.stream.next_seq - 1})
+        sess.push(frames.done_from_record(live.rec, live.stream.next_seq - 1))
 
 
 async def _replay_paced(bridge: Bridge, live: LiveTask, sess: WsSession, after: int, trace: bool) -> None:
@@ -644,10 +656,10 @@ async def _replay_paced(bridge: Bridge, live: LiveTask, sess: WsSession, after: 
             if not await sess.room(len(parts[sent])):
                 return
             sent += 1
-            sess.push({"type": "delta", "task": live.hex, "seq": sent, "text": parts[sent - 1]})
+            sess.push(frames.delta(live.hex, sent, parts[sent - 1]))
         if live.finished_at is not None:
             if await sess.room(len(live.rec.answer) * 2):  # the done carries the whole answer: queue it alone
-                sess.push(done_frame(live.rec) | {"seq": live.stream.next_seq - 1})
+                sess.push(frames.done_from_record(live.rec, live.stream.next_seq - 1))
         else:
             bridge.attach(live, sess, trace=trace)  # caught up, same tick: no live chunk can slip between
             sess.floor[live.hex] = max(sess.floor.get(live.hex, 0), sent)
@@ -662,7 +674,7 @@ def _resume(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[s
         return
     seq = frame.get("seq", 0)
     if not isinstance(seq, int) or seq < 0:
-        sess.push({"type": "error", "code": "bad_seq", "message": "seq 必须是非负整数"})
+        sess.push(frames.error("bad_seq", "seq 必须是非负整数"))
         return
     live = bridge.get(tid)
     if live is not None and live.rec.uid == sess.uid:
@@ -674,9 +686,9 @@ def _resume(app: web.Application, bridge: Bridge, sess: WsSession, frame: dict[s
         return
     rec = app[STORE].get(tid)
     if rec is None or rec.uid != sess.uid:
-        sess.push({"type": "error", "code": "not_found", "message": "没有这个任务", "task": frame.get("task")})
+        sess.push(frames.error("not_found", "没有这个任务", frame.get("task")))
         return
-    sess.push(done_frame(rec))
+    sess.push(frames.done_from_record(rec))
 
 
 def add_routes(app: web.Application) -> None:
@@ -685,7 +697,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/healthz", healthz)
-    app[METRICS] = edge_registry(app)
+    app[METRICS] = edge_registry(app, lambda: len(app[SESSIONS]))
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/login", login)
     app.router.add_post("/api/refresh", refresh)

@@ -25,7 +25,8 @@ from core.store import open_db
 from . import api, oauth
 from .auth import Tokens, load_or_create_secret
 from .bridge import Bridge
-from .keys import BRIDGE, BROKER, RETENTION, SESSIONS, SETTINGS, STORE, TOKENS, WECOM, WECOM_API
+from .api import SESSIONS
+from .keys import BRIDGE, BROKER, RETENTION, SETTINGS, STORE, TOKENS, WECOM, WECOM_API
 from .store import Retention, TaskStore
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,7 @@ async def _mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
         app[BRIDGE] = bridge
         task = asyncio.create_task(bridge.run(), name="edge-bridge")
         try:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(bridge._connected.wait()), 10)
-            if not bridge.connected:
+            if not await bridge.wait_connected(10):
                 log.warning("edge: MQTT not connected yet; continuing and retrying in the background")
             yield
         finally:
@@ -176,7 +175,7 @@ class _ServerLog:
     def exception(self, msg: str, *args: object, exc_info: object = True, **kw: object) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
         if isinstance(exc, HttpProcessingError):
-            api._quiet_log("malformed", "edge: malformed HTTP request from %s: %s", args[0] if args else "?",
+            api.quiet_log("malformed", "edge: malformed HTTP request from %s: %s", args[0] if args else "?",
                            str(exc).replace("\n", " ")[:200])
             return
         self._base.exception(msg, *args, exc_info=exc_info, **kw)  # type: ignore[arg-type]

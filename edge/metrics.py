@@ -9,7 +9,7 @@ a collector has nothing to say.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from prometheus_client.core import Metric
@@ -17,7 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from core.metrics import Families, counter, counters_by, gauge, registry, stage_families
 
-from .keys import BRIDGE, BROKER, SESSIONS
+from .keys import BRIDGE, BROKER
 
 METRICS = web.AppKey("metrics", CollectorRegistry)
 
@@ -35,8 +35,9 @@ _BRIDGE_COUNTERS = (
 )
 
 
-def bridge_families(app: web.Application) -> Iterator[Metric]:
-    """The bridge's counters and gauges, the WebSocket sessions, and the stage histograms."""
+def bridge_families(app: web.Application, sessions: Callable[[], int]) -> Iterator[Metric]:
+    """The bridge's counters and gauges, the WebSocket sessions (``sessions()`` counts them), and the stage
+    histograms."""
     b = app.get(BRIDGE)
     if b is None:
         return
@@ -46,7 +47,7 @@ def bridge_families(app: web.Application) -> Iterator[Metric]:
     yield counters_by("claw_edge_tasks_finished_total", "Tasks finished, by status", "status", st.finished)
     yield gauge("claw_edge_live_tasks", "Tasks not finished yet (queued or running)", b.open_count)
     yield gauge("claw_edge_recent_tasks", "Live tasks plus those finished in the last 2 minutes", len(b.live))
-    yield gauge("claw_edge_ws_sessions", "Open client WebSocket sessions", len(app[SESSIONS]))
+    yield gauge("claw_edge_ws_sessions", "Open client WebSocket sessions", sessions())
     yield gauge("claw_edge_node_online", "1 while a node is online", int(b.node_online))
     yield gauge("claw_edge_mqtt_connected", "1 while the edge's MQTT link is up", int(b.connected))
     yield from stage_families(b.stages, "claw_edge_stage_seconds",
@@ -64,7 +65,8 @@ def broker_families(app: web.Application) -> Iterator[Metric]:
                       counts)
 
 
-def edge_registry(app: web.Application) -> CollectorRegistry:
-    """The app's own registry (set as ``app[METRICS]`` before the app starts)."""
-    return registry(Families(functools.partial(bridge_families, app)),
+def edge_registry(app: web.Application, sessions: Callable[[], int]) -> CollectorRegistry:
+    """The app's own registry (set as ``app[METRICS]`` before the app starts); ``sessions()`` counts the open
+    client WebSockets."""
+    return registry(Families(functools.partial(bridge_families, app, sessions)),
                     Families(functools.partial(broker_families, app)))

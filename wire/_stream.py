@@ -106,6 +106,22 @@ class TaskStream:
         """All in-order text released so far."""
         return "".join(self.parts)
 
+    @property
+    def missing(self) -> bool:
+        """Chunks are known to be missing: some are held behind a gap, or a Done waits for earlier seqs."""
+        return bool(self.held) or self.pending_done is not None
+
+    @property
+    def untouched(self) -> bool:
+        """No chunk has been released, held or named by a Done yet (nothing of the answer was seen)."""
+        return self.next_seq == 1 and self.high == 0
+
+    def keep_only(self, parts: list[str]) -> None:
+        """Make ``parts`` (a copy) the released text and resume after them: a receiver that refuses what a
+        second run of the task sends keeps exactly what it had shown (later reads and resumes see that)."""
+        self.parts = list(parts)
+        self.next_seq = len(self.parts) + 1
+
     def feed(self, msg: Accept | Delta | Done) -> list[Event]:
         if getattr(msg, "id", None) != self.id:
             raise WireError("message for another task fed to this stream", hint="wrong_task")

@@ -32,7 +32,9 @@ from wechatpy.exceptions import InvalidSignatureException
 
 from core.guard import LogBudget
 from core.config import Settings
-from edge.bridge import Bridge, LiveTask
+from edge.bridge import Bridge
+from edge.frames import Frame, text_of
+from edge.tasks import LiveTask
 from edge.store import FINAL, STORE_FULL_HINT, StoreFull, TaskStore
 
 from .outbox import Outbox
@@ -470,7 +472,7 @@ class WeComChannel:
                                             skip=d.get("chars", 0))
                     self.progressive[rec.id] = sink
                     for part in live.stream.parts:  # chunks that came in before this attach (none, usually)
-                        sink.push({"type": "delta", "text": part})
+                        sink.add(part)
                     self.bridge.attach(live, sink)
         if n:
             log.info("wecom: %d finished answer(s) from the last run queued for delivery", n)
@@ -497,10 +499,16 @@ class _ProgressiveSink:
             text, self.skip = text[drop:], self.skip - drop
         return self.prog.feed(text) if text else []
 
-    def push(self, frame: dict[str, Any]) -> None:
-        if frame.get("type") != "delta" or self.live is None:
+    def push(self, frame: Frame) -> None:
+        text = text_of(frame)
+        if text is not None:
+            self.add(text)
+
+    def add(self, text: str) -> None:
+        """The next chunk of the answer: the paragraphs it completes are sent."""
+        if self.live is None:
             return
-        ready = self._feed(frame["text"])
+        ready = self._feed(text)
         if ready:
             tid = self.live.rec.id
             self.ch._spawn_in_order(tid, self.ch._progressive_out(tid, self.user, ready, self.prog.sent,

@@ -113,7 +113,7 @@ class Live:
 
     def close_sockets(self, uid: str, code: int) -> int:
         """Close every WebSocket of ``uid`` from the edge's side with ``code``; how many."""
-        from edge.keys import SESSIONS
+        from edge.api import SESSIONS
 
         async def close() -> int:
             mine = [s for s in self.sys.app[SESSIONS] if s.uid == uid and not s.ws.closed]
@@ -124,7 +124,7 @@ class Live:
 
     def sessions(self, uid: str) -> int:
         """Open WebSockets of ``uid`` on the edge."""
-        from edge.keys import SESSIONS
+        from edge.api import SESSIONS
 
         return self.call(lambda: sum(1 for s in self.sys.app[SESSIONS] if s.uid == uid and not s.ws.closed))
 

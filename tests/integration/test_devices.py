@@ -68,8 +68,8 @@ async def test_a_batch_on_another_nodes_topic_is_dropped(tmp_path: Path, pki_dir
     async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
         bridge = sys_.app[BRIDGE]
         batch = wire.encode(wire.Batch(node="n2", items=[wire.Accept(id=os.urandom(16), node="n2")]))
-        bridge._on_message("claw/v1/batch/n1", batch)
-        bridge._on_message("claw/v1/batch/n1", b"\xa0")  # not a message at all
+        bridge.on_message("claw/v1/batch/n1", batch)
+        bridge.on_message("claw/v1/batch/n1", b"\xa0")  # not a message at all
         assert bridge.stats.bad_messages == 2 and bridge.stats.batches == 0
 
 
@@ -82,12 +82,12 @@ async def test_a_batchs_chunks_are_kept_in_one_write_and_a_task_ending_in_it_lea
         a = await bridge.submit("web.alice", "web", "一")
         b = await bridge.submit("web.bob", "web", "二")
         tid_a, tid_b = a.rec.id, b.rec.id
-        bridge._on_message("claw/v1/batch/n1", wire.encode(wire.Batch(node="n1", items=[
+        bridge.on_message("claw/v1/batch/n1", wire.encode(wire.Batch(node="n1", items=[
             wire.Accept(id=tid_a, node="n1"), wire.Accept(id=tid_b, node="n1"),
             wire.Delta(id=tid_a, seq=1, text="A1"), wire.Delta(id=tid_b, seq=1, text="B1"),
             wire.Delta(id=tid_a, seq=2, text="A2")])))
         assert store.chunk_texts(tid_a) == ["A1", "A2"] and store.chunk_texts(tid_b) == ["B1"]
-        bridge._on_message("claw/v1/batch/n1", wire.encode(wire.Batch(node="n1", items=[
+        bridge.on_message("claw/v1/batch/n1", wire.encode(wire.Batch(node="n1", items=[
             wire.Delta(id=tid_a, seq=3, text="A3"), wire.Done(id=tid_a, seq=3, status="ok"),
             wire.Delta(id=tid_b, seq=2, text="B2")])))
         # finished in the batch: nothing left behind once its final record is committed (not before)

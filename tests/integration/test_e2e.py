@@ -221,7 +221,7 @@ async def test_stop_while_broker_link_is_down_is_sent_on_reconnect(tmp_path: Pat
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
         bridge = sys_.app[BRIDGE]
         published: list[Any] = []  # everything the bridge publishes, decoded
-        send, cancel = bridge._send, bridge.cancel
+        send, cancel = bridge.dispatch.send, bridge.cancel
         stopped = asyncio.Event()
 
         def spy_send(topic: str, payload: bytes) -> None:
@@ -234,22 +234,21 @@ async def test_stop_while_broker_link_is_down_is_sent_on_reconnect(tmp_path: Pat
             finally:
                 stopped.set()
 
-        monkeypatch.setattr(bridge, "_send", spy_send)
+        monkeypatch.setattr(bridge.dispatch, "send", spy_send)
         monkeypatch.setattr(bridge, "cancel", spy_cancel)
         token = await sys_.login(s)
         async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
             await ws.receive_json()
             await ws.send_json({"type": "ask", "text": "long"})
             task, _ = await _first_delta(ws)
-            bridge._connected.clear()  # the edge sees its broker link as down: nothing can be published
+            bridge.link_down()  # the edge sees its broker link as down: nothing can be published
             await ws.send_json({"type": "stop", "task": task})
             await asyncio.wait_for(stopped.wait(), 10)  # the edge handled the stop (and published what it could)
             live = bridge.get(bytes.fromhex(task))
             assert live is not None and live.cancel_requested and live.finished_at is None
             assert not [m for m in published if isinstance(m, wire.Cancel)]  # the stop could not go out ...
             assert sys_.fake.stats.client_closed == 0  # ... so the answer still streams
-            bridge._connected.set()  # link back: what the session start does
-            bridge._republish_pending(force=True)
+            bridge.link_up()  # link back: what the session start does
             assert [m.id for m in published if isinstance(m, wire.Cancel)] == [live.rec.id]  # sent now
             frames, done = await collect(ws, task, timeout=10)
         assert done["status"] == "cancelled"
@@ -279,7 +278,7 @@ async def test_restarted_node_replays_a_finished_answer_from_its_lmdb_log(tmp_pa
         await wait_until(lambda: sys_.node.connected, 10)
         live = bridge.get(bytes.fromhex(done["task"]))
         assert live is not None
-        bridge._publish_task(live)  # the edge sends the finished task again (as after losing its stream)
+        bridge.dispatch.publish(live)  # the edge sends the finished task again (as after losing its stream)
         await wait_until(lambda: sys_.node.stats.replays == 1, 10)
         assert sys_.fake.stats.chat_requests == requests  # replayed, not generated again
 

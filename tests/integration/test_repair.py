@@ -116,9 +116,9 @@ async def test_a_lost_last_chunk_is_replayed_from_the_reply_log(tmp_path: Path, 
 async def test_a_lost_done_is_recovered_by_asking_a_silent_task(tmp_path: Path, pki_dir: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing reveals a lost Done; the edge asks a running task that has been silent for IDLE_ASK_S."""
-    import edge.bridge
+    import edge.repair
     from edge.keys import BRIDGE
-    monkeypatch.setattr(edge.bridge, "IDLE_ASK_S", 1.0)
+    monkeypatch.setattr(edge.repair, "IDLE_ASK_S", 1.0)
     cfg = FakeLLMConfig(n_tokens=20, tokens_per_s=200, token_chars=2)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
         lost = _lose(sys_.node, lambda m: isinstance(m, wire.Done))
@@ -131,7 +131,8 @@ async def test_a_lost_done_is_recovered_by_asking_a_silent_task(tmp_path: Path, 
 async def test_a_gap_the_node_cannot_replay_ends_with_one_clear_error(tmp_path: Path, pki_dir: Path) -> None:
     """The node no longer has the task (it ignores the replay requests): after REPAIR_ASKS requests the
     user gets the in-order text before the hole and one node_lost error, never text after a hole."""
-    from edge.bridge import NODE_LOST_MSG, REPAIR_ASKS
+    from edge.repair import REPAIR_ASKS
+    from edge.replies import NODE_LOST_MSG
     from edge.keys import BRIDGE
     cfg = FakeLLMConfig(n_tokens=40, tokens_per_s=200, token_chars=2)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"coalesce_ms": 20}) as sys_, \

@@ -27,10 +27,13 @@ def batch(*items: Any) -> bytes:
     return wire.encode(wire.Batch(node="n1", items=list(items)))
 
 
+def _node_online(bridge: Any) -> None:
+    bridge.on_message("claw/v1/node/n1", wire.encode(wire.Beat(node="n1", state="online")))
+    assert bridge.node_online
+
+
 async def _task(bridge: Any, text: str = "hi") -> tuple[Any, Sink]:
-    from edge.bridge import NodeInfo
-    bridge.nodes["n1"] = NodeInfo("online", bridge._loop.time())
-    bridge._online = True
+    _node_online(bridge)
     live = await bridge.submit("web.alice", "web", text, hold=True)
     sink = Sink()
     bridge.attach(live, sink)
@@ -46,12 +49,12 @@ async def test_replies_after_the_edge_ended_a_task_go_nowhere(tmp_path: Path, pk
         bridge, store = sys_.app[BRIDGE], sys_.app[STORE]
         live, sink = await _task(bridge)
         tid = live.rec.id
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="A")))
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="A")))
         bridge.nodes["n1"].last_seen -= 1000
-        bridge._check_lost_nodes()
+        bridge.check_nodes()
         assert sink.frames[-1]["type"] == "done" and sink.frames[-1]["error"]["code"] == "node_lost"
         n = len(sink.frames)
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Delta(id=tid, seq=2, text="B"),
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Delta(id=tid, seq=2, text="B"),
                                                       wire.Done(id=tid, seq=2, status="ok")))
         assert len(sink.frames) == n and bridge.stats.late == 2
         await wait_until(lambda: store.chunk_texts(tid) == [], 10)  # dropped once the final record is committed
@@ -64,9 +67,9 @@ async def test_a_second_run_after_a_restart_is_never_spliced_after_the_done(tmp_
         live, sink = await _task(bridge)
         tid = live.rec.id
         live.shown = ["A", "B"]  # what users saw before the edge restarted
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="X"),
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="X"),
                                                       wire.Delta(id=tid, seq=2, text="Y")))
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Delta(id=tid, seq=3, text="Z"),
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Delta(id=tid, seq=3, text="Z"),
                                                       wire.Done(id=tid, seq=3, status="ok")))
         done = [f for f in sink.frames if f["type"] == "done"]
         assert len(done) == 1 and done[0]["text"] == "AB" and sink.frames[-1] is done[0]
@@ -79,10 +82,10 @@ async def test_a_streaming_task_with_a_stale_queue_number_is_still_asked(tmp_pat
         bridge = sys_.app[BRIDGE]
         live, _ = await _task(bridge)
         tid = live.rec.id
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1", queue=1)))
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Delta(id=tid, seq=1, text="A")))  # its Accept(0) lost
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1", queue=1)))
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Delta(id=tid, seq=1, text="A")))  # its Accept(0) lost
         live.heard_at -= 60
-        bridge._repair()
+        bridge.repair()
         assert bridge.stats.replay_asks == 1
 
 
@@ -105,7 +108,7 @@ async def test_store_full_after_a_fast_answer_counts_the_task_once(tmp_path: Pat
         await asyncio.sleep(0)
         second = next(t for t in bridge.live.values() if t.rec.text == "second")
         tid = second.rec.id
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="x"),
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="x"),
                                                       wire.Done(id=tid, seq=1, status="ok")))
         gate.set()
         with pytest.raises(StoreFull):
@@ -136,7 +139,7 @@ async def test_no_frame_of_a_batch_reaches_a_sink_before_its_chunks_are_stored(t
 
         sink = Checking()
         bridge.attach(live, sink)
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"),
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"),
                                                       wire.Delta(id=tid, seq=1, text="一"),
                                                       wire.Delta(id=tid, seq=2, text="二")))
         assert [(seq, texts[:seq]) for seq, texts in stored_at_push] == [(1, ["一"]), (2, ["一", "二"])]
@@ -148,7 +151,7 @@ async def test_finished_tasks_leave_the_scans_and_are_forgotten_after_the_keep_t
     """A finished task is out of the housekeeping's scans at once (``unfinished()``), stays readable
     (``get``) for FINISHED_KEEP_S, then is forgotten, with its sinks detached; ``detach_all`` of a sink
     reaches exactly the tasks it was attached to."""
-    import edge.bridge
+    import edge.tasks
     from edge.keys import BRIDGE
     async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
         bridge = sys_.app[BRIDGE]
@@ -157,16 +160,16 @@ async def test_finished_tasks_leave_the_scans_and_are_forgotten_after_the_keep_t
         other = Sink()
         bridge.attach(open_live, other)
         tid = done_live.rec.id
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="A"),
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"), wire.Delta(id=tid, seq=1, text="A"),
                                                       wire.Done(id=tid, seq=1, status="ok")))
         assert done_sink.frames[-1]["type"] == "done"
         assert bridge.unfinished() == [open_live] and bridge.get(tid) is done_live
-        monkeypatch.setattr(edge.bridge, "FINISHED_KEEP_S", 0.0)
+        monkeypatch.setattr(edge.tasks, "FINISHED_KEEP_S", 0.0)
         await wait_until(lambda: bridge.get(tid) is None, 10)  # forgotten by a housekeeping tick (every 0.5 s)
-        assert not done_live.sinks and done_sink not in bridge._attached
+        assert not done_live.sinks and not bridge.attached(done_sink)
         assert bridge.get(open_live.rec.id) is open_live  # an unfinished task is never forgotten
         bridge.detach_all(open_sink)
-        assert open_live.sinks == {other} and open_sink not in bridge._attached
+        assert open_live.sinks == {other} and not bridge.attached(open_sink)
 
 
 async def test_a_batch_keeps_its_chunks_in_one_transaction_and_a_finished_tasks_go_after_its_commit(
@@ -179,14 +182,14 @@ async def test_a_batch_keeps_its_chunks_in_one_transaction_and_a_finished_tasks_
         a, _ = await _task(bridge, "a")
         b, _ = await _task(bridge, "b")
         ta, tb = a.rec.id, b.rec.id
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=ta, node="n1"), wire.Accept(id=tb, node="n1"),
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Accept(id=ta, node="n1"), wire.Accept(id=tb, node="n1"),
                                                       wire.Delta(id=ta, seq=1, text="A1")))
         assert store.chunk_texts(ta) == ["A1"]
         commits = []
         add = store.add_chunks
         store.add_chunks = lambda chunks, drop=frozenset(): (commits.append((len(chunks), set(drop))),
                                                              add(chunks, drop))[1]
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Delta(id=ta, seq=2, text="A2"), wire.Delta(id=tb, seq=1, text="B1"),
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Delta(id=ta, seq=2, text="A2"), wire.Delta(id=tb, seq=1, text="B1"),
                                                       wire.Done(id=ta, seq=2, status="ok")))
         assert commits == [(2, set())]  # one transaction for the batch
         await wait_until(lambda: store.chunk_texts(ta) == [], 10)
@@ -204,9 +207,7 @@ async def test_a_recorded_unfinished_task_that_is_not_live_is_sent_when_asked_ag
     from edge.store import TaskRecord
     async with run_system(tmp_path, pki_dir, start_node=False) as sys_:
         bridge, store = sys_.app[BRIDGE], sys_.app[STORE]
-        from edge.bridge import NodeInfo
-        bridge.nodes["n1"] = NodeInfo("online", bridge._loop.time())
-        bridge._online = True
+        _node_online(bridge)
         tid = os.urandom(16)
         await store.add(TaskRecord(id=tid, uid="web.alice", ch="web", text="hi", ts=1000))
         published = bridge.stats.published
@@ -230,7 +231,7 @@ async def test_kept_chunks_outlive_the_task_until_its_final_record_is_committed(
         bridge, store = sys_.app[BRIDGE], sys_.app[STORE]
         live, _ = await _task(bridge, "q")
         tid = live.rec.id
-        bridge._on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"),
+        bridge.on_message("claw/v1/batch/n1", batch(wire.Accept(id=tid, node="n1"),
                                                      wire.Delta(id=tid, seq=1, text="shown")))
         assert store.chunk_texts(tid) == ["shown"]
         held, release = threading.Event(), threading.Event()
@@ -238,9 +239,9 @@ async def test_kept_chunks_outlive_the_task_until_its_final_record_is_committed(
         assert await asyncio.to_thread(held.wait, 10)
         done = wire.Done(id=tid, seq=1, status="ok")
         if batched:
-            bridge._on_message("claw/v1/batch/n1", batch(done))
+            bridge.on_message("claw/v1/batch/n1", batch(done))
         else:
-            bridge._on_message("claw/v1/reply/web.alice", wire.encode(done))
+            bridge.on_message("claw/v1/reply/web.alice", wire.encode(done))
         assert live.finished_at is not None
         await asyncio.sleep(0)  # one loop pass: nothing may drop them before the commit
         assert store.chunk_texts(tid) == ["shown"]  # the final record is not committed yet

@@ -110,7 +110,7 @@ def _pushed(sess: WsSession, frame: dict[str, Any]) -> str:
 async def _idle(sess: WsSession) -> None:
     """Until the queue is empty, its writer idle and the transport's buffer small again."""
     end = time.monotonic() + BOUND
-    while sess.queue.qsize() or sess._busy or sess.transport.get_write_buffer_size() > DIRECT_BUFFER:  # type: ignore[union-attr]
+    while sess.queue.qsize() or sess.sending or sess.transport.get_write_buffer_size() > DIRECT_BUFFER:  # type: ignore[union-attr]
         assert time.monotonic() < end, "the session never drained"
         await asyncio.sleep(0.005)
 

@@ -126,6 +126,31 @@ def test_new_stream() -> None:
     assert stream.text == "" and stream.finished is None and stream.next_seq == 1 and not stream.held
 
 
+def test_missing_and_untouched() -> None:
+    stream = TaskStream(id=ID)
+    assert stream.untouched and not stream.missing
+    stream.feed(A())
+    assert stream.untouched and not stream.missing  # an Accept shows nothing of the answer
+    stream.feed(D(2))
+    assert stream.missing and not stream.untouched  # held behind the gap at seq 1
+    stream.feed(D(1))
+    assert not stream.missing
+    stream.feed(F(4))
+    assert stream.missing  # the Done names seqs 3 and 4, not arrived
+    late = TaskStream(id=ID)
+    late.feed(F(1))
+    assert late.missing and not late.untouched  # a Done naming one chunk: something was seen
+
+
+def test_keep_only_replaces_the_released_text() -> None:
+    stream = run([(D(1), [T(1)]), (D(2), [T(2)]), (D(3), [T(3)])])
+    shown = ["A", "B"]
+    stream.keep_only(shown)
+    shown.append("C")  # a copy was kept
+    assert stream.parts == ["A", "B"] and stream.text == "AB" and stream.next_seq == 3
+    assert stream.feed(D(3)) == [T(3)]  # the stream goes on after the kept text
+
+
 # --------------------------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("msg", [D(1, id=ID2), A(id=ID2), Done(id=ID2, seq=0, status="ok"),
