@@ -44,7 +44,7 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes | bytearray) -> list[Event]:
         """The events ``chunk`` completes, in order; raises SSEError on a line over ``max_line``."""
-        if self._cr:
+        if self._cr and chunk:
             self._cr = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
