@@ -36,9 +36,10 @@ not a stall). LM Studio sends no SSE comments/keep-alives, so "no event" and "no
 practice.
 
 The parts: the errors (node/llm_errors.py), the pool of kept-alive connections (node/pool.py,
-:class:`LLMClient`), one connection as an ``asyncio.Protocol`` with h11's HTTP/1.1 framing (node/http1.py),
-one response read to its outcome in the read callback (node/llm_response.py) and the SSE decoder
-(node/sse.py). This module builds the requests and runs them.
+:class:`LLMClient`), one connection as an ``asyncio.Protocol`` (node/http1.py: h11 writes the request and
+reads the response head, the body's framing is cut by hand), one response read to its outcome in the read
+callback (node/llm_response.py) and the SSE decoder (node/sse.py). This module builds the requests and runs
+them.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """One request's response from LM Studio, read to its outcome from the connection's read callback.
 
-:class:`Response` takes h11's events for the response (head, body pieces, end), checks the head, collects a
-plain or error body, and for a stream decodes the SSE events (node/sse.py) and LM Studio's
-``chat.completion.chunk`` objects, calling ``on_event(kind, text)`` for each text or reasoning delta in the
-same callback. Its ``fut`` gets ``(usage, finish_reason)`` or the :class:`LLMError` saying why not: an answer
-is complete only when a chunk carried a ``finish_reason``; a stream with no chunk at all is taken as a request
-over the context size. One timer carries the deadlines (the first token, then a stall), moved for free at
-each event and re-armed only when it fires early. When the response ends cleanly on a connection both sides
-keep alive, the connection goes back to the pool; any other end closes it (LM Studio stops generating).
+:class:`Response` reads the head (h11, through node/http1.py), checks it, cuts the body by its framing
+(node/http1.py ``BodyReader``), collects a plain or error body, and for a stream decodes the SSE events
+(node/sse.py) and LM Studio's ``chat.completion.chunk`` objects, calling ``on_event(kind, text)`` for each
+text or reasoning delta in the same callback. Its ``fut`` gets ``(usage, finish_reason)`` or the
+:class:`LLMError` saying why not: an answer is complete only when a chunk carried a ``finish_reason``; a
+stream with no chunk at all is taken as a request over the context size. One timer carries the deadlines (the
+first token, then a stall), moved for free at each event and re-armed only when it fires early. When the
+response ends cleanly on a connection the server keeps alive, the connection goes back to the pool; any other
+end closes it (LM Studio stops generating).
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import h11
 import msgspec
 
-from .http1 import Conn
+from .http1 import CLOSE, LENGTH, BodyReader, Conn, FramingError, Head, read_head
 from .llm_errors import (
     LLM_BAD_RESPONSE,
     LLM_CONTEXT,
@@ -48,8 +48,6 @@ OnEvent = Callable[[str, str], None]
 _decode_json = msgspec.json.Decoder().decode
 
 _HEAD, _BODY, _END = 0, 1, 2  # states
-_Data, _Response, _EndOfMessage, _Informational = h11.Data, h11.Response, h11.EndOfMessage, h11.InformationalResponse
-_NEED_DATA, _PAUSED = h11.NEED_DATA, h11.PAUSED
 
 
 class CallbackError(Exception):
@@ -83,6 +81,10 @@ class Response:
         self.first_token_timeout = first_token_timeout
         self.state = _HEAD
         self.status = 0
+        self.reader = BodyReader(CLOSE)
+        self._sink = self._body
+        self.plain = True  # the body is collected, not read as a stream (a plain request, or an error status)
+        self.keep_alive = False
         self.body = bytearray()  # a plain request's body, or an error body
         self.body_cap = MAX_ERROR_BODY
         self.collect = on_event is None
@@ -124,8 +126,7 @@ class Response:
                 fut.set_exception(exc)
             else:
                 fut.set_result(result)
-        if reuse and not self.paused and conn.reusable():
-            conn.next_cycle()
+        if reuse and self.keep_alive and not self.paused and conn.open():
             self.client.put(self.key, conn, self.loop.time())
         else:
             conn.close()  # an early end (error, cancel, aclose) closes the stream: LM Studio stops generating
@@ -193,13 +194,7 @@ class Response:
         if self.state == _HEAD:
             self.fail(LLMError(LLM_DROPPED, f"{self.what}: connection closed before the response{name}"))
             return
-        try:  # a body delimited by the close ends here; one framed by length or chunks is cut short
-            h = self.conn.h11
-            h.receive_data(b"")
-            ended = type(h.next_event()) is _EndOfMessage
-        except h11.ProtocolError:
-            ended = False
-        if ended:
+        if self.reader.framing == CLOSE:  # the body ends with the close
             self._complete(reuse=False)
         elif not self.collect and 200 <= self.status < 300:
             # closed after the end of the answer: normal; before it, a drop (before any chunk: see _finished)
@@ -270,25 +265,20 @@ class Response:
 
     # ---- bytes in --------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        """Bytes read from the connection: h11's events for them, handled at once."""
+        """Bytes read from the connection, handled at once: the head (h11), then the body's pieces."""
         self.got_bytes = True
         try:
-            h = self.conn.h11
-            h.receive_data(data)
-            while self.state != _END:
-                ev = h.next_event()
-                t = type(ev)
-                if t is _Data:
-                    self._body(ev.data)  # type: ignore[union-attr]
-                elif ev is _NEED_DATA or ev is _PAUSED:
+            if self.state == _HEAD:
+                got = read_head(self.conn.h11, data)
+                if got is None:
                     return
-                elif t is _Response:
-                    self._head(ev)  # type: ignore[arg-type]
-                elif t is _EndOfMessage:
-                    self._complete(reuse=True)  # reused only if both sides keep it alive and nothing follows
-                elif t is not _Informational:  # an interim response (100 Continue): the real one follows
-                    raise h11.RemoteProtocolError(f"unexpected {type(ev).__name__}")
-        except h11.ProtocolError as exc:
+                data = self._head(*got)
+                if not data or self.state != _BODY:
+                    return
+            extra = self.reader.feed(data, self._sink)
+            if extra is not None and self.state == _BODY:
+                self._complete(reuse=not extra)  # bytes after the body: not a connection to reuse
+        except FramingError as exc:
             self.fail(LLMError(LLM_BAD_RESPONSE, f"{self.what}: malformed HTTP response ({trunc(str(exc), 120)})"))
         except LLMError as exc:
             self.fail(exc)
@@ -299,26 +289,31 @@ class Response:
         except BaseException as exc:  # a bug, or a server's data we choke on (e.g. RecursionError): never a hang
             self._fail_unexpected(exc)
 
-    def _head(self, resp: h11.Response) -> None:
-        status = self.status = resp.status_code
-        names = [name for name, _ in resp.headers]
-        if b"transfer-encoding" in names and b"content-length" in names:  # which one frames the body?
-            raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: malformed HTTP response (both Content-Length and "
-                                             f"Transfer-Encoding)")
-        ctypes = [value.decode("latin-1") for name, value in resp.headers if name == b"content-type"]
+    def _head(self, head: Head, rest: bytes) -> bytes:
+        """The response head: check it, set up the body; returns the body bytes that came with it."""
+        status = self.status = head.status
+        self.keep_alive = head.keep_alive
+        self.reader = BodyReader(head.framing, head.length)
+        self.plain = self.collect or not 200 <= status < 300
         self.state = _BODY
         if 200 <= status < 300 and not self.collect:
-            ctype = ", ".join(ctypes)
+            ctypes = [v.decode("latin-1") for v in head.values(b"content-type")]
             if not ctypes or not all("text/event-stream" in c for c in ctypes):  # a repeated one too
                 raise LLMError(LLM_BAD_RESPONSE, f"{self.what}: expected Content-Type text/event-stream, got "
-                                                 f"{trunc(ctype, 80)!r}", status=status)
+                                                 f"{trunc(', '.join(ctypes), 80)!r}", status=status)
         elif self.collect and 200 <= status < 300:
             self.body_cap = MAX_ERROR_BODY * 16
         else:  # an error: its body is read (bounded by time too) for the message
             self._move(self.loop.time() + min(self.stall_timeout, 10.0))
+        if head.framing == LENGTH and head.length == 0:
+            self._complete(reuse=not rest)
+            return b""
+        return rest
 
-    def _body(self, data: bytes | bytearray) -> None:
-        if self.collect or not 200 <= self.status < 300:
+    def _body(self, data: bytes) -> None:
+        if self.state != _BODY:
+            return
+        if self.plain:
             room = self.body_cap - len(self.body)
             if room > 0:
                 self.body += data[:room]

@@ -42,12 +42,17 @@ class SSEDecoder:
         self._event = b""  # the current event's type
         self._cr = False  # the last piece ended with CR: an LF starting the next one ends no further line
 
-    def feed(self, chunk: bytes | bytearray) -> list[Event]:
+    def feed(self, chunk: bytes) -> list[Event]:
         """The events ``chunk`` completes, in order; raises SSEError on a line over ``max_line``."""
         if self._cr and chunk:
             self._cr = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
+        if chunk.startswith(b"data:") and chunk.find(b"\n") == len(chunk) - 2 and chunk.endswith(b"\n\n") \
+                and not self._rest and not self._data and b"\r" not in chunk and len(chunk) - 2 <= self.max_line:
+            v = chunk[6:-2] if chunk[5] == 32 else chunk[5:-2]  # the usual piece: one event of one data line
+            event, self._event = self._event, b""
+            return [(event, v)] if v else []
         buf = self._rest + chunk if self._rest else chunk
         if b"\r" in buf:  # CRLF or a lone CR: the same line end as LF
             if buf[-1:] == b"\r":
@@ -79,10 +84,10 @@ class SSEDecoder:
                 joined = data[0] if len(data) == 1 else b"\n".join(data)
                 self._data = []
                 if joined:
-                    events.append((self._event, bytes(joined)))
+                    events.append((self._event, joined))
             self._event = b""
         if len(rest) > max_line:
             self._rest = b""
             raise SSEError(f"an SSE line longer than {max_line} bytes", events)
-        self._rest = bytes(rest)
+        self._rest = rest
         return events
