@@ -57,25 +57,9 @@ import h11
 import msgspec
 
 from .http1 import MAX_HEAD, request_event
-from .llm_errors import (
-    CONTEXT_PATTERNS,
-    ERROR_CODES,
-    LLM_BAD_RESPONSE,
-    LLM_CONTEXT,
-    LLM_DROPPED,
-    LLM_EMPTY,
-    LLM_HTTP,
-    LLM_NO_MODEL,
-    LLM_STALL,
-    LLM_STREAM_ERROR,
-    LLM_UNREACHABLE,
-    MAX_ERROR_BODY,
-    USER_AUTH,
-    LLMError,
-    is_context_error,
-    status_error,
-    trunc,
-)
+from .llm_errors import (CONTEXT_PATTERNS, ERROR_CODES, LLM_BAD_RESPONSE, LLM_CONTEXT, LLM_DROPPED, LLM_EMPTY,
+                         LLM_HTTP, LLM_NO_MODEL, LLM_STALL, LLM_STREAM_ERROR, LLM_UNREACHABLE, MAX_ERROR_BODY, USER_AUTH,
+                         LLMError, is_context_error, status_error, trunc)
 from .llm_response import OnEvent, Response, StaleConnection
 from .pool import IDLE_S, MAX_IDLE, Key, LLMClient
 from .sse import MAX_LINE as MAX_SSE_LINE

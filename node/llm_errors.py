@@ -8,25 +8,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = [
-    "LLMError",
-    "LLM_UNREACHABLE",
-    "LLM_HTTP",
-    "LLM_NO_MODEL",
-    "LLM_STREAM_ERROR",
-    "LLM_STALL",
-    "LLM_DROPPED",
-    "LLM_EMPTY",
-    "LLM_BAD_RESPONSE",
-    "LLM_CONTEXT",
-    "ERROR_CODES",
-    "CONTEXT_PATTERNS",
-    "USER_MESSAGES",
-    "is_context_error",
-    "status_error",
-    "error_fields",
-    "trunc",
-]
+__all__ = ["LLMError", "ERROR_CODES", "CONTEXT_PATTERNS", "USER_MESSAGES", "is_context_error", "status_error",
+           "error_fields", "trunc", "LLM_UNREACHABLE", "LLM_HTTP", "LLM_NO_MODEL", "LLM_STREAM_ERROR", "LLM_STALL",
+           "LLM_DROPPED", "LLM_EMPTY", "LLM_BAD_RESPONSE", "LLM_CONTEXT"]
 
 LLM_UNREACHABLE = "llm_unreachable"
 LLM_HTTP = "llm_http"

@@ -48,14 +48,25 @@ AMBIGUOUS = {
 }
 
 
+async def _read_twice(client: LLMClient, resp: bytes) -> list[int]:
+    """Two streams from a server answering every request with ``resp``: requests per connection."""
+    server, url, per_conn = await _keepalive_server([resp])
+    try:
+        for _ in range(2):
+            assert text_of(await collect(client, url)) == "ab"
+    finally:
+        server.close()
+    return per_conn
+
+
 @pytest.mark.parametrize("resp", list(AMBIGUOUS.values()), ids=list(AMBIGUOUS))
 async def test_ambiguous_framing_is_a_bad_response_at_once(client: LLMClient, resp: bytes) -> None:
     server, url, _ = await _keepalive_server([resp], close_after=BOUND)  # held open: no drop to hide behind
     try:
         _, elapsed = await fails(client, url, LLM_BAD_RESPONSE, stall_timeout=BOUND - 1, first_token_timeout=BOUND - 1)
-        assert elapsed < 1.0
     finally:
         server.close()
+    assert elapsed < 1.0
 
 
 async def test_a_repeated_connection_header_saying_close_is_not_overwritten(client: LLMClient) -> None:
@@ -63,13 +74,7 @@ async def test_a_repeated_connection_header_saying_close_is_not_overwritten(clie
     is not reused (the old parser kept only the last header and sent the next request on it)."""
     resp = (b"HTTP/1.1 200 OK\r\n" + SSE + b"Connection: close\r\nConnection: keep-alive\r\nContent-Length: %d\r\n\r\n"
             % len(BODY) + BODY)
-    server, url, per_conn = await _keepalive_server([resp])
-    try:
-        assert text_of(await collect(client, url)) == "ab"
-        assert text_of(await collect(client, url)) == "ab"
-    finally:
-        server.close()
-    assert client.connects == 2 and per_conn == [1, 1]
+    assert await _read_twice(client, resp) == [1, 1] and client.connects == 2
 
 
 async def test_plain_framings_still_read_and_reused(client: LLMClient) -> None:
@@ -79,10 +84,4 @@ async def test_plain_framings_still_read_and_reused(client: LLMClient) -> None:
                  b"HTTP/1.1 200 OK\r\n" + SSE + b"Transfer-Encoding: Chunked\r\n\r\n" + _chunked(BODY),
                  b"HTTP/1.1 200 OK\r\n" + SSE + b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
                  % (len(BODY), len(BODY)) + BODY):
-        server, url, per_conn = await _keepalive_server([resp])
-        try:
-            assert text_of(await collect(client, url)) == "ab"
-            assert text_of(await collect(client, url)) == "ab"
-        finally:
-            server.close()
-        assert per_conn == [2], resp[:120]
+        assert await _read_twice(client, resp) == [2], resp[:120]
