@@ -78,10 +78,9 @@ def make_case(rng: random.Random) -> tuple[bytes, bool]:
     headers = [rng.choice(STATUS), b"Content-Type: text/event-stream"]
     if framing == "chunked":
         headers.append(b"Transfer-Encoding: chunked")
-        sizes, out, i = [], b"", 0
+        out, i = b"", 0
         while i < len(body):
             n = rng.randrange(1, 80)
-            sizes.append(n)
             out += b"%x\r\n%s\r\n" % (len(body[i:i + n]), body[i:i + n])
             i += n
         body = out + b"0\r\n\r\n"
