@@ -413,7 +413,7 @@ async def test_list_models(client: LLMClient) -> None:
     assert ei.value.code == LLM_UNREACHABLE and time.monotonic() - t0 < BOUND
 
 
-# --------------------------------------------------------------------------- the SSE reader (node.llm._event_batches)
+# --------------------------------------------------------------------------- the SSE reader (node/sse.py)
 
 
 async def _raw_server(body: bytes) -> tuple[asyncio.base_events.Server, str]:
