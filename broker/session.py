@@ -61,7 +61,7 @@ class Outbox:
     """The outgoing messages of one session (see the module docstring)."""
 
     __slots__ = ("client_id", "max_inflight", "max_queued", "inflight", "queue", "dropped", "sent", "resent",
-                 "_handler", "_writer", "_transport", "_next_id", "_drain_task", "_drop_logged_at",
+                 "_handler", "_writer", "_transport", "_waiters", "_next_id", "_drain_task", "_drop_logged_at",
                  "_drops_unlogged", "_counters")
 
     def __init__(self, client_id: str | None, *, max_inflight: int, max_queued: int, counters: Any = None) -> None:
@@ -77,6 +77,7 @@ class Outbox:
         self._handler: Any = None
         self._writer: Any = None
         self._transport: Any = None
+        self._waiters: dict[int, asyncio.Future[Any]] | None = None
         self._next_id = 0
         self._drain_task: asyncio.Task[None] | None = None
         self._drop_logged_at = 0.0
@@ -88,17 +89,19 @@ class Outbox:
 
     # -- connection lifecycle ---------------------------------------------------------------------------------
 
-    def attach(self, handler: Any) -> None:
-        """The session's client is connected through ``handler`` (CONNACK sent): re-send what is in flight
-        (DUP=1, original packet ids, in order), then what is queued."""
+    def attach(self, handler: Any, transport: Any, waiters: dict[int, asyncio.Future[Any]]) -> None:
+        """The session's client is connected through ``handler`` (CONNACK sent), whose socket is ``transport``
+        and whose reader resolves the PUBACK futures in ``waiters`` (amqtt's, see
+        :func:`broker.amqtt_overrides.attach_outbox`): re-send what is in flight (DUP=1, original packet ids, in
+        order), then what is queued."""
         self.detach()
         writer = handler.writer
         if writer is None:
             return
         self._handler = handler
         self._writer = writer
-        inner = getattr(writer, "_writer", None)  # amqtt's StreamWriterAdapter -> asyncio.StreamWriter
-        self._transport = getattr(inner, "transport", None)
+        self._transport = transport
+        self._waiters = waiters
         for packet_id, (topic, data) in self.inflight.items():
             self._watch(packet_id)
             self._write(encode_publish(topic, data, 1, packet_id, dup=True))
@@ -109,7 +112,7 @@ class Outbox:
         """The connection through ``handler`` (default: any) ended; what is in flight stays for a resume."""
         if handler is not None and handler is not self._handler:
             return
-        self._handler = self._writer = self._transport = None
+        self._handler = self._writer = self._transport = self._waiters = None
         if self._drain_task is not None:
             self._drain_task.cancel()
             self._drain_task = None
@@ -188,18 +191,18 @@ class Outbox:
         raise RuntimeError("no free packet identifier")  # unreachable: inflight <= max_inflight < 65535
 
     def _watch(self, packet_id: int) -> None:
-        """Register a PUBACK waiter in amqtt's handler (its reader resolves it; stopping cancels it)."""
-        handler = self._handler
-        waiters = handler._puback_waiters
+        """Register a PUBACK waiter with the connection's handler (its reader resolves it; stopping cancels it)."""
+        waiters = self._waiters
+        assert waiters is not None  # attached
         old = waiters.get(packet_id)
         if old is not None and not old.done():
             old.cancel()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         waiters[packet_id] = fut
-        fut.add_done_callback(partial(self._on_puback, handler, packet_id))
+        fut.add_done_callback(partial(self._on_puback, self._handler, waiters, packet_id))
 
-    def _on_puback(self, handler: Any, packet_id: int, fut: asyncio.Future[Any]) -> None:
-        waiters = handler._puback_waiters
+    def _on_puback(self, handler: Any, waiters: dict[int, asyncio.Future[Any]], packet_id: int,
+                   fut: asyncio.Future[Any]) -> None:
         if waiters.get(packet_id) is fut:
             del waiters[packet_id]
         if fut.cancelled() or handler is not self._handler:

@@ -1,7 +1,7 @@
 """amqtt topic plugin: delegates to :func:`broker.acl.allowed` with the role the auth plugin stored.
 
-:class:`broker.app.ClawBroker` calls :func:`broker.acl.allowed` directly when this is the only topic plugin
-(skipping amqtt's task-per-plugin dispatch); this class keeps the same rules usable in a plain amqtt Broker.
+:class:`broker.amqtt_overrides.AmqttBroker` calls :func:`broker.acl.allowed` directly when this is the only topic
+plugin (skipping amqtt's task-per-plugin dispatch); this class keeps the same rules usable in a plain amqtt Broker.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ with the username and the reason, never the password.
 
 A login the failed-login throttle or the bounded verification queue did not admit
 (:class:`core.guard.AuthUnavailable`) is refused with CONNACK 3 "server unavailable": the code is left in
-``session.attributes[REFUSE_KEY]`` for :class:`broker.app.ClawBroker`, and the refusal is logged at most once a
+``session.attributes[REFUSE_KEY]`` for :class:`broker.amqtt_overrides.AmqttBroker`, and the refusal is logged at most once a
 minute per kind.
 """
 
@@ -49,7 +49,7 @@ class ClawAuthPlugin(BaseAuthPlugin):
         self.internal_user = cfg.internal_user
         self._internal_hash = cfg.internal_hash.lower()
         self.store = CredentialStore(cfg.data_dir, throttle=AuthThrottle(queue=cfg.auth_queue))
-        self.counters = Counters()  # ClawBroker replaces it with its own
+        self.counters = Counters()  # the broker replaces it with its own
         self._ratelog = RateLimitedLog(log)
         self._refusal_log = LogBudget(log)  # refused CONNECTs: 20 lines a minute at most
 

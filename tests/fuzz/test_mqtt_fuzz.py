@@ -34,10 +34,10 @@ BURST = 100  # connections held open at once
 
 
 def _connected(sys_: System) -> list[str]:
-    from edge.keys import BRIDGE
+    from edge.keys import BROKER
 
-    broker = sys_.app[BRIDGE].client._broker
-    return [cid for cid, (sess, _) in broker._sessions.items() if sess.transitions.is_connected()]
+    broker = sys_.app[BROKER]
+    return [cid for cid, (sess, _) in broker.sessions.items() if sess.transitions.is_connected()]
 
 
 async def _send_case(port: int, tls: ssl.SSLContext | None, pkts: list[bytes]) -> str:
@@ -74,7 +74,7 @@ async def _exchange(port: int, tls: ssl.SSLContext | None, pkts: list[bytes]) ->
 
 
 async def test_mqtt_fuzz_at_the_tls_port_while_a_device_is_answered(tmp_path: Path, pki_dir: Path) -> None:
-    from edge.keys import BRIDGE
+    from edge.keys import BRIDGE, BROKER
 
     fuzz = harness.Fuzz("mqtt")
     errors = harness.ErrorLog()  # no ERROR line at all (a second CONNECT is closed by broker/reader.py)
@@ -151,9 +151,9 @@ async def test_mqtt_fuzz_at_the_tls_port_while_a_device_is_answered(tmp_path: Pa
                     healthy("after fuzzing")
                     await canary.wait_rounds(2)
                     rss1 = harness.rss()
-                    broker = bridge.client._broker
+                    broker = sys_.app[BROKER]
                     print(canary.stats(), f"rss {rss0} -> {rss_burst} (after the burst) -> {rss1}; "
-                          f"{len(broker._sessions)} broker sessions kept, {len(asyncio.all_tasks())} tasks")
+                          f"{len(broker.sessions)} broker sessions kept, {len(asyncio.all_tasks())} tasks")
                     if rss_burst and rss1:
                         assert rss1 - rss_burst < harness.RSS_GROWTH_MAX, (rss0, rss_burst, rss1)
                     # every fuzz connection is gone (none half-open, none keeping a session connected)

@@ -1,7 +1,7 @@
 """The embedded broker (broker.app.run_broker) with real aiomqtt 2.5 clients over TLS and loopback.
 
 Each test starts its own broker on 127.0.0.1 port 0 with a fresh data dir and PKI. Every amqtt trap that
-broker.app fixes is pinned here (see the broker.app docstring).
+broker/amqtt_overrides.py fixes is pinned here or in test_broker_sessions.py (see that module's docstring).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ async def test_internal_user_only_with_its_password(env: Env) -> None:
 
 
 async def test_node_connects_over_tls_and_subscribes_tasks(env: Env) -> None:
-    assert env.h.broker._fast_acl  # noqa: SLF001 - ACL evaluated inline, not via amqtt's plugin tasks
+    assert env.h.broker.inline_acl  # ACL evaluated inline, not via amqtt's plugin tasks
     user, pw = env.store.add("node", "n1")
     async with env.tls_client(user, pw) as node:
         rc = await node.subscribe("claw/v1/task/+", qos=1)
@@ -368,24 +368,10 @@ async def test_oversize_publish_is_dropped(env: Env) -> None:
         assert env.h.broker.counters.oversize_dropped == 1
 
 
-async def test_bare_tcp_connect_close_is_not_an_error(env: Env, caplog: pytest.LogCaptureFixture,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_bare_tcp_connect_close_is_not_an_error(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     """(e) amqtt logged every health check (connect, close) at ERROR."""
     caplog.set_level(logging.INFO)
-    broker = env.h.broker
-    handled = 0
-    more = asyncio.Event()
-    client_connected = broker._client_connected
-
-    async def counting(*args: object) -> None:  # the broker's handling of one connection, start to end
-        nonlocal handled
-        try:
-            await client_connected(*args)  # type: ignore[arg-type]
-        finally:
-            handled += 1
-            more.set()
-
-    monkeypatch.setattr(broker, "_client_connected", counting)
+    ended = env.h.broker.refusals.ended  # connections the broker is done with (logging included)
     for port in (env.h.local_port, env.h.tls_port):
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
@@ -394,10 +380,8 @@ async def test_bare_tcp_connect_close_is_not_an_error(env: Env, caplog: pytest.L
     writer.write(b"GET / HTTP/1.0\r\n\r\n")  # garbage instead of CONNECT
     await writer.drain()
     writer.close()
-    async with asyncio.timeout(10):  # the broker is done with both on the plain port (and logged what it had to say)
-        while handled < 2:
-            more.clear()
-            await more.wait()
+    # the broker is done with both on the plain port (and logged what it had to say)
+    await wait_until(lambda: env.h.broker.refusals.ended >= ended + 2, 10)
     # The TLS one ended in its handshake, before the broker's handler: a later connection on that listener, served
     # to its CONNACK, is the barrier (the bare one's end was read long before it)
     nu, npw = env.store.add("node", "n1")
@@ -428,9 +412,9 @@ async def test_keepalive_is_enforced_and_will_fires(env: Env) -> None:
 
 async def test_silent_connection_is_dropped(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that opens TCP and never sends CONNECT is closed after CONNECT_TIMEOUT (amqtt: never)."""
-    import broker.app
+    import broker.amqtt_overrides
 
-    monkeypatch.setattr(broker.app, "CONNECT_TIMEOUT", 0.3)
+    monkeypatch.setattr(broker.amqtt_overrides, "CONNECT_TIMEOUT", 0.3)
     reader, writer = await asyncio.open_connection(env.h.local_host, env.h.local_port)
     async with asyncio.timeout(3):
         assert await reader.read() == b""  # EOF: the broker closed it
@@ -442,9 +426,9 @@ async def test_mqtt5_connect_with_username_is_closed(env: Env, monkeypatch: pyte
 
     (aiomqtt itself only notices at its own timeout, so this speaks raw MQTT.)
     """
-    import broker.app
+    import broker.amqtt_overrides
 
-    monkeypatch.setattr(broker.app, "CONNECT_TIMEOUT", 0.3)
+    monkeypatch.setattr(broker.amqtt_overrides, "CONNECT_TIMEOUT", 0.3)
     user, pw = env.store.add("node", "n1")
     reader, writer = await asyncio.open_connection(env.h.local_host, env.h.local_port)
     writer.write(raw_connect_packet("v5", user, pw, keepalive=60, level=5))
@@ -574,8 +558,7 @@ async def test_a_local_link_is_refused_once_the_broker_is_stopping(tmp_path: Pat
     from broker.local import LocalLink
     issue_server_cert(tmp_path / "pki", ["localhost", "127.0.0.1"])
     async with run_broker(_settings(tmp_path)) as h:
-        h.broker._stopping = True  # what shutdown() sets first
+        h.broker.refuse_links()  # what shutdown() does first
         with pytest.raises(aiomqtt.MqttError):
             async with LocalLink(h.broker):
                 pass
-        h.broker._stopping = False

@@ -119,12 +119,12 @@ def _bad_pw(i: int) -> str:
 async def test_device_cannot_take_or_squat_the_nodes_client_id(tmp_path: Path, pki_dir: Path) -> None:
     """A device credential used the node's predictable client id: it took over the node's connection (or held
     the id while the node reconnected), and the node stayed offline. Now that id is refused with CONNACK 2."""
-    from edge.keys import BRIDGE
+    from edge.keys import BRIDGE, BROKER
     from node.worker import Node
 
     async with run_system(tmp_path, pki_dir) as sys_:
         bridge = sys_.app[BRIDGE]
-        broker = bridge.client._broker  # noqa: SLF001 - the embedded broker behind the in-process link
+        broker = sys_.app[BROKER]  # the embedded broker
         node_id = sys_.node.link.client.identifier  # "node.t1", its username (was "node-t1")
         du, dpw = CredentialStore(sys_.settings.data_dir).add("device", "mallory")
         ca = Path(sys_.settings.data_dir) / "pki" / "ca.crt"
@@ -370,7 +370,7 @@ async def test_connection_caps_refuse_at_once(tmp_path: Path) -> None:
         writer.close()
         assert env.h.broker.counters.conn_refused_ip == 1
         a[2].close()
-        await wait_until(lambda: env.h.broker._limiter.total == 1, 5)  # noqa: SLF001
+        await wait_until(lambda: env.h.broker.refusals.open == 1, 5)
         c = await raw_login(env, f"{nu}:c", nu, npw)
         assert c[0] == CONNACK_OK
         for _, _, w in (b, c):

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from broker.app import install_log_filter
+from broker.logfilters import install_log_filter
 from core.guard import LogBudget
 
 
