@@ -203,7 +203,7 @@ class AuthThrottle:
         self._good: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._size = size
         self._good_ttl = good_ttl
-        self._clock = clock
+        self.clock = clock  # the time source of the buckets and the exemptions (tests may freeze it)
 
     def remember(self, ip: str, username: str, age: float = 0.0) -> None:
         """Record a successful login of ``username`` from ``ip`` ``age`` seconds ago (a cache hit, or one
@@ -211,7 +211,7 @@ class AuthThrottle:
         if age >= self._good_ttl:
             return
         pair = (ip, username)
-        stamp = self._clock() - max(age, 0.0)
+        stamp = self.clock() - max(age, 0.0)
         old = self._good.get(pair)
         if old is not None and old > stamp:
             return
@@ -221,7 +221,7 @@ class AuthThrottle:
             self._good.popitem(last=False)
 
     def known_good(self, ip: str, username: str) -> bool:
-        return self._known_good((ip, username), self._clock())
+        return self._known_good((ip, username), self.clock())
 
     def _known_good(self, pair: tuple[str, str], now: float) -> bool:
         t = self._good.get(pair)
@@ -231,7 +231,7 @@ class AuthThrottle:
         """Reserve a verification; returns whether the username bucket was charged (pass it to :meth:`done`)."""
         if self.pending >= self.queue:
             raise AuthUnavailable(f"server busy: {self.pending} password checks already waiting", busy=True)
-        now = self._clock()
+        now = self.clock()
         pair = (ip, username)
         if not self._pairs.take(pair, now):
             raise AuthUnavailable(f"too many failed logins for this user from {ip}; try again later", busy=False)
@@ -246,7 +246,7 @@ class AuthThrottle:
         self.pending -= 1
         if not ok:
             return
-        now = self._clock()
+        now = self.clock()
         pair = (ip, username)
         self._pairs.give(pair, now, self._pairs.burst)
         if charged:
