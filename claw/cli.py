@@ -111,15 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             settings = load_settings(args.config)
             configure_logging(args.log_level or settings.log.level)
             return _serve(args.cmd, settings)
-        if args.cmd == "chat":
+        tool = {"chat": _chat, "cred": _cred, "token": _token}.get(args.cmd)
+        if tool is not None:  # the client tools: quiet unless asked
             configure_logging(args.log_level or "WARNING")
-            return _chat(args)
-        if args.cmd == "cred":
-            configure_logging(args.log_level or "WARNING")
-            return _cred(args)
-        if args.cmd == "token":
-            configure_logging(args.log_level or "WARNING")
-            return _token(args)
+            return tool(args)
         if args.cmd == "init":
             configure_logging(args.log_level or "INFO")
             from .init import run_init

@@ -228,13 +228,21 @@ async def _pat_login(request: web.Request, value: Any) -> web.Response:
     return web.json_response(got)
 
 
-async def refresh(request: web.Request) -> web.Response:
-    """``{refresh}`` → a new ``{token, expires, refresh, refresh_expires}``; the refresh token given is used up."""
+async def _refresh_field(request: web.Request) -> str | None | web.Response:
+    """The body's ``refresh`` token: the error response for a bad body, None when absent or malformed."""
     body = await _json_body(request)
     if isinstance(body, web.Response):
         return body
     value = body.get("refresh")
-    if not isinstance(value, str) or not value or len(value) > 256:
+    return value if isinstance(value, str) and value and len(value) <= 256 else None
+
+
+async def refresh(request: web.Request) -> web.Response:
+    """``{refresh}`` → a new ``{token, expires, refresh, refresh_expires}``; the refresh token given is used up."""
+    value = await _refresh_field(request)
+    if isinstance(value, web.Response):
+        return value
+    if value is None:
         return _err(400, "missing_refresh", "缺少 refresh")
     try:
         got = await request.app[TOKENS].refresh(value)
@@ -247,11 +255,10 @@ async def refresh(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    if isinstance(body, web.Response):
-        return body
-    value = body.get("refresh")
-    if isinstance(value, str) and value and len(value) <= 256:
+    value = await _refresh_field(request)
+    if isinstance(value, web.Response):
+        return value
+    if value is not None:
         await request.app[TOKENS].logout(value)
     return web.json_response({"ok": True})
 
