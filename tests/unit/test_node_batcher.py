@@ -4,8 +4,9 @@ a failed publish fails exactly the items of its batch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -44,11 +45,20 @@ class FakeBroker:
             self.in_flight -= 1
 
 
-async def test_a_lone_reply_goes_at_once_and_a_burst_is_gathered_in_order() -> None:
-    broker = FakeBroker()
+@contextlib.asynccontextmanager
+async def running(broker: FakeBroker) -> AsyncIterator[ReplyBatcher]:
+    """A started batcher publishing to ``broker``, closed on the way out."""
     b = ReplyBatcher("n1", broker.publish)
     b.start()
     try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def test_a_lone_reply_goes_at_once_and_a_burst_is_gathered_in_order() -> None:
+    broker = FakeBroker()
+    async with running(broker) as b:
         await b.send(wire.Delta(id=ID, seq=1, text="a"))
         assert [len(m.items) for _, m in broker.sent] == [1]
         assert broker.sent[0][0] == "claw/v1/batch/n1" and broker.sent[0][1].node == "n1"
@@ -58,36 +68,26 @@ async def test_a_lone_reply_goes_at_once_and_a_burst_is_gathered_in_order() -> N
         assert len(broker.sent) <= 3  # the burst went in one or two batches, not 200 messages
         assert broker.max_in_flight == 1
         assert (b.batches, b.items) == (len(broker.sent), 201)
-    finally:
-        await b.close()
 
 
 async def test_batches_stay_under_the_payload_limit() -> None:
     broker = FakeBroker(delay=0)
-    b = ReplyBatcher("n1", broker.publish)
-    b.start()
-    try:
+    async with running(broker) as b:
         big = "字" * 21000  # ~63 KB of UTF-8: ~3 fit in one batch
         await asyncio.gather(*(b.send(wire.Delta(id=ID, seq=i, text=big)) for i in range(1, 21)))
         assert sum(len(m.items) for _, m in broker.sent) == 20
         assert all(len(wire.encode(m)) <= BATCH_BYTES + 70_000 for _, m in broker.sent)
         assert len(broker.sent) >= 7
-    finally:
-        await b.close()
 
 
 async def test_a_failed_publish_fails_its_items_and_the_next_batch_goes_on() -> None:
     broker = FakeBroker(delay=0.01)
-    b = ReplyBatcher("n1", broker.publish)
-    b.start()
-    try:
+    async with running(broker) as b:
         broker.fail = ConnectionError("link down")
         with pytest.raises(ConnectionError):
             await b.send(wire.Accept(id=ID, node="n1"))
         await b.send(wire.Done(id=ID, seq=0, status="ok"))
         assert [type(m.items[0]).__name__ for _, m in broker.sent] == ["Done"]
-    finally:
-        await b.close()
 
 
 async def test_send_before_start_or_after_close_is_refused() -> None:
