@@ -79,6 +79,23 @@ async def fails(client: LLMClient, url: str, code: str, **kw: Any) -> tuple[LLME
     return ei.value, elapsed
 
 
+async def collect_then_close(server: asyncio.base_events.Server, client: LLMClient, url: str) -> list[StreamEvent]:
+    """:func:`collect` from a test server, which is closed afterwards."""
+    try:
+        return await collect(client, url)
+    finally:
+        server.close()
+
+
+async def fails_then_close(server: asyncio.base_events.Server, client: LLMClient, url: str,
+                           code: str) -> tuple[LLMError, float]:
+    """:func:`fails` against a test server, which is closed afterwards."""
+    try:
+        return await fails(client, url, code)
+    finally:
+        server.close()
+
+
 def text_of(events: list[StreamEvent]) -> str:
     return "".join(e.text for e in events if e.kind == "text")
 
@@ -442,19 +459,13 @@ async def test_sse_reader_crlf_comments_and_multiline_data(client: LLMClient) ->
     body = (f": keep-alive\r\ndata: {_chunk('A')}\r\nid: 7\r\n\r\n"
             f"data: {split}\r\n\r\ndata: [DONE]\r\n\r\n").encode()
     server, url = await _raw_server(body)
-    try:
-        events = await collect(client, url)
-    finally:
-        server.close()
+    events = await collect_then_close(server, client, url)
     assert text_of(events) == "AB"
 
 
 async def test_sse_reader_refuses_non_utf8(client: LLMClient) -> None:
     server, url = await _raw_server(b"data: {\"choices\": [{\"delta\": {\"content\": \"\xff\xfe\"}}]}\n\n")
-    try:
-        await fails(client, url, LLM_BAD_RESPONSE)
-    finally:
-        server.close()
+    await fails_then_close(server, client, url, LLM_BAD_RESPONSE)
 
 
 async def test_sse_error_event_with_unparseable_data(client: LLMClient) -> None:
@@ -638,10 +649,7 @@ async def test_sse_bytes_split_at_awkward_places_still_read_exactly(
 
 async def test_sse_bytes_split_reads_the_same_as_unsplit(client: LLMClient) -> None:
     server, url = await _raw_server(_split_stream_body())
-    try:
-        events = await collect(client, url)
-    finally:
-        server.close()
+    events = await collect_then_close(server, client, url)
     assert [e.text for e in events if e.kind == "text"] == _SPLIT_TOKENS
 
 
@@ -685,10 +693,7 @@ async def test_sse_line_of_exactly_the_limit_is_read(client: LLMClient) -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
     server, url, _ = await _piecewise_server(head, [body[i:i + 40000] for i in range(0, len(body), 40000)],
                                              gap=0.0)
-    try:
-        events = await collect(client, url)
-    finally:
-        server.close()
+    events = await collect_then_close(server, client, url)
     assert text_of(events) == "y" * n
 
 
@@ -1280,10 +1285,7 @@ async def test_done_without_finish_reason_is_dropped_and_the_text_before_it_deli
 
 async def test_close_after_text_without_finish_reason_or_done_is_dropped(client: LLMClient) -> None:
     server, url = await _raw_server(f"data: {_chunk('partial')}\n\n".encode())
-    try:
-        err, _ = await fails(client, url, LLM_DROPPED)
-    finally:
-        server.close()
+    err, _ = await fails_then_close(server, client, url, LLM_DROPPED)
     assert "finish_reason" in str(err)
 
 
@@ -1338,10 +1340,7 @@ async def test_a_200_stream_without_any_chunk_is_a_context_error(fake: FakeLLM, 
 async def test_headers_then_a_close_is_a_context_error(client: LLMClient) -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     server, url, _ = await _piecewise_server(head, [])  # then the connection closes, the body unterminated
-    try:
-        err, _ = await fails(client, url, LLM_CONTEXT)
-    finally:
-        server.close()
+    err, _ = await fails_then_close(server, client, url, LLM_CONTEXT)
     assert "no chunk" in str(err)
 
 
@@ -1353,10 +1352,7 @@ async def test_context_error_object_at_the_start_of_the_stream(fake: FakeLLM, cl
 
 async def test_context_error_event_with_unparseable_data(client: LLMClient) -> None:
     server, url = await _raw_server(b"event: error\ndata: n_ctx exceeded\n\n")
-    try:
-        await fails(client, url, LLM_CONTEXT)
-    finally:
-        server.close()
+    await fails_then_close(server, client, url, LLM_CONTEXT)
 
 
 async def test_context_filling_up_mid_answer(fake: FakeLLM, client: LLMClient) -> None:
