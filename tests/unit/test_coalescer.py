@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -123,6 +124,15 @@ def make(send: Sender, *, window: float = 0.05, max_bytes: int = 1 << 20, max_ch
     return Coalescer(send, window=window, max_bytes=max_bytes, max_chunk=max_chunk, acked=cb, clock=send.clock)
 
 
+def pushed(*texts: str, **kw: Any) -> tuple[Sender, Coalescer]:
+    """A new :class:`Sender` and a coalescer made for it by :func:`make` (``kw``), ``texts`` pushed in order."""
+    s = Sender()
+    co = make(s, **kw)
+    for text in texts:
+        co.push(text)
+    return s, co
+
+
 # --------------------------------------------------------------------------- the rule
 
 
@@ -136,9 +146,7 @@ async def test_first_text_goes_at_once() -> None:
 
 
 async def test_texts_pushed_while_in_flight_are_one_chunk_sent_after_the_ack() -> None:
-    s = Sender()
-    co = make(s, window=0.02)
-    co.push("a")
+    s, co = pushed("a", window=0.02)
     for t in ("b", "c", "d", "中文"):
         co.push(t)
     s.clock.advance(0.1)  # the window passed long ago: still nothing, a chunk is in flight
@@ -204,9 +212,7 @@ async def test_after_an_ack_text_waits_for_the_window() -> None:
 
 
 async def test_text_after_an_idle_window_goes_at_once() -> None:
-    s = Sender()
-    co = make(s, window=0.03)
-    co.push("a")
+    s, co = pushed("a", window=0.03)
     await s.ack()
     s.clock.advance(0.06)  # idle longer than the window
     co.push("b")
@@ -214,10 +220,7 @@ async def test_text_after_an_idle_window_goes_at_once() -> None:
 
 
 async def test_an_ack_that_comes_after_the_window_sends_at_once() -> None:
-    s = Sender()
-    co = make(s, window=0.03)
-    co.push("a")
-    co.push("b")
+    s, co = pushed("a", "b", window=0.03)
     s.clock.advance(0.06)  # the window ran out while "a" was in flight
     assert s.texts == ["a"]
     await s.ack()
@@ -225,9 +228,7 @@ async def test_an_ack_that_comes_after_the_window_sends_at_once() -> None:
 
 
 async def test_max_bytes_waiting_is_sent_at_the_ack_without_the_window() -> None:
-    s = Sender()
-    co = make(s, window=10.0, max_bytes=10)
-    co.push("first")
+    s, co = pushed("first", window=10.0, max_bytes=10)
     co.push("0123456789")  # 10 bytes waiting, while "first" is in flight
     assert s.texts == ["first"]  # never two in flight, max_bytes or not
     await s.ack()
@@ -236,9 +237,7 @@ async def test_max_bytes_waiting_is_sent_at_the_ack_without_the_window() -> None
 
 
 async def test_max_bytes_reached_after_the_ack_sends_at_once_and_counts_utf8_bytes() -> None:
-    s = Sender()
-    co = make(s, window=10.0, max_bytes=10)
-    co.push("x")
+    s, co = pushed("x", window=10.0, max_bytes=10)
     await s.ack()
     co.push("中中中")  # 3 characters, 9 bytes: below max_bytes, waits for the (long) window
     s.clock.advance(0.02)
@@ -249,9 +248,7 @@ async def test_max_bytes_reached_after_the_ack_sends_at_once_and_counts_utf8_byt
 
 
 async def test_finish_flushes_waiting_text_at_once_and_resolves_after_the_last_ack() -> None:
-    s = Sender()
-    co = make(s, window=10.0)
-    co.push("a")
+    s, co = pushed("a", window=10.0)
     await s.ack()
     co.push("b")  # waits for the 10 s window
     assert s.texts == ["a"]
@@ -265,11 +262,7 @@ async def test_finish_flushes_waiting_text_at_once_and_resolves_after_the_last_a
 
 
 async def test_finish_while_in_flight_sends_the_rest_at_the_ack() -> None:
-    s = Sender()
-    co = make(s, window=10.0)
-    co.push("a")
-    co.push("b")
-    co.push("c")
+    s, co = pushed("a", "b", "c", window=10.0)
     done = co.finish()
     await settle()
     assert s.texts == ["a"] and not done.done()
@@ -288,9 +281,7 @@ async def test_finish_with_nothing_sent_is_done_at_once() -> None:
 
 
 async def test_finish_drop_forgets_waiting_text() -> None:
-    s = Sender()
-    co = make(s, window=0.03)
-    co.push("a")
+    s, co = pushed("a", window=0.03)
     co.push("b")  # gathered while "a" is in flight
     done = co.finish(drop=True)
     await s.ack()
@@ -299,9 +290,7 @@ async def test_finish_drop_forgets_waiting_text() -> None:
 
 
 async def test_finish_drop_cancels_the_window_timer() -> None:
-    s = Sender()
-    co = make(s, window=0.03)
-    co.push("a")
+    s, co = pushed("a", window=0.03)
     await s.ack()
     co.push("b")  # waiting for the window (a timer is armed)
     assert len(s.clock.armed) == 1
@@ -317,9 +306,7 @@ async def test_finish_drop_cancels_the_window_timer() -> None:
 
 
 async def test_a_failed_send_is_raised_by_the_next_push_and_by_finish() -> None:
-    s = Sender()
-    co = make(s, window=0.01)
-    co.push("a")
+    s, co = pushed("a", window=0.01)
     co.push("b")  # waiting behind "a"
     boom = ConnectionError("broker gone")
     s.inflight.set_exception(boom)
@@ -340,10 +327,7 @@ async def test_a_failed_send_is_raised_by_the_next_push_and_by_finish() -> None:
 
 
 async def test_a_failure_after_finish_fails_the_finish_future() -> None:
-    s = Sender()
-    co = make(s, window=0.01)
-    co.push("a")
-    co.push("b")
+    s, co = pushed("a", "b", window=0.01)
     done = co.finish()
     await s.ack()
     assert s.texts == ["a", "b"] and not done.done()
@@ -355,10 +339,7 @@ async def test_a_failure_after_finish_fails_the_finish_future() -> None:
 
 
 async def test_a_cancelled_send_cancels_the_finish_future() -> None:
-    s = Sender()
-    co = make(s, window=0.01)
-    co.push("a")
-    co.push("b")
+    s, co = pushed("a", "b", window=0.01)
     done = co.finish()
     s.inflight.cancel()
     await settle()
@@ -369,9 +350,7 @@ async def test_a_cancelled_send_cancels_the_finish_future() -> None:
 
 
 async def test_a_cancelled_send_before_finish_cancels_the_finish_future() -> None:
-    s = Sender()
-    co = make(s, window=0.01)
-    co.push("a")
+    s, co = pushed("a", window=0.01)
     s.inflight.cancel()
     await settle()
     assert isinstance(co.error, asyncio.CancelledError)
