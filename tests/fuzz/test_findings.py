@@ -146,6 +146,22 @@ async def _still_served(sys_: System) -> None:
             await writer.wait_closed()
 
 
+async def _sent_back_until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                  data: bytes) -> bytes:
+    """Write ``data``; return all the broker sent back before it closed the connection, then close our side."""
+    try:
+        writer.write(data)
+        got = b""
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(1024):
+                got += chunk
+        return got
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
 async def _closed_by_peer(reader: asyncio.StreamReader, timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
         while await reader.read(1024):
@@ -197,17 +213,8 @@ async def test_a_publish_to_an_invalid_topic_closes_the_connection_will_fires(
     the repr of its bytes. Now the connection is closed at once through the normal path (the will fires)."""
     async with run_system(tmp_path, pki_dir, start_node=False) as sys_, _watcher(sys_) as watch:
         reader, writer, user = await _mqtt_session(sys_, "wild", will=b"gone")
-        try:
-            writer.write(publish(topic, b"x", qos=qos, pid=7) + PINGREQ)
-            got = b""
-            async with asyncio.timeout(10):
-                while chunk := await reader.read(1024):
-                    got += chunk
-            assert got == b"", got  # neither PUBACK nor PINGRESP: closed
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        got = await _sent_back_until_closed(reader, writer, publish(topic, b"x", qos=qos, pid=7) + PINGREQ)
+        assert got == b"", got  # neither PUBACK nor PINGRESP: closed
         msg = await asyncio.wait_for(anext(watch.messages), 10)
         assert (msg.topic.value, msg.payload) == (f"claw/v1/task/{user}", b"gone")
         await _still_served(sys_)
@@ -226,17 +233,8 @@ async def test_a_packet_longer_than_its_type_allows_closes_the_connection(
         hidden = connect(f"{user}:2", user, "x") if kind == "puback" else PINGREQ
         first = {"puback": 0x40, "pingreq": 0xC0, "reserved": 0xF0}[kind]
         body = (b"\x00\x01" if kind == "puback" else b"") + hidden
-        try:
-            writer.write(bytes([first, len(body)]) + body + PINGREQ)
-            got = b""
-            async with asyncio.timeout(10):
-                while chunk := await reader.read(1024):
-                    got += chunk
-            assert got == b"", got
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        got = await _sent_back_until_closed(reader, writer, bytes([first, len(body)]) + body + PINGREQ)
+        assert got == b"", got
         msg = await asyncio.wait_for(anext(watch.messages), 10)
         assert (msg.topic.value, msg.payload) == (f"claw/v1/task/{user}", b"gone")
         await _still_served(sys_)
