@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,24 @@ async def rest_of(ws: aiohttp.ClientWebSocketResponse, task: str, timeout: float
     return (await collect(ws, task, timeout=timeout))[0]
 
 
+async def _lost_mid_answer(ws: aiohttp.ClientWebSocketResponse, cut: Callable[[], object],
+                           timeout: float) -> tuple[dict[str, Any], float]:
+    """Ask for a long answer and ``cut`` the node off at its first delta: the task's done frame must be
+    node_lost, with every delta once and in order and the text of them all. Returns that frame and the
+    seconds from the cut to it."""
+    task, frames = await ask(ws, "写一篇长文", until="delta")
+    cut()
+    t0 = asyncio.get_running_loop().time()
+    frames += await rest_of(ws, task, timeout=timeout)
+    lost_after = asyncio.get_running_loop().time() - t0
+    deltas = [f for f in frames if f["type"] == "delta"]
+    done = frames[-1]
+    assert done["status"] == "error" and done["error"]["code"] == "node_lost"
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))  # no duplicate, no gap
+    assert done["text"] == "".join(d["text"] for d in deltas)
+    return done, lost_after
+
+
 async def test_node_killed_mid_answer_gives_one_clear_error_and_the_restarted_node_answers(
         tmp_path: Path, pki_dir: Path) -> None:
     cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=40)
@@ -85,17 +103,10 @@ async def test_node_killed_mid_answer_gives_one_clear_error_and_the_restarted_no
             await ws.receive_json()  # node presence
             with node_process(sys_, pki_dir, tmp_path / "b1") as proc:
                 await wait_until(lambda: bridge.node_online, 30)
-                task, frames = await ask(ws, "写一篇长文", until="delta")
-                os.kill(proc.pid, signal.SIGKILL)  # server B dies: no DISCONNECT, no done
-                t0 = asyncio.get_running_loop().time()
-                frames += await rest_of(ws, task, timeout=15)
-                lost_after = asyncio.get_running_loop().time() - t0
-            deltas = [f for f in frames if f["type"] == "delta"]
-            done = frames[-1]
-            assert done["status"] == "error" and done["error"]["code"] == "node_lost"
+                # server B dies: no DISCONNECT, no done
+                done, lost_after = await _lost_mid_answer(ws, lambda: os.kill(proc.pid, signal.SIGKILL), 15)
             assert "服务器 B" in done["error"]["message"]
-            assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))  # no duplicate, no gap
-            assert done["text"] == "".join(d["text"] for d in deltas) and 0 < len(done["text"]) < 400 * 4
+            assert 0 < len(done["text"]) < 400 * 4
             assert lost_after < sys_.settings.edge.node_timeout_s + 3
             # B comes back (a new process on the same credentials' role): the next question is answered
             with node_process(sys_, pki_dir, tmp_path / "b1", name="k2"):
@@ -302,16 +313,7 @@ async def test_link_blackholed_mid_answer_gives_one_clear_error_then_recovers(tm
             token = await sys_.login(s)
             async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
                 await ws.receive_json()
-                task, frames = await ask(ws, "写一篇长文", until="delta")
-                proxy.blackhole()
-                t0 = asyncio.get_running_loop().time()
-                frames += await rest_of(ws, task, timeout=20)
-                lost_after = asyncio.get_running_loop().time() - t0
-                deltas = [f for f in frames if f["type"] == "delta"]
-                done = frames[-1]
-                assert done["status"] == "error" and done["error"]["code"] == "node_lost"
-                assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
-                assert done["text"] == "".join(d["text"] for d in deltas)
+                _, lost_after = await _lost_mid_answer(ws, proxy.blackhole, 20)
                 assert lost_after < sys_.settings.edge.node_timeout_s + 2
                 async with s.get(f"{sys_.http}/healthz") as r:
                     health = await r.json()
