@@ -45,6 +45,17 @@ class Env:
             tls_context=ssl.create_default_context(cafile=str(ca or self.ca)),
             protocol=aiomqtt.ProtocolVersion.V311, socket_options=NODELAY, timeout=5, **kw)  # type: ignore[arg-type]
 
+    async def raw_node_with_will(self, client_id: str, username: str, password: str,
+                                 keepalive: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A raw TLS connection whose CONNECT (``b"offline"`` as its will on claw/v1/node/n1) was accepted."""
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.h.tls_port, ssl=ctx)
+        writer.write(raw_connect_packet(client_id, username, password, keepalive=keepalive,
+                                        will=("claw/v1/node/n1", b"offline")))
+        await writer.drain()
+        assert await reader.readexactly(4) == b"\x20\x02\x00\x00"  # CONNACK accepted
+        return reader, writer
+
     def edge_client(self, **kw: object) -> aiomqtt.Client:
         return aiomqtt.Client(
             self.h.local_host, self.h.local_port, username=self.h.internal_user,
@@ -235,11 +246,7 @@ async def test_node_will_on_own_beat_topic_fires(env: Env) -> None:
     nu, npw = env.store.add("node", "n1")
     async with env.edge_client() as edge:
         await edge.subscribe("claw/v1/node/+", qos=1)
-        ctx = ssl.create_default_context(cafile=str(env.ca))
-        reader, writer = await asyncio.open_connection("127.0.0.1", env.h.tls_port, ssl=ctx)
-        writer.write(raw_connect_packet("node.n1:will", nu, npw, keepalive=60, will=("claw/v1/node/n1", b"offline")))
-        await writer.drain()
-        assert await reader.readexactly(4) == b"\x20\x02\x00\x00"  # CONNACK accepted
+        reader, writer = await env.raw_node_with_will("node.n1:will", nu, npw, keepalive=60)
         writer.transport.abort()  # abnormal close: no DISCONNECT
         msg = await next_message(edge)
         assert msg.topic.value == "claw/v1/node/n1" and msg.payload == b"offline"
@@ -398,11 +405,7 @@ async def test_keepalive_is_enforced_and_will_fires(env: Env) -> None:
     nu, npw = env.store.add("node", "n1")
     async with env.edge_client() as edge:
         await edge.subscribe("claw/v1/node/+", qos=1)
-        ctx = ssl.create_default_context(cafile=str(env.ca))
-        reader, writer = await asyncio.open_connection("127.0.0.1", env.h.tls_port, ssl=ctx)
-        writer.write(raw_connect_packet("node.n1:raw", nu, npw, keepalive=1, will=("claw/v1/node/n1", b"offline")))
-        await writer.drain()
-        assert await reader.readexactly(4) == b"\x20\x02\x00\x00"  # CONNACK accepted
+        reader, writer = await env.raw_node_with_will("node.n1:raw", nu, npw, keepalive=1)
         async with asyncio.timeout(5):  # silent: closed after 1.5 x 1 s (rounded up to 2 s)
             assert await reader.read() == b""
         msg = await next_message(edge)
