@@ -17,7 +17,7 @@ import os
 import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,22 +221,29 @@ async def test_node_with_a_foreign_client_id_logs_the_real_cause(tmp_path: Path,
 
 # -- 2. failed-login throttling ------------------------------------------------------------------------------------
 
+async def _connack(opening: Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]], client_id: str,
+                   username: str, password: str, *, timeout: float, sent: list[int] | None = None) -> bytes:
+    """One CONNECT on the raw connection ``opening`` makes: the CONNACK it got (b"" if closed). ``sent[0]``
+    counts the CONNECTs written."""
+    try:
+        reader, writer = await opening
+        writer.write(connect_packet(client_id, username, password))
+        await writer.drain()
+        if sent is not None:
+            sent[0] += 1
+        async with asyncio.timeout(timeout):
+            ack = await reader.readexactly(4)
+    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        return b""
+    writer.close()
+    return ack
+
+
 async def _flood(env: Env, username: str, n: int, sent: list[int] | None = None) -> list[bytes]:
     """``n`` concurrent CONNECTs with wrong passwords; the CONNACK each got (b"" if closed). ``sent[0]`` counts
     the CONNECTs written so far."""
     async def one(i: int) -> bytes:
-        try:
-            reader, writer = await env.raw()
-            writer.write(connect_packet(f"{username}:f{i}", username, _bad_pw(i)))
-            await writer.drain()
-            if sent is not None:
-                sent[0] += 1
-            async with asyncio.timeout(30):
-                ack = await reader.readexactly(4)
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-            return b""
-        writer.close()
-        return ack
+        return await _connack(env.raw(), f"{username}:f{i}", username, _bad_pw(i), timeout=30, sent=sent)
 
     return await asyncio.gather(*(one(i) for i in range(n)))
 
@@ -451,16 +458,7 @@ async def _raw_from(env: Env, source_ip: str) -> tuple[asyncio.StreamReader, asy
 
 
 async def _login_from(env: Env, source_ip: str, client_id: str, username: str, password: str) -> bytes:
-    try:
-        reader, writer = await _raw_from(env, source_ip)
-        writer.write(connect_packet(client_id, username, password))
-        await writer.drain()
-        async with asyncio.timeout(20):
-            ack = await reader.readexactly(4)
-    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-        return b""
-    writer.close()
-    return ack
+    return await _connack(_raw_from(env, source_ip), client_id, username, password, timeout=20)
 
 
 async def test_good_login_exemption_survives_a_broker_restart(tmp_path: Path) -> None:
