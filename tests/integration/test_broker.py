@@ -56,6 +56,14 @@ class Env:
         assert await reader.readexactly(4) == b"\x20\x02\x00\x00"  # CONNACK accepted
         return reader, writer
 
+    @contextlib.asynccontextmanager
+    async def node_and_device(self) -> AsyncIterator[tuple[aiomqtt.Client, aiomqtt.Client]]:
+        """Clients of two new credentials, node.n1 and dev.alice, both connected over TLS."""
+        nu, npw = self.store.add("node", "n1")
+        du, dpw = self.store.add("device", "alice")
+        async with self.tls_client(nu, npw) as node, self.tls_client(du, dpw) as dev:
+            yield node, dev
+
     def edge_client(self, **kw: object) -> aiomqtt.Client:
         return aiomqtt.Client(
             self.h.local_host, self.h.local_port, username=self.h.internal_user,
@@ -195,9 +203,7 @@ async def test_revoked_credential_refused_on_next_connect(env: Env) -> None:
 # -- topic ACL -----------------------------------------------------------------------------------------------
 
 async def test_device_publishes_own_task_and_node_receives(env: Env) -> None:
-    nu, npw = env.store.add("node", "n1")
-    du, dpw = env.store.add("device", "alice")
-    async with env.tls_client(nu, npw) as node, env.tls_client(du, dpw) as dev:
+    async with env.node_and_device() as (node, dev):
         await node.subscribe("claw/v1/task/+", qos=1)
         await dev.publish("claw/v1/task/dev.alice", b"hello", qos=1)
         msg = await next_message(node)
@@ -210,9 +216,7 @@ async def test_device_publishes_own_task_and_node_receives(env: Env) -> None:
 
 
 async def test_device_cannot_subscribe_to_other_reply_topics(env: Env) -> None:
-    nu, npw = env.store.add("node", "n1")
-    du, dpw = env.store.add("device", "alice")
-    async with env.tls_client(nu, npw) as node, env.tls_client(du, dpw) as dev:
+    async with env.node_and_device() as (node, dev):
         for f in ("claw/v1/reply/wc.bob", "claw/v1/reply/+", "claw/#", "#"):
             rc = await dev.subscribe(f, qos=1)
             assert rc[0].is_failure, f
@@ -223,9 +227,7 @@ async def test_device_cannot_subscribe_to_other_reply_topics(env: Env) -> None:
 
 
 async def test_device_publish_to_other_task_topic_delivers_nothing(env: Env) -> None:
-    nu, npw = env.store.add("node", "n1")
-    du, dpw = env.store.add("device", "alice")
-    async with env.tls_client(nu, npw) as node, env.tls_client(du, dpw) as dev:
+    async with env.node_and_device() as (node, dev):
         await node.subscribe("claw/v1/task/+", qos=1)
         await dev.publish("claw/v1/task/wc.bob", b"forged", qos=1)
         await dev.publish("claw/v1/reply/wc.bob", b"forged", qos=1)
@@ -329,9 +331,7 @@ async def test_offline_queued_messages_arrive_without_retain_flag(env: Env) -> N
 
 async def test_exact_subscriptions_follow_subscribe_and_unsubscribe(env: Env) -> None:
     """The broadcast index (exact topics by dict, wildcard filters scanned) tracks (un)subscriptions."""
-    nu, npw = env.store.add("node", "n1")
-    du, dpw = env.store.add("device", "alice")
-    async with env.tls_client(nu, npw) as node, env.tls_client(du, dpw) as dev:
+    async with env.node_and_device() as (node, dev):
         for _ in range(2):
             await dev.subscribe("claw/v1/reply/dev.alice", qos=1)
             await node.publish("claw/v1/reply/dev.alice", b"on", qos=1)
