@@ -70,6 +70,15 @@ class System:
             assert r.status == 200, await r.text()
             return (await r.json())["token"]
 
+    @contextlib.asynccontextmanager
+    async def chat_ws(self, session: Any, user: str = "alice") -> AsyncIterator[Any]:
+        """``user``'s client WebSocket (/api/ws, logged in by :meth:`login`), its first frame (the node
+        presence) already read."""
+        token = await self.login(session, user)
+        async with session.ws_connect(f"{self.http}/api/ws", params={"token": token}) as ws:
+            await ws.receive_json()
+            yield ws
+
 
 async def wait_until(cond: Any, timeout: float = 10.0, step: float = 0.02) -> None:
     loop = asyncio.get_running_loop()

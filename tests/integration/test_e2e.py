@@ -70,9 +70,7 @@ async def test_llm_failures_reach_user_as_clear_errors(tmp_path: Path, pki_dir: 
                                                       code: str) -> None:
     cfg = FakeLLMConfig(n_tokens=10, **fake)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             t0 = time.monotonic()
             await ws.send_json({"type": "ask", "text": "hi"})
             frames, done = await collect(ws, timeout=10)
@@ -88,9 +86,7 @@ async def test_refused_llm_connection(tmp_path: Path, pki_dir: Path) -> None:
     from tests.conftest import free_port
     async with run_system(tmp_path, pki_dir, node={"llm_url": f"http://127.0.0.1:{free_port()}/v1"}) as sys_, \
             aiohttp.ClientSession() as s:
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             await ws.send_json({"type": "ask", "text": "hi"})
             _, done = await collect(ws, timeout=10)
         assert done["status"] == "error" and done["error"]["code"] == "llm_unreachable"
@@ -99,9 +95,7 @@ async def test_refused_llm_connection(tmp_path: Path, pki_dir: Path) -> None:
 async def test_stop_cancels_end_to_end(tmp_path: Path, pki_dir: Path) -> None:
     cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=50)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             await ws.send_json({"type": "ask", "text": "long"})
             task = None
             async with asyncio.timeout(10):
@@ -135,9 +129,7 @@ async def test_node_stop_cuts_long_answer_with_clear_error(tmp_path: Path, pki_d
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"stop_grace_s": 0.3}) as sys_, \
             aiohttp.ClientSession() as s:
         from edge.keys import BRIDGE
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             await ws.send_json({"type": "ask", "text": "long"})
             task, _ = await _first_delta(ws)
             t0 = time.monotonic()
@@ -159,9 +151,7 @@ async def test_node_stop_drains_then_new_node_takes_queued_task(tmp_path: Path, 
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"stop_grace_s": 10}) as sys_, \
             aiohttp.ClientSession() as s:
         from edge.keys import BRIDGE
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             await ws.send_json({"type": "ask", "text": "short"})
             task, _ = await _first_delta(ws)
             await sys_.node.shutdown()
@@ -193,9 +183,7 @@ async def test_node_cancelled_mid_answer_ends_promptly_and_leaves_nothing_runnin
     from node.worker import Node
     cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=50)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             await ws.send_json({"type": "ask", "text": "long"})
             await _first_delta(ws)
             assert sys_.node_task is not None
@@ -236,9 +224,7 @@ async def test_stop_while_broker_link_is_down_is_sent_on_reconnect(tmp_path: Pat
 
         monkeypatch.setattr(bridge.dispatch, "send", spy_send)
         monkeypatch.setattr(bridge, "cancel", spy_cancel)
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             await ws.send_json({"type": "ask", "text": "long"})
             task, _ = await _first_delta(ws)
             bridge.link_down()  # the edge sees its broker link as down: nothing can be published
@@ -263,9 +249,7 @@ async def test_restarted_node_replays_a_finished_answer_from_its_lmdb_log(tmp_pa
     cfg = FakeLLMConfig(n_tokens=30, tokens_per_s=300)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
         bridge = sys_.app[BRIDGE]
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             await ws.send_json({"type": "ask", "text": "记住我"})
             frames, done = await collect(ws)
         assert done["status"] == "ok"
@@ -402,9 +386,7 @@ async def test_a_task_answered_before_its_commit_still_reaches_the_client_in_ord
             return got
 
         monkeypatch.setattr(store, "add", slow_add)
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             await ws.send_json({"type": "ask", "text": "快", "trace": True})
             frames, done = await collect(ws)
         kinds = [f["type"] for f in frames]

@@ -98,9 +98,7 @@ async def test_node_killed_mid_answer_gives_one_clear_error_and_the_restarted_no
     cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=40)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg, start_node=False) as sys_, aiohttp.ClientSession() as s:
         bridge = sys_.app[BRIDGE]
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()  # node presence
+        async with sys_.chat_ws(s) as ws:
             with node_process(sys_, pki_dir, tmp_path / "b1") as proc:
                 await wait_until(lambda: bridge.node_online, 30)
                 # server B dies: no DISCONNECT, no done
@@ -310,9 +308,7 @@ async def test_link_blackholed_mid_answer_gives_one_clear_error_then_recovers(tm
         node_task = asyncio.create_task(node.run())
         try:
             await wait_until(lambda: bridge.node_online, 15)
-            token = await sys_.login(s)
-            async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-                await ws.receive_json()
+            async with sys_.chat_ws(s) as ws:
                 _, lost_after = await _lost_mid_answer(ws, proxy.blackhole, 20)
                 assert lost_after < sys_.settings.edge.node_timeout_s + 2
                 async with s.get(f"{sys_.http}/healthz") as r:

@@ -57,9 +57,7 @@ async def test_done_without_finish_reason_is_llm_dropped_with_the_text_kept(
     caplog.set_level(logging.WARNING, logger="node")
     cfg = FakeLLMConfig(n_tokens=40, token_chars=3, done_after=5)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             text, done = await ask(ws, "讲一个很长的故事")
             assert done["status"] == "error", done
             assert done["error"]["code"] == "llm_dropped"
@@ -77,9 +75,7 @@ async def test_length_is_ok_with_a_note_and_max_tokens_is_sent(tmp_path: Path, p
     cfg = FakeLLMConfig(n_tokens=20)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"max_tokens": 5}) as sys_, \
             aiohttp.ClientSession() as s:
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             text, done = await ask(ws, "写一篇长文")
             assert sys_.fake.stats.last_request["max_tokens"] == 5
             assert done["status"] == "ok", done
@@ -93,9 +89,7 @@ async def test_length_is_ok_with_a_note_and_max_tokens_is_sent(tmp_path: Path, p
 
 async def test_max_tokens_default_is_sent(tmp_path: Path, pki_dir: Path) -> None:
     async with run_system(tmp_path, pki_dir) as sys_, aiohttp.ClientSession() as s:
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             _, done = await ask(ws, "你好")
         assert done["status"] == "ok"
         assert sys_.fake.stats.last_request["max_tokens"] == 2048
@@ -134,9 +128,7 @@ async def test_a_conversation_over_the_context_is_retried_without_history_and_ne
             aiohttp.ClientSession() as s:
         fake = sys_.fake
         questions, fake.config.n_ctx = _conversation_ctx(sys_.node.cfg.system_prompt, cfg)
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             for q in questions[:2]:
                 text, done = await ask(ws, q)
                 assert done["status"] == "ok" and text == answer_of(cfg, q)
@@ -181,9 +173,7 @@ async def test_an_answer_that_fills_the_context_ends_the_conversation(tmp_path: 
         fake = sys_.fake
         questions, n_ctx = _conversation_ctx(sys_.node.cfg.system_prompt, cfg)
         fake.config.n_ctx = n_ctx - 20  # one previous turn still fits the prompt, not the whole answer after it
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             _, done = await ask(ws, questions[0])
             assert done["status"] == "ok"
             text, done = await ask(ws, questions[1])
@@ -207,9 +197,7 @@ async def test_history_is_trimmed_to_the_budget_before_sending(tmp_path: Path, p
             aiohttp.ClientSession() as s:
         fake = sys_.fake
         questions, fake.config.n_ctx = _conversation_ctx(sys_.node.cfg.system_prompt, cfg)
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             for i, q in enumerate(questions[:5]):
                 text, done = await ask(ws, q)
                 assert done["status"] == "ok" and text == answer_of(cfg, q), done
@@ -222,9 +210,7 @@ async def test_history_is_trimmed_to_the_budget_before_sending(tmp_path: Path, p
 
 async def test_history_tokens_zero_sends_no_history(tmp_path: Path, pki_dir: Path) -> None:
     async with run_system(tmp_path, pki_dir, node={"history_tokens": 0}) as sys_, aiohttp.ClientSession() as s:
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             await ask(ws, "第一个")
             await ask(ws, "第二个")
         assert sent(sys_.fake)[1:] == [{"role": "user", "content": "第二个"}]

@@ -47,9 +47,7 @@ async def test_stage_histograms_on_edge_and_node(tmp_path: Path, pki_dir: Path) 
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg, node={"metrics_listen": f"127.0.0.1:{port}"}) as sys_, \
             aiohttp.ClientSession() as s:
         assert sys_.node.metrics_port == port
-        token = await sys_.login(s)
-        async with s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}) as ws:
-            await ws.receive_json()
+        async with sys_.chat_ws(s) as ws:
             await ws.send_json({"type": "ask", "text": "你好"})
             frames, done = await collect(ws)
         assert done["status"] == "ok"
