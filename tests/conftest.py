@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from core.config import Settings, load_settings
 from core.pki import issue_server_cert
@@ -78,6 +79,14 @@ class System:
         async with session.ws_connect(f"{self.http}/api/ws", params={"token": token}) as ws:
             await ws.receive_json()
             yield ws
+
+
+async def serve_app(app: web.Application, **runner_kw: Any) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on a free loopback port: its runner (the caller cleans it up) and the port."""
+    runner = web.AppRunner(app, **runner_kw)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
 
 
 async def wait_until(cond: Any, timeout: float = 10.0, step: float = 0.02) -> None:

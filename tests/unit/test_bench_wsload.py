@@ -10,6 +10,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from bench.wsload import WsError, connect
+from tests.conftest import serve_app
 
 BOUND = 10.0  # seconds: anything that must "eventually" happen does so well within this
 
@@ -40,11 +41,7 @@ class Seen:
 async def _server(handler: Any) -> tuple[web.AppRunner, int]:
     app = web.Application()
     app.router.add_get("/ws", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return await serve_app(app)
 
 
 async def test_frames_of_every_length_class_arrive_whole_and_masked_frames_are_accepted() -> None:

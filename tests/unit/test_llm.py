@@ -30,6 +30,7 @@ from node.llm import (
     list_models,
     stream_chat,
 )
+from tests.conftest import serve_app
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -495,11 +496,7 @@ async def test_list_models_reads_a_body_that_arrives_in_pieces(client: LLMClient
 
     app = web.Application()
     app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app)
     try:
         assert len(await list_models(client, f"http://127.0.0.1:{port}/v1")) == 40
     finally:

@@ -16,6 +16,7 @@ from wechatpy.enterprise.crypto import WeChatCrypto
 from wechatpy.exceptions import InvalidSignatureException
 
 from fakes.wecom import FakeWeCom, FakeWeComConfig, WeComSim, run_fake_wecom, signature
+from tests.conftest import serve_app
 
 TOKEN, AES, CORP, AGENT = "QDG6eK", "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C", "wx5823bf96d3bd56c7", 1000002
 SECRET = "test-secret-Zq8wX1"
@@ -97,14 +98,11 @@ async def test_post_sends_query_and_body() -> None:
 
     app = web.Application()
     app.router.add_post("/wecom/callback", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, port = await serve_app(app, access_log=None)
     try:
         cb = WeComSim(TOKEN, AES, CORP, AGENT).text("u1", "hi")
         async with aiohttp.ClientSession() as s:
-            assert await cb.post(s, f"http://127.0.0.1:{runner.addresses[0][1]}/wecom/callback") == (200, "")
+            assert await cb.post(s, f"http://127.0.0.1:{port}/wecom/callback") == (200, "")
         assert got == {"query": cb.query, "body": cb.body}
     finally:
         await runner.cleanup()

@@ -19,6 +19,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from edge.api import DIRECT_BUFFER, WS_QUEUE_CHARS, WsSession
+from tests.conftest import serve_app
 
 
 class SlowSocket:
@@ -90,12 +91,9 @@ async def _served() -> AsyncIterator[tuple[str, asyncio.Future[tuple[WsSession, 
 
     app = web.Application()
     app.router.add_get("/ws", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, port = await serve_app(app, access_log=None, shutdown_timeout=1.0)
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/ws", got
+        yield f"http://127.0.0.1:{port}/ws", got
     finally:
         await runner.cleanup()
 
