@@ -133,6 +133,16 @@ def rss() -> int | None:
         return None
 
 
+async def assert_memory_settled(canary: Canary, rss0: int | None) -> None:
+    """After fuzzing: ``canary`` finishes two more rounds, and this process has not grown by
+    RSS_GROWTH_MAX or more since ``rss0`` (measured before)."""
+    await canary.wait_rounds(2)
+    rss1 = rss()
+    print(canary.stats(), f"rss {rss0} -> {rss1}")
+    if rss0 and rss1:
+        assert rss1 - rss0 < RSS_GROWTH_MAX, (rss0, rss1)
+
+
 class Canary:
     """Runs ``one_round`` (a well-behaved client's complete exchange, e.g. ask and get the answer) over and
     over in the background; ``check()`` fails when a round failed or none finished for ``stall`` seconds."""

@@ -83,11 +83,7 @@ async def test_wecom_callback_fuzz_while_a_member_is_answered(tmp_path: Path, pk
                 print(fuzz.summary())
                 canary.check("after fuzzing")
                 harness.alive(sys_, "after fuzzing")
-                await canary.wait_rounds(2)
-                rss1 = harness.rss()
-                print(canary.stats(), f"rss {rss0} -> {rss1}")
-                if rss0 and rss1:
-                    assert rss1 - rss0 < harness.RSS_GROWTH_MAX, (rss0, rss1)
+                await harness.assert_memory_settled(canary, rss0)
                 async with s.get(f"{sys_.http}/healthz") as r:
                     assert r.status == 200
                 assert fuzz.cases >= 20, fuzz.summary()

@@ -157,11 +157,7 @@ async def test_ws_fuzz_while_another_user_is_answered(tmp_path: Path, pki_dir: P
                     print(fuzz.summary())
                     print(jfuzz.summary())
                     healthy("after fuzzing")
-                    await canary.wait_rounds(2)
-                    rss1 = harness.rss()
-                    print(canary.stats(), f"rss {rss0} -> {rss1}")
-                    if rss0 and rss1:
-                        assert rss1 - rss0 < harness.RSS_GROWTH_MAX, (rss0, rss1)
+                    await harness.assert_memory_settled(canary, rss0)
                     async with s.get(f"{sys_.http}/healthz") as r:
                         assert r.status == 200
                     assert fuzz.cases >= 20 and jfuzz.cases >= 20, (fuzz.summary(), jfuzz.summary())
