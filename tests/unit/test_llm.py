@@ -1104,10 +1104,15 @@ async def test_chat_callback_error_ends_the_stream_and_is_raised_as_is(fake: Fak
     assert fake.stats.tokens_sent < 100
 
 
+def chat_task(client: LLMClient, url: str, got: list[str], **fake: Any) -> asyncio.Future[Any]:
+    """:func:`chat` running in a task, each delta's text appended to ``got``; ``fake`` configures the fake."""
+    return asyncio.ensure_future(chat(client, url, on_event=lambda k, t: got.append(t), model="m", messages=MSGS,
+                                      extra={"fake": fake}))
+
+
 async def test_cancelling_chat_closes_the_stream(fake: FakeLLM, client: LLMClient) -> None:
     got: list[str] = []
-    task = asyncio.ensure_future(chat(client, fake.url, on_event=lambda k, t: got.append(t), model="m",
-                                      messages=MSGS, extra={"fake": {"tokens_per_s": 50, "n_tokens": 500}}))
+    task = chat_task(client, fake.url, got, tokens_per_s=50, n_tokens=500)
     assert await fake.wait_for(lambda s: s.tokens_sent >= 2, 2.0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -1241,8 +1246,7 @@ async def test_list_models_on_a_204_is_a_bad_response_not_a_stall(client: LLMCli
 
 async def test_cancelling_chat_stops_the_callbacks_at_once(fake: FakeLLM, client: LLMClient) -> None:
     got: list[str] = []
-    task = asyncio.ensure_future(chat(client, fake.url, on_event=lambda k, t: got.append(t), model="m",
-                                      messages=MSGS, extra={"fake": {"tokens_per_s": 2000, "n_tokens": 5000}}))
+    task = chat_task(client, fake.url, got, tokens_per_s=2000, n_tokens=5000)
     assert await fake.wait_for(lambda s: s.tokens_sent >= 20, 2.0)
     task.cancel()
     n = len(got)
