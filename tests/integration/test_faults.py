@@ -169,6 +169,19 @@ async def _wait_health(s: aiohttp.ClientSession, http: str, key: str, timeout: f
         await asyncio.sleep(0.1)
 
 
+async def _start_node_when_edge_is_up(s: aiohttp.ClientSession, http: str, node: Any) -> asyncio.Task[None]:
+    """Once the edge reports its MQTT link, run ``node`` and wait until the edge sees it online (the node's
+    task is cancelled if it never does)."""
+    await _wait_health(s, http, "mqtt")
+    node_task = asyncio.create_task(node.run())
+    try:
+        await _wait_health(s, http, "node_online")
+    except BaseException:
+        node_task.cancel()
+        raise
+    return node_task
+
+
 async def test_edge_killed_mid_answer_then_restarted_the_answer_completes_once(tmp_path: Path,
                                                                                pki_dir: Path) -> None:
     """kill -9 of server A (edge + embedded broker) mid-answer. The task is in LMDB; after the restart the
@@ -182,9 +195,7 @@ async def test_edge_killed_mid_answer_then_restarted_the_answer_completes_once(t
         node_task: asyncio.Task[None] | None = None
         try:
             with edge_process(env, tmp_path) as edge:
-                await _wait_health(s, http, "mqtt")
-                node_task = asyncio.create_task(node.run())
-                await _wait_health(s, http, "node_online")
+                node_task = await _start_node_when_edge_is_up(s, http, node)
                 async with s.post(f"{http}/api/login", json={"dev_user": "alice"}) as r:
                     token = (await r.json())["token"]
                 async with s.ws_connect(f"{http}/api/ws", params={"token": token}) as ws:
@@ -451,9 +462,7 @@ async def test_edge_killed_mid_progressive_wecom_answer_sends_the_rest_once(tmp_
         node_task: asyncio.Task[None] | None = None
         try:
             with edge_process(env, tmp_path) as edge:
-                await _wait_health(s, http, "mqtt")
-                node_task = asyncio.create_task(node.run())
-                await _wait_health(s, http, "node_online")
+                node_task = await _start_node_when_edge_is_up(s, http, node)
                 status, _ = await sim().text("wangwu", "分几段讲讲").post(s, f"{http}/wecom/callback")
                 assert status == 200
                 await fw.wait_sends(2, user="wangwu", timeout=15)
