@@ -112,7 +112,9 @@ async def test_stop_cancels_end_to_end(tmp_path: Path, pki_dir: Path) -> None:
         await wait_until(lambda: sys_.fake.stats.client_closed >= 1, 10)
 
 
-async def _first_delta(ws: aiohttp.ClientWebSocketResponse) -> tuple[str, list[dict[str, Any]]]:
+async def _ask_until_first_delta(ws: aiohttp.ClientWebSocketResponse, text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Ask ``text``; the task id of the first delta that comes, and every frame up to it."""
+    await ws.send_json({"type": "ask", "text": text})
     frames: list[dict[str, Any]] = []
     async with asyncio.timeout(10):
         while True:
@@ -130,8 +132,7 @@ async def test_node_stop_cuts_long_answer_with_clear_error(tmp_path: Path, pki_d
             aiohttp.ClientSession() as s:
         from edge.keys import BRIDGE
         async with sys_.chat_ws(s) as ws:
-            await ws.send_json({"type": "ask", "text": "long"})
-            task, _ = await _first_delta(ws)
+            task, _ = await _ask_until_first_delta(ws, "long")
             t0 = time.monotonic()
             await sys_.node.shutdown()
             assert time.monotonic() - t0 < 3
@@ -152,8 +153,7 @@ async def test_node_stop_drains_then_new_node_takes_queued_task(tmp_path: Path, 
             aiohttp.ClientSession() as s:
         from edge.keys import BRIDGE
         async with sys_.chat_ws(s) as ws:
-            await ws.send_json({"type": "ask", "text": "short"})
-            task, _ = await _first_delta(ws)
+            task, _ = await _ask_until_first_delta(ws, "short")
             await sys_.node.shutdown()
             _, done = await collect(ws, task, timeout=10)
             assert done["status"] == "ok"  # drained, not cut
@@ -184,8 +184,7 @@ async def test_node_cancelled_mid_answer_ends_promptly_and_leaves_nothing_runnin
     cfg = FakeLLMConfig(n_tokens=400, tokens_per_s=50)
     async with run_system(tmp_path, pki_dir, fake_cfg=cfg) as sys_, aiohttp.ClientSession() as s:
         async with sys_.chat_ws(s) as ws:
-            await ws.send_json({"type": "ask", "text": "long"})
-            await _first_delta(ws)
+            await _ask_until_first_delta(ws, "long")
             assert sys_.node_task is not None
             sys_.node_task.cancel()
             t0 = time.monotonic()
@@ -225,8 +224,7 @@ async def test_stop_while_broker_link_is_down_is_sent_on_reconnect(tmp_path: Pat
         monkeypatch.setattr(bridge.dispatch, "send", spy_send)
         monkeypatch.setattr(bridge, "cancel", spy_cancel)
         async with sys_.chat_ws(s) as ws:
-            await ws.send_json({"type": "ask", "text": "long"})
-            task, _ = await _first_delta(ws)
+            task, _ = await _ask_until_first_delta(ws, "long")
             bridge.link_down()  # the edge sees its broker link as down: nothing can be published
             await ws.send_json({"type": "stop", "task": task})
             await asyncio.wait_for(stopped.wait(), 10)  # the edge handled the stop (and published what it could)
@@ -335,8 +333,7 @@ async def test_resuming_a_huge_answer_is_paced_not_cut_off(tmp_path: Path, pki_d
         async with asyncio.timeout(10):
             ws = await s.ws_connect(f"{sys_.http}/api/ws", params={"token": token}, max_msg_size=0)
             await ws.receive_json()
-        await ws.send_json({"type": "ask", "text": "很长的回答"})
-        task, _ = await _first_delta(ws)
+        task, _ = await _ask_until_first_delta(ws, "很长的回答")
         async with asyncio.timeout(15):
             await ws.close()
         live = sys_.app[BRIDGE].get(bytes.fromhex(task))
