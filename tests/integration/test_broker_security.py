@@ -30,6 +30,7 @@ from broker.creds import CredentialStore
 from core.config import Settings, load_settings
 from core.pki import issue_server_cert
 from tests.conftest import run_system, wait_until
+from tests.fuzz.mqtt_cases import rl
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -78,21 +79,12 @@ def _str(value: bytes) -> bytes:
     return len(value).to_bytes(2, "big") + value
 
 
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def connect_packet(client_id: str, username: str, password: str, *, keepalive: int = 60,
                    clean: bool = True) -> bytes:
     flags = 0x80 | 0x40 | (0x02 if clean else 0)
     body = (_str(b"MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big") + _str(client_id.encode())
             + _str(username.encode()) + _str(password.encode()))
-    return b"\x10" + _remaining(len(body)) + body
+    return b"\x10" + rl(len(body)) + body
 
 
 async def raw_login(env: Env, client_id: str, username: str, password: str, **kw: object
@@ -305,7 +297,7 @@ async def test_verification_queue_is_bounded(tmp_path: Path) -> None:
 async def test_oversize_connect_is_closed_before_its_body_is_read(tmp_path: Path) -> None:
     async with broker_env(tmp_path) as env:
         reader, writer = await env.raw()
-        writer.write(b"\x10" + _remaining(10 * 1024 * 1024) + b"\x00\x04MQTT\x04\xc2")  # 10 MiB announced
+        writer.write(b"\x10" + rl(10 * 1024 * 1024) + b"\x00\x04MQTT\x04\xc2")  # 10 MiB announced
         await writer.drain()
         await assert_closed(reader)
         assert env.h.broker.counters.oversize_closed == 1
@@ -318,7 +310,7 @@ async def test_oversize_subscribe_is_closed_before_its_body_is_read(tmp_path: Pa
         ack, reader, writer = await raw_login(env, nu, nu, npw)
         assert ack == CONNACK_OK
         body = b"\x00\x01" + (_str(b"claw/v1/task/+") + b"\x01") * 4000  # the first ~68 KiB of it
-        writer.write(b"\x82" + _remaining(38 * 1024 * 1024) + body)
+        writer.write(b"\x82" + rl(38 * 1024 * 1024) + body)
         await writer.drain()
         await assert_closed(reader)
         assert env.h.broker.counters.oversize_closed == 1
@@ -350,7 +342,7 @@ async def test_publish_above_max_drop_closes_the_connection(tmp_path: Path) -> N
         ack, reader, writer = await raw_login(env, nu, nu, npw)
         assert ack == CONNACK_OK
         topic = _str(b"claw/v1/reply/wc.bob")
-        writer.write(b"\x30" + _remaining(len(topic) + MAX_PACKET * 100) + topic + b"x" * 1000)  # 400 KiB announced
+        writer.write(b"\x30" + rl(len(topic) + MAX_PACKET * 100) + topic + b"x" * 1000)  # 400 KiB announced
         await writer.drain()
         await assert_closed(reader)
         assert env.h.broker.counters.oversize_closed == 1
@@ -403,7 +395,7 @@ async def test_a_non_acking_client_costs_a_bounded_queue_and_one_log_line(
         assert ack == CONNACK_OK
         topic = f"claw/v1/reply/{du}".encode()
         sub = b"\x00\x01" + _str(topic) + b"\x01"
-        writer.write(b"\x82" + _remaining(len(sub)) + sub)
+        writer.write(b"\x82" + rl(len(sub)) + sub)
         await writer.drain()
         assert await reader.readexactly(5) == b"\x90\x03\x00\x01\x01"  # SUBACK QoS 1
         nu, npw = env.store.add("node", "n1")

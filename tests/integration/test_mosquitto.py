@@ -34,6 +34,7 @@ import pytest
 from broker.mosquitto import find_mosquitto, write_mosquitto_config
 from core.mqtt import make_client, tls_context
 from tests.conftest import free_port, system_settings, wait_until
+from tests.fuzz.mqtt_cases import rl
 from tests.integration.test_e2e import collect
 
 MOSQUITTO = find_mosquitto()
@@ -366,15 +367,6 @@ def _mqtt_str(s: str | bytes) -> bytes:
     return struct.pack("!H", len(b)) + b
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 async def _connect_with_will_and_vanish(mosq: Mosq, username: str, will_topic: str, will: bytes,
                                         client_id: str | None = None) -> None:
     """A raw MQTT 3.1.1 CONNECT with a QoS 1 will, then a TCP abort (no DISCONNECT): the broker fires the will."""
@@ -384,7 +376,7 @@ async def _connect_with_will_and_vanish(mosq: Mosq, username: str, will_topic: s
     reader, writer = await asyncio.open_connection("127.0.0.1", mosq.port, ssl=tls_context(mosq.ca),
                                                    server_hostname="localhost")
     try:
-        writer.write(b"\x10" + _varint(len(body)) + body)
+        writer.write(b"\x10" + rl(len(body)) + body)
         await writer.drain()
         connack = await asyncio.wait_for(reader.readexactly(4), 5)
         assert connack == b"\x20\x02\x00\x00", connack
