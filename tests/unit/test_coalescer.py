@@ -124,6 +124,14 @@ def make(send: Sender, *, window: float = 0.05, max_bytes: int = 1 << 20, max_ch
     return Coalescer(send, window=window, max_bytes=max_bytes, max_chunk=max_chunk, acked=cb, clock=send.clock)
 
 
+async def ack_until(s: Sender, done: asyncio.Future[None], most: int) -> None:
+    """Acknowledge chunk after chunk (``most`` at the most) until ``done`` (a finish future) is done."""
+    for _ in range(most):
+        if done.done():
+            break
+        await s.ack()
+
+
 def pushed(*texts: str, **kw: Any) -> tuple[Sender, Coalescer]:
     """A new :class:`Sender` and a coalescer made for it by :func:`make` (``kw``), ``texts`` pushed in order."""
     s = Sender()
@@ -380,10 +388,7 @@ async def test_text_longer_than_max_chunk_is_cut_at_character_boundaries(max_chu
     else:
         co.push(text)
     done = co.finish()
-    for _ in range(1000):
-        if done.done():
-            break
-        await s.ack()
+    await ack_until(s, done, 1000)
     assert done.done() and done.result() is None
     assert "".join(s.texts) == text  # all of it, in order
     assert len(s.texts) >= _utf8(text) // max_chunk
@@ -408,10 +413,7 @@ async def test_cut_remainder_keeps_its_place_before_later_text() -> None:
     assert len(s.texts) == 2
     await s.ack()
     done = co.finish()
-    for _ in range(20):
-        if done.done():
-            break
-        await s.ack()
+    await ack_until(s, done, 20)
     assert done.done() and done.exception() is None
     assert "".join(s.texts) == "一二三四五六七八九十"
     assert all(_utf8(t) <= 12 for t in s.texts)
