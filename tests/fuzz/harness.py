@@ -124,6 +124,31 @@ class ErrorLog(logging.Handler):
             root.removeHandler(self)
 
 
+async def send_and_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: list[bytes], *,
+                        wait: float, read_size: int,
+                        enough: Callable[[bytes], bool] | None = None) -> tuple[str, bytes]:
+    """Write ``data`` piece by piece, then read the answer for ``wait`` seconds at most: how it ended and what
+    came back. The end is "closed" (the peer closed), "enough" (``enough(got)`` said so), "open" (the time
+    ran out) or "reset" (a connection error)."""
+    got = b""
+    try:
+        for piece in data:
+            writer.write(piece)
+            await writer.drain()
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(wait):
+                while True:
+                    chunk = await reader.read(read_size)
+                    if not chunk:
+                        return "closed", got
+                    got += chunk
+                    if enough is not None and enough(got):
+                        return "enough", got
+    except (ConnectionError, OSError):
+        return "reset", got
+    return "open", got
+
+
 def rss() -> int | None:
     """Resident memory of this process in bytes (Linux /proc; None elsewhere)."""
     try:

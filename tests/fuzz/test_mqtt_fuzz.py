@@ -52,21 +52,13 @@ async def _exchange(port: int, tls: ssl.SSLContext | None, pkts: list[bytes]) ->
             asyncio.open_connection("127.0.0.1", port, ssl=tls, server_hostname="localhost" if tls else None), 5)
     except (OSError, asyncio.TimeoutError) as exc:
         raise AssertionError(f"the broker's TLS port refused a connection: {exc!r}") from exc
-    got = b""
     try:
-        for p in pkts:
-            writer.write(p)
-            await writer.drain()
-        with contextlib.suppress(asyncio.TimeoutError):
-            async with asyncio.timeout(READ_S):
-                while True:
-                    chunk = await reader.read(4096)
-                    if not chunk:
-                        return ("closed" if not got else f"answered+closed:{got[0] >> 4}"), got
-                    got += chunk
-        return ("open" if not got else f"answered:{got[0] >> 4}"), got
-    except (ConnectionError, ssl.SSLError, OSError):
-        return "reset", got
+        end, got = await harness.send_and_read(reader, writer, pkts, wait=READ_S, read_size=4096)
+        if end == "closed":
+            return ("closed" if not got else f"answered+closed:{got[0] >> 4}"), got
+        if end == "open":
+            return ("open" if not got else f"answered:{got[0] >> 4}"), got
+        return end, got
     finally:
         writer.close()
         with contextlib.suppress(Exception):

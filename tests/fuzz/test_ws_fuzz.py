@@ -64,21 +64,9 @@ async def _raw_case(port: int, query: dict[str, str], headers: dict[str, str], k
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         status = head.split(b" ", 2)[1]
         assert status == b"101", f"the upgrade was answered {head[:200]!r}"
-        got = b""
-        try:
-            for f in frames:
-                writer.write(f)
-                await writer.drain()
-            with contextlib.suppress(asyncio.TimeoutError):
-                async with asyncio.timeout(READ_S):
-                    while True:
-                        chunk = await reader.read(65536)
-                        if not chunk:
-                            break
-                        got += chunk
-                        if any(op == 0x8 for op, _ in _server_frames(got)):
-                            break
-        except (ConnectionError, OSError):
+        end, got = await harness.send_and_read(reader, writer, frames, wait=READ_S, read_size=65536,
+                                               enough=lambda got: any(op == 0x8 for op, _ in _server_frames(got)))
+        if end == "reset":
             return "reset"
         closes = [p for op, p in _server_frames(got) if op == 0x8]
         if closes:
