@@ -124,6 +124,13 @@ class ErrorLog(logging.Handler):
             root.removeHandler(self)
 
 
+async def close_quietly(writer: asyncio.StreamWriter) -> None:
+    """Close a case's connection, waiting a second at most for it to go; errors on the way are ignored."""
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 1)
+
+
 async def send_and_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: list[bytes], *,
                         wait: float, read_size: int,
                         enough: Callable[[bytes], bool] | None = None) -> tuple[str, bytes]:

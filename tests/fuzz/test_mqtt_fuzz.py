@@ -12,7 +12,6 @@ is written; the process's memory stays bounded; every fuzz connection is gone fr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import ssl
 from pathlib import Path
@@ -60,9 +59,7 @@ async def _exchange(port: int, tls: ssl.SSLContext | None, pkts: list[bytes]) ->
             return ("open" if not got else f"answered:{got[0] >> 4}"), got
         return end, got
     finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.wait_closed(), 1)
+        await harness.close_quietly(writer)
 
 
 async def test_mqtt_fuzz_at_the_tls_port_while_a_device_is_answered(tmp_path: Path, pki_dir: Path) -> None:

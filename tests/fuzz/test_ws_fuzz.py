@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import struct
 from pathlib import Path
@@ -74,9 +73,7 @@ async def _raw_case(port: int, query: dict[str, str], headers: dict[str, str], k
             return f"close:{code}"
         return "eof" if reader.at_eof() else "open"
     finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.wait_closed(), 1)
+        await harness.close_quietly(writer)
 
 
 async def test_ws_fuzz_while_another_user_is_answered(tmp_path: Path, pki_dir: Path) -> None:
