@@ -1,6 +1,6 @@
 """One request's response from LM Studio, read to its outcome from the connection's read callback.
 
-:class:`Response` reads the head (h11, through node/http1.py), checks it, cuts the body by its framing
+:class:`Response` reads the head (node/http1.py), checks it, cuts the body by its framing
 (node/http1.py ``BodyReader``), collects a plain or error body, and for a stream decodes the SSE events
 (node/sse.py) and LM Studio's ``chat.completion.chunk`` objects, calling ``on_event(kind, text)`` for each
 text or reasoning delta in the same callback. Its ``fut`` gets ``(usage, finish_reason)`` or the
@@ -80,6 +80,7 @@ class Response:
         self.stall_timeout = stall_timeout
         self.first_token_timeout = first_token_timeout
         self.state = _HEAD
+        self.head = b""  # the response head so far
         self.status = 0
         self.reader = BodyReader(CLOSE)
         self._sink = self._body
@@ -265,13 +266,16 @@ class Response:
 
     # ---- bytes in --------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        """Bytes read from the connection, handled at once: the head (h11), then the body's pieces."""
+        """Bytes read from the connection, handled at once: the head, then the body's pieces."""
         self.got_bytes = True
         try:
             if self.state == _HEAD:
-                got = read_head(self.conn.h11, data)
+                buf = self.head + data if self.head else data
+                got = read_head(buf)
                 if got is None:
+                    self.head = buf
                     return
+                self.head = b""
                 data = self._head(*got)
                 if not data or self.state != _BODY:
                     return
