@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from .http1 import CLOSE, LENGTH, BodyReader, Conn, FramingError, Head, read_head
+from .http1 import CHUNKED, CLOSE, LENGTH, BodyReader, Conn, FramingError, Head, read_head
 from .llm_errors import (
     LLM_BAD_RESPONSE,
     LLM_CONTEXT,
@@ -89,6 +89,7 @@ class Response:
         self.body = bytearray()  # a plain request's body, or an error body
         self.body_cap = MAX_ERROR_BODY
         self.collect = on_event is None
+        self.fast = False  # a 200 stream, chunked: feed() tries the one-chunk-one-event read first
         self.paused = False
         self.busy = False  # stream_chat(): its consumer is handling an event (the stall clock waits)
         self.sse = SSEDecoder(MAX_LINE)
@@ -111,6 +112,7 @@ class Response:
         if self.state == _END:
             return
         self.state = _END
+        self.fast = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -269,7 +271,20 @@ class Response:
         """Bytes read from the connection, handled at once: the head, then the body's pieces."""
         self.got_bytes = True
         try:
-            if self.state == _HEAD:
+            if self.fast:  # the usual read of a stream: one whole chunk holding one data event
+                piece = self.reader.whole(data)
+                if piece is not None:
+                    payload = self.sse.one(piece)
+                    if payload is None:
+                        self._body(piece)
+                    elif payload:
+                        self.n_events += 1
+                        self._sse(b"", payload)
+                        if self.state == _BODY:  # each wait for more is bounded as in _body()
+                            self._move(self.loop.time() + (min(self.stall_timeout, 1.0) if self.done
+                                                           else self.stall_timeout))
+                    return
+            elif self.state == _HEAD:
                 buf = self.head + data if self.head else data
                 got = read_head(buf)
                 if got is None:
@@ -299,6 +314,7 @@ class Response:
         self.keep_alive = head.keep_alive
         self.reader = BodyReader(head.framing, head.length)
         self.plain = self.collect or not 200 <= status < 300
+        self.fast = not self.plain and head.framing == CHUNKED
         self.state = _BODY
         if 200 <= status < 300 and not self.collect:
             ctypes = [v.decode("latin-1") for v in head.values(b"content-type")]
