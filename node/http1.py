@@ -202,22 +202,23 @@ class BodyReader:
         sink(data)
         return None
 
-    def whole(self, data: bytes) -> bytes | None:
-        """The chunk's data when ``data`` is exactly one whole chunk (a size line with no extension, the data,
-        CRLF) starting at a chunk boundary, the usual read of a stream; None for anything else (``feed`` it)."""
+    def whole(self, data: bytes) -> int:
+        """Where the chunk's data starts when ``data`` is exactly one whole chunk (a size line with no
+        extension, the data, CRLF: the data is ``data[start:-2]``) starting at a chunk boundary, the usual read
+        of a stream; 0 for anything else (``feed`` it)."""
         if self.cbuf or self.cstate != _C_SIZE:
-            return None
+            return 0
         i = data.find(b"\r\n", 0, 18)
         if 0 < i < 17 and data[-2:] == b"\r\n":
             size_s = data[:i]
             if not size_s.translate(None, _HEX) and int(size_s, 16) == len(data) - i - 4 > 0:  # hex digits only
-                return data[i + 2:-2]
-        return None
+                return i + 2
+        return 0
 
     def _chunked(self, data: bytes, sink: Sink) -> int | None:
-        piece = self.whole(data)
-        if piece is not None:
-            sink(piece)
+        start = self.whole(data)
+        if start:
+            sink(data[start:-2])
             return None
         buf = self.cbuf + data if self.cbuf else data
         pos, n = 0, len(buf)

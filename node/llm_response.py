@@ -272,11 +272,11 @@ class Response:
         self.got_bytes = True
         try:
             if self.fast:  # the usual read of a stream: one whole chunk holding one data event
-                piece = self.reader.whole(data)
-                if piece is not None:
-                    payload = self.sse.one(piece)
+                start = self.reader.whole(data)
+                if start:
+                    payload = self.sse.one(data, start, len(data) - 2)
                     if payload is None:
-                        self._body(piece)
+                        self._body(data[start:-2])
                     elif payload:
                         self.n_events += 1
                         self._sse(b"", payload)

@@ -42,15 +42,18 @@ class SSEDecoder:
         self._event = b""  # the current event's type
         self._cr = False  # the last piece ended with CR: an LF starting the next one ends no further line
 
-    def one(self, chunk: bytes) -> bytes | None:
-        """The data of ``chunk`` when it is, with nothing pending, exactly one event of one ``data:`` line
-        (LF line ends): b"" for an empty one (no event); None for any other piece (:meth:`feed` it)."""
+    def one(self, buf: bytes, start: int = 0, end: int | None = None) -> bytes | None:
+        """The data of the piece ``buf[start:end]`` when it is, with nothing pending, exactly one event of one
+        ``data:`` line (LF line ends): b"" for an empty one (no event); None for any other piece (:meth:`feed`
+        it)."""
         if self._rest or self._data or self._cr or self._event:
             return None
-        n = len(chunk) - 2
-        if chunk[:5] == b"data:" and chunk.find(b"\n", 5) == n and chunk[-1:] == b"\n" and n <= self.max_line \
-                and b"\r" not in chunk:
-            return chunk[6:-2] if chunk[5] == 32 else chunk[5:-2]
+        if end is None:
+            end = len(buf)
+        n = end - 2
+        if buf.startswith(b"data:", start) and buf.find(b"\n", start + 5, end) == n and buf[n + 1:end] == b"\n" \
+                and n - start <= self.max_line and buf.find(b"\r", start, end) < 0:
+            return buf[start + 6:n] if buf[start + 5] == 32 else buf[start + 5:n]
         return None
 
     def feed(self, chunk: bytes) -> list[Event]:
