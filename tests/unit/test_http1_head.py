@@ -1,6 +1,7 @@
 """node/http1.py's response head reader against h11's: for generated heads (valid, ambiguous, malformed, cut
 short, with interim responses, then mutated byte by byte) both give the same head -- status, headers, body
-framing, keep-alive and the bytes after it -- or both refuse it, or both wait for more."""
+framing, keep-alive and the bytes after it -- or both refuse it, or both wait for more. The request's bytes are
+what h11 writes, and what h11 would not send is refused."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import random
 import h11
 import pytest
 
-from node.http1 import MAX_HEAD, FramingError, Head, read_head
+from node.http1 import MAX_HEAD, FramingError, Head, read_head, request_bytes
 
 STATUS = [b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 200", b"HTTP/1.1 200 ",
           b"HTTP/1.1 500 Internal Server Error", b"HTTP/2.0 200 OK", b"HTTP/1.1 99 Low", b"HTTP/1.1 1000 x",
@@ -88,3 +89,24 @@ def test_a_head_over_max_head_bytes_is_refused_while_incomplete() -> None:
     with pytest.raises(FramingError):
         read_head(b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * (MAX_HEAD + 1))
     assert _h11(b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * (MAX_HEAD + 1)) == "error"
+
+
+@pytest.mark.parametrize("body", [None, b"", b'{"model":"m"}'])
+def test_request_bytes_are_what_h11_writes(body: bytes | None) -> None:
+    headers = (("Host", "127.0.0.1:1234"), ("Connection", "keep-alive"), ("Accept", "text/event-stream"),
+               ("Authorization", "Bearer k\xe9y"))
+    h = h11.Connection(h11.CLIENT)
+    hdrs = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    if body is not None:
+        hdrs.append((b"Content-Length", b"%d" % len(body)))
+    out = h.send(h11.Request(method="POST", target="/v1/chat/completions", headers=hdrs)) or b""
+    out += (h.send(h11.Data(data=body)) or b"") if body else b""
+    out += h.send(h11.EndOfMessage()) or b""
+    assert request_bytes("POST", "/v1/chat/completions", headers, body) == out
+
+
+@pytest.mark.parametrize("bad", [("Authorization", "Bearer a\r\nX: y"), ("Authorization", "Bearer \u4e2d"),
+                                 ("Ho st", "x")])
+def test_request_bytes_refuse_what_h11_would_not_send(bad: tuple[str, str]) -> None:
+    with pytest.raises((h11.LocalProtocolError, UnicodeEncodeError)):
+        request_bytes("POST", "/", (("Host", "x"), bad), b"{}")
