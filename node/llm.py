@@ -36,8 +36,8 @@ not a stall). LM Studio sends no SSE comments/keep-alives, so "no event" and "no
 practice.
 
 The parts: the errors (node/llm_errors.py), the pool of kept-alive connections (node/pool.py,
-:class:`LLMClient`), one connection as an ``asyncio.Protocol`` (node/http1.py: h11 writes the request and
-reads the response head, the body's framing is cut by hand), one response read to its outcome in the read
+:class:`LLMClient`), one connection as an ``asyncio.Protocol`` (node/http1.py: the request's bytes, checked by
+h11 once per header set, and a strict reader of the response head and the body's framing), one response read to its outcome in the read
 callback (node/llm_response.py) and the SSE decoder (node/sse.py). This module builds the requests and runs
 them.
 """
@@ -45,6 +45,7 @@ them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import ssl
 from collections import deque
@@ -56,7 +57,7 @@ from urllib.parse import urlsplit
 import h11
 import msgspec
 
-from .http1 import MAX_HEAD, request_event
+from .http1 import MAX_HEAD, request_bytes
 from .llm_errors import (CONTEXT_PATTERNS, ERROR_CODES, LLM_BAD_RESPONSE, LLM_CONTEXT, LLM_DROPPED, LLM_EMPTY,
                          LLM_HTTP, LLM_NO_MODEL, LLM_STALL, LLM_STREAM_ERROR, LLM_UNREACHABLE, MAX_ERROR_BODY, USER_AUTH,
                          LLMError, is_context_error, status_error, trunc)
@@ -111,6 +112,7 @@ class StreamEvent:
     finish_reason: str | None = None
 
 
+@functools.lru_cache(maxsize=64)
 def _target(base_url: str, path: str) -> tuple[str, Key, str, str]:
     """(url, (host, port, tls), request target, Host header) of ``base_url`` + ``path``; raises LLMError."""
     url = base_url.rstrip("/") + path
@@ -139,16 +141,14 @@ async def _start(client: LLMClient, method: str, base_url: str, path: str, body:
     first_deadline = loop.time() + first_token_timeout
     url, key, target, host_hdr = _target(base_url, path)
     what = f"{method} {url}"
-    headers = [("Host", host_hdr), ("Connection", "keep-alive"),
-               ("Accept", "text/event-stream" if on_event is not None else "application/json")]
+    headers = (("Host", host_hdr), ("Connection", "keep-alive"),
+               ("Accept", "text/event-stream" if on_event is not None else "application/json"))
     if body is not None:
-        headers.append(("Content-Type", "application/json"))
+        headers += (("Content-Type", "application/json"),)
     if api_key:
-        headers.append(("Authorization", f"Bearer {api_key}"))
-    if body is not None:
-        headers.append(("Content-Length", str(len(body))))
+        headers += (("Authorization", f"Bearer {api_key}"),)
     try:
-        request = request_event(method, target, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])
+        request = request_bytes(method, target, headers, body)
     except (UnicodeEncodeError, h11.LocalProtocolError):  # (the detail never shows the header: it may be the key)
         raise LLMError(LLM_HTTP, f"{what}: a request header is not Latin-1 text (check node.llm_url and "
                                  f"node.api_key)", user_message=USER_AUTH) from None
@@ -168,7 +168,7 @@ async def _start(client: LLMClient, method: str, base_url: str, path: str, body:
     if not conn.open():
         ex.lost(None)
     else:
-        conn.send(request, body)
+        conn.send(request)
     return ex
 
 

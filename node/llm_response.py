@@ -1,6 +1,6 @@
 """One request's response from LM Studio, read to its outcome from the connection's read callback.
 
-:class:`Response` reads the head (h11, through node/http1.py), checks it, cuts the body by its framing
+:class:`Response` reads the head (node/http1.py), checks it, cuts the body by its framing
 (node/http1.py ``BodyReader``), collects a plain or error body, and for a stream decodes the SSE events
 (node/sse.py) and LM Studio's ``chat.completion.chunk`` objects, calling ``on_event(kind, text)`` for each
 text or reasoning delta in the same callback. Its ``fut`` gets ``(usage, finish_reason)`` or the
@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from .http1 import CLOSE, LENGTH, BodyReader, Conn, FramingError, Head, read_head
+from .http1 import CHUNKED, CLOSE, LENGTH, BodyReader, Conn, FramingError, Head, read_head
 from .llm_errors import (
     LLM_BAD_RESPONSE,
     LLM_CONTEXT,
@@ -80,6 +80,7 @@ class Response:
         self.stall_timeout = stall_timeout
         self.first_token_timeout = first_token_timeout
         self.state = _HEAD
+        self.head = b""  # the response head so far
         self.status = 0
         self.reader = BodyReader(CLOSE)
         self._sink = self._body
@@ -88,6 +89,7 @@ class Response:
         self.body = bytearray()  # a plain request's body, or an error body
         self.body_cap = MAX_ERROR_BODY
         self.collect = on_event is None
+        self.fast = False  # a 200 stream, chunked: feed() tries the one-chunk-one-event read first
         self.paused = False
         self.busy = False  # stream_chat(): its consumer is handling an event (the stall clock waits)
         self.sse = SSEDecoder(MAX_LINE)
@@ -110,6 +112,7 @@ class Response:
         if self.state == _END:
             return
         self.state = _END
+        self.fast = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -265,13 +268,29 @@ class Response:
 
     # ---- bytes in --------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        """Bytes read from the connection, handled at once: the head (h11), then the body's pieces."""
+        """Bytes read from the connection, handled at once: the head, then the body's pieces."""
         self.got_bytes = True
         try:
-            if self.state == _HEAD:
-                got = read_head(self.conn.h11, data)
-                if got is None:
+            if self.fast:  # the usual read of a stream: one whole chunk holding one data event
+                start = self.reader.whole(data)
+                if start:
+                    payload = self.sse.one(data, start, len(data) - 2)
+                    if payload is None:
+                        self._body(data[start:-2])
+                    elif payload:
+                        self.n_events += 1
+                        self._sse(b"", payload)
+                        if self.state == _BODY:  # each wait for more is bounded as in _body()
+                            self._move(self.loop.time() + (min(self.stall_timeout, 1.0) if self.done
+                                                           else self.stall_timeout))
                     return
+            elif self.state == _HEAD:
+                buf = self.head + data if self.head else data
+                got = read_head(buf)
+                if got is None:
+                    self.head = buf
+                    return
+                self.head = b""
                 data = self._head(*got)
                 if not data or self.state != _BODY:
                     return
@@ -295,6 +314,7 @@ class Response:
         self.keep_alive = head.keep_alive
         self.reader = BodyReader(head.framing, head.length)
         self.plain = self.collect or not 200 <= status < 300
+        self.fast = not self.plain and head.framing == CHUNKED
         self.state = _BODY
         if 200 <= status < 300 and not self.collect:
             ctypes = [v.decode("latin-1") for v in head.values(b"content-type")]

@@ -42,17 +42,29 @@ class SSEDecoder:
         self._event = b""  # the current event's type
         self._cr = False  # the last piece ended with CR: an LF starting the next one ends no further line
 
+    def one(self, buf: bytes, start: int = 0, end: int | None = None) -> bytes | None:
+        """The data of the piece ``buf[start:end]`` when it is, with nothing pending, exactly one event of one
+        ``data:`` line (LF line ends): b"" for an empty one (no event); None for any other piece (:meth:`feed`
+        it)."""
+        if self._rest or self._data or self._cr or self._event:
+            return None
+        if end is None:
+            end = len(buf)
+        n = end - 2
+        if buf.startswith(b"data:", start) and buf.find(b"\n", start + 5, end) == n and buf[n + 1:end] == b"\n" \
+                and n - start <= self.max_line and buf.find(b"\r", start, end) < 0:
+            return buf[start + 6:n] if buf[start + 5] == 32 else buf[start + 5:n]
+        return None
+
     def feed(self, chunk: bytes) -> list[Event]:
         """The events ``chunk`` completes, in order; raises SSEError on a line over ``max_line``."""
         if self._cr and chunk:
             self._cr = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-        if chunk.startswith(b"data:") and chunk.find(b"\n") == len(chunk) - 2 and chunk.endswith(b"\n\n") \
-                and not self._rest and not self._data and b"\r" not in chunk and len(chunk) - 2 <= self.max_line:
-            v = chunk[6:-2] if chunk[5] == 32 else chunk[5:-2]  # the usual piece: one event of one data line
-            event, self._event = self._event, b""
-            return [(event, v)] if v else []
+        v = self.one(chunk)
+        if v is not None:
+            return [(b"", v)] if v else []
         buf = self._rest + chunk if self._rest else chunk
         if b"\r" in buf:  # CRLF or a lone CR: the same line end as LF
             if buf[-1:] == b"\r":

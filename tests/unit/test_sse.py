@@ -132,3 +132,17 @@ def test_any_bytes_any_chunking_same_events(stream: bytes, data: st.DataObject) 
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     bounds = [0, *cuts, len(stream)]
     assert decode([stream[a:b] for a, b in zip(bounds, bounds[1:])]) == reference(stream)
+
+
+@PROPS
+@given(st.one_of(STREAMS, st.binary(max_size=40).map(lambda b: b"data:" + b + b"\n\n")),
+       st.binary(max_size=8), st.binary(max_size=8))
+def test_the_one_event_fast_path_agrees_with_feed(piece: bytes, before: bytes, after: bytes) -> None:
+    """``one`` reads a piece (here inside a larger buffer) only as ``feed`` would, or leaves it to ``feed``."""
+    got = SSEDecoder().one(before + piece + after, len(before), len(before) + len(piece))
+    if got is not None:
+        assert SSEDecoder().feed(piece) == ([(b"", got)] if got else [])
+    assert SSEDecoder().one(b"data: " + CHUNK + b"\n\n") == CHUNK
+    pending = SSEDecoder()
+    pending.feed(b"event: error\n")
+    assert pending.one(b"data: " + CHUNK + b"\n\n") is None  # an event type is pending: feed() it
